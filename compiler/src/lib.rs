@@ -1,0 +1,1 @@
+//! snfc compiler: spec -> IR -> exact training graph -> e-graph rewrites.

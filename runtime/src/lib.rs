@@ -1,0 +1,1 @@
+//! snfc runtime: backends (host executor), data loading, training, evaluation and sampling.
