@@ -1,1 +1,11 @@
-//! snfc compiler: spec -> IR -> exact training graph -> e-graph rewrites.
+//! snfc compiler: spec → IR → exact training graph → e-graph rewrites.
+//!
+//! One stage per module, data flowing one way: [`spec`] (parse and validate), [`ir`] (the tensor
+//! graph and the lowering of a spec to it), [`autodiff`] (exact gradients as IR), [`rewrite`]
+//! (egg: the self-normalizing substitution and algebra), [`compile`] (the pipeline).
+
+pub mod autodiff;
+pub mod compile;
+pub mod ir;
+pub mod rewrite;
+pub mod spec;

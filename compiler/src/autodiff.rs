@@ -1,0 +1,144 @@
+//! Reverse-mode differentiation on the IR: exact gradients, expressed as more IR.
+//!
+//! The vector-Jacobian products are the textbook ones; the two that make flows expensive are
+//! `inverse` (`∂A = −Mᵀ G Mᵀ` for `M = A⁻¹`) and `logdet` (`∂A = g · A⁻ᵀ`). They are emitted
+//! exactly; the self-normalizing substitution is a later rewrite.
+
+use crate::ir::{Graph, GraphBuilder, Op, Unary};
+use petgraph::stable_graph::NodeIndex;
+use std::collections::HashMap;
+
+/// Gradients of the scalar `objective` with respect to each node of `wrt` (`None` where the
+/// objective does not depend on it). New nodes are added to `b`.
+pub fn gradients(
+    b: &mut GraphBuilder,
+    objective: NodeIndex,
+    wrt: &[NodeIndex],
+) -> Vec<Option<NodeIndex>> {
+    let order = b.graph().nodes();
+    // Which nodes depend on a differentiated leaf (through anything but stop_grad).
+    let mut needs: HashMap<NodeIndex, bool> = HashMap::new();
+    for &n in &order {
+        let v = wrt.contains(&n)
+            || (*b.op(n) != Op::StopGrad
+                && b.graph().inputs(n).iter().any(|i| needs[i]));
+        needs.insert(n, v);
+    }
+    let mut cot: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    let one = b.constant(1.0);
+    cot.insert(objective, one);
+    for &n in order.iter().rev() {
+        let Some(&g) = cot.get(&n) else { continue };
+        if !needs[&n] {
+            continue;
+        }
+        let ins = b.graph().inputs(n);
+        let op = b.op(n).clone();
+        for (pos, &x) in ins.iter().enumerate() {
+            if !needs[&x] {
+                continue;
+            }
+            if let Some(c) = vjp(b, &op, n, &ins, pos, g) {
+                let c = unbroadcast(b, c, x);
+                let acc = match cot.get(&x) {
+                    Some(&prev) => b.add2(prev, c),
+                    None => c,
+                };
+                cot.insert(x, acc);
+            }
+        }
+    }
+    wrt.iter().map(|w| cot.get(w).copied()).collect()
+}
+
+/// Sum a contribution back to a scalar operand's shape (implicit scalar broadcasting).
+fn unbroadcast(b: &mut GraphBuilder, c: NodeIndex, x: NodeIndex) -> NodeIndex {
+    if b.shape(x).is_empty() && !b.shape(c).is_empty() {
+        b.sum(c, None)
+    } else {
+        c
+    }
+}
+
+/// The contribution to operand `pos` of node `n = op(ins)` given its cotangent `g`.
+fn vjp(
+    b: &mut GraphBuilder,
+    op: &Op,
+    n: NodeIndex,
+    ins: &[NodeIndex],
+    pos: usize,
+    g: NodeIndex,
+) -> Option<NodeIndex> {
+    let x = ins[pos];
+    Some(match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::StopGrad => return None,
+        Op::Add => g,
+        Op::Sub => {
+            if pos == 0 {
+                g
+            } else {
+                b.neg(g)
+            }
+        }
+        Op::Mul => b.mul(g, ins[1 - pos]),
+        Op::Neg => b.neg(g),
+        Op::MatMul => {
+            if pos == 0 {
+                let bt = b.transpose(ins[1]);
+                b.matmul(g, bt)
+            } else {
+                let at = b.transpose(ins[0]);
+                b.matmul(at, g)
+            }
+        }
+        Op::Transpose => b.transpose(g),
+        Op::Inverse => {
+            // d(A⁻¹) = −M dA M  ⇒  ∂A = −Mᵀ G Mᵀ
+            let mt = b.transpose(n);
+            let mg = b.matmul(mt, g);
+            let mgm = b.matmul(mg, mt);
+            b.neg(mgm)
+        }
+        Op::LogDet => {
+            // ∂ ln|det A| / ∂A = A⁻ᵀ
+            let inv = b.inverse(x);
+            let inv_t = b.transpose(inv);
+            b.mul(g, inv_t)
+        }
+        Op::Unary(u) => {
+            let d = match u {
+                Unary::Exp => n,
+                Unary::Log => b.unary(Unary::Recip, x),
+                Unary::Softplus => b.unary(Unary::Sigmoid, x),
+                Unary::Sigmoid => {
+                    let one = b.constant(1.0);
+                    let om = b.sub(one, n);
+                    b.mul(n, om)
+                }
+                Unary::Square => b.scale(x, 2.0),
+                Unary::Recip => {
+                    let sq = b.unary(Unary::Square, n);
+                    b.neg(sq)
+                }
+            };
+            b.mul(g, d)
+        }
+        Op::Sum { axis } => {
+            let to = b.shape(x).clone();
+            // Summing axis 0 of [R, C] gives [C]; its gradient repeats along the new axis 0.
+            b.broadcast(g, to, *axis)
+        }
+        Op::Broadcast { new_axis, .. } => b.sum(g, *new_axis),
+    })
+}
+
+/// Replace every `stop_grad x` by `x` (after differentiation it is the identity).
+pub fn strip_stop_grad(g: &Graph) -> Graph {
+    g.rebuild(g.outputs.clone(), |op, ins| {
+        if *op == Op::StopGrad {
+            Some(ins[0])
+        } else {
+            None
+        }
+    })
+}

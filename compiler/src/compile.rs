@@ -1,0 +1,56 @@
+//! The compiler pipeline as one function: spec → exact training graph → rewritten step graph.
+
+use crate::ir::{lower, Graph};
+use crate::rewrite::{self, EGraphStats, Limits};
+use crate::spec::{FlowSpec, GradientMode};
+
+/// How far to rewrite the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptLevel {
+    /// The exact gradient graph, as differentiated (inverses everywhere).
+    None,
+    /// Only the self-normalizing substitution (for self-normalizing specs).
+    Substitution,
+    /// Substitution, then exact algebra extracted by cost.
+    Full,
+}
+
+/// Everything the compiler produced for one spec at one batch size.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub spec: FlowSpec,
+    pub batch: usize,
+    /// The exact training graph (`--emit ir`): loss, objective, recon and every gradient.
+    pub exact: Graph,
+    /// The graph one training step runs: outputs `loss`, `recon` (if any) and `grad.*`.
+    pub step: Graph,
+    /// One entry per e-graph run.
+    pub egraph: Vec<EGraphStats>,
+}
+
+/// Compile the training step of `spec` at batch size `batch`.
+pub fn compile_train(spec: &FlowSpec, batch: usize, level: OptLevel) -> Compiled {
+    let exact = lower::train_graph(spec, batch);
+    // The step reports the loss without the data-independent log-dets: dropping the full
+    // objective drops every `logdet` node (their gradients stay, as inverses or substitutes).
+    let mut step = exact.without_outputs(&["objective"]);
+    let mut egraph = Vec::new();
+    let limits = Limits::default();
+    if level != OptLevel::None && spec.objective.gradient == GradientMode::SelfNormalizing {
+        let (g, s) = rewrite::self_normalize(&step, limits);
+        step = g;
+        egraph.push(s);
+    }
+    if level == OptLevel::Full {
+        let (g, s) = rewrite::optimize(&step, limits);
+        step = g;
+        egraph.push(s);
+    }
+    Compiled {
+        spec: spec.clone(),
+        batch,
+        exact,
+        step,
+        egraph,
+    }
+}

@@ -1,0 +1,302 @@
+//! Lowering: a validated [`FlowSpec`] to the tensor graphs of training and evaluation.
+//!
+//! Sign conventions follow DESIGN.md §3 (minimization, mean over the batch):
+//!
+//! - f-flow: `z = W h + b`, smooth leaky ReLU `s(z) = αz + (1-α) softplus(z)`, base N(0, I);
+//! - g-flow (the density induced by the learned inverse, paper eq. 3): the same flow with
+//!   `g⁻¹(h) = R⁻¹ h + b`, so its log-det is `-ln|det R|`;
+//! - reconstruction `Σ_k ‖R_k W_k h_k − h_k‖²` with `h_k` gradient-stopped (eq. 3);
+//! - self-normalizing objective `J = −mean[½ ln p^f + ½ ln p^g] + λ·recon`, exact objective
+//!   `J = −mean ln p^f`.
+//!
+//! The reported `loss` is `J` without the data-independent `ln|det|` terms (like the paper's
+//! code); `objective` is all of `J`. Both are outputs of the exact training graph; the training
+//! step drops `objective`, which is what removes every `logdet` from the step.
+
+use super::{Graph, GraphBuilder, Shape, Unary};
+use crate::autodiff;
+use crate::spec::{FlowSpec, GradientMode, LayerSpec, Preprocess};
+use petgraph::stable_graph::NodeIndex;
+
+/// What a parameter is to its layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// W of `z = W h + b`.
+    Weight,
+    /// R of the learned inverse `h = R (z − b)`.
+    WeightInv,
+    Bias,
+}
+
+/// A trained tensor, named as in checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamInfo {
+    pub name: String,
+    pub shape: Shape,
+    pub layer: usize,
+    pub kind: ParamKind,
+}
+
+/// Every parameter of the spec, in layer order (weight, weight_inv, bias).
+pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
+    let d = spec.input.dim();
+    let mut out = Vec::new();
+    for (i, layer) in spec.layers.iter().enumerate() {
+        if let LayerSpec::Linear(l) = layer {
+            let mut p = |kind, suffix: &str, shape: Shape| {
+                out.push(ParamInfo {
+                    name: format!("layers.{i}.{suffix}"),
+                    shape,
+                    layer: i,
+                    kind,
+                })
+            };
+            p(ParamKind::Weight, "weight", vec![d, d]);
+            p(ParamKind::WeightInv, "weight_inv", vec![d, d]);
+            if l.bias {
+                p(ParamKind::Bias, "bias", vec![d]);
+            }
+        }
+    }
+    out
+}
+
+/// Names of the graph inputs fed each step.
+pub const INPUT_X: &str = "x";
+pub const INPUT_NOISE: &str = "noise";
+
+/// Per-example and constant pieces of one flow's log-density.
+struct FlowTerms {
+    /// ln p(x) per example without the data-independent terms: `[B]`.
+    logp_data: NodeIndex,
+    /// Σ of the data-independent ln|det| terms (a scalar), if any layer has one.
+    logdet_const: Option<NodeIndex>,
+    /// Σ_k ‖R_k W_k h_k − h_k‖² over the batch (a scalar), when asked for.
+    recon_sum: Option<NodeIndex>,
+}
+
+struct Lowering<'a> {
+    spec: &'a FlowSpec,
+    b: GraphBuilder,
+    d: usize,
+    batch: usize,
+}
+
+impl<'a> Lowering<'a> {
+    fn new(spec: &'a FlowSpec, batch: usize, kind: &str) -> Self {
+        Lowering {
+            spec,
+            b: GraphBuilder::new(&format!("{}.{kind}", spec.name)),
+            d: spec.input.dim(),
+            batch,
+        }
+    }
+
+    fn batch_shape(&self) -> Shape {
+        vec![self.d, self.batch]
+    }
+
+    /// Preprocessed input `h0` and its per-example log-det (`[B]`), if any.
+    fn preprocess(&mut self) -> (NodeIndex, Option<NodeIndex>) {
+        let shape = self.batch_shape();
+        let x = self.b.input(INPUT_X, shape.clone());
+        match self.spec.input.preprocess {
+            Preprocess::None => (x, None),
+            Preprocess::DequantizeLogit => {
+                let b = &mut self.b;
+                let alpha = self.spec.input.logit_alpha;
+                // y = (x + u) / 256, s = α + (1 − 2α) y, h0 = ln s − ln(1 − s)
+                let u = b.input(INPUT_NOISE, shape);
+                let xu = b.add2(x, u);
+                let y = b.scale(xu, 1.0 / 256.0);
+                let sy = b.scale(y, 1.0 - 2.0 * alpha);
+                let a = b.constant(alpha);
+                let s = b.add2(a, sy);
+                let one = b.constant(1.0);
+                let one_minus_s = b.sub(one, s);
+                let ln_s = b.unary(Unary::Log, s);
+                let ln_1ms = b.unary(Unary::Log, one_minus_s);
+                let h0 = b.sub(ln_s, ln_1ms);
+                // log-det: Σ_d [−ln 256 + ln(1 − 2α) − ln s_d − ln(1 − s_d)]
+                let both = b.add2(ln_s, ln_1ms);
+                let per_ex = b.sum(both, Some(0));
+                let neg = b.neg(per_ex);
+                let c = b.constant(self.d as f64 * ((1.0 - 2.0 * alpha).ln() - 256f64.ln()));
+                let ld = b.add2(neg, c);
+                (h0, Some(ld))
+            }
+        }
+    }
+
+    /// The flow from `h0`: the f-flow, or with `inverse_model` the g-flow `R⁻¹ h + b`.
+    fn flow(&mut self, h0: NodeIndex, inverse_model: bool, with_recon: bool) -> FlowTerms {
+        let shape = self.batch_shape();
+        let d = self.d;
+        let mut h = h0;
+        let mut data_terms: Vec<NodeIndex> = Vec::new();
+        let mut const_terms: Vec<NodeIndex> = Vec::new();
+        let mut recon_terms: Vec<NodeIndex> = Vec::new();
+        for (i, layer) in self.spec.layers.iter().enumerate() {
+            let b = &mut self.b;
+            match layer {
+                LayerSpec::Linear(l) => {
+                    let w = b.param(&format!("layers.{i}.weight"), vec![d, d]);
+                    let r = b.param(&format!("layers.{i}.weight_inv"), vec![d, d]);
+                    if with_recon {
+                        let hs = b.stop_grad(h);
+                        let wh = b.matmul(w, hs);
+                        let rwh = b.matmul(r, wh);
+                        let e = b.sub(rwh, hs);
+                        let e2 = b.unary(Unary::Square, e);
+                        recon_terms.push(b.sum(e2, None));
+                    }
+                    let z = if inverse_model {
+                        let r_inv = b.inverse(r);
+                        let ld = b.logdet(r);
+                        const_terms.push(b.neg(ld));
+                        b.matmul(r_inv, h)
+                    } else {
+                        const_terms.push(b.logdet(w));
+                        b.matmul(w, h)
+                    };
+                    h = if l.bias {
+                        let bias = b.param(&format!("layers.{i}.bias"), vec![d]);
+                        let bb = b.broadcast(bias, shape.clone(), Some(1));
+                        b.add2(z, bb)
+                    } else {
+                        z
+                    };
+                }
+                LayerSpec::SmoothLeakyRelu(a) => {
+                    let alpha = a.alpha;
+                    // s(z) = αz + (1−α) softplus(z); ln s'(z) = ln(α + (1−α) σ(z))
+                    let az = b.scale(h, alpha);
+                    let sp = b.unary(Unary::Softplus, h);
+                    let bsp = b.scale(sp, 1.0 - alpha);
+                    let sig = b.unary(Unary::Sigmoid, h);
+                    let bsig = b.scale(sig, 1.0 - alpha);
+                    let ac = b.constant(alpha);
+                    let deriv = b.add2(ac, bsig);
+                    let ln_deriv = b.unary(Unary::Log, deriv);
+                    data_terms.push(b.sum(ln_deriv, Some(0)));
+                    h = b.add2(az, bsp);
+                }
+            }
+        }
+        // Base density: ln N(z) = −½‖z‖² − (D/2) ln 2π per example.
+        let b = &mut self.b;
+        let z2 = b.unary(Unary::Square, h);
+        let zz = b.sum(z2, Some(0));
+        let half = b.scale(zz, -0.5);
+        let c = b.constant(-0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln());
+        let mut logp = b.add2(half, c);
+        for t in data_terms {
+            logp = b.add2(logp, t);
+        }
+        FlowTerms {
+            logp_data: logp,
+            logdet_const: sum_all(b, const_terms),
+            recon_sum: sum_all(b, recon_terms),
+        }
+    }
+}
+
+fn sum_all(b: &mut GraphBuilder, terms: Vec<NodeIndex>) -> Option<NodeIndex> {
+    terms.into_iter().reduce(|acc, t| b.add2(acc, t))
+}
+
+/// The exact training graph at batch size `batch`: outputs `loss`, `objective`, `recon`
+/// (self-normalizing only) and `grad.<param>` for every parameter the objective depends on.
+/// Gradients are exact (they contain `inverse` nodes); the self-normalizing substitution is the
+/// job of [`crate::rewrite`].
+pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
+    let mut lw = Lowering::new(spec, batch, "train");
+    let (h0, pre_ld) = lw.preprocess();
+    let snf = spec.objective.gradient == GradientMode::SelfNormalizing;
+    let f = lw.flow(h0, false, snf);
+    let bsz = batch as f64;
+    let (loss, objective, recon) = if snf {
+        let g = lw.flow(h0, true, false);
+        let b = &mut lw.b;
+        let mut lp = b.add2(f.logp_data, g.logp_data);
+        if let Some(p) = pre_ld {
+            // Both densities include the preprocessing log-det.
+            let p2 = b.scale(p, 2.0);
+            lp = b.add2(lp, p2);
+        }
+        let total = b.sum(lp, None);
+        let mut loss = b.scale(total, -0.5 / bsz);
+        let recon = f.recon_sum.map(|r| b.scale(r, 1.0 / bsz));
+        if let Some(r) = recon {
+            if spec.objective.lambda != 0.0 {
+                let lr = b.scale(r, spec.objective.lambda);
+                loss = b.add2(loss, lr);
+            }
+        }
+        let consts = sum_all(b, f.logdet_const.into_iter().chain(g.logdet_const).collect());
+        let objective = match consts {
+            Some(c) => {
+                let hc = b.scale(c, -0.5);
+                b.add2(loss, hc)
+            }
+            None => loss,
+        };
+        (loss, objective, recon)
+    } else {
+        let b = &mut lw.b;
+        let mut lp = f.logp_data;
+        if let Some(p) = pre_ld {
+            lp = b.add2(lp, p);
+        }
+        let total = b.sum(lp, None);
+        let loss = b.scale(total, -1.0 / bsz);
+        let objective = match f.logdet_const {
+            Some(c) => b.sub(loss, c),
+            None => loss,
+        };
+        (loss, objective, None)
+    };
+    let params: Vec<(String, NodeIndex)> = parameters(spec)
+        .into_iter()
+        .map(|p| {
+            let n = lw.b.param(&p.name, p.shape.clone());
+            (p.name, n)
+        })
+        .collect();
+    let wrt: Vec<NodeIndex> = params.iter().map(|(_, n)| *n).collect();
+    let grads = autodiff::gradients(&mut lw.b, objective, &wrt);
+    let b = &mut lw.b;
+    b.output("loss", loss);
+    b.output("objective", objective);
+    if let Some(r) = recon {
+        b.output("recon", r);
+    }
+    for ((name, _), g) in params.iter().zip(grads) {
+        if let Some(g) = g {
+            b.output(&format!("grad.{name}"), g);
+        }
+    }
+    // The training graph is a program of values: the stop_grad markers have done their job in
+    // autodiff and become identities (so `W h_k` in the reconstruction is the forward product).
+    autodiff::strip_stop_grad(&lw.b.finish())
+}
+
+/// The evaluation graph: `logp_data` per example (`[B]`, exact ln p^f without Σ ln|det W|, which
+/// the runtime adds once per evaluation) and, for self-normalizing specs, `recon`.
+pub fn eval_graph(spec: &FlowSpec, batch: usize) -> Graph {
+    let mut lw = Lowering::new(spec, batch, "eval");
+    let (h0, pre_ld) = lw.preprocess();
+    let snf = spec.objective.gradient == GradientMode::SelfNormalizing;
+    let f = lw.flow(h0, false, snf);
+    let b = &mut lw.b;
+    let lp = match pre_ld {
+        Some(p) => b.add2(f.logp_data, p),
+        None => f.logp_data,
+    };
+    b.output("logp_data", lp);
+    if let Some(r) = f.recon_sum {
+        let r = b.scale(r, 1.0 / batch as f64);
+        b.output("recon", r);
+    }
+    autodiff::strip_stop_grad(&lw.b.finish())
+}

@@ -1,0 +1,276 @@
+//! The tensor IR: a petgraph DAG of a small set of primitive tensor ops with shapes.
+//!
+//! Every tensor is a scalar `[]`, a vector `[n]` or a matrix `[rows, cols]`. Batches are
+//! matrices `[D, B]`: one column per example, so a fully connected layer is `matmul W X`.
+//! Nodes are hash-consed by the [`GraphBuilder`] (one node per distinct op and operands) and are
+//! always created after their operands, so node index order is a topological order.
+
+pub mod lower;
+mod op;
+mod print;
+
+pub use op::{Op, Shape, Unary};
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use std::collections::HashMap;
+
+/// One tensor operation and the shape of its result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub shape: Shape,
+}
+
+/// A tensor program: nodes, operand edges (weight = operand position) and named outputs.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub name: String,
+    graph: StableDiGraph<Node, usize>,
+    pub outputs: Vec<(String, NodeIndex)>,
+}
+
+impl Graph {
+    pub fn node(&self, n: NodeIndex) -> &Node {
+        &self.graph[n]
+    }
+
+    /// Operands of `n` in order.
+    pub fn inputs(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut edges: Vec<(usize, NodeIndex)> = self
+            .graph
+            .edges_directed(n, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        edges.sort();
+        edges.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Node indices in topological order (operands before users).
+    pub fn nodes(&self) -> Vec<NodeIndex> {
+        let mut ids: Vec<NodeIndex> = self.graph.node_indices().collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeIndex> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, i)| *i)
+    }
+
+    /// Number of nodes whose op satisfies `pred`.
+    pub fn count(&self, pred: impl Fn(&Op) -> bool) -> usize {
+        self.graph.node_weights().filter(|n| pred(&n.op)).count()
+    }
+
+    /// The same graph with only the outputs in `keep` (in that order) and without dead nodes.
+    pub fn with_outputs(&self, keep: &[&str]) -> Graph {
+        let outputs: Vec<(String, NodeIndex)> = keep
+            .iter()
+            .filter_map(|k| self.output(k).map(|n| (k.to_string(), n)))
+            .collect();
+        self.rebuild(outputs, |_, _| None)
+    }
+
+    /// The same graph without the outputs named in `drop` and without dead nodes.
+    pub fn without_outputs(&self, drop: &[&str]) -> Graph {
+        let outputs = self
+            .outputs
+            .iter()
+            .filter(|(n, _)| !drop.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        self.rebuild(outputs, |_, _| None)
+    }
+
+    /// Copy the nodes reachable from `outputs` into a fresh hash-consed builder. `replace` may map
+    /// a node (given its op and already-copied operands) to an existing copied node instead.
+    pub fn rebuild(
+        &self,
+        outputs: Vec<(String, NodeIndex)>,
+        mut replace: impl FnMut(&Op, &[NodeIndex]) -> Option<NodeIndex>,
+    ) -> Graph {
+        let live = self.live(outputs.iter().map(|(_, n)| *n));
+        let mut b = GraphBuilder::new(&self.name);
+        let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+        for n in self.nodes() {
+            if !live.contains_key(&n) {
+                continue;
+            }
+            let ins: Vec<NodeIndex> = self.inputs(n).iter().map(|i| map[i]).collect();
+            let node = &self.graph[n];
+            let new = match replace(&node.op, &ins) {
+                Some(r) => r,
+                None => b.add_shaped(node.op.clone(), &ins, node.shape.clone()),
+            };
+            map.insert(n, new);
+        }
+        for (name, n) in outputs {
+            b.output(&name, map[&n]);
+        }
+        b.finish()
+    }
+
+    fn live(&self, roots: impl Iterator<Item = NodeIndex>) -> HashMap<NodeIndex, ()> {
+        let mut live = HashMap::new();
+        let mut stack: Vec<NodeIndex> = roots.collect();
+        while let Some(n) = stack.pop() {
+            if live.insert(n, ()).is_none() {
+                stack.extend(self.graph.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        live
+    }
+
+    /// The stable text form (see [`print`]).
+    pub fn to_text(&self) -> String {
+        print::to_text(self)
+    }
+}
+
+/// Builds a [`Graph`], hash-consing nodes and inferring shapes.
+#[derive(Debug, Clone)]
+pub struct GraphBuilder {
+    graph: Graph,
+    memo: HashMap<(Op, Vec<NodeIndex>), NodeIndex>,
+}
+
+impl GraphBuilder {
+    pub fn new(name: &str) -> Self {
+        GraphBuilder {
+            graph: Graph {
+                name: name.to_string(),
+                graph: StableDiGraph::new(),
+                outputs: Vec::new(),
+            },
+            memo: HashMap::new(),
+        }
+    }
+
+    pub fn shape(&self, n: NodeIndex) -> &Shape {
+        &self.graph.graph[n].shape
+    }
+
+    pub fn op(&self, n: NodeIndex) -> &Op {
+        &self.graph.graph[n].op
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Add `op` applied to `inputs`; panics if the shapes do not fit, which is a compiler bug
+    /// (user input is validated before lowering).
+    pub fn add(&mut self, op: Op, inputs: &[NodeIndex]) -> NodeIndex {
+        let shapes: Vec<Shape> = inputs.iter().map(|i| self.shape(*i).clone()).collect();
+        let shape = match op.infer_shape(&shapes) {
+            Ok(s) => s,
+            Err(e) => panic!("snfc internal error: building {op}: {e}"),
+        };
+        self.add_shaped(op, inputs, shape)
+    }
+
+    fn add_shaped(&mut self, op: Op, inputs: &[NodeIndex], shape: Shape) -> NodeIndex {
+        let key = (op, inputs.to_vec());
+        if let Some(n) = self.memo.get(&key) {
+            return *n;
+        }
+        let n = self.graph.graph.add_node(Node {
+            op: key.0.clone(),
+            shape,
+        });
+        for (pos, i) in inputs.iter().enumerate() {
+            self.graph.graph.add_edge(*i, n, pos);
+        }
+        self.memo.insert(key, n);
+        n
+    }
+
+    pub fn output(&mut self, name: &str, n: NodeIndex) {
+        self.graph.outputs.push((name.to_string(), n));
+    }
+
+    pub fn finish(self) -> Graph {
+        self.graph
+    }
+
+    // Small constructors that keep the lowering and autodiff code readable.
+
+    pub fn input(&mut self, name: &str, shape: Shape) -> NodeIndex {
+        self.add(
+            Op::Input {
+                name: name.into(),
+                shape,
+            },
+            &[],
+        )
+    }
+    pub fn param(&mut self, name: &str, shape: Shape) -> NodeIndex {
+        self.add(
+            Op::Param {
+                name: name.into(),
+                shape,
+            },
+            &[],
+        )
+    }
+    pub fn constant(&mut self, v: f64) -> NodeIndex {
+        self.add(Op::constant(v), &[])
+    }
+    pub fn matmul(&mut self, a: NodeIndex, b: NodeIndex) -> NodeIndex {
+        self.add(Op::MatMul, &[a, b])
+    }
+    pub fn transpose(&mut self, a: NodeIndex) -> NodeIndex {
+        self.add(Op::Transpose, &[a])
+    }
+    pub fn inverse(&mut self, a: NodeIndex) -> NodeIndex {
+        self.add(Op::Inverse, &[a])
+    }
+    pub fn logdet(&mut self, a: NodeIndex) -> NodeIndex {
+        self.add(Op::LogDet, &[a])
+    }
+    pub fn add2(&mut self, a: NodeIndex, b: NodeIndex) -> NodeIndex {
+        self.add(Op::Add, &[a, b])
+    }
+    pub fn sub(&mut self, a: NodeIndex, b: NodeIndex) -> NodeIndex {
+        self.add(Op::Sub, &[a, b])
+    }
+    /// Elementwise product; multiplying by the constant 1 returns the other operand, and two
+    /// constants fold, so scale factors stay readable in the printed IR.
+    pub fn mul(&mut self, a: NodeIndex, b: NodeIndex) -> NodeIndex {
+        match (self.op(a).const_value(), self.op(b).const_value()) {
+            (Some(x), Some(y)) => self.constant(x * y),
+            (Some(x), _) if x == 1.0 => b,
+            (_, Some(y)) if y == 1.0 => a,
+            _ => self.add(Op::Mul, &[a, b]),
+        }
+    }
+    pub fn scale(&mut self, a: NodeIndex, c: f64) -> NodeIndex {
+        let k = self.constant(c);
+        self.mul(a, k)
+    }
+    pub fn neg(&mut self, a: NodeIndex) -> NodeIndex {
+        if let Some(x) = self.op(a).const_value() {
+            return self.constant(-x);
+        }
+        self.add(Op::Neg, &[a])
+    }
+    pub fn unary(&mut self, u: Unary, a: NodeIndex) -> NodeIndex {
+        self.add(Op::Unary(u), &[a])
+    }
+    /// Sum over all elements (`None`) or over one axis of a matrix.
+    pub fn sum(&mut self, a: NodeIndex, axis: Option<usize>) -> NodeIndex {
+        self.add(Op::Sum { axis }, &[a])
+    }
+    /// Broadcast to `to`, adding axis `new_axis` to a vector, or from a scalar when `None`.
+    pub fn broadcast(&mut self, a: NodeIndex, to: Shape, new_axis: Option<usize>) -> NodeIndex {
+        self.add(Op::Broadcast { to, new_axis }, &[a])
+    }
+    pub fn stop_grad(&mut self, a: NodeIndex) -> NodeIndex {
+        self.add(Op::StopGrad, &[a])
+    }
+}

@@ -1,0 +1,337 @@
+//! The primitive op set, its text form and its shape rules.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Dimensions of a tensor: `[]` scalar, `[n]` vector, `[rows, cols]` matrix.
+pub type Shape = Vec<usize>;
+
+/// Elementwise functions of one argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Unary {
+    Exp,
+    Log,
+    /// ln(1 + eˣ)
+    Softplus,
+    /// 1 / (1 + e⁻ˣ)
+    Sigmoid,
+    Square,
+    Recip,
+}
+
+impl Unary {
+    pub const ALL: [Unary; 6] = [
+        Unary::Exp,
+        Unary::Log,
+        Unary::Softplus,
+        Unary::Sigmoid,
+        Unary::Square,
+        Unary::Recip,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Softplus => "softplus",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Square => "square",
+            Unary::Recip => "recip",
+        }
+    }
+}
+
+/// A tensor operation. Leaves (`Input`, `Param`, `Const`) carry their shape or value; every other
+/// op's shape follows from its operands (see [`Op::infer_shape`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Op {
+    /// Data fed per step (the batch `x`, the dequantization noise `noise`).
+    Input { name: String, shape: Shape },
+    /// A trained parameter, named as in checkpoints (`layers.0.weight`).
+    Param { name: String, shape: Shape },
+    /// A scalar constant, stored as f64 bits so that ops hash and compare exactly.
+    Const { bits: u64 },
+    MatMul,
+    Transpose,
+    /// Matrix inverse (O(n³), via LU).
+    Inverse,
+    /// ln |det A| of a square matrix: a scalar (O(n³), via LU).
+    LogDet,
+    /// Elementwise; one operand may be a scalar, broadcast to the other's shape.
+    Add,
+    Sub,
+    Mul,
+    Neg,
+    Unary(Unary),
+    /// Sum over every element (`axis: None`, giving a scalar) or over one axis of a matrix
+    /// (axis 0: `[D, B] → [B]`, per-example sums; axis 1: `[D, B] → [D]`).
+    Sum { axis: Option<usize> },
+    /// Repeat a scalar (`new_axis: None`) or a vector along a new axis, giving shape `to`.
+    Broadcast { to: Shape, new_axis: Option<usize> },
+    /// Identity whose operand receives no gradient (paper eq. 3: the reconstruction input h_k).
+    StopGrad,
+}
+
+impl Op {
+    pub fn constant(v: f64) -> Op {
+        // One zero: -0.0 and 0.0 are the same constant.
+        let v = if v == 0.0 { 0.0 } else { v };
+        Op::Const { bits: v.to_bits() }
+    }
+
+    pub fn const_value(&self) -> Option<f64> {
+        match self {
+            Op::Const { bits } => Some(f64::from_bits(*bits)),
+            _ => None,
+        }
+    }
+
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Add | Op::Sub | Op::Mul | Op::Neg | Op::Unary(_) | Op::StopGrad
+        )
+    }
+
+    /// Number of operands the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0,
+            Op::MatMul | Op::Add | Op::Sub | Op::Mul => 2,
+            _ => 1,
+        }
+    }
+
+    /// The result shape, or why the operands do not fit.
+    pub fn infer_shape(&self, ins: &[Shape]) -> Result<Shape, String> {
+        if ins.len() != self.arity() {
+            return Err(format!(
+                "{self} takes {} operands, got {}",
+                self.arity(),
+                ins.len()
+            ));
+        }
+        let matrix = |s: &Shape| -> Result<(usize, usize), String> {
+            match s.as_slice() {
+                [r, c] => Ok((*r, *c)),
+                _ => Err(format!("{self} needs a matrix operand, got {s:?}")),
+            }
+        };
+        match self {
+            Op::Input { shape, .. } | Op::Param { shape, .. } => Ok(shape.clone()),
+            Op::Const { .. } => Ok(vec![]),
+            Op::MatMul => {
+                let (m, k) = matrix(&ins[0])?;
+                let (k2, n) = matrix(&ins[1])?;
+                if k != k2 {
+                    return Err(format!("matmul of {:?} by {:?}", ins[0], ins[1]));
+                }
+                Ok(vec![m, n])
+            }
+            Op::Transpose => {
+                let (r, c) = matrix(&ins[0])?;
+                Ok(vec![c, r])
+            }
+            Op::Inverse | Op::LogDet => {
+                let (r, c) = matrix(&ins[0])?;
+                if r != c {
+                    return Err(format!("{self} of a non-square {:?}", ins[0]));
+                }
+                Ok(if *self == Op::Inverse { vec![r, c] } else { vec![] })
+            }
+            Op::Add | Op::Sub | Op::Mul => {
+                let (a, b) = (&ins[0], &ins[1]);
+                if a == b || b.is_empty() {
+                    Ok(a.clone())
+                } else if a.is_empty() {
+                    Ok(b.clone())
+                } else {
+                    Err(format!("{self} of {a:?} and {b:?}"))
+                }
+            }
+            Op::Neg | Op::Unary(_) | Op::StopGrad => Ok(ins[0].clone()),
+            Op::Sum { axis: None } => Ok(vec![]),
+            Op::Sum { axis: Some(ax) } => {
+                let (r, c) = matrix(&ins[0])?;
+                match ax {
+                    0 => Ok(vec![c]),
+                    1 => Ok(vec![r]),
+                    _ => Err(format!("sum over axis {ax} of a matrix")),
+                }
+            }
+            Op::Broadcast { to, new_axis } => {
+                let expect: Shape = match new_axis {
+                    None => vec![],
+                    Some(ax) if to.len() == 2 && *ax < 2 => vec![to[1 - ax]],
+                    Some(ax) => return Err(format!("broadcast along axis {ax} to {to:?}")),
+                };
+                if ins[0] != expect {
+                    return Err(format!("broadcast of {:?} to {to:?}", ins[0]));
+                }
+                Ok(to.clone())
+            }
+        }
+    }
+}
+
+fn dims(s: &Shape) -> String {
+    if s.is_empty() {
+        "scalar".into()
+    } else {
+        s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+    }
+}
+
+fn parse_dims(s: &str) -> Result<Shape, String> {
+    if s == "scalar" {
+        return Ok(vec![]);
+    }
+    s.split('x')
+        .map(|d| d.parse::<usize>().map_err(|e| format!("bad dimension {d:?}: {e}")))
+        .collect()
+}
+
+/// The one-token text of an op, used by the IR printer and as the e-graph operator name.
+/// Leaves embed their attributes: `param:layers.0.weight:784x784`, `const:0.5`, `bcast1:784x100`.
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Input { name, shape } => write!(f, "input:{name}:{}", dims(shape)),
+            Op::Param { name, shape } => write!(f, "param:{name}:{}", dims(shape)),
+            Op::Const { bits } => write!(f, "const:{:?}", f64::from_bits(*bits)),
+            Op::MatMul => write!(f, "matmul"),
+            Op::Transpose => write!(f, "transpose"),
+            Op::Inverse => write!(f, "inverse"),
+            Op::LogDet => write!(f, "logdet"),
+            Op::Add => write!(f, "add"),
+            Op::Sub => write!(f, "sub"),
+            Op::Mul => write!(f, "mul"),
+            Op::Neg => write!(f, "neg"),
+            Op::Unary(u) => write!(f, "{}", u.name()),
+            Op::Sum { axis: None } => write!(f, "sum"),
+            Op::Sum { axis: Some(a) } => write!(f, "sum{a}"),
+            Op::Broadcast { to, new_axis: None } => write!(f, "bcast:{}", dims(to)),
+            Op::Broadcast {
+                to,
+                new_axis: Some(a),
+            } => write!(f, "bcast{a}:{}", dims(to)),
+            Op::StopGrad => write!(f, "stop_grad"),
+        }
+    }
+}
+
+impl FromStr for Op {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Op, String> {
+        let (head, rest) = match s.split_once(':') {
+            Some((h, r)) => (h, Some(r)),
+            None => (s, None),
+        };
+        let leaf = |r: Option<&str>| -> Result<(String, Shape), String> {
+            let r = r.ok_or_else(|| format!("{s}: missing name"))?;
+            let (name, d) = r
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{s}: missing shape"))?;
+            Ok((name.to_string(), parse_dims(d)?))
+        };
+        Ok(match (head, rest) {
+            ("input", r) => {
+                let (name, shape) = leaf(r)?;
+                Op::Input { name, shape }
+            }
+            ("param", r) => {
+                let (name, shape) = leaf(r)?;
+                Op::Param { name, shape }
+            }
+            ("const", Some(v)) => Op::constant(v.parse::<f64>().map_err(|e| format!("{s}: {e}"))?),
+            ("matmul", None) => Op::MatMul,
+            ("transpose", None) => Op::Transpose,
+            ("inverse", None) => Op::Inverse,
+            ("logdet", None) => Op::LogDet,
+            ("add", None) => Op::Add,
+            ("sub", None) => Op::Sub,
+            ("mul", None) => Op::Mul,
+            ("neg", None) => Op::Neg,
+            ("sum", None) => Op::Sum { axis: None },
+            ("sum0", None) => Op::Sum { axis: Some(0) },
+            ("sum1", None) => Op::Sum { axis: Some(1) },
+            ("bcast", Some(d)) => Op::Broadcast {
+                to: parse_dims(d)?,
+                new_axis: None,
+            },
+            ("bcast0", Some(d)) => Op::Broadcast {
+                to: parse_dims(d)?,
+                new_axis: Some(0),
+            },
+            ("bcast1", Some(d)) => Op::Broadcast {
+                to: parse_dims(d)?,
+                new_axis: Some(1),
+            },
+            ("stop_grad", None) => Op::StopGrad,
+            (h, None) => match Unary::ALL.iter().find(|u| u.name() == h) {
+                Some(u) => Op::Unary(*u),
+                None => return Err(format!("unknown op {s:?}")),
+            },
+            _ => return Err(format!("unknown op {s:?}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_round_trips() {
+        let ops = vec![
+            Op::Input {
+                name: "x".into(),
+                shape: vec![784, 100],
+            },
+            Op::Param {
+                name: "layers.0.weight".into(),
+                shape: vec![784, 784],
+            },
+            Op::constant(-0.5),
+            Op::constant(1e-6),
+            Op::MatMul,
+            Op::Sum { axis: Some(0) },
+            Op::Broadcast {
+                to: vec![3, 4],
+                new_axis: Some(1),
+            },
+            Op::Broadcast {
+                to: vec![],
+                new_axis: None,
+            },
+            Op::Unary(Unary::Softplus),
+            Op::StopGrad,
+        ];
+        for op in ops {
+            assert_eq!(op.to_string().parse::<Op>(), Ok(op.clone()), "{op}");
+        }
+        assert!("frobnicate".parse::<Op>().is_err());
+    }
+
+    #[test]
+    fn shapes() {
+        assert_eq!(
+            Op::MatMul.infer_shape(&[vec![3, 4], vec![4, 5]]),
+            Ok(vec![3, 5])
+        );
+        assert!(Op::MatMul.infer_shape(&[vec![3, 4], vec![5, 4]]).is_err());
+        assert_eq!(Op::Add.infer_shape(&[vec![], vec![2, 3]]), Ok(vec![2, 3]));
+        assert!(Op::Add.infer_shape(&[vec![3], vec![2, 3]]).is_err());
+        assert_eq!(
+            Op::Sum { axis: Some(0) }.infer_shape(&[vec![7, 9]]),
+            Ok(vec![9])
+        );
+        let b = Op::Broadcast {
+            to: vec![7, 9],
+            new_axis: Some(1),
+        };
+        assert_eq!(b.infer_shape(&[vec![7]]), Ok(vec![7, 9]));
+        assert!(b.infer_shape(&[vec![9]]).is_err());
+        assert!(Op::LogDet.infer_shape(&[vec![2, 3]]).is_err());
+    }
+}

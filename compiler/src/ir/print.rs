@@ -1,0 +1,65 @@
+//! The stable text form of a graph, one node per line in topological order:
+//!
+//! ```text
+//! graph mnist_fc2.train {
+//!   %0 = input x : [784, 100]
+//!   %1 = param layers.0.weight : [784, 784]
+//!   %2 = matmul %1, %0 : [784, 100]
+//!   ...
+//!   output loss = %41
+//! }
+//! ```
+//! Node numbers are dense and follow creation order, so the text only changes when the graph does.
+
+use super::{Graph, Op};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+fn shape_text(s: &[usize]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// The op's name and attributes as printed (leaves print their name, not their shape twice).
+fn op_text(op: &Op) -> String {
+    match op {
+        Op::Input { name, .. } => format!("input {name}"),
+        Op::Param { name, .. } => format!("param {name}"),
+        Op::Const { bits } => format!("const {:?}", f64::from_bits(*bits)),
+        Op::Sum { axis: None } => "sum".into(),
+        Op::Sum { axis: Some(a) } => format!("sum axis={a}"),
+        Op::Broadcast { new_axis: None, .. } => "broadcast".into(),
+        Op::Broadcast {
+            new_axis: Some(a), ..
+        } => format!("broadcast axis={a}"),
+        other => other.to_string(),
+    }
+}
+
+pub fn to_text(g: &Graph) -> String {
+    let mut out = String::new();
+    let mut number = HashMap::new();
+    let _ = writeln!(out, "graph {} {{", g.name);
+    for (i, n) in g.nodes().into_iter().enumerate() {
+        number.insert(n, i);
+        let node = g.node(n);
+        let args: Vec<String> = g
+            .inputs(n)
+            .iter()
+            .map(|a| format!("%{}", number[a]))
+            .collect();
+        let sep = if args.is_empty() { "" } else { " " };
+        let _ = writeln!(
+            out,
+            "  %{i} = {}{sep}{} : {}",
+            op_text(&node.op),
+            args.join(", "),
+            shape_text(&node.shape)
+        );
+    }
+    for (name, n) in &g.outputs {
+        let _ = writeln!(out, "  output {name} = %{}", number[n]);
+    }
+    out.push_str("}\n");
+    out
+}

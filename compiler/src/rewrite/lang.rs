@@ -1,0 +1,133 @@
+//! The IR as an egg language: an e-node is an [`Op`] and its operand e-classes.
+
+use crate::ir::{Graph, Op, Shape};
+use egg::{Analysis, CostFunction, DidMerge, EGraph, FromOp, Id, Language};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorNode {
+    pub op: Op,
+    pub children: Vec<Id>,
+}
+
+impl Language for TensorNode {
+    type Discriminant = Op;
+
+    fn discriminant(&self) -> Op {
+        self.op.clone()
+    }
+
+    fn matches(&self, other: &Self) -> bool {
+        self.op == other.op && self.children.len() == other.children.len()
+    }
+
+    fn children(&self) -> &[Id] {
+        &self.children
+    }
+
+    fn children_mut(&mut self) -> &mut [Id] {
+        &mut self.children
+    }
+}
+
+impl fmt::Display for TensorNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.op)
+    }
+}
+
+impl FromOp for TensorNode {
+    type Error = String;
+    fn from_op(op: &str, children: Vec<Id>) -> Result<Self, String> {
+        let op: Op = op.parse()?;
+        if op.arity() != children.len() {
+            return Err(format!("{op} takes {} operands", op.arity()));
+        }
+        Ok(TensorNode { op, children })
+    }
+}
+
+/// Every e-class knows its shape; rewrites only ever merge classes of equal shape.
+#[derive(Debug, Default)]
+pub struct ShapeAnalysis;
+
+impl Analysis<TensorNode> for ShapeAnalysis {
+    type Data = Shape;
+
+    fn make(egraph: &mut EGraph<TensorNode, Self>, enode: &TensorNode, _id: Id) -> Shape {
+        let shapes: Vec<Shape> = enode
+            .children
+            .iter()
+            .map(|c| egraph[*c].data.clone())
+            .collect();
+        match enode.op.infer_shape(&shapes) {
+            Ok(s) => s,
+            Err(e) => panic!("snfc internal error: a rewrite built an ill-shaped {enode}: {e}"),
+        }
+    }
+
+    fn merge(&mut self, a: &mut Shape, b: Shape) -> DidMerge {
+        assert_eq!(
+            *a, b,
+            "snfc internal error: a rewrite equated tensors of different shapes"
+        );
+        DidMerge(false, false)
+    }
+}
+
+fn numel(s: &Shape) -> f64 {
+    s.iter().product::<usize>() as f64
+}
+
+/// Floating-point operations of one op given its operand shapes and result shape.
+pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0.0,
+        Op::MatMul => 2.0 * ins[0][0] as f64 * ins[0][1] as f64 * ins[1][1] as f64,
+        // LU with partial pivoting is (2/3)n³; the inverse from it another (4/3)n³.
+        Op::Inverse => 2.0 * (ins[0][0] as f64).powi(3),
+        Op::LogDet => 2.0 / 3.0 * (ins[0][0] as f64).powi(3),
+        // A transpose is a stride change for a GEMM operand.
+        Op::Transpose => 0.0,
+        Op::Sum { .. } => numel(ins[0]),
+        _ => numel(out),
+    }
+}
+
+/// Cost for extraction: FLOPs, plus one per node so that among equal-FLOP forms the smaller
+/// graph wins (each node is at least a kernel launch or a buffer).
+pub struct FlopCost<'a> {
+    pub egraph: &'a EGraph<TensorNode, ShapeAnalysis>,
+}
+
+impl CostFunction<TensorNode> for FlopCost<'_> {
+    type Cost = f64;
+    fn cost<C>(&mut self, enode: &TensorNode, mut costs: C) -> f64
+    where
+        C: FnMut(Id) -> f64,
+    {
+        let shapes: Vec<&Shape> = enode
+            .children
+            .iter()
+            .map(|c| &self.egraph[*c].data)
+            .collect();
+        let out = enode
+            .op
+            .infer_shape(&shapes.iter().map(|s| (*s).clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let own = op_flops(&enode.op, &shapes, &out) + 1.0;
+        enode.children.iter().fold(own, |acc, c| acc + costs(*c))
+    }
+}
+
+/// FLOPs of one evaluation of a whole graph (every node once).
+pub fn graph_flops(g: &Graph) -> f64 {
+    g.nodes()
+        .into_iter()
+        .map(|n| {
+            let ins = g.inputs(n);
+            let shapes: Vec<&Shape> = ins.iter().map(|i| &g.node(*i).shape).collect();
+            op_flops(&g.node(n).op, &shapes, &g.node(n).shape)
+        })
+        .sum()
+}

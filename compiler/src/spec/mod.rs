@@ -1,0 +1,317 @@
+//! The flow spec: a JSON declaration of a self-normalizing flow, its objective
+//! and its training setup.
+//!
+//! ```json
+//! {
+//!   "name": "mnist_fc2",
+//!   "input": {"shape": [784], "preprocess": "dequantize_logit"},
+//!   "layers": [
+//!     {"type": "linear", "bias": true},
+//!     {"type": "smooth_leaky_relu", "alpha": 0.3},
+//!     {"type": "linear", "bias": true}
+//!   ],
+//!   "objective": {"gradient": "self_normalizing", "lambda": 1.0},
+//!   "train": {"batch_size": 100, "epochs": 100, "warmup_epochs": 10, "seed": 0,
+//!             "optimizer": {"adam": {"lr": 1e-4, "betas": [0.9, 0.999]}}}
+//! }
+//! ```
+//!
+//! [`parse_spec`] / [`load_spec`] check the structure of the JSON themselves
+//! (walking a [`serde_json::Value`]) so that every problem — unknown field,
+//! wrong type, missing field, unknown layer type or enum string — is reported
+//! with the exact JSON pointer of the offending spot, and all problems of a file
+//! are reported at once. Semantic checks (ranges, non-empty lists) live in
+//! [`FlowSpec::validate`], which the builder also runs.
+//!
+//! The types also derive `serde::Deserialize` with the same defaults, so
+//! `serde_json::from_str::<FlowSpec>` accepts exactly the same valid specs
+//! (without validation and with less precise error locations).
+
+mod builder;
+mod errors;
+mod validate;
+mod walk;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use builder::FlowSpecBuilder;
+pub use errors::{SpecError, SpecErrors};
+
+/// A complete flow declaration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSpec {
+    /// Name of the flow; must not be empty.
+    pub name: String,
+    /// What the flow is trained on.
+    pub input: InputSpec,
+    /// The layers, applied in order from data to latent; must not be empty.
+    pub layers: Vec<LayerSpec>,
+    /// The training objective (default: self-normalizing, λ = 1).
+    #[serde(default)]
+    pub objective: ObjectiveSpec,
+    /// The training setup (defaults follow the paper's MNIST setup).
+    #[serde(default)]
+    pub train: TrainSpec,
+}
+
+/// Default α of the logit transform.
+pub const DEFAULT_LOGIT_ALPHA: f64 = 1e-6;
+
+fn default_logit_alpha() -> f64 {
+    DEFAULT_LOGIT_ALPHA
+}
+
+/// The data the flow models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Shape of one sample (without the batch dimension); every entry ≥ 1.
+    pub shape: Vec<usize>,
+    /// How raw data is turned into the flow's input.
+    pub preprocess: Preprocess,
+    /// α of the logit transform s = α + (1-2α) y; default 1e-6; must be in (0, 0.5)
+    #[serde(default = "default_logit_alpha")]
+    pub logit_alpha: f64,
+}
+
+impl InputSpec {
+    /// Number of scalars in one sample: the product of `shape`
+    /// (saturating; [`FlowSpec::validate`] rejects shapes whose product overflows).
+    pub fn dim(&self) -> usize {
+        self.shape
+            .iter()
+            .fold(1usize, |acc, &d| acc.saturating_mul(d))
+    }
+}
+
+/// Preprocessing of the raw input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preprocess {
+    /// Uniform dequantization of 8-bit pixels, scaling to [0, 1] and the logit
+    /// transform with `logit_alpha` (the transform's log-det is accounted for).
+    DequantizeLogit,
+    /// The data is used as is.
+    None,
+}
+
+/// One layer of the flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LayerSpec {
+    /// A square (self-normalizing) linear layer `z = W x + b`.
+    Linear(LinearSpec),
+    /// The elementwise smooth leaky ReLU activation.
+    SmoothLeakyRelu(SmoothLeakyReluSpec),
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A square linear layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinearSpec {
+    /// Whether the layer has a bias (default true).
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    /// Initialization of the weight (default identity plus noise).
+    #[serde(default)]
+    pub init: LinearInit,
+}
+
+impl Default for LinearSpec {
+    fn default() -> Self {
+        LinearSpec {
+            bias: true,
+            init: LinearInit::default(),
+        }
+    }
+}
+
+/// Initialization of a linear layer's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearInit {
+    /// W = I + Xavier-normal noise, gain 0.01 (paper A.3)
+    #[default]
+    IdentityNoise,
+    /// W = I exactly
+    Identity,
+}
+
+/// Default negative slope of the smooth leaky ReLU.
+pub const DEFAULT_SLRELU_ALPHA: f64 = 0.3;
+
+fn default_slrelu_alpha() -> f64 {
+    DEFAULT_SLRELU_ALPHA
+}
+
+/// The smooth leaky ReLU activation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmoothLeakyReluSpec {
+    /// Negative slope; default 0.3, must be in (0, 1).
+    #[serde(default = "default_slrelu_alpha")]
+    pub alpha: f64,
+}
+
+impl Default for SmoothLeakyReluSpec {
+    fn default() -> Self {
+        SmoothLeakyReluSpec {
+            alpha: DEFAULT_SLRELU_ALPHA,
+        }
+    }
+}
+
+/// The training objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveSpec {
+    /// How the gradient of the log-likelihood is computed (default self-normalizing).
+    pub gradient: GradientMode,
+    /// Weight of the reconstruction term; default 1.0, must be finite and ≥ 0.
+    pub lambda: f64,
+}
+
+impl Default for ObjectiveSpec {
+    fn default() -> Self {
+        ObjectiveSpec {
+            gradient: GradientMode::SelfNormalizing,
+            lambda: 1.0,
+        }
+    }
+}
+
+/// How the gradient of the log-determinant is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientMode {
+    /// Self-normalizing: the learned inverse replaces W^{-T}.
+    #[default]
+    SelfNormalizing,
+    /// Exact gradient of log|det W|.
+    Exact,
+}
+
+/// The training setup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    /// Samples per step; default 100, must be ≥ 1.
+    pub batch_size: usize,
+    /// Training epochs; default 100, must be ≥ 1.
+    pub epochs: usize,
+    /// Learning-rate warmup epochs; default 10 (may exceed `epochs`).
+    pub warmup_epochs: usize,
+    /// Random seed; default 0.
+    pub seed: u64,
+    /// The optimizer (default Adam with the paper's settings).
+    pub optimizer: OptimizerSpec,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            batch_size: 100,
+            epochs: 100,
+            warmup_epochs: 10,
+            seed: 0,
+            optimizer: OptimizerSpec::default(),
+        }
+    }
+}
+
+/// The optimizer.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerSpec {
+    /// Adam settings.
+    pub adam: AdamSpec,
+}
+
+/// Adam hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamSpec {
+    /// Learning rate; default 1e-4, must be finite and > 0.
+    pub lr: f64,
+    /// (β₁, β₂); default [0.9, 0.999], each in [0, 1).
+    pub betas: [f64; 2],
+    /// ε; default 1e-8, must be finite and > 0.
+    pub eps: f64,
+}
+
+impl Default for AdamSpec {
+    fn default() -> Self {
+        AdamSpec {
+            lr: 1e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+        }
+    }
+}
+
+/// Parses and validates a flow spec from JSON text; every problem found is
+/// reported with the JSON pointer of its spot.
+pub fn parse_spec(text: &str) -> Result<FlowSpec, SpecErrors> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| SpecErrors::new(vec![SpecError::from_json(&e)]))?;
+    let (spec, structural) = walk::walk_flow(&value);
+    let mut errors = structural;
+    let semantic = validate::semantic_errors(&spec);
+    errors::merge_semantic(&mut errors, semantic);
+    if !errors.is_empty() {
+        return Err(SpecErrors::new(errors));
+    }
+    // The walker and serde's derive must agree on every valid spec.
+    match serde_json::from_value::<FlowSpec>(value) {
+        Ok(serde_spec) => {
+            debug_assert_eq!(serde_spec, spec, "spec walker and serde derive disagree");
+            Ok(spec)
+        }
+        Err(e) => Err(SpecErrors::new(vec![SpecError::new(
+            "",
+            format!("spec rejected by the deserializer: {e}"),
+        )])),
+    }
+}
+
+/// Reads, parses and validates a flow spec file; errors carry the file's path.
+pub fn load_spec(path: &Path) -> Result<FlowSpec, SpecErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SpecErrors::new(vec![SpecError::new(
+            "",
+            format!("cannot read spec file: {e}"),
+        )])
+        .with_file(path)
+    })?;
+    parse_spec(&text).map_err(|e| e.with_file(path))
+}
+
+impl FlowSpec {
+    /// Semantic checks (ranges, non-empty lists, names); all problems are collected.
+    pub fn validate(&self) -> Result<(), SpecErrors> {
+        let errors = validate::semantic_errors(self);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecErrors::new(errors))
+        }
+    }
+
+    /// Pretty JSON of the spec (all defaults written out); round-trips through [`parse_spec`].
+    pub fn to_json_pretty(&self) -> String {
+        // Serializing these plain structs cannot fail (no maps with non-string keys).
+        serde_json::to_string_pretty(self).expect("FlowSpec serialization is infallible")
+    }
+
+    /// Starts a [`FlowSpecBuilder`] for a flow called `name`.
+    pub fn builder(name: &str) -> FlowSpecBuilder {
+        FlowSpecBuilder::new(name)
+    }
+}

@@ -1,0 +1,117 @@
+//! Semantic checks of a [`FlowSpec`]: ranges and non-empty lists. Every problem is
+//! reported at the JSON pointer the offending value has in the spec's JSON form.
+
+use super::errors::SpecError;
+use super::{FlowSpec, LayerSpec};
+
+/// All semantic problems of `spec`, in document order.
+pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    let mut push = |pointer: String, message: String| errors.push(SpecError::new(pointer, message));
+
+    if spec.name.trim().is_empty() {
+        push("/name".into(), "name must not be empty".into());
+    }
+
+    let input = &spec.input;
+    if input.shape.is_empty() {
+        push(
+            "/input/shape".into(),
+            "shape must not be empty (give at least one dimension)".into(),
+        );
+    }
+    for (i, &d) in input.shape.iter().enumerate() {
+        if d == 0 {
+            push(
+                format!("/input/shape/{i}"),
+                format!("shape dimensions must be positive, got {d}"),
+            );
+        }
+    }
+    if input
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_none()
+    {
+        push(
+            "/input/shape".into(),
+            "the product of the shape's dimensions is too large".into(),
+        );
+    }
+    let a = input.logit_alpha;
+    if !(a > 0.0 && a < 0.5) {
+        push(
+            "/input/logit_alpha".into(),
+            format!("logit_alpha must be in (0, 0.5), got {a}"),
+        );
+    }
+
+    if spec.layers.is_empty() {
+        push(
+            "/layers".into(),
+            "layers must not be empty (give at least one layer)".into(),
+        );
+    }
+    for (i, layer) in spec.layers.iter().enumerate() {
+        match layer {
+            LayerSpec::Linear(_) => {}
+            LayerSpec::SmoothLeakyRelu(s) => {
+                if !(s.alpha > 0.0 && s.alpha < 1.0) {
+                    push(
+                        format!("/layers/{i}/alpha"),
+                        format!("alpha must be in (0, 1), got {}", s.alpha),
+                    );
+                }
+            }
+        }
+    }
+
+    let lambda = spec.objective.lambda;
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        push(
+            "/objective/lambda".into(),
+            format!("lambda must be finite and >= 0, got {lambda}"),
+        );
+    }
+
+    let train = &spec.train;
+    if train.batch_size == 0 {
+        push(
+            "/train/batch_size".into(),
+            "batch_size must be at least 1, got 0".into(),
+        );
+    }
+    if train.epochs == 0 {
+        push(
+            "/train/epochs".into(),
+            "epochs must be at least 1, got 0".into(),
+        );
+    }
+    // warmup_epochs may exceed epochs (the warmup then simply never completes).
+
+    let adam = &train.optimizer.adam;
+    let p = "/train/optimizer/adam";
+    if !(adam.lr.is_finite() && adam.lr > 0.0) {
+        push(
+            format!("{p}/lr"),
+            format!("lr must be finite and > 0, got {}", adam.lr),
+        );
+    }
+    for (i, &b) in adam.betas.iter().enumerate() {
+        if !(0.0..1.0).contains(&b) {
+            push(
+                format!("{p}/betas/{i}"),
+                format!("betas[{i}] must be in [0, 1), got {b}"),
+            );
+        }
+    }
+    if !(adam.eps.is_finite() && adam.eps > 0.0) {
+        push(
+            format!("{p}/eps"),
+            format!("eps must be finite and > 0, got {}", adam.eps),
+        );
+    }
+
+    errors
+}

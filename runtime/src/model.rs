@@ -1,0 +1,224 @@
+//! A flow's parameters: initialization (paper A.3), dtype conversion and safetensors files.
+//!
+//! Checkpoints and parameter files are safetensors with the names of
+//! [`snfc_compiler::ir::lower::parameters`]: `layers.{i}.weight` [D, D] (z = W x + b),
+//! `layers.{i}.weight_inv` [D, D] (x̂ = R (z − b)), `layers.{i}.bias` [D]. A checkpoint stores
+//! the spec JSON in its metadata under `spec`, so it is self-contained.
+
+use crate::host::exec::Feeds;
+use crate::host::linalg::Real;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::Normal;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use snfc_compiler::ir::lower::{parameters, ParamInfo, ParamKind};
+use snfc_compiler::spec::{parse_spec, FlowSpec, LinearInit};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// A spec and one value per parameter.
+#[derive(Debug, Clone)]
+pub struct Model<T> {
+    pub spec: FlowSpec,
+    pub params: Vec<ParamInfo>,
+    pub values: Feeds<T>,
+}
+
+impl<T: Real> Model<T> {
+    /// W = I + Xavier-normal noise with gain 0.01 (or exactly I), R = Wᵀ, b = 0 (paper A.3).
+    pub fn init(spec: &FlowSpec, seed: u64) -> Model<T> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let d = spec.input.dim();
+        let std = 0.01 * (2.0 / (2 * d) as f64).sqrt();
+        let normal = Normal::new(0.0, std).expect("finite std");
+        let params = parameters(spec);
+        let mut values: Feeds<T> = HashMap::new();
+        let mut last_w: Vec<f64> = Vec::new();
+        for p in &params {
+            let v: Vec<f64> = match p.kind {
+                ParamKind::Weight => {
+                    let noise = match &spec.layers[p.layer] {
+                        snfc_compiler::spec::LayerSpec::Linear(l) => {
+                            l.init == LinearInit::IdentityNoise
+                        }
+                        _ => false,
+                    };
+                    let mut w = vec![0.0; d * d];
+                    for i in 0..d {
+                        for j in 0..d {
+                            let eye = if i == j { 1.0 } else { 0.0 };
+                            let n = if noise { rng.sample(normal) } else { 0.0 };
+                            w[i * d + j] = eye + n;
+                        }
+                    }
+                    last_w = w.clone();
+                    w
+                }
+                ParamKind::WeightInv => {
+                    let mut r = vec![0.0; d * d];
+                    for i in 0..d {
+                        for j in 0..d {
+                            r[i * d + j] = last_w[j * d + i];
+                        }
+                    }
+                    r
+                }
+                ParamKind::Bias => vec![0.0; d],
+            };
+            values.insert(p.name.clone(), Arc::new(v.into_iter().map(T::of_f64).collect()));
+        }
+        Model {
+            spec: spec.clone(),
+            params,
+            values,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> &[T] {
+        &self.values[name]
+    }
+
+    /// The same parameters in another precision.
+    pub fn cast<U: Real>(&self) -> Model<U> {
+        Model {
+            spec: self.spec.clone(),
+            params: self.params.clone(),
+            values: self
+                .values
+                .iter()
+                .map(|(k, v)| (k.clone(), Arc::new(v.iter().map(|x| U::of_f64(x.as_f64())).collect())))
+                .collect(),
+        }
+    }
+
+    /// Write the parameters (plus `extra` tensors, e.g. scalars) as safetensors with `metadata`,
+    /// through a temporary file and a rename so a crash never leaves a broken file.
+    pub fn save(
+        &self,
+        path: &Path,
+        extra: &[(String, Vec<usize>, Vec<T>)],
+        mut metadata: HashMap<String, String>,
+    ) -> Result<(), ModelError> {
+        metadata.insert("spec".into(), self.spec.to_json_pretty());
+        metadata.insert("format".into(), "snfc-params-v1".into());
+        let mut named: Vec<(String, Vec<usize>, Vec<T>)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone(), self.values[&p.name].to_vec()))
+            .collect();
+        named.extend(extra.iter().cloned());
+        write_safetensors(path, &named, metadata)
+    }
+
+    /// Load a parameter file. The spec comes from `spec` if given, else from the file's metadata.
+    pub fn load(path: &Path, spec: Option<&FlowSpec>) -> Result<(Model<T>, HashMap<String, String>), ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let spec = match spec {
+            Some(s) => s.clone(),
+            None => {
+                let text = metadata.get("spec").ok_or_else(|| {
+                    file_err(path, "has no `spec` in its metadata; pass --spec SPEC.json")
+                })?;
+                parse_spec(text).map_err(|e| file_err(path, format!("metadata `spec` is invalid: {e}")))?
+            }
+        };
+        let params = parameters(&spec);
+        let mut values: Feeds<T> = HashMap::new();
+        for p in &params {
+            let t = st.tensor(&p.name).map_err(|_| {
+                file_err(path, format!("missing tensor `{}` (shape {:?}) required by spec `{}`", p.name, p.shape, spec.name))
+            })?;
+            values.insert(p.name.clone(), Arc::new(tensor_values(path, &p.name, &t, &p.shape)?));
+        }
+        Ok((Model { spec, params, values }, metadata))
+    }
+}
+
+/// The values of a safetensors tensor as `T`, checking its shape (f32 or f64 stored).
+pub fn tensor_values<T: Real>(path: &Path, name: &str, t: &TensorView, shape: &[usize]) -> Result<Vec<T>, ModelError> {
+    if t.shape() != shape {
+        return Err(file_err(
+            path,
+            format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape()),
+        ));
+    }
+    let d = t.data();
+    Ok(match t.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| T::of_f64(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                T::of_f64(f64::from_le_bytes(b))
+            })
+            .collect(),
+        other => {
+            return Err(file_err(path, format!("tensor `{name}` has dtype {other:?}; expected F32 or F64")))
+        }
+    })
+}
+
+/// Write named tensors (in `T`'s dtype) to a safetensors file via a temporary file and rename.
+pub fn write_safetensors<T: Real>(
+    path: &Path,
+    named: &[(String, Vec<usize>, Vec<T>)],
+    metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let (dtype, bytes): (Dtype, Vec<Vec<u8>>) = if T::NAME == "f32" {
+        (
+            Dtype::F32,
+            named
+                .iter()
+                .map(|(_, _, v)| v.iter().flat_map(|x| (x.as_f64() as f32).to_le_bytes()).collect())
+                .collect(),
+        )
+    } else {
+        (
+            Dtype::F64,
+            named
+                .iter()
+                .map(|(_, _, v)| v.iter().flat_map(|x| x.as_f64().to_le_bytes()).collect())
+                .collect(),
+        )
+    };
+    let mut views = Vec::new();
+    for ((name, shape, _), b) in named.iter().zip(&bytes) {
+        let view = TensorView::new(dtype, shape.clone(), b)
+            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create directory: {e}")))?;
+        }
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, format!("cannot rename {}: {e}", tmp.display())))?;
+    Ok(())
+}

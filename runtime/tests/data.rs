@@ -1,0 +1,358 @@
+//! Data loading, npy and PNG tests against real files in temporary directories.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use snfc_runtime::data::{
+    embedded_mnist, load_data, load_mnist_dir, load_npy_dataset, read_idx_images, read_idx_labels,
+};
+use snfc_runtime::image::write_png_grid;
+use snfc_runtime::npy::{read_npy, write_npy_f32, write_npy_f64};
+
+fn raw_embedded_idx() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/data/mnist10k-images-idx3-ubyte.gz");
+    let gz = fs::read(&path).expect("read embedded gz");
+    let mut raw = Vec::new();
+    GzDecoder::new(&gz[..])
+        .read_to_end(&mut raw)
+        .expect("gunzip");
+    raw
+}
+
+#[test]
+fn embedded_mnist_loads_with_splits() {
+    let ds = embedded_mnist().expect("embedded");
+    assert_eq!(ds.dim, 784);
+    assert_eq!(ds.image_shape, Some([1, 28, 28]));
+    assert!(ds.discrete);
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (8000, 1000, 1000));
+    for s in [&ds.train, &ds.valid, &ds.test] {
+        assert_eq!(s.dim, 784);
+        assert_eq!(s.values.len(), s.n * 784);
+        assert!(s
+            .values
+            .iter()
+            .all(|&v| (0.0..=255.0).contains(&v) && v.fract() == 0.0));
+    }
+
+    // Independent check against the raw file: header, first image, split boundaries, last image.
+    let raw = raw_embedded_idx();
+    assert_eq!(&raw[..4], &[0, 0, 8, 3]);
+    let px = &raw[16..];
+    let sum_raw: u64 = px[..784].iter().map(|&b| u64::from(b)).sum();
+    let sum_loaded: f64 = ds.train.example(0).iter().map(|&v| f64::from(v)).sum();
+    assert!(sum_raw > 0);
+    assert_eq!(sum_loaded, sum_raw as f64);
+    let as_f32 = |i: usize| -> Vec<f32> {
+        px[i * 784..(i + 1) * 784]
+            .iter()
+            .map(|&b| f32::from(b))
+            .collect()
+    };
+    assert_eq!(ds.train.example(7999), &as_f32(7999)[..]);
+    assert_eq!(ds.valid.example(0), &as_f32(8000)[..]);
+    assert_eq!(ds.test.example(0), &as_f32(9000)[..]);
+    assert_eq!(ds.test.example(999), &as_f32(9999)[..]);
+
+    // load_data(None) is the embedded set.
+    let d2 = load_data(None).expect("load_data(None)");
+    assert_eq!(d2.test.values, ds.test.values);
+}
+
+fn idx_images(n: usize, rows: usize, cols: usize, seed: u8) -> (Vec<u8>, Vec<u8>) {
+    let pixels: Vec<u8> = (0..n * rows * cols)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let mut v = Vec::new();
+    for x in [0x0803u32, n as u32, rows as u32, cols as u32] {
+        v.extend_from_slice(&x.to_be_bytes());
+    }
+    v.extend_from_slice(&pixels);
+    (v, pixels)
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn raw_and_gzipped_idx_give_the_same_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, pixels) = idx_images(4, 3, 5, 7);
+    let raw_path = dir.path().join("images.gz"); // misleading name: detection is by content
+    let gz_path = dir.path().join("images.idx");
+    fs::write(&raw_path, &raw).unwrap();
+    fs::write(&gz_path, gzip(&raw)).unwrap();
+    let a = read_idx_images(&raw_path).unwrap();
+    let b = read_idx_images(&gz_path).unwrap();
+    assert_eq!(a, b);
+    assert_eq!((a.n, a.rows, a.cols), (4, 3, 5));
+    assert_eq!(a.pixels, pixels);
+
+    let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 3];
+    labels.extend_from_slice(&[4, 2, 9]);
+    let lp = dir.path().join("labels");
+    fs::write(&lp, gzip(&labels)).unwrap();
+    assert_eq!(read_idx_labels(&lp).unwrap(), vec![4, 2, 9]);
+}
+
+fn expect_err_naming(path: &Path, result: Result<impl std::fmt::Debug, impl ToString>, what: &str) {
+    let msg = match result {
+        Ok(v) => panic!("expected an error for {}, got {v:?}", path.display()),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "message does not name the file: {msg}"
+    );
+    assert!(msg.contains(what), "message does not say {what:?}: {msg}");
+}
+
+#[test]
+fn broken_idx_files_give_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, _) = idx_images(4, 3, 5, 0);
+
+    let p = dir.path().join("truncated-idx3-ubyte");
+    fs::write(&p, &raw[..raw.len() - 10]).unwrap();
+    expect_err_naming(&p, read_idx_images(&p), "expected 60 pixel bytes");
+
+    let p = dir.path().join("truncated.gz");
+    fs::write(&p, gzip(&raw[..20])).unwrap();
+    expect_err_naming(&p, read_idx_images(&p), "found 4");
+
+    let p = dir.path().join("badmagic");
+    let mut bad = raw.clone();
+    bad[3] = 0x04;
+    fs::write(&p, &bad).unwrap();
+    expect_err_naming(&p, read_idx_images(&p), "magic");
+
+    let p = dir.path().join("empty");
+    fs::write(&p, b"").unwrap();
+    expect_err_naming(&p, read_idx_images(&p), "empty");
+    expect_err_naming(&p, read_idx_labels(&p), "empty");
+
+    let p = dir.path().join("does-not-exist");
+    expect_err_naming(&p, read_idx_images(&p), "cannot read");
+}
+
+fn write_mnist_dir(dir: &Path, n_train: usize, n_test: usize) -> (Vec<u8>, Vec<u8>) {
+    let (train, train_px) = idx_images(n_train, 28, 28, 1);
+    let (test, test_px) = idx_images(n_test, 28, 28, 2);
+    fs::write(dir.join("train-images-idx3-ubyte.gz"), gzip(&train)).unwrap();
+    fs::write(dir.join("t10k-images-idx3-ubyte"), test).unwrap();
+    (train_px, test_px)
+}
+
+#[test]
+fn small_mnist_dir_loads_with_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train_px, test_px) = write_mnist_dir(dir.path(), 12, 3);
+    let ds = load_mnist_dir(dir.path()).unwrap();
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (10, 2, 3));
+    assert_eq!(ds.dim, 784);
+    assert_eq!(ds.image_shape, Some([1, 28, 28]));
+    assert!(ds.discrete);
+    let f = |px: &[u8]| px.iter().map(|&b| f32::from(b)).collect::<Vec<f32>>();
+    assert_eq!(ds.train.values, f(&train_px[..10 * 784]));
+    assert_eq!(ds.valid.values, f(&train_px[10 * 784..]));
+    assert_eq!(ds.test.values, f(&test_px));
+    // a directory argument goes to the MNIST loader
+    assert_eq!(load_data(Some(dir.path())).unwrap().valid.n, 2);
+}
+
+#[test]
+fn mnist_dir_accepts_dotted_naming_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = idx_images(7, 28, 28, 1);
+    let (test, _) = idx_images(2, 28, 28, 2);
+    fs::write(dir.path().join("train-images.idx3-ubyte"), train).unwrap();
+    fs::write(dir.path().join("t10k-images.idx3-ubyte.gz"), gzip(&test)).unwrap();
+    let ds = load_mnist_dir(dir.path()).unwrap();
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (6, 1, 2));
+}
+
+#[test]
+fn mnist_dir_missing_file_lists_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = idx_images(12, 28, 28, 1);
+    fs::write(dir.path().join("train-images-idx3-ubyte"), train).unwrap();
+    let msg = load_mnist_dir(dir.path()).unwrap_err().to_string();
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    assert!(msg.contains("t10k-images-idx3-ubyte.gz"), "{msg}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let msg = load_mnist_dir(empty.path()).unwrap_err().to_string();
+    assert!(msg.contains("train-images-idx3-ubyte"), "{msg}");
+}
+
+#[test]
+fn mnist_dir_size_mismatch_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = idx_images(12, 28, 28, 1);
+    let (test, _) = idx_images(3, 14, 14, 2);
+    fs::write(dir.path().join("train-images-idx3-ubyte"), train).unwrap();
+    let tp = dir.path().join("t10k-images-idx3-ubyte");
+    fs::write(&tp, test).unwrap();
+    expect_err_naming(&tp, load_mnist_dir(dir.path()), "14x14");
+}
+
+#[test]
+fn npy_round_trip_f32_and_f64() {
+    let dir = tempfile::tempdir().unwrap();
+    let p32 = dir.path().join("a.npy");
+    let v32: Vec<f32> = (0..15).map(|i| i as f32 * 0.5 - 3.25).collect();
+    write_npy_f32(&p32, &[5, 3], &v32).unwrap();
+    let (shape, back) = read_npy(&p32).unwrap();
+    assert_eq!(shape, vec![5, 3]);
+    assert_eq!(back, v32.iter().map(|&v| f64::from(v)).collect::<Vec<_>>());
+    assert_eq!(&fs::read(&p32).unwrap()[..6], b"\x93NUMPY");
+
+    let p64 = dir.path().join("b.npy");
+    let v64: Vec<f64> = (0..15)
+        .map(|i| (i as f64).sqrt() * 1e-7 + 1.0 / 3.0)
+        .collect();
+    write_npy_f64(&p64, &[5, 3], &v64).unwrap();
+    assert_eq!(read_npy(&p64).unwrap(), (vec![5, 3], v64));
+    // no temporary files left behind
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+/// A float64 npy written byte by byte, as numpy 1.x writes `np.array([[1.5, -2], [0.25, 1e300]])`.
+#[test]
+fn hand_written_float64_npy_is_read() {
+    let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), }".to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', 1, 0];
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in [1.5f64, -2.0, 0.25, 1e300] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("hand.npy");
+    fs::write(&p, bytes).unwrap();
+    assert_eq!(
+        read_npy(&p).unwrap(),
+        (vec![2, 2], vec![1.5, -2.0, 0.25, 1e300])
+    );
+}
+
+#[test]
+fn npy_dataset_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("moons.npy");
+    let n = 25;
+    let vals: Vec<f32> = (0..n * 2 * 3).map(|i| i as f32).collect();
+    write_npy_f32(&p, &[n, 2, 3], &vals).unwrap();
+    let ds = load_npy_dataset(&p).unwrap();
+    assert_eq!(ds.name, "moons");
+    assert_eq!(ds.dim, 6);
+    assert!(!ds.discrete);
+    assert_eq!(ds.image_shape, None);
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (21, 2, 2));
+    assert_eq!(ds.train.example(0), &vals[..6]);
+    assert_eq!(ds.valid.example(0), &vals[21 * 6..22 * 6]);
+    assert_eq!(ds.test.example(1), &vals[24 * 6..]);
+    let via_load_data = load_data(Some(&p)).unwrap();
+    assert_eq!(via_load_data.test.values, ds.test.values);
+
+    let p100 = dir.path().join("hundred.npy");
+    write_npy_f64(
+        &p100,
+        &[100, 1],
+        &(0..100).map(f64::from).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let ds = load_npy_dataset(&p100).unwrap();
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (80, 10, 10));
+
+    let p3 = dir.path().join("three.npy");
+    write_npy_f32(&p3, &[3], &[1.0, 2.0, 3.0]).unwrap();
+    let ds = load_npy_dataset(&p3).unwrap();
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n, ds.dim), (1, 1, 1, 1));
+
+    let p2 = dir.path().join("two.npy");
+    write_npy_f32(&p2, &[2, 4], &[0.0; 8]).unwrap();
+    expect_err_naming(&p2, load_npy_dataset(&p2), "at least 3");
+
+    let pnan = dir.path().join("nan.npy");
+    write_npy_f32(&pnan, &[3, 1], &[0.0, f32::NAN, 1.0]).unwrap();
+    expect_err_naming(&pnan, load_npy_dataset(&pnan), "non-finite");
+}
+
+#[test]
+fn load_data_rejects_unknown_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing: PathBuf = dir.path().join("nope.npy");
+    expect_err_naming(&missing, load_data(Some(&missing)), "does not exist");
+    let txt = dir.path().join("data.csv");
+    fs::write(&txt, "1,2\n").unwrap();
+    expect_err_naming(&txt, load_data(Some(&txt)), "unsupported");
+}
+
+fn decode_png(path: &Path) -> (png::OutputInfo, Vec<u8>) {
+    let file = std::io::BufReader::new(fs::File::open(path).unwrap());
+    let mut reader = png::Decoder::new(file).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    (info, buf)
+}
+
+#[test]
+fn png_grid_grayscale_layout() {
+    // 5 images of 3x4 (h x w): 3 columns, 2 rows; image k has pixel (y, x) = 10k + 4y + x + 1.
+    let (n, h, w) = (5, 3, 4);
+    let imgs: Vec<u8> = (0..n)
+        .flat_map(|k| (0..h * w).map(move |i| (10 * k + i + 1) as u8))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("grid.png");
+    write_png_grid(&p, &imgs, n, 1, h, w).unwrap();
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temporary file left behind"
+    );
+    let (info, px) = decode_png(&p);
+    let (gw, gh) = (3 * w + 4 * 2, 2 * h + 3 * 2);
+    assert_eq!((info.width as usize, info.height as usize), (gw, gh));
+    assert_eq!(info.color_type, png::ColorType::Grayscale);
+    let at = |y: usize, x: usize| px[y * gw + x];
+    assert_eq!(at(0, 0), 128); // gutter
+    assert_eq!(at(2, 2), 1); // image 0, (0, 0)
+    assert_eq!(at(2 + 2, 2 + 3), 12); // image 0, (2, 3)
+    assert_eq!(at(2, 2 + w + 2), 11); // image 1, (0, 0)
+    assert_eq!(at(2, 2 + w + 1), 128); // gutter between images 0 and 1
+    assert_eq!(at(2 + h + 2 + 1, 2 + w + 2 + 2), 10 * 4 + 4 + 2 + 1); // image 4, (1, 2)
+    assert_eq!(at(2 + h + 2, 2 + 2 * (w + 2)), 128); // empty sixth cell
+}
+
+#[test]
+fn png_grid_rgb_is_channel_major() {
+    // one 2x2 RGB image: R plane 10.., G plane 20.., B plane 30..
+    let img: Vec<u8> = vec![10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33];
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rgb.png");
+    write_png_grid(&p, &img, 1, 3, 2, 2).unwrap();
+    let (info, px) = decode_png(&p);
+    assert_eq!((info.width, info.height), (6, 6));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let at = |y: usize, x: usize| &px[(y * 6 + x) * 3..(y * 6 + x) * 3 + 3];
+    assert_eq!(at(2, 2), &[10, 20, 30]);
+    assert_eq!(at(3, 2), &[12, 22, 32]);
+    assert_eq!(at(3, 3), &[13, 23, 33]);
+    assert_eq!(at(0, 0), &[128, 128, 128]);
+    // overwriting an existing file works (rename over it)
+    write_png_grid(&p, &img, 1, 3, 2, 2).unwrap();
+}
