@@ -1,1 +1,506 @@
-fn main() {}
+//! `snfc`: compile, train, evaluate and sample self-normalizing flows.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use snfc_compiler::compile::{compile_train, OptLevel};
+use snfc_compiler::rewrite::op_counts;
+use snfc_compiler::spec::{load_spec, FlowSpec, GradientMode};
+use snfc_runtime::data::{load_data, load_npy_dataset, Split};
+use snfc_runtime::host::linalg::Real;
+use snfc_runtime::model::{write_safetensors, Model};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "snfc", version, about = "The self-normalizing flow compiler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where to run. Only `host` exists in this build; `auto` resolves to it.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Device {
+    Auto,
+    Host,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Dtype {
+    F32,
+    F64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a spec and print or write what was compiled.
+    Compile {
+        spec: PathBuf,
+        /// Comma-separated: ir (exact training graph), ir-opt (the rewritten step), stats (JSON).
+        #[arg(long, default_value = "ir-opt", value_delimiter = ',')]
+        emit: Vec<String>,
+        /// Write each emitted artifact into this directory instead of stdout.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Batch size of the compiled step (default: the spec's /train/batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+    },
+    /// Train a spec; writes OUT/metrics.jsonl and OUT/checkpoint.safetensors (best validation epoch).
+    Train {
+        spec: PathBuf,
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Output directory (default runs/<spec name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// MNIST directory (IDX files) or a .npy file; default: the embedded 10,000 MNIST digits.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Stop after this many optimizer steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, value_enum, default_value = "host")]
+        device: Device,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Overwrite an existing checkpoint in the output directory.
+        #[arg(long)]
+        force: bool,
+        /// Run the substituted graph without the algebraic optimization.
+        #[arg(long)]
+        no_fusion: bool,
+        /// No progress bar or per-epoch lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Exact negative log-likelihood of a checkpoint on the test split.
+    Eval {
+        checkpoint: PathBuf,
+        /// MNIST directory or a .npy file (evaluated whole); default: the embedded test split.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Override the spec stored in the checkpoint.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// Which split of an MNIST data set: test or valid.
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "host")]
+        device: Device,
+    },
+    /// Draw samples: z ~ N(0, I) through the learned inverse (or the exact one).
+    Sample {
+        checkpoint: PathBuf,
+        #[arg(short, default_value_t = 64)]
+        n: usize,
+        /// Output: .png grid for image specs, .npy otherwise (or when the name ends in .npy).
+        #[arg(short, long, default_value = "samples.png")]
+        out: PathBuf,
+        /// Invert with W⁻¹ (LU) instead of the learned R.
+        #[arg(long)]
+        exact_inverse: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "host")]
+        device: Device,
+    },
+    /// One step's gradients for given parameters and batch, as safetensors.
+    Grad {
+        spec: PathBuf,
+        #[arg(long)]
+        params: PathBuf,
+        /// Batch as .npy, shape [B, D...] (one example per row).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Seed of the dequantization noise (8-bit specs).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Run the substituted graph without the algebraic optimization.
+        #[arg(long)]
+        no_fusion: bool,
+        #[arg(long, value_enum, default_value = "host")]
+        device: Device,
+    },
+    /// Time the training step: median step time, examples/s, GFLOP/s.
+    Bench {
+        spec: PathBuf,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Also time the exact-gradient version of the spec.
+        #[arg(long)]
+        compare_exact: bool,
+        /// Print where a step's time goes, per op kind.
+        #[arg(long)]
+        profile: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "host")]
+        device: Device,
+    },
+}
+
+fn resolve_device(d: Device) -> Result<()> {
+    match d {
+        Device::Host => Ok(()),
+        Device::Auto => {
+            eprintln!("device: host (no GPU backend in this build)");
+            Ok(())
+        }
+        Device::Wgpu | Device::Cuda => bail!(
+            "--device {}: this build has no {} backend yet; use --device host (or auto)",
+            format!("{d:?}").to_lowercase(),
+            format!("{d:?}").to_lowercase()
+        ),
+    }
+}
+
+fn spec_from(path: &Path) -> Result<FlowSpec> {
+    load_spec(path).map_err(|e| anyhow!("{e}"))
+}
+
+fn level(no_fusion: bool) -> OptLevel {
+    if no_fusion {
+        OptLevel::Substitution
+    } else {
+        OptLevel::Full
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Compile {
+            spec,
+            emit,
+            out,
+            batch,
+        } => compile(&spec, &emit, out.as_deref(), batch),
+        Command::Train {
+            spec,
+            epochs,
+            out,
+            data,
+            steps,
+            seed,
+            device,
+            dtype,
+            force,
+            no_fusion,
+            quiet,
+        } => {
+            resolve_device(device)?;
+            let spec = spec_from(&spec)?;
+            let data = load_data(data.as_deref())?;
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+            let opts = snfc_runtime::train::TrainOptions {
+                out,
+                epochs,
+                steps,
+                seed,
+                level: level(no_fusion),
+                progress: !quiet,
+                force,
+            };
+            let summary = match dtype {
+                Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &data, &opts)?,
+                Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &data, &opts)?,
+            };
+            match &summary.best {
+                Some(b) => println!(
+                    "best validation NLL {:.2} nats ({:.4} bits/dim) at epoch {}; checkpoint {}",
+                    b.nll_nats,
+                    b.bits_per_dim,
+                    summary.best_epoch,
+                    summary.checkpoint.display()
+                ),
+                None => println!("no epoch ran (nothing saved)"),
+            }
+            Ok(())
+        }
+        Command::Eval {
+            checkpoint,
+            data,
+            spec,
+            split,
+            json,
+            device,
+        } => {
+            resolve_device(device)?;
+            let spec = spec.as_deref().map(spec_from).transpose()?;
+            let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
+            let split = eval_split(&model.spec, data.as_deref(), &split)?;
+            let r = snfc_runtime::eval::evaluate(&model, &split, 500, 0)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: NLL {:.3} nats, {:.5} bits/dim over {} examples{}",
+                    model.spec.name,
+                    r.nll_nats,
+                    r.bits_per_dim,
+                    r.examples,
+                    r.recon
+                        .map(|x| format!(" (reconstruction error {x:.3e})"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Sample {
+            checkpoint,
+            n,
+            out,
+            exact_inverse,
+            seed,
+            spec,
+            device,
+        } => {
+            resolve_device(device)?;
+            if n == 0 {
+                bail!("-n must be at least 1");
+            }
+            let spec = spec.as_deref().map(spec_from).transpose()?;
+            let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
+            let exact = exact_inverse || model.spec.objective.gradient == GradientMode::Exact;
+            if exact && !exact_inverse {
+                eprintln!("spec `{}` was trained with the exact gradient (R is not trained): sampling with W⁻¹", model.spec.name);
+            }
+            let rows = snfc_runtime::sample::sample(&model, n, seed, exact)?;
+            let d = model.spec.input.dim();
+            let image = snfc_runtime::sample::image_shape(&model.spec.input.shape);
+            let is_npy = out.extension().is_some_and(|e| e == "npy");
+            let eight_bit =
+                model.spec.input.preprocess == snfc_compiler::spec::Preprocess::DequantizeLogit;
+            match image {
+                Some([c, h, w]) if eight_bit && !is_npy => {
+                    let pixels = snfc_runtime::sample::to_pixels(&rows);
+                    snfc_runtime::image::write_png_grid(&out, &pixels, n, c, h, w)?;
+                }
+                _ => {
+                    let out = if is_npy {
+                        out
+                    } else {
+                        out.with_extension("npy")
+                    };
+                    snfc_runtime::npy::write_npy_f64(&out, &[n, d], &rows)?;
+                    println!("wrote {n} samples of dimension {d} to {}", out.display());
+                    return Ok(());
+                }
+            }
+            println!("wrote {n} samples to {}", out.display());
+            Ok(())
+        }
+        Command::Grad {
+            spec,
+            params,
+            input,
+            out,
+            dtype,
+            seed,
+            no_fusion,
+            device,
+        } => {
+            resolve_device(device)?;
+            let spec = spec_from(&spec)?;
+            match dtype {
+                Dtype::F32 => grad::<f32>(&spec, &params, &input, &out, seed, level(no_fusion)),
+                Dtype::F64 => grad::<f64>(&spec, &params, &input, &out, seed, level(no_fusion)),
+            }
+        }
+        Command::Bench {
+            spec,
+            steps,
+            warmup,
+            dtype,
+            compare_exact,
+            profile,
+            json,
+            device,
+        } => {
+            resolve_device(device)?;
+            let spec = spec_from(&spec)?;
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let mut specs = vec![spec.clone()];
+            if compare_exact && spec.objective.gradient != GradientMode::Exact {
+                let mut e = spec.clone();
+                e.objective.gradient = GradientMode::Exact;
+                e.name = format!("{}(exact)", spec.name);
+                specs.push(e);
+            }
+            for s in &specs {
+                let r = match dtype {
+                    Dtype::F32 => snfc_runtime::bench::bench_step::<f32>(
+                        s,
+                        steps,
+                        warmup,
+                        OptLevel::Full,
+                        profile,
+                    )?,
+                    Dtype::F64 => snfc_runtime::bench::bench_step::<f64>(
+                        s,
+                        steps,
+                        warmup,
+                        OptLevel::Full,
+                        profile,
+                    )?,
+                };
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{} [{} gradient, {} {}, B={}, {} threads]: median step {:.2} ms (min {:.2}), {:.0} examples/s, {:.2} GFLOP/step, {:.1} GFLOP/s, {} GEMMs, {} inverses",
+                        r.spec, r.gradient, r.device, r.dtype, r.batch, r.threads, r.median_step_ms, r.min_step_ms,
+                        r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse
+                    );
+                    for (kind, secs, count) in &r.profile {
+                        println!("  {:>9.3} ms  {count:>4}×  {kind}", secs * 1e3);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split> {
+    if let Some(p) = data {
+        if p.extension().is_some_and(|e| e == "npy") {
+            // A .npy file is evaluated whole.
+            let ds = load_npy_dataset(p)?;
+            let mut all = ds.train.clone();
+            for s in [&ds.valid, &ds.test] {
+                all.values.extend_from_slice(&s.values);
+                all.n += s.n;
+            }
+            snfc_runtime::train::check_data(spec, &ds)?;
+            return Ok(all);
+        }
+    }
+    let ds = load_data(data)?;
+    snfc_runtime::train::check_data(spec, &ds)?;
+    Ok(match split {
+        "test" => ds.test,
+        "valid" | "validation" => ds.valid,
+        "train" => ds.train,
+        other => bail!("--split {other}: expected test, valid or train"),
+    })
+}
+
+fn grad<T: Real>(
+    spec: &FlowSpec,
+    params: &Path,
+    input: &Path,
+    out: &Path,
+    seed: u64,
+    level: OptLevel,
+) -> Result<()> {
+    let (model, _) = Model::<T>::load(params, Some(spec))?;
+    let (shape, values) = snfc_runtime::npy::read_npy(input)?;
+    let d = spec.input.dim();
+    let batch = shape.first().copied().unwrap_or(0);
+    let per: usize = shape.iter().skip(1).product();
+    if shape.len() < 2 || per != d || batch == 0 {
+        bail!(
+            "{}: expected a batch of shape [B, {}] (spec `{}` input shape {:?}), got {:?}",
+            input.display(),
+            d,
+            spec.name,
+            spec.input.shape,
+            shape
+        );
+    }
+    let named = snfc_runtime::grad::gradients(&model, &values, batch, seed, level)?;
+    let meta = std::collections::HashMap::from([
+        ("spec".to_string(), spec.to_json_pretty()),
+        ("format".to_string(), "snfc-grad-v1".to_string()),
+    ]);
+    write_safetensors(out, &named, meta).with_context(|| "writing gradients")?;
+    let scalar = |n: &str| {
+        named
+            .iter()
+            .find(|(k, _, _)| k == n)
+            .map(|(_, _, v)| v[0].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "wrote {} gradients to {} (batch {batch}, nll {:.4} nats, recon {:.4e})",
+        model.params.len(),
+        out.display(),
+        scalar("nll"),
+        scalar("recon")
+    );
+    Ok(())
+}
+
+fn compile(
+    spec_path: &Path,
+    emit: &[String],
+    out: Option<&Path>,
+    batch: Option<usize>,
+) -> Result<()> {
+    let spec = spec_from(spec_path)?;
+    let batch = batch.unwrap_or(spec.train.batch_size);
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let c = compile_train(&spec, batch, OptLevel::Full);
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for what in emit {
+        let (file, text) = match what.as_str() {
+            "ir" => ("ir.txt", c.exact.to_text()),
+            "ir-opt" => ("ir-opt.txt", c.step.to_text()),
+            "stats" => {
+                let before = c.exact.without_outputs(&[]);
+                let stats = serde_json::json!({
+                    "spec": spec.name,
+                    "batch": batch,
+                    "before": op_counts(&before),
+                    "after": op_counts(&c.step),
+                    "egraph": c.egraph,
+                });
+                ("stats.json", serde_json::to_string_pretty(&stats)? + "\n")
+            }
+            other => bail!("--emit {other}: expected ir, ir-opt or stats"),
+        };
+        match out {
+            Some(dir) => {
+                let path = dir.join(file);
+                std::fs::write(&path, &text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+                if what == "stats" {
+                    print!("{text}");
+                }
+            }
+            None => print!("{text}"),
+        }
+    }
+    Ok(())
+}

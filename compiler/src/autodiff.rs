@@ -20,8 +20,7 @@ pub fn gradients(
     let mut needs: HashMap<NodeIndex, bool> = HashMap::new();
     for &n in &order {
         let v = wrt.contains(&n)
-            || (*b.op(n) != Op::StopGrad
-                && b.graph().inputs(n).iter().any(|i| needs[i]));
+            || (*b.op(n) != Op::StopGrad && b.graph().inputs(n).iter().any(|i| needs[i]));
         needs.insert(n, v);
     }
     let mut cot: HashMap<NodeIndex, NodeIndex> = HashMap::new();

@@ -1,7 +1,13 @@
 //! snfc runtime: backends (host executor), data loading, training, evaluation and sampling.
 
-pub mod host;
+pub mod batch;
+pub mod bench;
 pub mod data;
+pub mod eval;
+pub mod grad;
+pub mod host;
 pub mod image;
-pub mod npy;
 pub mod model;
+pub mod npy;
+pub mod sample;
+pub mod train;

@@ -80,7 +80,10 @@ impl<T: Real> Model<T> {
                 }
                 ParamKind::Bias => vec![0.0; d],
             };
-            values.insert(p.name.clone(), Arc::new(v.into_iter().map(T::of_f64).collect()));
+            values.insert(
+                p.name.clone(),
+                Arc::new(v.into_iter().map(T::of_f64).collect()),
+            );
         }
         Model {
             spec: spec.clone(),
@@ -101,7 +104,12 @@ impl<T: Real> Model<T> {
             values: self
                 .values
                 .iter()
-                .map(|(k, v)| (k.clone(), Arc::new(v.iter().map(|x| U::of_f64(x.as_f64())).collect())))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Arc::new(v.iter().map(|x| U::of_f64(x.as_f64())).collect()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -119,14 +127,23 @@ impl<T: Real> Model<T> {
         let mut named: Vec<(String, Vec<usize>, Vec<T>)> = self
             .params
             .iter()
-            .map(|p| (p.name.clone(), p.shape.clone(), self.values[&p.name].to_vec()))
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.shape.clone(),
+                    self.values[&p.name].to_vec(),
+                )
+            })
             .collect();
         named.extend(extra.iter().cloned());
         write_safetensors(path, &named, metadata)
     }
 
     /// Load a parameter file. The spec comes from `spec` if given, else from the file's metadata.
-    pub fn load(path: &Path, spec: Option<&FlowSpec>) -> Result<(Model<T>, HashMap<String, String>), ModelError> {
+    pub fn load(
+        path: &Path,
+        spec: Option<&FlowSpec>,
+    ) -> Result<(Model<T>, HashMap<String, String>), ModelError> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
@@ -139,27 +156,52 @@ impl<T: Real> Model<T> {
                 let text = metadata.get("spec").ok_or_else(|| {
                     file_err(path, "has no `spec` in its metadata; pass --spec SPEC.json")
                 })?;
-                parse_spec(text).map_err(|e| file_err(path, format!("metadata `spec` is invalid: {e}")))?
+                parse_spec(text)
+                    .map_err(|e| file_err(path, format!("metadata `spec` is invalid: {e}")))?
             }
         };
         let params = parameters(&spec);
         let mut values: Feeds<T> = HashMap::new();
         for p in &params {
             let t = st.tensor(&p.name).map_err(|_| {
-                file_err(path, format!("missing tensor `{}` (shape {:?}) required by spec `{}`", p.name, p.shape, spec.name))
+                file_err(
+                    path,
+                    format!(
+                        "missing tensor `{}` (shape {:?}) required by spec `{}`",
+                        p.name, p.shape, spec.name
+                    ),
+                )
             })?;
-            values.insert(p.name.clone(), Arc::new(tensor_values(path, &p.name, &t, &p.shape)?));
+            values.insert(
+                p.name.clone(),
+                Arc::new(tensor_values(path, &p.name, &t, &p.shape)?),
+            );
         }
-        Ok((Model { spec, params, values }, metadata))
+        Ok((
+            Model {
+                spec,
+                params,
+                values,
+            },
+            metadata,
+        ))
     }
 }
 
 /// The values of a safetensors tensor as `T`, checking its shape (f32 or f64 stored).
-pub fn tensor_values<T: Real>(path: &Path, name: &str, t: &TensorView, shape: &[usize]) -> Result<Vec<T>, ModelError> {
+pub fn tensor_values<T: Real>(
+    path: &Path,
+    name: &str,
+    t: &TensorView,
+    shape: &[usize],
+) -> Result<Vec<T>, ModelError> {
     if t.shape() != shape {
         return Err(file_err(
             path,
-            format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.shape()),
+            format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                t.shape()
+            ),
         ));
     }
     let d = t.data();
@@ -177,7 +219,10 @@ pub fn tensor_values<T: Real>(path: &Path, name: &str, t: &TensorView, shape: &[
             })
             .collect(),
         other => {
-            return Err(file_err(path, format!("tensor `{name}` has dtype {other:?}; expected F32 or F64")))
+            return Err(file_err(
+                path,
+                format!("tensor `{name}` has dtype {other:?}; expected F32 or F64"),
+            ))
         }
     })
 }
@@ -193,7 +238,11 @@ pub fn write_safetensors<T: Real>(
             Dtype::F32,
             named
                 .iter()
-                .map(|(_, _, v)| v.iter().flat_map(|x| (x.as_f64() as f32).to_le_bytes()).collect())
+                .map(|(_, _, v)| {
+                    v.iter()
+                        .flat_map(|x| (x.as_f64() as f32).to_le_bytes())
+                        .collect()
+                })
                 .collect(),
         )
     } else {
@@ -213,12 +262,14 @@ pub fn write_safetensors<T: Real>(
     }
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create directory: {e}")))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| file_err(dir, format!("cannot create directory: {e}")))?;
         }
     }
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, format!("cannot rename {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| file_err(path, format!("cannot rename {}: {e}", tmp.display())))?;
     Ok(())
 }

@@ -71,8 +71,8 @@ struct FlowTerms {
     logp_data: NodeIndex,
     /// Σ of the data-independent ln|det| terms (a scalar), if any layer has one.
     logdet_const: Option<NodeIndex>,
-    /// Σ_k ‖R_k W_k h_k − h_k‖² over the batch (a scalar), when asked for.
-    recon_sum: Option<NodeIndex>,
+    /// Σ_k ‖R_k W_k h_k − h_k‖² per example (`[B]`), when asked for.
+    recon: Option<NodeIndex>,
 }
 
 struct Lowering<'a> {
@@ -148,7 +148,7 @@ impl<'a> Lowering<'a> {
                         let rwh = b.matmul(r, wh);
                         let e = b.sub(rwh, hs);
                         let e2 = b.unary(Unary::Square, e);
-                        recon_terms.push(b.sum(e2, None));
+                        recon_terms.push(b.sum(e2, Some(0)));
                     }
                     let z = if inverse_model {
                         let r_inv = b.inverse(r);
@@ -196,7 +196,7 @@ impl<'a> Lowering<'a> {
         FlowTerms {
             logp_data: logp,
             logdet_const: sum_all(b, const_terms),
-            recon_sum: sum_all(b, recon_terms),
+            recon: sum_all(b, recon_terms),
         }
     }
 }
@@ -226,14 +226,20 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
         }
         let total = b.sum(lp, None);
         let mut loss = b.scale(total, -0.5 / bsz);
-        let recon = f.recon_sum.map(|r| b.scale(r, 1.0 / bsz));
+        let recon = f.recon.map(|r| {
+            let total = b.sum(r, None);
+            b.scale(total, 1.0 / bsz)
+        });
         if let Some(r) = recon {
             if spec.objective.lambda != 0.0 {
                 let lr = b.scale(r, spec.objective.lambda);
                 loss = b.add2(loss, lr);
             }
         }
-        let consts = sum_all(b, f.logdet_const.into_iter().chain(g.logdet_const).collect());
+        let consts = sum_all(
+            b,
+            f.logdet_const.into_iter().chain(g.logdet_const).collect(),
+        );
         let objective = match consts {
             Some(c) => {
                 let hc = b.scale(c, -0.5);
@@ -282,7 +288,8 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
 }
 
 /// The evaluation graph: `logp_data` per example (`[B]`, exact ln p^f without Σ ln|det W|, which
-/// the runtime adds once per evaluation) and, for self-normalizing specs, `recon`.
+/// the runtime adds once per evaluation, paper eq. 7) and, for self-normalizing specs, `recon`
+/// per example (`[B]`).
 pub fn eval_graph(spec: &FlowSpec, batch: usize) -> Graph {
     let mut lw = Lowering::new(spec, batch, "eval");
     let (h0, pre_ld) = lw.preprocess();
@@ -294,8 +301,7 @@ pub fn eval_graph(spec: &FlowSpec, batch: usize) -> Graph {
         None => f.logp_data,
     };
     b.output("logp_data", lp);
-    if let Some(r) = f.recon_sum {
-        let r = b.scale(r, 1.0 / batch as f64);
+    if let Some(r) = f.recon {
         b.output("recon", r);
     }
     autodiff::strip_stop_grad(&lw.b.finish())

@@ -59,7 +59,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeIndex> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, i)| *i)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, i)| *i)
     }
 
     /// Number of nodes whose op satisfies `pred`.

@@ -46,11 +46,19 @@ impl Unary {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Op {
     /// Data fed per step (the batch `x`, the dequantization noise `noise`).
-    Input { name: String, shape: Shape },
+    Input {
+        name: String,
+        shape: Shape,
+    },
     /// A trained parameter, named as in checkpoints (`layers.0.weight`).
-    Param { name: String, shape: Shape },
+    Param {
+        name: String,
+        shape: Shape,
+    },
     /// A scalar constant, stored as f64 bits so that ops hash and compare exactly.
-    Const { bits: u64 },
+    Const {
+        bits: u64,
+    },
     MatMul,
     Transpose,
     /// Matrix inverse (O(n³), via LU).
@@ -65,9 +73,14 @@ pub enum Op {
     Unary(Unary),
     /// Sum over every element (`axis: None`, giving a scalar) or over one axis of a matrix
     /// (axis 0: `[D, B] → [B]`, per-example sums; axis 1: `[D, B] → [D]`).
-    Sum { axis: Option<usize> },
+    Sum {
+        axis: Option<usize>,
+    },
     /// Repeat a scalar (`new_axis: None`) or a vector along a new axis, giving shape `to`.
-    Broadcast { to: Shape, new_axis: Option<usize> },
+    Broadcast {
+        to: Shape,
+        new_axis: Option<usize>,
+    },
     /// Identity whose operand receives no gradient (paper eq. 3: the reconstruction input h_k).
     StopGrad,
 }
@@ -137,7 +150,11 @@ impl Op {
                 if r != c {
                     return Err(format!("{self} of a non-square {:?}", ins[0]));
                 }
-                Ok(if *self == Op::Inverse { vec![r, c] } else { vec![] })
+                Ok(if *self == Op::Inverse {
+                    vec![r, c]
+                } else {
+                    vec![]
+                })
             }
             Op::Add | Op::Sub | Op::Mul => {
                 let (a, b) = (&ins[0], &ins[1]);
@@ -178,7 +195,10 @@ fn dims(s: &Shape) -> String {
     if s.is_empty() {
         "scalar".into()
     } else {
-        s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+        s.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x")
     }
 }
 
@@ -187,7 +207,10 @@ fn parse_dims(s: &str) -> Result<Shape, String> {
         return Ok(vec![]);
     }
     s.split('x')
-        .map(|d| d.parse::<usize>().map_err(|e| format!("bad dimension {d:?}: {e}")))
+        .map(|d| {
+            d.parse::<usize>()
+                .map_err(|e| format!("bad dimension {d:?}: {e}"))
+        })
         .collect()
 }
 

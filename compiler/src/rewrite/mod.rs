@@ -55,7 +55,11 @@ const fn both(name: &'static str, lhs: &'static str, rhs: &'static str) -> RuleS
 /// DESIGN.md §2, for one forward/inverse pair: `?W` and `?R` are replaced by the two parameters.
 pub const SUBSTITUTION: &[RuleSpec] = &[
     // eq. 10: the log-det gradient W⁻ᵀ becomes Rᵀ.
-    rule("snf-logdet-gradient", "(transpose (inverse ?W))", "(transpose ?R)"),
+    rule(
+        "snf-logdet-gradient",
+        "(transpose (inverse ?W))",
+        "(transpose ?R)",
+    ),
     // eq. 11 and δ_z^g ≈ δ_z^f (A.1): the inverse of the learned inverse is the forward weight.
     rule("snf-inverse-of-inverse", "(inverse ?R)", "?W"),
 ];
@@ -119,7 +123,10 @@ pub struct EGraphStats {
 
 type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
 
-fn compile_rules(specs: &[RuleSpec], subst: &[(&str, String)]) -> Vec<Rewrite<TensorNode, ShapeAnalysis>> {
+fn compile_rules(
+    specs: &[RuleSpec],
+    subst: &[(&str, String)],
+) -> Vec<Rewrite<TensorNode, ShapeAnalysis>> {
     let mut out = Vec::new();
     for s in specs {
         let inst = |p: &str| {
@@ -130,7 +137,10 @@ fn compile_rules(specs: &[RuleSpec], subst: &[(&str, String)]) -> Vec<Rewrite<Te
             p
         };
         let (lhs, rhs) = (inst(s.lhs), inst(s.rhs));
-        let suffix = subst.first().map(|(_, t)| format!("[{t}]")).unwrap_or_default();
+        let suffix = subst
+            .first()
+            .map(|(_, t)| format!("[{t}]"))
+            .unwrap_or_default();
         let parse = |p: &str| -> Pattern<TensorNode> {
             p.parse()
                 .unwrap_or_else(|e| panic!("snfc internal error: rule {}: {p}: {e}", s.name))
@@ -163,7 +173,11 @@ fn to_egraph(g: &Graph) -> (TEGraph, Vec<(String, Id)>) {
         });
         ids.insert(n, id);
     }
-    let roots = g.outputs.iter().map(|(name, n)| (name.clone(), ids[n])).collect();
+    let roots = g
+        .outputs
+        .iter()
+        .map(|(name, n)| (name.clone(), ids[n]))
+        .collect();
     (eg, roots)
 }
 

@@ -54,6 +54,10 @@ struct Instr {
     shape: Shape,
     /// Values whose last use is this instruction.
     release: Vec<usize>,
+    /// A GEMM fused with the add/sub that consumed it: `alpha·(a·b) + beta·c`, args `[a, b, c]`.
+    epilogue: Option<(f64, f64)>,
+    /// Folded into a later instruction's epilogue; not executed.
+    skip: bool,
 }
 
 /// A graph compiled for the host executor.
@@ -74,6 +78,8 @@ impl Program {
                 args: g.inputs(*n).iter().map(|a| slot[a]).collect(),
                 shape: g.node(*n).shape.clone(),
                 release: Vec::new(),
+                epilogue: None,
+                skip: false,
             })
             .collect();
         let outputs: Vec<(String, usize)> = g
@@ -81,8 +87,9 @@ impl Program {
             .iter()
             .map(|(name, n)| (name.clone(), slot[n]))
             .collect();
+        fuse_gemm_epilogues(&mut instrs, &outputs);
         let mut last_use = vec![None; instrs.len()];
-        for (i, ins) in instrs.iter().enumerate() {
+        for (i, ins) in instrs.iter().enumerate().filter(|(_, i)| !i.skip) {
             for a in &ins.args {
                 last_use[*a] = Some(i);
             }
@@ -119,6 +126,90 @@ impl Program {
     }
 }
 
+/// Fold `add`/`sub` of a GEMM result that has no other use into the GEMM (accumulating into the
+/// other operand's buffer), saving a pass over the output and a buffer.
+fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
+    let mut uses = vec![0usize; instrs.len()];
+    for ins in instrs.iter() {
+        for a in &ins.args {
+            uses[*a] += 1;
+        }
+    }
+    for (_, o) in outputs {
+        uses[*o] += 1;
+    }
+    for n in 0..instrs.len() {
+        if !matches!(instrs[n].op, Op::Add | Op::Sub) {
+            continue;
+        }
+        for pos in 0..2 {
+            let m = instrs[n].args[pos];
+            let other = instrs[n].args[1 - pos];
+            let fusable = instrs[m].op == Op::MatMul
+                && instrs[m].epilogue.is_none()
+                && uses[m] == 1
+                && other != m
+                && instrs[other].shape == instrs[n].shape;
+            if !fusable {
+                continue;
+            }
+            // add: ab + c; sub with the product first: ab − c; second: c − ab.
+            let (alpha, beta) = match (&instrs[n].op, pos) {
+                (Op::Add, _) => (1.0, 1.0),
+                (_, 0) => (1.0, -1.0),
+                _ => (-1.0, 1.0),
+            };
+            let (a, b) = (instrs[m].args[0], instrs[m].args[1]);
+            instrs[m].skip = true;
+            let ins = &mut instrs[n];
+            ins.op = Op::MatMul;
+            ins.args = vec![a, b, other];
+            ins.epilogue = Some((alpha, beta));
+            break;
+        }
+    }
+}
+
+/// Take `slot`'s value out of `donors` as a writable buffer of `len` elements, if nothing else
+/// holds it and it is laid out plainly.
+fn take_donor<T: Real>(
+    donors: &mut Vec<(usize, Value<T>)>,
+    slot: usize,
+    len: usize,
+    transposed: bool,
+) -> Option<Vec<T>> {
+    let pos = donors
+        .iter()
+        .position(|(s, v)| *s == slot && v.transposed == transposed && v.data.len() == len)?;
+    let (s, v) = donors.swap_remove(pos);
+    match Arc::try_unwrap(v.data) {
+        Ok(buf) => Some(buf),
+        Err(data) => {
+            donors.push((s, Value { data, ..v }));
+            None
+        }
+    }
+}
+
+/// `buf[k] = f(buf[k], other[k])` (or `other[0]` for a scalar), in place.
+fn zip_inplace<T: Real>(buf: &mut [T], other: &[T], f: impl Fn(T, T) -> T + Sync) {
+    if other.len() == 1 && buf.len() > 1 {
+        let y = other[0];
+        if buf.len() >= PAR_MIN {
+            buf.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x, y)));
+        } else {
+            buf.iter_mut().for_each(|x| *x = f(*x, y));
+        }
+    } else if buf.len() >= PAR_MIN {
+        buf.par_chunks_mut(CHUNK)
+            .zip(other.par_chunks(CHUNK))
+            .for_each(|(c, o)| c.iter_mut().zip(o).for_each(|(x, y)| *x = f(*x, *y)));
+    } else {
+        buf.iter_mut().zip(other).for_each(|(x, y)| *x = f(*x, *y));
+    }
+}
+
 /// A value during a run: a shared buffer, possibly read transposed.
 #[derive(Clone)]
 struct Value<T> {
@@ -146,6 +237,8 @@ pub type Feeds<T> = HashMap<String, Arc<Vec<T>>>;
 #[derive(Default)]
 pub struct Executor<T> {
     pool: HashMap<usize, Vec<Vec<T>>>,
+    /// Seconds and count per op kind, when profiling.
+    profile: Option<HashMap<String, (f64, usize)>>,
 }
 
 /// Elementwise work below this many elements runs on one thread.
@@ -154,16 +247,79 @@ const CHUNK: usize = 1 << 13;
 
 fn map_into<T: Real>(out: &mut [T], f: impl Fn(usize) -> T + Sync) {
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            for (j, o) in chunk.iter_mut().enumerate() {
-                *o = f(c * CHUNK + j);
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (j, o) in chunk.iter_mut().enumerate() {
+                    *o = f(c * CHUNK + j);
+                }
+            });
     } else {
         for (j, o) in out.iter_mut().enumerate() {
             *o = f(j);
         }
     }
+}
+
+/// `out[k] = f(a[k])`, in parallel chunks for large tensors.
+fn map1<T: Real>(out: &mut [T], a: &[T], f: impl Fn(T) -> T + Sync) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, a)| *o = f(*a)));
+    } else {
+        out.iter_mut().zip(a).for_each(|(o, a)| *o = f(*a));
+    }
+}
+
+/// `out[k] = f(a[k], b[k])` where either operand may be a scalar.
+fn map2<T: Real>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) {
+    match (a.len() == 1 && out.len() > 1, b.len() == 1 && out.len() > 1) {
+        (true, _) => {
+            let x = a[0];
+            map1(out, b, |y| f(x, y))
+        }
+        (_, true) => {
+            let y = b[0];
+            map1(out, a, |x| f(x, y))
+        }
+        _ => {
+            if out.len() >= PAR_MIN {
+                out.par_chunks_mut(CHUNK)
+                    .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                    .for_each(|(o, (a, b))| {
+                        for ((o, x), y) in o.iter_mut().zip(a).zip(b) {
+                            *o = f(*x, *y);
+                        }
+                    });
+            } else {
+                for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+                    *o = f(*x, *y);
+                }
+            }
+        }
+    }
+}
+
+/// Row-major `src` (`rows × cols`) transposed into `out` (`cols × rows`), in cache-sized tiles.
+fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
+    const TILE: usize = 32;
+    // Parallel over bands of output rows (= source columns).
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, o)| {
+            let c0 = band * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                let r1 = (r0 + TILE).min(rows);
+                for c in c0..c1 {
+                    let orow = &mut o[(c - c0) * rows..(c - c0 + 1) * rows];
+                    for r in r0..r1 {
+                        orow[r] = src[r * cols + c];
+                    }
+                }
+            }
+        });
 }
 
 /// Numerically stable elementwise functions.
@@ -196,7 +352,25 @@ impl<T: Real> Executor<T> {
     pub fn new() -> Self {
         Executor {
             pool: HashMap::new(),
+            profile: None,
         }
+    }
+
+    /// Record the time spent per op kind from now on.
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(HashMap::new());
+    }
+
+    /// (op kind, total seconds, count), most expensive first.
+    pub fn profile(&self) -> Vec<(String, f64, usize)> {
+        let mut rows: Vec<(String, f64, usize)> = self
+            .profile
+            .iter()
+            .flatten()
+            .map(|(k, (t, n))| (k.clone(), *t, *n))
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rows
     }
 
     fn alloc(&mut self, len: usize) -> Vec<T> {
@@ -214,6 +388,15 @@ impl<T: Real> Executor<T> {
         }
     }
 
+    /// The buffer of an elementwise operand in the layout the op computes in.
+    fn operand(&mut self, v: &Value<T>, layout_t: bool) -> Arc<Vec<T>> {
+        if v.data.len() == 1 || v.transposed == layout_t {
+            v.data.clone()
+        } else {
+            self.contiguous(v)
+        }
+    }
+
     /// A contiguous (not transposed) buffer with the value's logical layout.
     fn contiguous(&mut self, v: &Value<T>) -> Arc<Vec<T>> {
         if !v.transposed {
@@ -221,17 +404,54 @@ impl<T: Real> Executor<T> {
         }
         let (r, c) = (v.shape[0], v.shape[1]);
         let mut out = self.alloc(r * c);
-        let src = &v.data;
-        // logical (i, j) is stored at j * r + i
-        map_into(&mut out, |k| src[(k % c) * r + k / c]);
+        // The buffer is the row-major c × r transpose of the logical r × c matrix.
+        transpose_into(&v.data, c, r, &mut out);
         Arc::new(out)
     }
 
     /// Run `p` on `feeds`; returns the outputs by name, in the graph's output order.
-    pub fn run(&mut self, p: &Program, feeds: &Feeds<T>) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
+    pub fn run(
+        &mut self,
+        p: &Program,
+        feeds: &Feeds<T>,
+    ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
         let mut vals: Vec<Option<Value<T>>> = vec![None; p.instrs.len()];
+        let mut donors: Vec<(usize, Value<T>)> = Vec::new();
         for (i, ins) in p.instrs.iter().enumerate() {
-            let v = self.exec(p, i, ins, &vals, feeds)?;
+            if ins.skip {
+                continue;
+            }
+            // Operands used for the last time here may lend their buffer to the result.
+            for r in &ins.release {
+                if ins.args.iter().filter(|a| *a == r).count() == 1 {
+                    if let Some(v) = vals[*r].take() {
+                        donors.push((*r, v));
+                    }
+                }
+            }
+            let started = self.profile.is_some().then(std::time::Instant::now);
+            let v = self.exec(p, i, ins, &vals, &mut donors, feeds)?;
+            for (_, d) in donors.drain(..) {
+                if let Ok(buf) = Arc::try_unwrap(d.data) {
+                    if buf.len() > 1 {
+                        self.pool.entry(buf.len()).or_default().push(buf);
+                    }
+                }
+            }
+            if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
+                let key = match &ins.op {
+                    Op::MatMul => format!(
+                        "matmul{} {:?}",
+                        if ins.epilogue.is_some() { "+acc" } else { "" },
+                        ins.shape
+                    ),
+                    Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => "leaf".to_string(),
+                    op => op.to_string().split(':').next().unwrap_or("?").to_string(),
+                };
+                let e = prof.entry(key).or_insert((0.0, 0));
+                e.0 += t.elapsed().as_secs_f64();
+                e.1 += 1;
+            }
             vals[i] = Some(v);
             for r in &ins.release {
                 if let Some(v) = vals[*r].take() {
@@ -244,7 +464,13 @@ impl<T: Real> Executor<T> {
             let v = vals[*slot].clone().expect("output computed");
             let data = self.contiguous(&v);
             let data = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
-            out.push((name.clone(), Tensor { shape: v.shape, data }));
+            out.push((
+                name.clone(),
+                Tensor {
+                    shape: v.shape,
+                    data,
+                },
+            ));
         }
         for v in vals.into_iter().flatten() {
             self.recycle(v);
@@ -258,9 +484,21 @@ impl<T: Real> Executor<T> {
         i: usize,
         ins: &Instr,
         vals: &[Option<Value<T>>],
+        donors: &mut Vec<(usize, Value<T>)>,
         feeds: &Feeds<T>,
     ) -> Result<Value<T>, ExecError> {
-        let arg = |k: usize| -> &Value<T> { vals[ins.args[k]].as_ref().expect("operand computed") };
+        let get = |donors: &Vec<(usize, Value<T>)>, k: usize| -> Value<T> {
+            let slot = ins.args[k];
+            match donors.iter().find(|(s, _)| *s == slot) {
+                Some((_, v)) => v.clone(),
+                None => vals[slot].clone().expect("operand computed"),
+            }
+        };
+        macro_rules! arg {
+            ($k:expr) => {
+                get(donors, $k)
+            };
+        }
         let numel: usize = ins.shape.iter().product();
         let value = |data: Vec<T>| Value {
             data: Arc::new(data),
@@ -269,7 +507,11 @@ impl<T: Real> Executor<T> {
         };
         Ok(match &ins.op {
             Op::Input { name, shape } | Op::Param { name, shape } => {
-                let kind = if matches!(ins.op, Op::Input { .. }) { "input" } else { "param" };
+                let kind = if matches!(ins.op, Op::Input { .. }) {
+                    "input"
+                } else {
+                    "param"
+                };
                 let data = feeds.get(name).ok_or_else(|| ExecError::Missing {
                     graph: p.name.clone(),
                     kind,
@@ -292,13 +534,32 @@ impl<T: Real> Executor<T> {
             }
             Op::Const { bits } => value(vec![T::of_f64(f64::from_bits(*bits))]),
             Op::MatMul => {
-                let (a, b) = (arg(0), arg(1));
-                let mut out = self.alloc(numel);
-                linalg::matmul(a.mat(), b.mat(), &mut out, T::one(), T::zero(), false);
-                value(out)
+                let (a, b) = (arg!(0), arg!(1));
+                match ins.epilogue {
+                    None => {
+                        let mut out = self.alloc(numel);
+                        linalg::matmul(a.mat(), b.mat(), &mut out, T::one(), T::zero(), false);
+                        value(out)
+                    }
+                    Some((alpha, beta)) => {
+                        let mut out = match take_donor(donors, ins.args[2], numel, false) {
+                            Some(buf) => buf,
+                            None => {
+                                let c = get(donors, 2);
+                                let c = self.contiguous(&c);
+                                let mut out = self.alloc(numel);
+                                out.copy_from_slice(&c);
+                                out
+                            }
+                        };
+                        let (alpha, beta) = (T::of_f64(alpha), T::of_f64(beta));
+                        linalg::matmul(a.mat(), b.mat(), &mut out, alpha, beta, true);
+                        value(out)
+                    }
+                }
             }
             Op::Transpose => {
-                let a = arg(0);
+                let a = arg!(0);
                 Value {
                     data: a.data.clone(),
                     shape: ins.shape.clone(),
@@ -306,7 +567,7 @@ impl<T: Real> Executor<T> {
                 }
             }
             Op::Inverse | Op::LogDet => {
-                let a = arg(0).clone();
+                let a = arg!(0).clone();
                 let n = a.shape[0];
                 let data = self.contiguous(&a);
                 if ins.op == Op::LogDet {
@@ -322,33 +583,78 @@ impl<T: Real> Executor<T> {
                     value(inv)
                 }
             }
-            Op::Add | Op::Sub | Op::Mul => {
-                let (a, b) = (arg(0).clone(), arg(1).clone());
-                let (a, b) = (self.contiguous(&a), self.contiguous(&b));
-                let mut out = self.alloc(numel);
-                let (sa, sb) = (a.len() == 1, b.len() == 1);
-                let at = |k: usize| if sa { a[0] } else { a[k] };
-                let bt = |k: usize| if sb { b[0] } else { b[k] };
-                match ins.op {
-                    Op::Add => map_into(&mut out, |k| at(k) + bt(k)),
-                    Op::Sub => map_into(&mut out, |k| at(k) - bt(k)),
-                    _ => map_into(&mut out, |k| at(k) * bt(k)),
+            Op::Add | Op::Sub | Op::Mul | Op::Neg | Op::Unary(_) | Op::StopGrad => {
+                // Elementwise ops do not care about layout: when every matrix operand is stored
+                // transposed, compute on the stored buffers and keep the result transposed.
+                let metas: Vec<(usize, bool)> = (0..ins.args.len())
+                    .map(|k| {
+                        let v = arg!(k);
+                        (v.data.len(), v.transposed)
+                    })
+                    .collect();
+                let layout_t = numel > 1 && metas.iter().filter(|m| m.0 > 1).all(|m| m.1);
+                let out_value = |data: Vec<T>| Value {
+                    data: Arc::new(data),
+                    shape: ins.shape.clone(),
+                    transposed: layout_t,
+                };
+                let op = ins.op.clone();
+                let f2 = move |x: T, y: T| match op {
+                    Op::Add => x + y,
+                    Op::Sub => x - y,
+                    _ => x * y,
+                };
+                let f1 = |x: T| match ins.op {
+                    Op::Neg => -x,
+                    Op::Unary(Unary::Square) => x * x,
+                    Op::Unary(Unary::Recip) => T::one() / x,
+                    Op::Unary(u) => unary(u, x),
+                    _ => x,
+                };
+                if ins.args.len() == 1 {
+                    if let Some(mut buf) = take_donor(donors, ins.args[0], numel, layout_t) {
+                        match ins.op {
+                            Op::Neg => buf.iter_mut().for_each(|x| *x = -*x),
+                            _ => zip_inplace(&mut buf, &[T::zero()], |x, _| f1(x)),
+                        }
+                        return Ok(out_value(buf));
+                    }
+                    let a = arg!(0);
+                    let a = self.operand(&a, layout_t);
+                    let mut out = self.alloc(numel);
+                    match ins.op {
+                        Op::Neg => map1(&mut out, &a, |x| -x),
+                        Op::Unary(Unary::Square) => map1(&mut out, &a, |x| x * x),
+                        Op::Unary(Unary::Recip) => map1(&mut out, &a, |x| T::one() / x),
+                        Op::Unary(u) => map1(&mut out, &a, |x| unary(u, x)),
+                        _ => out.copy_from_slice(&a),
+                    }
+                    return Ok(out_value(out));
                 }
-                value(out)
-            }
-            Op::Neg | Op::Unary(_) | Op::StopGrad => {
-                let a = arg(0).clone();
-                let a = self.contiguous(&a);
+                if let Some(mut buf) = take_donor(donors, ins.args[0], numel, layout_t) {
+                    let b = arg!(1);
+                    let b = self.operand(&b, layout_t);
+                    zip_inplace(&mut buf, &b, f2);
+                    return Ok(out_value(buf));
+                }
+                if let Some(mut buf) = take_donor(donors, ins.args[1], numel, layout_t) {
+                    let a = arg!(0);
+                    let a = self.operand(&a, layout_t);
+                    zip_inplace(&mut buf, &a, |y, x| f2(x, y));
+                    return Ok(out_value(buf));
+                }
+                let (a, b) = (arg!(0), arg!(1));
+                let (a, b) = (self.operand(&a, layout_t), self.operand(&b, layout_t));
                 let mut out = self.alloc(numel);
                 match ins.op {
-                    Op::Neg => map_into(&mut out, |k| -a[k]),
-                    Op::Unary(u) => map_into(&mut out, |k| unary(u, a[k])),
-                    _ => out.copy_from_slice(&a),
+                    Op::Add => map2(&mut out, &a, &b, |x, y| x + y),
+                    Op::Sub => map2(&mut out, &a, &b, |x, y| x - y),
+                    _ => map2(&mut out, &a, &b, |x, y| x * y),
                 }
-                value(out)
+                out_value(out)
             }
             Op::Sum { axis } => {
-                let a = arg(0).clone();
+                let a = arg!(0).clone();
                 let a = self.contiguous(&a);
                 let mut out = self.alloc(numel.max(1));
                 match axis {
@@ -367,13 +673,15 @@ impl<T: Real> Executor<T> {
                     Some(_) => {
                         let r = ins.shape[0];
                         let c = a.len() / r;
-                        map_into(&mut out, |row| a[row * c..(row + 1) * c].iter().copied().sum());
+                        map_into(&mut out, |row| {
+                            a[row * c..(row + 1) * c].iter().copied().sum()
+                        });
                     }
                 }
                 value(out)
             }
             Op::Broadcast { to, new_axis } => {
-                let a = arg(0).clone();
+                let a = arg!(0).clone();
                 let a = self.contiguous(&a);
                 let mut out = self.alloc(numel);
                 match new_axis {

@@ -345,7 +345,7 @@ impl<T: Real> Lu<T> {
 #[track_caller]
 pub fn slogdet<T: Real>(a: &[T], n: usize) -> (T, T) {
     let lu = Lu::new(a, n);
-    let mut negative = false;
+    let mut negative = lu.transpositions % 2 == 1;
     let mut logabs = 0.0f64;
     let mut nan = false;
     for i in 0..n {
@@ -473,11 +473,8 @@ mod tests {
         a: MatRef<T>,
         b: MatRef<T>,
         out0: &[T],
-        i: usize,
-        j: usize,
-        alpha: f64,
-        beta: f64,
-        acc: bool,
+        (i, j): (usize, usize),
+        (alpha, beta, acc): (f64, f64, bool),
     ) -> (f64, f64) {
         let n = b.cols;
         let mut s = 0.0;
@@ -522,8 +519,8 @@ mod tests {
                     }
                     let out0 = out.clone();
                     matmul(a, b, &mut out, T::of_f64(alpha), T::of_f64(beta), acc);
-                    let mut check = |i: usize, j: usize| {
-                        let (want, mag) = reference(a, b, &out0, i, j, alpha, beta, acc);
+                    let check = |i: usize, j: usize| {
+                        let (want, mag) = reference(a, b, &out0, (i, j), (alpha, beta, acc));
                         let got = out[i * n + j].as_f64();
                         let tol = rel * mag.max(1e-30) + 1e-300;
                         assert!(

@@ -1,4 +1,4 @@
 //! The CPU ("host") executor.
 
-pub mod linalg;
 pub mod exec;
+pub mod linalg;

@@ -1,0 +1,163 @@
+//! Sampling: z ~ N(0, I) through the learned inverse g (R, and the activation inverted by
+//! Newton's method) or through the exact inverse (W⁻¹, by LU solves).
+
+use crate::host::linalg::{matmul, solve, LinalgError, MatRef, Real};
+use crate::model::Model;
+use rand::RngExt;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use snfc_compiler::spec::{LayerSpec, Preprocess};
+
+/// s(x) = αx + (1−α) softplus(x) and s'(x).
+fn slrelu(x: f64, alpha: f64) -> (f64, f64) {
+    let sp = if x > 0.0 {
+        x + (-x).exp().ln_1p()
+    } else {
+        x.exp().ln_1p()
+    };
+    let sig = 1.0 / (1.0 + (-x).exp());
+    (alpha * x + (1.0 - alpha) * sp, alpha + (1.0 - alpha) * sig)
+}
+
+/// Solve s(x) = y by Newton's method. s is increasing and convex with s' ∈ (α, 1), so the
+/// iteration converges from x₀ = y (monotonically after the first step).
+pub fn slrelu_inverse(y: f64, alpha: f64) -> f64 {
+    let mut x = y;
+    for _ in 0..100 {
+        let (s, ds) = slrelu(x, alpha);
+        let step = (s - y) / ds;
+        x -= step;
+        if step.abs() <= 1e-12 * (1.0 + x.abs()) {
+            break;
+        }
+    }
+    x
+}
+
+/// Map `z` (`[D, n]`, one column per sample) back to data space through the flow's inverse.
+pub fn invert<T: Real>(
+    model: &Model<T>,
+    z: &[f64],
+    n: usize,
+    exact: bool,
+) -> Result<Vec<f64>, LinalgError> {
+    let spec = &model.spec;
+    let d = spec.input.dim();
+    let mut h = z.to_vec();
+    for (i, layer) in spec.layers.iter().enumerate().rev() {
+        match layer {
+            LayerSpec::Linear(l) => {
+                if l.bias {
+                    let b = model.get(&format!("layers.{i}.bias"));
+                    for k in 0..d {
+                        let bk = b[k].as_f64();
+                        h[k * n..(k + 1) * n].iter_mut().for_each(|v| *v -= bk);
+                    }
+                }
+                h = if exact {
+                    let w: Vec<f64> = model
+                        .get(&format!("layers.{i}.weight"))
+                        .iter()
+                        .map(|v| v.as_f64())
+                        .collect();
+                    solve(&w, d, &h, n)?
+                } else {
+                    let r: Vec<f64> = model
+                        .get(&format!("layers.{i}.weight_inv"))
+                        .iter()
+                        .map(|v| v.as_f64())
+                        .collect();
+                    let mut out = vec![0.0; d * n];
+                    matmul(
+                        MatRef::row_major(&r, d, d),
+                        MatRef::row_major(&h, d, n),
+                        &mut out,
+                        1.0,
+                        0.0,
+                        false,
+                    );
+                    out
+                };
+            }
+            LayerSpec::SmoothLeakyRelu(a) => {
+                h.iter_mut().for_each(|v| *v = slrelu_inverse(*v, a.alpha));
+            }
+        }
+    }
+    Ok(h)
+}
+
+/// `n` samples in data space, as rows (`n × D`). For 8-bit specs the logit preprocessing is
+/// inverted to [0, 256) (see [`to_pixels`]).
+pub fn sample<T: Real>(
+    model: &Model<T>,
+    n: usize,
+    seed: u64,
+    exact: bool,
+) -> Result<Vec<f64>, LinalgError> {
+    let d = model.spec.input.dim();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let z: Vec<f64> = (0..d * n).map(|_| rng.sample(StandardNormal)).collect();
+    let h = invert(model, &z, n, exact)?;
+    let mut rows = crate::batch::columns_to_rows(&h, d, n);
+    if model.spec.input.preprocess == Preprocess::DequantizeLogit {
+        let a = model.spec.input.logit_alpha;
+        // t = logit(s), s = α + (1−2α) y, y = x / 256
+        rows.iter_mut().for_each(|t| {
+            let s = 1.0 / (1.0 + (-*t).exp());
+            *t = 256.0 * (s - a) / (1.0 - 2.0 * a);
+        });
+    }
+    Ok(rows)
+}
+
+/// Values on [0, 256) to 8-bit pixels (NaN and out-of-range values clamp).
+pub fn to_pixels(values: &[f64]) -> Vec<u8> {
+    values
+        .iter()
+        .map(|v| {
+            if v.is_nan() {
+                0
+            } else {
+                v.floor().clamp(0.0, 255.0) as u8
+            }
+        })
+        .collect()
+}
+
+/// The image layout (channels, height, width) of an 8-bit spec, if it is an image: `[C, H, W]`,
+/// `[H, W]`, or `[D]` with D a perfect square (a flattened grayscale image such as MNIST).
+pub fn image_shape(model_shape: &[usize]) -> Option<[usize; 3]> {
+    match model_shape {
+        [c, h, w] if *c == 1 || *c == 3 => Some([*c, *h, *w]),
+        [h, w] => Some([1, *h, *w]),
+        [d] => {
+            let s = (*d as f64).sqrt().round() as usize;
+            (s * s == *d && s > 1).then_some([1, s, s])
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newton_inverts_smooth_leaky_relu() {
+        for &y in &[-30.0, -3.0, -0.1, 0.0, 0.5, 4.0, 40.0] {
+            for &a in &[0.05, 0.3, 0.9] {
+                let x = slrelu_inverse(y, a);
+                assert!((slrelu(x, a).0 - y).abs() < 1e-9, "y={y} a={a} x={x}");
+            }
+        }
+    }
+
+    #[test]
+    fn image_shapes() {
+        assert_eq!(image_shape(&[784]), Some([1, 28, 28]));
+        assert_eq!(image_shape(&[3, 32, 32]), Some([3, 32, 32]));
+        assert_eq!(image_shape(&[10]), None);
+    }
+}

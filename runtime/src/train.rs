@@ -1,0 +1,344 @@
+//! The training loop: shuffled mini-batches, the compiled step on the host executor, Adam with
+//! linear learning-rate warm-up, per-epoch exact validation NLL, metrics as JSON lines and the
+//! best-validation checkpoint.
+
+use crate::batch::{fill_columns, fill_uniform};
+use crate::data::Dataset;
+use crate::eval::{evaluate, EvalResult};
+use crate::host::exec::{ExecError, Executor, Feeds, Program};
+use crate::host::linalg::Real;
+use crate::model::{Model, ModelError};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+use snfc_compiler::compile::{compile_train, OptLevel};
+use snfc_compiler::ir::lower::{INPUT_NOISE, INPUT_X};
+use snfc_compiler::spec::{FlowSpec, Preprocess};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Options a run takes on top of the spec's `train` section.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps.
+    pub steps: Option<usize>,
+    pub seed: Option<u64>,
+    pub level: OptLevel,
+    pub progress: bool,
+    /// Overwrite an existing checkpoint in `out`.
+    pub force: bool,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub steps: usize,
+    /// Mean training loss over the epoch's steps (without the data-independent log-dets).
+    pub train_loss: f64,
+    pub val_nll_nats: f64,
+    pub val_bits_per_dim: f64,
+    /// Mean Σ_k ‖R_k W_k h_k − h_k‖² on the validation split (self-normalizing specs).
+    pub val_recon: Option<f64>,
+    pub lr: f64,
+    pub seconds: f64,
+    pub examples_per_sec: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub records: Vec<EpochRecord>,
+    pub best: Option<EvalResult>,
+    pub best_epoch: usize,
+    pub checkpoint: PathBuf,
+}
+
+/// Adam (Kingma & Ba) with bias correction; state per parameter.
+pub struct Adam<T> {
+    lr: f64,
+    betas: [f64; 2],
+    eps: f64,
+    t: i32,
+    state: HashMap<String, (Vec<T>, Vec<T>)>,
+}
+
+impl<T: Real> Adam<T> {
+    pub fn new(spec: &snfc_compiler::spec::AdamSpec) -> Self {
+        Adam {
+            lr: spec.lr,
+            betas: spec.betas,
+            eps: spec.eps,
+            t: 0,
+            state: HashMap::new(),
+        }
+    }
+
+    /// One update of every parameter that has a `grad.<name>` output, at learning rate `lr`;
+    /// returns the step's `loss` output.
+    pub fn update(
+        &mut self,
+        model: &mut Model<T>,
+        outs: &[(String, crate::host::exec::Tensor<T>)],
+        lr: f64,
+    ) -> f64 {
+        self.t += 1;
+        let mut loss = f64::NAN;
+        for (name, t) in outs {
+            if let Some(p) = name.strip_prefix("grad.") {
+                let param = model
+                    .values
+                    .get_mut(p)
+                    .expect("gradient of a known parameter");
+                let param: &mut Vec<T> = Arc::make_mut(param);
+                self.step(param, &t.data, p, lr);
+            } else if name == "loss" {
+                loss = t.scalar().as_f64();
+            }
+        }
+        loss
+    }
+
+    fn step(&mut self, param: &mut [T], grad: &[T], name: &str, lr: f64) {
+        let (m, v) = self
+            .state
+            .entry(name.to_string())
+            .or_insert_with(|| (vec![T::zero(); param.len()], vec![T::zero(); param.len()]));
+        let [b1, b2] = self.betas;
+        let t = self.t;
+        let c1 = 1.0 - b1.powi(t);
+        let c2 = 1.0 - b2.powi(t);
+        // p -= lr · m̂ / (√v̂ + ε), with m̂ = m / c1, v̂ = v / c2
+        let (b1, b2) = (T::of_f64(b1), T::of_f64(b2));
+        let (step, c2s, eps) = (
+            T::of_f64(lr / c1),
+            T::of_f64(1.0 / c2.sqrt()),
+            T::of_f64(self.eps),
+        );
+        let one = T::one();
+        param
+            .par_chunks_mut(4096)
+            .zip(grad.par_chunks(4096))
+            .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    m[i] = b1 * m[i] + (one - b1) * g[i];
+                    v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
+                    p[i] = p[i] - step * m[i] / (v[i].sqrt() * c2s + eps);
+                }
+            });
+    }
+}
+
+/// Check that the data fits the spec.
+pub fn check_data(spec: &FlowSpec, data: &Dataset) -> Result<(), TrainError> {
+    if data.dim != spec.input.dim() {
+        return Err(TrainError::Setup(format!(
+            "data set {} has {} values per example, but spec `{}` has input shape {:?} ({} values)",
+            data.name,
+            data.dim,
+            spec.name,
+            spec.input.shape,
+            spec.input.dim()
+        )));
+    }
+    if spec.input.preprocess == Preprocess::DequantizeLogit && !data.discrete {
+        return Err(TrainError::Setup(format!(
+            "spec `{}` dequantizes 8-bit data (/input/preprocess = \"dequantize_logit\"), but data set {} is continuous; use \"preprocess\": \"none\"",
+            spec.name, data.name
+        )));
+    }
+    Ok(())
+}
+
+/// Train `spec` on `data` in precision `T`, writing `metrics.jsonl` and `checkpoint.safetensors`
+/// into `opts.out`.
+pub fn train<T: Real>(
+    spec: &FlowSpec,
+    data: &Dataset,
+    opts: &TrainOptions,
+) -> Result<TrainSummary, TrainError> {
+    check_data(spec, data)?;
+    let tr = &spec.train;
+    let batch = tr.batch_size;
+    let steps_per_epoch = data.train.n / batch;
+    if steps_per_epoch == 0 {
+        return Err(TrainError::Setup(format!(
+            "/train/batch_size {batch} is larger than the training split ({} examples of {})",
+            data.train.n, data.name
+        )));
+    }
+    let checkpoint = opts.out.join("checkpoint.safetensors");
+    if checkpoint.exists() && !opts.force {
+        return Err(TrainError::Setup(format!(
+            "{} already exists; pass --force to overwrite it or choose another --out",
+            checkpoint.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let metrics_path = opts.out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+
+    let seed = opts.seed.unwrap_or(tr.seed);
+    let epochs = opts.epochs.unwrap_or(tr.epochs);
+    let compiled = compile_train(spec, batch, opts.level);
+    let program = Program::new(&compiled.step);
+    let mut exec = Executor::<T>::new();
+    let mut model = Model::<T>::init(spec, seed);
+    let mut adam = Adam::<T>::new(&tr.optimizer.adam);
+    let warmup_steps = (tr.warmup_epochs * steps_per_epoch) as f64;
+    let d = spec.input.dim();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_da7a);
+    let mut order: Vec<usize> = (0..data.train.n).collect();
+    let dequantize = spec.input.preprocess == Preprocess::DequantizeLogit;
+    let mut x = vec![T::zero(); d * batch];
+    let mut noise = vec![T::zero(); d * batch];
+    let mut records = Vec::new();
+    let mut best: Option<EvalResult> = None;
+    let mut best_epoch = 0;
+    let mut total_steps = 0usize;
+    let max_steps = opts.steps.unwrap_or(usize::MAX);
+
+    for epoch in 1..=epochs {
+        if total_steps >= max_steps {
+            break;
+        }
+        let started = Instant::now();
+        order.shuffle(&mut rng);
+        let bar = if opts.progress {
+            ProgressBar::new(steps_per_epoch as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{epoch}/{epochs}"));
+        let mut loss_sum = 0.0;
+        let mut steps = 0;
+        let mut lr = adam.lr;
+        for s in 0..steps_per_epoch {
+            if total_steps >= max_steps {
+                break;
+            }
+            fill_columns(
+                &data.train,
+                &order[s * batch..(s + 1) * batch],
+                batch,
+                &mut x,
+            );
+            let mut feeds: Feeds<T> = model.values.clone();
+            feeds.insert(INPUT_X.into(), Arc::new(std::mem::take(&mut x)));
+            if dequantize {
+                fill_uniform(&mut rng, &mut noise);
+                feeds.insert(INPUT_NOISE.into(), Arc::new(std::mem::take(&mut noise)));
+            }
+            let outs = exec.run(&program, &feeds)?;
+            // Hand the input buffers back so the next step reuses them.
+            x = take_back(&mut feeds, INPUT_X);
+            if dequantize {
+                noise = take_back(&mut feeds, INPUT_NOISE);
+            }
+            drop(feeds);
+            total_steps += 1;
+            lr = if warmup_steps > 0.0 {
+                adam.lr * (total_steps as f64 / warmup_steps).min(1.0)
+            } else {
+                adam.lr
+            };
+            loss_sum += adam.update(&mut model, &outs, lr);
+            steps += 1;
+            let secs = started.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "loss {:.2}  {:.0} ex/s",
+                loss_sum / steps as f64,
+                (steps * batch) as f64 / secs
+            ));
+            bar.inc(1);
+        }
+        let train_secs = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let val = evaluate(&model.cast::<f64>(), &data.valid, batch.max(100), 0)?;
+        let record = EpochRecord {
+            epoch,
+            steps: total_steps,
+            train_loss: loss_sum / steps.max(1) as f64,
+            val_nll_nats: val.nll_nats,
+            val_bits_per_dim: val.bits_per_dim,
+            val_recon: val.recon,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+            examples_per_sec: (steps * batch) as f64 / train_secs,
+        };
+        let line = serde_json::to_string(&record).unwrap_or_default();
+        writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+        metrics.flush().map_err(io_err(&metrics_path))?;
+        if opts.progress {
+            eprintln!(
+                "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}, {:.1} s, {:.0} examples/s",
+                record.train_loss,
+                val.nll_nats,
+                val.bits_per_dim,
+                val.recon.map(|r| format!(", recon {r:.3e}")).unwrap_or_default(),
+                record.seconds,
+                record.examples_per_sec
+            );
+        }
+        let improved =
+            best.as_ref().is_none_or(|b| val.nll_nats < b.nll_nats) && val.nll_nats.is_finite();
+        if improved {
+            let meta = HashMap::from([
+                ("epoch".to_string(), epoch.to_string()),
+                ("steps".to_string(), total_steps.to_string()),
+                ("val_nll_nats".to_string(), val.nll_nats.to_string()),
+                ("dtype".to_string(), T::NAME.to_string()),
+            ]);
+            model.save(&checkpoint, &[], meta)?;
+            best = Some(val);
+            best_epoch = epoch;
+        }
+        records.push(record);
+    }
+    Ok(TrainSummary {
+        records,
+        best,
+        best_epoch,
+        checkpoint,
+    })
+}
+
+fn take_back<T: Real>(feeds: &mut Feeds<T>, name: &str) -> Vec<T> {
+    let arc = feeds.remove(name).expect("input fed");
+    Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone())
+}

@@ -1,0 +1,739 @@
+//! The `snfc` binary end to end: `compile` output, error messages for bad input, a short
+//! `train` → `eval` → `sample` round trip on the embedded MNIST subset, and `grad` files.
+
+use snfc_compiler::spec::parse_spec;
+use snfc_runtime::data::Split;
+use snfc_runtime::model::Model;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Run `snfc` in the repository root.
+fn snfc<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_snfc"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running snfc")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert success and return stdout.
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "snfc failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Assert failure (non-zero exit, no panic) and return stderr.
+fn fails(o: Output) -> String {
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && o.status.code().is_some(),
+        "snfc should have failed ({}):\nstdout:\n{}\nstderr:\n{err}",
+        o.status,
+        stdout(&o)
+    );
+    assert!(
+        !err.contains("panicked"),
+        "snfc panicked instead of reporting an error:\n{err}"
+    );
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// A minimal safetensors reader (the format: u64 LE header length, JSON header, raw data), so the
+/// files are checked independently of the crate that wrote them.
+struct SafeTensorsFile {
+    tensors: BTreeMap<String, (String, Vec<usize>, Vec<f64>)>,
+    metadata: HashMap<String, String>,
+}
+
+fn read_safetensors(path: &Path) -> SafeTensorsFile {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("JSON header");
+    let data = &bytes[8 + n..];
+    let mut tensors = BTreeMap::new();
+    let mut metadata = HashMap::new();
+    for (name, info) in header.as_object().expect("header object") {
+        if name == "__metadata__" {
+            for (k, v) in info.as_object().unwrap() {
+                metadata.insert(k.clone(), v.as_str().unwrap().to_string());
+            }
+            continue;
+        }
+        let dtype = info["dtype"].as_str().unwrap().to_string();
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let off = info["data_offsets"].as_array().unwrap();
+        let raw = &data[off[0].as_u64().unwrap() as usize..off[1].as_u64().unwrap() as usize];
+        let values: Vec<f64> = match dtype.as_str() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            "F64" => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            other => panic!("unexpected dtype {other}"),
+        };
+        assert_eq!(
+            values.len(),
+            shape.iter().product::<usize>(),
+            "{name}: data size vs shape"
+        );
+        tensors.insert(name.clone(), (dtype, shape, values));
+    }
+    SafeTensorsFile { tensors, metadata }
+}
+
+const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+
+/// Check the PNG signature and return (width, height) from the IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(b.len() > 24, "{}: too short for a PNG", path.display());
+    assert_eq!(b[..8], PNG_SIGNATURE, "{}: not a PNG", path.display());
+    assert_eq!(&b[12..16], b"IHDR");
+    let be = |s: &[u8]| u32::from_be_bytes(s.try_into().unwrap());
+    (be(&b[16..20]), be(&b[20..24]))
+}
+
+fn small_spec_json(name: &str, d: usize, gradient: &str) -> String {
+    format!(
+        r#"{{
+  "name": "{name}",
+  "input": {{"shape": [{d}], "preprocess": "none"}},
+  "layers": [
+    {{"type": "linear", "bias": true}},
+    {{"type": "smooth_leaky_relu", "alpha": 0.3}},
+    {{"type": "linear", "bias": true}}
+  ],
+  "objective": {{"gradient": "{gradient}", "lambda": 1.0}},
+  "train": {{"batch_size": 3, "epochs": 1, "warmup_epochs": 0, "seed": 0}}
+}}
+"#
+    )
+}
+
+/// Write a small spec, parameters (perturbed away from the initialization so that no gradient
+/// is trivially zero) and a [3, d] input batch into `dir`.
+fn small_grad_setup(
+    dir: &Path,
+    name: &str,
+    d: usize,
+    gradient: &str,
+) -> (PathBuf, PathBuf, PathBuf, Vec<f64>) {
+    let json = small_spec_json(name, d, gradient);
+    let spec_path = dir.join(format!("{name}.json"));
+    std::fs::write(&spec_path, &json).unwrap();
+    let spec = parse_spec(&json).unwrap();
+    let mut model = Model::<f64>::init(&spec, 7);
+    let mut k = 0u64;
+    for info in model.params.clone() {
+        let v: Vec<f64> = model.values[&info.name]
+            .iter()
+            .map(|x| {
+                k += 1;
+                x + 0.1 * ((k as f64 * 0.7).sin())
+            })
+            .collect();
+        model.values.insert(info.name.clone(), Arc::new(v));
+    }
+    let params = dir.join(format!("{name}.safetensors"));
+    model.save(&params, &[], HashMap::new()).unwrap();
+    // Quarter steps: exact in f32, so an f32 `Split` of the same rows is the same batch.
+    let rows: Vec<f64> = (0..3 * d)
+        .map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0)
+        .collect();
+    let input = dir.join(format!("{name}_x.npy"));
+    snfc_runtime::npy::write_npy_f64(&input, &[3, d], &rows).unwrap();
+    (spec_path, params, input, rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// compile
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn compile_emits_exact_and_optimized_ir() {
+    let ir = ok(snfc(["compile", "specs/mnist_fc2.json", "--emit", "ir"]));
+    assert!(
+        ir.starts_with("graph mnist_fc2.train {"),
+        "{}",
+        &ir[..ir.len().min(200)]
+    );
+    assert!(
+        ir.contains(" = inverse %"),
+        "the exact graph has inverse nodes"
+    );
+    assert!(
+        ir.contains(" = logdet %"),
+        "the exact graph has logdet nodes"
+    );
+    for out in [
+        "output loss =",
+        "output objective =",
+        "output grad.layers.0.weight =",
+        "output grad.layers.0.weight_inv =",
+        "output grad.layers.2.bias =",
+    ] {
+        assert!(ir.contains(out), "missing `{out}` in --emit ir");
+    }
+
+    let opt = ok(snfc([
+        "compile",
+        "specs/mnist_fc2.json",
+        "--emit",
+        "ir-opt",
+    ]));
+    assert!(opt.starts_with("graph "));
+    assert!(
+        !opt.contains("inverse"),
+        "the optimized step still has an inverse"
+    );
+    assert!(
+        !opt.contains("logdet"),
+        "the optimized step still has a logdet"
+    );
+    assert!(opt.contains("output grad.layers.0.weight ="));
+    assert!(!opt.contains("output objective"));
+}
+
+#[test]
+fn compile_stats_are_written_and_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("build");
+    let text = ok(snfc([
+        "compile",
+        "specs/mnist_fc2.json",
+        "--emit",
+        "stats",
+        "-o",
+        p(&out),
+    ]));
+    let printed: serde_json::Value = serde_json::from_str(&text).expect("stats JSON on stdout");
+    let file = std::fs::read_to_string(out.join("stats.json")).expect("DIR/stats.json");
+    let written: serde_json::Value = serde_json::from_str(&file).unwrap();
+    assert_eq!(printed, written);
+    assert_eq!(printed["spec"], "mnist_fc2");
+    assert_eq!(printed["batch"], 100);
+    assert_eq!(printed["after"]["inverse"], 0);
+    assert!(
+        printed["before"]["inverse"].as_u64().unwrap() >= 2,
+        "{}",
+        printed["before"]
+    );
+    assert!(
+        printed["after"]["flops"].as_f64().unwrap() < printed["before"]["flops"].as_f64().unwrap()
+    );
+
+    // ir and ir-opt go to files too, and nothing else is printed for them.
+    let out2 = dir.path().join("build2");
+    let text = ok(snfc([
+        "compile",
+        "specs/mnist_fc2.json",
+        "--emit",
+        "ir,ir-opt",
+        "-o",
+        p(&out2),
+    ]));
+    assert!(text.is_empty(), "unexpected stdout: {text}");
+    assert!(std::fs::read_to_string(out2.join("ir.txt"))
+        .unwrap()
+        .contains("inverse"));
+    assert!(!std::fs::read_to_string(out2.join("ir-opt.txt"))
+        .unwrap()
+        .contains("inverse"));
+}
+
+#[test]
+fn compile_exact_spec_keeps_its_inverses() {
+    let text = ok(snfc([
+        "compile",
+        "specs/mnist_fc2_exact.json",
+        "--emit",
+        "stats",
+    ]));
+    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        s["after"]["inverse"].as_u64().unwrap() >= 2,
+        "{}",
+        s["after"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn invalid_spec_value_names_file_and_json_pointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("specs/mnist_fc2.json")).unwrap();
+    assert!(text.contains(r#""alpha": 0.3"#));
+    let bad = dir.path().join("bad_alpha.json");
+    std::fs::write(&bad, text.replace(r#""alpha": 0.3"#, r#""alpha": 1.5"#)).unwrap();
+    for cmd in ["compile", "train"] {
+        let mut args = vec![cmd, p(&bad)];
+        if cmd == "train" {
+            args.extend(["--out", p(dir.path()), "--quiet"]);
+        }
+        let err = fails(snfc(&args));
+        assert!(err.contains("bad_alpha.json"), "{cmd}: {err}");
+        assert!(err.contains("/layers/1/alpha"), "{cmd}: {err}");
+        assert!(err.contains("1.5"), "{cmd}: {err}");
+    }
+    assert!(!dir.path().join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn malformed_json_reports_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("malformed.json");
+    // The missing comma is on line 3, column 26 (where serde_json notices it).
+    std::fs::write(
+        &bad,
+        "{\n  \"name\": \"x\",\n  \"input\": {\"shape\": [4] \"preprocess\": \"none\"}\n}\n",
+    )
+    .unwrap();
+    let err = fails(snfc(["compile", p(&bad)]));
+    assert!(err.contains("malformed.json"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("column 26"), "{err}");
+}
+
+#[test]
+fn missing_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("no_such_checkpoint.safetensors");
+    for args in [
+        vec!["eval", p(&ckpt)],
+        vec!["sample", p(&ckpt), "-n", "2", "-o", "x.png"],
+    ] {
+        let err = fails(snfc(&args));
+        assert!(
+            err.contains("no_such_checkpoint.safetensors"),
+            "{args:?}: {err}"
+        );
+    }
+    let spec = dir.path().join("no_such_spec.json");
+    let err = fails(snfc(["compile", p(&spec)]));
+    assert!(err.contains("no_such_spec.json"), "{err}");
+
+    // A file that is not a safetensors file.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    let err = fails(snfc(["eval", p(&junk)]));
+    assert!(err.contains("junk.safetensors"), "{err}");
+}
+
+#[test]
+fn grad_input_of_wrong_width_names_file_and_expected_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, params, _, _) = small_grad_setup(dir.path(), "small4", 4, "self_normalizing");
+    let wrong = dir.path().join("wrong_width.npy");
+    snfc_runtime::npy::write_npy_f64(&wrong, &[3, 5], &[0.5; 15]).unwrap();
+    let out = dir.path().join("g.safetensors");
+    let err = fails(snfc([
+        "grad",
+        p(&spec),
+        "--params",
+        p(&params),
+        "--input",
+        p(&wrong),
+        "-o",
+        p(&out),
+    ]));
+    assert!(err.contains("wrong_width.npy"), "{err}");
+    assert!(err.contains("[B, 4]"), "{err}");
+    assert!(err.contains("[3, 5]"), "{err}");
+    assert!(!out.exists());
+
+    // Parameters of another width are named too.
+    let (_, params5, _, _) = small_grad_setup(dir.path(), "small5", 5, "self_normalizing");
+    let (_, _, input4, _) = small_grad_setup(dir.path(), "other4", 4, "self_normalizing");
+    let err = fails(snfc([
+        "grad",
+        p(&spec),
+        "--params",
+        p(&params5),
+        "--input",
+        p(&input4),
+        "-o",
+        p(&out),
+    ]));
+    assert!(err.contains("small5.safetensors"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn gpu_devices_are_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = fails(snfc([
+        "train",
+        "specs/mnist_fc2.json",
+        "--device",
+        "wgpu",
+        "--steps",
+        "1",
+        "--out",
+        p(&out),
+        "--quiet",
+    ]));
+    assert!(err.contains("wgpu"), "{err}");
+    assert!(err.contains("--device host"), "{err}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+    let err = fails(snfc(["bench", "specs/mnist_fc2.json", "--device", "cuda"]));
+    assert!(err.contains("cuda"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// train → eval → sample
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn train_eval_sample_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let train_args = [
+        "train",
+        "specs/mnist_fc2.json",
+        "--steps",
+        "3",
+        "--epochs",
+        "1",
+        "--out",
+        p(&run),
+        "--quiet",
+    ];
+    let o = snfc(train_args);
+    let text = ok(o);
+    assert!(text.contains("best validation NLL"), "{text}");
+    let ckpt = run.join("checkpoint.safetensors");
+    let metrics = run.join("metrics.jsonl");
+    assert!(ckpt.is_file() && metrics.is_file());
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(m.lines().count(), 1, "{m}");
+    let line: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+    assert_eq!(line["steps"], 3);
+    assert_eq!(line["epoch"], 1);
+    let val_nll = line["val_nll_nats"].as_f64().unwrap();
+
+    // The checkpoint: every parameter in f32 and the spec in the metadata.
+    let st = read_safetensors(&ckpt);
+    let names: Vec<&str> = st.tensors.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "layers.0.bias",
+            "layers.0.weight",
+            "layers.0.weight_inv",
+            "layers.2.bias",
+            "layers.2.weight",
+            "layers.2.weight_inv"
+        ]
+    );
+    assert!(st.tensors.values().all(|(dt, _, _)| dt == "F32"));
+    assert_eq!(st.tensors["layers.0.weight"].1, [784, 784]);
+    assert_eq!(parse_spec(&st.metadata["spec"]).unwrap().name, "mnist_fc2");
+
+    // A second run into the same directory without --force fails and leaves the files alone.
+    let ckpt_bytes = std::fs::read(&ckpt).unwrap();
+    let metrics_bytes = std::fs::read(&metrics).unwrap();
+    let err = fails(snfc(train_args));
+    assert!(err.contains("checkpoint.safetensors"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        ckpt_bytes,
+        "checkpoint changed"
+    );
+    assert_eq!(
+        std::fs::read(&metrics).unwrap(),
+        metrics_bytes,
+        "metrics.jsonl changed"
+    );
+
+    // eval --json on the test split.
+    let text = ok(snfc(["eval", p(&ckpt), "--json"]));
+    let r: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON object");
+    assert_eq!(r["examples"], 1000);
+    let nll = r["nll_nats"].as_f64().unwrap();
+    let bpd = r["bits_per_dim"].as_f64().unwrap();
+    assert!(nll.is_finite() && nll > 0.0, "{r}");
+    assert!(
+        (bpd - nll / (784.0 * std::f64::consts::LN_2)).abs() <= 1e-12 * bpd,
+        "{r}"
+    );
+    assert!(r["recon"].as_f64().is_some_and(|x| x >= 0.0), "{r}");
+    // The same as the library on the embedded test split.
+    let (model, _) = Model::<f64>::load(&ckpt, None).unwrap();
+    let data = snfc_runtime::data::embedded_mnist().unwrap();
+    let lib = snfc_runtime::eval::evaluate(&model, &data.test, 500, 0).unwrap();
+    assert!(
+        (lib.nll_nats - nll).abs() <= 1e-9 * nll,
+        "library {} vs CLI {nll}",
+        lib.nll_nats
+    );
+    // The validation split is another split; it matches training's figure up to the
+    // dequantization noise (drawn in other batches).
+    let text = ok(snfc(["eval", p(&ckpt), "--json", "--split", "valid"]));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let v_nll = v["nll_nats"].as_f64().unwrap();
+    assert!(
+        (v_nll - val_nll).abs() < 2.0,
+        "eval --split valid {v_nll} vs training {val_nll}"
+    );
+    assert_ne!(v_nll, nll);
+    // The human-readable form.
+    let text = ok(snfc(["eval", p(&ckpt)]));
+    assert!(
+        text.contains("bits/dim") && text.contains("1000 examples"),
+        "{text}"
+    );
+
+    // Samples as PNG grids: 4 digits → 2×2 cells of 28×28 with a 2-pixel gutter.
+    for (file, extra) in [("x.png", None), ("x_exact.png", Some("--exact-inverse"))] {
+        let png = dir.path().join(file);
+        let mut args = vec!["sample", p(&ckpt), "-n", "4", "-o", p(&png)];
+        args.extend(extra);
+        ok(snfc(&args));
+        assert_eq!(png_size(&png), (2 * 28 + 3 * 2, 2 * 28 + 3 * 2), "{file}");
+    }
+    // ... or as .npy values in [0, 256).
+    let npy = dir.path().join("s.npy");
+    ok(snfc([
+        "sample",
+        p(&ckpt),
+        "-n",
+        "3",
+        "-o",
+        p(&npy),
+        "--seed",
+        "5",
+    ]));
+    let (shape, values) = snfc_runtime::npy::read_npy(&npy).unwrap();
+    assert_eq!(shape, [3, 784]);
+    assert!(values
+        .iter()
+        .all(|v| v.is_finite() && (-1e-3..=256.001).contains(v)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad
+// ---------------------------------------------------------------------------------------------
+
+fn grad_run(
+    spec: &Path,
+    params: &Path,
+    input: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> SafeTensorsFile {
+    let mut args = vec![
+        "grad",
+        p(spec),
+        "--params",
+        p(params),
+        "--input",
+        p(input),
+        "-o",
+        p(out),
+    ];
+    args.extend(extra);
+    let text = ok(snfc(&args));
+    assert!(text.contains("wrote"), "{text}");
+    read_safetensors(out)
+}
+
+const PARAM_NAMES: [&str; 6] = [
+    "layers.0.weight",
+    "layers.0.weight_inv",
+    "layers.0.bias",
+    "layers.2.weight",
+    "layers.2.weight_inv",
+    "layers.2.bias",
+];
+
+#[test]
+fn grad_writes_every_parameter_and_the_scalars() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = 4;
+    let (spec, params, input, rows) = small_grad_setup(dir.path(), "g4", d, "self_normalizing");
+    let out = dir.path().join("g.safetensors");
+    let f32_run = grad_run(&spec, &params, &input, &out, &[]);
+    let mut names: Vec<&str> = PARAM_NAMES.to_vec();
+    names.extend(["loss", "nll", "recon"]);
+    names.sort_unstable();
+    assert_eq!(
+        f32_run
+            .tensors
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        names
+    );
+    for name in PARAM_NAMES {
+        let (dt, shape, v) = &f32_run.tensors[name];
+        assert_eq!(dt, "F32", "{name}");
+        let want: Vec<usize> = if name.ends_with("bias") {
+            vec![d]
+        } else {
+            vec![d, d]
+        };
+        assert_eq!(*shape, want, "{name}");
+        assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        assert!(v.iter().any(|x| *x != 0.0), "{name}: all-zero gradient");
+    }
+    for s in ["loss", "nll", "recon"] {
+        let (_, shape, v) = &f32_run.tensors[s];
+        assert!(shape.is_empty(), "{s} is a scalar, got shape {shape:?}");
+        assert!(v[0].is_finite(), "{s}");
+    }
+    assert!(f32_run.metadata["spec"].contains("\"g4\""));
+
+    // f64, with and without the algebraic optimization: the same numbers.
+    let fused = grad_run(
+        &spec,
+        &params,
+        &input,
+        &dir.path().join("g64.safetensors"),
+        &["--dtype", "f64"],
+    );
+    let plain = grad_run(
+        &spec,
+        &params,
+        &input,
+        &dir.path().join("g64_nofusion.safetensors"),
+        &["--dtype", "f64", "--no-fusion"],
+    );
+    for name in fused.tensors.keys() {
+        let (dt, _, a) = &fused.tensors[name];
+        let (_, _, b) = &plain.tensors[name];
+        assert_eq!(dt, "F64", "{name}");
+        let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-10 * scale,
+            "{name}: fused vs --no-fusion differ by {diff} (scale {scale})"
+        );
+        // f32 agrees with f64 loosely.
+        let (_, _, c) = &f32_run.tensors[name];
+        let diff32 = a
+            .iter()
+            .zip(c)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff32 <= 1e-4 * scale.max(1.0),
+            "{name}: f32 vs f64 differ by {diff32}"
+        );
+    }
+
+    // nll is the exact −mean ln p(x) of the batch.
+    let json = std::fs::read_to_string(&spec).unwrap();
+    let model = Model::<f64>::load(&params, Some(&parse_spec(&json).unwrap()))
+        .unwrap()
+        .0;
+    let split = Split {
+        n: 3,
+        dim: d,
+        values: rows.iter().map(|&v| v as f32).collect(),
+    };
+    let lib = snfc_runtime::eval::evaluate(&model, &split, 3, 0).unwrap();
+    let nll = fused.tensors["nll"].2[0];
+    assert!(
+        (nll - lib.nll_nats).abs() <= 1e-9 * nll.abs().max(1.0),
+        "grad nll {nll} vs evaluate {}",
+        lib.nll_nats
+    );
+    let recon = fused.tensors["recon"].2[0];
+    assert!(
+        (recon - lib.recon.unwrap()).abs() <= 1e-9 * recon.max(1.0),
+        "recon {recon} vs {:?}",
+        lib.recon
+    );
+}
+
+#[test]
+fn grad_of_exact_spec_leaves_r_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, params, input, _) = small_grad_setup(dir.path(), "e4", 4, "exact");
+    let g = grad_run(
+        &spec,
+        &params,
+        &input,
+        &dir.path().join("ge.safetensors"),
+        &["--dtype", "f64"],
+    );
+    for name in PARAM_NAMES {
+        let (_, _, v) = g
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("missing {name}"));
+        if name.ends_with("weight_inv") {
+            assert!(
+                v.iter().all(|x| *x == 0.0),
+                "{name} should have a zero gradient: {v:?}"
+            );
+        } else {
+            assert!(v.iter().any(|x| *x != 0.0), "{name}: all-zero gradient");
+        }
+    }
+    assert_eq!(g.tensors["recon"].2, [0.0]);
+    // The exact gradient does not depend on fusion settings either.
+    let plain = grad_run(
+        &spec,
+        &params,
+        &input,
+        &dir.path().join("ge_nofusion.safetensors"),
+        &["--dtype", "f64", "--no-fusion"],
+    );
+    for name in PARAM_NAMES {
+        let (a, b) = (&g.tensors[name].2, &plain.tensors[name].2);
+        let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-10 * scale.max(1e-300), "{name}: {diff}");
+    }
+}
