@@ -737,3 +737,75 @@ fn grad_of_exact_spec_leaves_r_alone() {
         assert!(diff <= 1e-10 * scale.max(1e-300), "{name}: {diff}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A continuous data set from .npy
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn small_spec_on_npy_data_trains_evaluates_and_samples_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = 4;
+    let spec = dir.path().join("small.json");
+    std::fs::write(
+        &spec,
+        small_spec_json("small", d, "self_normalizing")
+            .replace(r#""batch_size": 3"#, r#""batch_size": 5"#),
+    )
+    .unwrap();
+    let data = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..50 * d)
+        .map(|i| ((i * 37 % 23) as f64 - 11.0) / 8.0)
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&data, &[50, d], &rows).unwrap();
+    let run = dir.path().join("run");
+    ok(snfc([
+        "train",
+        p(&spec),
+        "--data",
+        p(&data),
+        "--epochs",
+        "2",
+        "--out",
+        p(&run),
+        "--dtype",
+        "f64",
+        "--quiet",
+    ]));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{metrics}");
+    // 50 examples: 40 train / 5 valid / 5 test; batch 5 → 8 steps per epoch.
+    assert_eq!(lines[1]["steps"], 16);
+    let ckpt = run.join("checkpoint.safetensors");
+    let st = read_safetensors(&ckpt);
+    assert!(st.tensors.values().all(|(dt, _, _)| dt == "F64"));
+    assert_eq!(st.metadata.get("dtype").map(String::as_str), Some("f64"));
+
+    // A .npy file is evaluated whole.
+    let text = ok(snfc(["eval", p(&ckpt), "--data", p(&data), "--json"]));
+    let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(r["examples"], 50);
+    let nll = r["nll_nats"].as_f64().unwrap();
+    assert!(
+        (r["bits_per_dim"].as_f64().unwrap() - nll / (d as f64 * std::f64::consts::LN_2)).abs()
+            < 1e-12
+    );
+
+    // The default data (MNIST, 784 values per example) does not fit a D=4 spec.
+    let err = fails(snfc(["eval", p(&ckpt)]));
+    assert!(err.contains("784") && err.contains("[4]"), "{err}");
+
+    // Samples of a non-image spec are written as .npy, even when a .png was asked for.
+    let png = dir.path().join("s.png");
+    let text = ok(snfc(["sample", p(&ckpt), "-n", "3", "-o", p(&png)]));
+    assert!(!png.exists());
+    let npy = dir.path().join("s.npy");
+    assert!(text.contains("s.npy"), "{text}");
+    let (shape, values) = snfc_runtime::npy::read_npy(&npy).unwrap();
+    assert_eq!(shape, [3, d]);
+    assert!(values.iter().all(|v| v.is_finite()));
+}

@@ -1,13 +1,16 @@
 //! Throughput of the host executor's dense linear algebra on the training-step shapes.
 //!
-//! `cargo run --release -p snfc-runtime --example gemm_speed [-- SECONDS_PER_CASE]`
+//! `cargo run --release -p snfc-runtime --example gemm_speed [-- SECONDS]`
 //!
 //! Prints GFLOP/s of `matmul` for the three products of a 784-wide layer on a batch of 100
-//! (W·X, X·Xᵀ-like and Wᵀ·G), and the time of `inverse` / `slogdet` for n = 784, in f32 and
-//! f64, on 1 thread and on every thread of the machine.
+//! (W·X, X·Yᵀ and Wᵀ·X, in f32 and f64), and the time of `inverse` / `slogdet` for n = 784,
+//! on 1 thread and on all threads of the rayon pool. All cases and thread counts are run
+//! round-robin for about SECONDS (default 10) so that background load hits them alike; the
+//! best time is the most meaningful figure on a shared machine, the median is printed too.
 
 use std::time::{Duration, Instant};
 
+use rayon::ThreadPool;
 use snfc_runtime::host::linalg::{inverse, matmul, slogdet, threads, MatRef, Real};
 
 fn data<T: Real>(len: usize, seed: u64) -> Vec<T> {
@@ -22,132 +25,127 @@ fn data<T: Real>(len: usize, seed: u64) -> Vec<T> {
         .collect()
 }
 
-/// Runs `f` repeatedly for about `budget` (after one warm-up call); returns (best, median).
-fn time(budget: Duration, mut f: impl FnMut()) -> (Duration, Duration) {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 3 || (start.elapsed() < budget && times.len() < 10_000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed());
-    }
-    times.sort();
-    (times[0], times[times.len() / 2])
-}
+/// A benchmark case: a name, its flop count (for GFLOP/s) if meaningful, and the work.
+type Case = (String, Option<f64>, Box<dyn FnMut() + Send>);
 
-fn gemm_cases<T: Real>(budget: Duration) {
+fn cases<T: Real>() -> Vec<Case> {
     let (d, b) = (784, 100);
     let w: Vec<T> = data(d * d, 1); // d×d
     let x: Vec<T> = data(d * b, 2); // d×b
     let y: Vec<T> = data(d * b, 3); // d×b
-    let mut out_db = vec![T::zero(); d * b];
-    let mut out_dd = vec![T::zero(); d * d];
+    let flop = 2.0 * (d * d * b) as f64; // the same for all three products
     let (one, zero) = (T::one(), T::zero());
-    let names = [
-        "W·X      784x784 · 784x100",
-        "X·Yᵀ     784x100 · (784x100)ᵀ",
-        "Wᵀ·X     (784x784)ᵀ · 784x100",
-    ];
-    let flop = 2.0 * (d * d * b) as f64; // the same for all three
-    let mut run = |case: usize| match case {
-        0 => matmul(
-            MatRef::row_major(&w, d, d),
-            MatRef::row_major(&x, d, b),
-            &mut out_db,
-            one,
-            zero,
-            false,
-        ),
-        1 => matmul(
-            MatRef::row_major(&x, d, b),
-            MatRef::row_major(&y, d, b).t(),
-            &mut out_dd,
-            one,
-            zero,
-            false,
-        ),
-        _ => matmul(
-            MatRef::row_major(&w, d, d).t(),
-            MatRef::row_major(&x, d, b),
-            &mut out_db,
-            one,
-            zero,
-            false,
-        ),
-    };
-    // Interleave the cases (round-robin) so that background load hits all of them alike.
-    let mut times: [Vec<Duration>; 3] = Default::default();
-    (0..3).for_each(&mut run);
-    let start = Instant::now();
-    while times[0].len() < 3 || start.elapsed() < budget * 3 {
-        for (case, t) in times.iter_mut().enumerate() {
-            let t0 = Instant::now();
-            run(case);
-            t.push(t0.elapsed());
-        }
+    let name = |s: &str| format!("{} {s}", T::NAME);
+    let mut out: Vec<Case> = Vec::new();
+    {
+        let (w, x) = (w.clone(), x.clone());
+        let mut o = vec![zero; d * b];
+        out.push((
+            name("matmul W·X    784x784 · 784x100"),
+            Some(flop),
+            Box::new(move || {
+                let (a, bm) = (MatRef::row_major(&w, d, d), MatRef::row_major(&x, d, b));
+                matmul(a, bm, &mut o, one, zero, false)
+            }),
+        ));
     }
-    for (name, mut t) in names.into_iter().zip(times) {
-        t.sort();
-        let (best, med) = (t[0], t[t.len() / 2]);
-        println!(
-            "  {} {name:<32} best {:7.1} GFLOP/s ({:8.1} µs)   median {:7.1} GFLOP/s",
-            T::NAME,
-            flop / best.as_secs_f64() * 1e-9,
-            best.as_secs_f64() * 1e6,
-            flop / med.as_secs_f64() * 1e-9,
-        );
+    {
+        let x = x.clone();
+        let mut o = vec![zero; d * d];
+        out.push((
+            name("matmul X·Yᵀ   784x100 · (784x100)ᵀ"),
+            Some(flop),
+            Box::new(move || {
+                let (a, bm) = (MatRef::row_major(&x, d, b), MatRef::row_major(&y, d, b).t());
+                matmul(a, bm, &mut o, one, zero, false)
+            }),
+        ));
     }
-}
-
-fn lu_cases<T: Real>(budget: Duration) {
-    let n = 784;
-    let mut a: Vec<T> = data(n * n, 4);
-    for i in 0..n {
-        a[i * n + i] += T::of_f64((n as f64).sqrt());
+    {
+        let (w, x) = (w.clone(), x.clone());
+        let mut o = vec![zero; d * b];
+        out.push((
+            name("matmul Wᵀ·X   (784x784)ᵀ · 784x100"),
+            Some(flop),
+            Box::new(move || {
+                let (a, bm) = (MatRef::row_major(&w, d, d).t(), MatRef::row_major(&x, d, b));
+                matmul(a, bm, &mut o, one, zero, false)
+            }),
+        ));
     }
-    let (best, med) = time(budget, || {
-        std::hint::black_box(inverse(&a, n).unwrap());
-    });
-    println!(
-        "  {} inverse n=784   best {:8.2} ms   median {:8.2} ms",
-        T::NAME,
-        best.as_secs_f64() * 1e3,
-        med.as_secs_f64() * 1e3
-    );
-    let (best, med) = time(budget, || {
-        std::hint::black_box(slogdet(&a, n));
-    });
-    println!(
-        "  {} slogdet n=784   best {:8.2} ms   median {:8.2} ms",
-        T::NAME,
-        best.as_secs_f64() * 1e3,
-        med.as_secs_f64() * 1e3
-    );
+    let mut a = w;
+    for i in 0..d {
+        a[i * d + i] += T::of_f64((d as f64).sqrt());
+    }
+    let a2 = a.clone();
+    out.push((
+        name("inverse n=784"),
+        None,
+        Box::new(move || {
+            std::hint::black_box(inverse(&a, d).unwrap());
+        }),
+    ));
+    out.push((
+        name("slogdet n=784"),
+        None,
+        Box::new(move || {
+            std::hint::black_box(slogdet(&a2, d));
+        }),
+    ));
+    out
 }
 
 fn main() {
     let secs: f64 = std::env::args()
         .nth(1)
-        .map(|s| s.parse().expect("SECONDS_PER_CASE must be a number"))
-        .unwrap_or(1.0);
+        .map(|s| s.parse().expect("SECONDS must be a number"))
+        .unwrap_or(10.0);
     let budget = Duration::from_secs_f64(secs);
-    let all = threads();
     let mut counts = vec![1];
-    if all > 1 {
-        counts.push(all);
+    if threads() > 1 {
+        counts.push(threads());
     }
-    for t in counts {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .expect("thread pool");
-        pool.install(|| {
-            println!("{t} thread(s):");
-            gemm_cases::<f32>(budget);
-            gemm_cases::<f64>(budget);
-            lu_cases::<f32>(budget);
-            lu_cases::<f64>(budget);
-        });
+    let pools: Vec<ThreadPool> = counts
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .expect("thread pool")
+        })
+        .collect();
+    let mut all = cases::<f32>();
+    all.extend(cases::<f64>());
+    let mut times = vec![vec![Vec::<Duration>::new(); pools.len()]; all.len()];
+    // Warm-up, then round-robin.
+    for (_, _, f) in all.iter_mut() {
+        pools.iter().for_each(|p| p.install(&mut *f));
+    }
+    let start = Instant::now();
+    while times[0][0].len() < 3 || start.elapsed() < budget {
+        for ((_, _, f), t) in all.iter_mut().zip(times.iter_mut()) {
+            for (p, tp) in pools.iter().zip(t.iter_mut()) {
+                let t0 = Instant::now();
+                p.install(&mut *f);
+                tp.push(t0.elapsed());
+            }
+        }
+    }
+    println!("{} rounds; best (median)", times[0][0].len());
+    for ((name, flop, _), t) in all.iter().zip(times.iter_mut()) {
+        let mut line = format!("{name:<42}");
+        for (c, tp) in counts.iter().zip(t.iter_mut()) {
+            tp.sort();
+            let (best, med) = (tp[0].as_secs_f64(), tp[tp.len() / 2].as_secs_f64());
+            line += &match flop {
+                Some(f) => format!(
+                    "  {c} thr: {:6.1} ({:6.1}) GFLOP/s",
+                    f / best * 1e-9,
+                    f / med * 1e-9
+                ),
+                None => format!("  {c} thr: {:6.2} ({:6.2}) ms     ", best * 1e3, med * 1e3),
+            };
+        }
+        println!("{line}");
     }
 }

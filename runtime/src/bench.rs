@@ -63,6 +63,7 @@ pub fn bench_step<T: Real>(
     fill_uniform(&mut rng, &mut noise);
     let (x, noise) = (Arc::new(x), Arc::new(noise));
     let mut times = Vec::with_capacity(steps);
+    let mut adam_secs = 0.0;
     for i in 0..warmup + steps {
         let t = Instant::now();
         let mut feeds: Feeds<T> = model.values.clone();
@@ -72,7 +73,11 @@ pub fn bench_step<T: Real>(
         }
         let outs = exec.run(&program, &feeds)?;
         drop(feeds);
+        let t_adam = Instant::now();
         adam.update(&mut model, &outs, 1e-4);
+        if i >= warmup {
+            adam_secs += t_adam.elapsed().as_secs_f64();
+        }
         if i + 1 == warmup && profile {
             exec.enable_profile();
         }
@@ -101,6 +106,7 @@ pub fn bench_step<T: Real>(
             .profile()
             .into_iter()
             .map(|(k, t, n)| (k, t / steps as f64, n / steps))
+            .chain(profile.then(|| ("adam update".to_string(), adam_secs / steps as f64, 1)))
             .collect(),
     })
 }

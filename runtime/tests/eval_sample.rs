@@ -273,6 +273,26 @@ fn logdet_sum_matches_gaussian_elimination() {
             "Σ ln|det W|",
         );
     }
+    // A negative determinant (two rows of W swapped): ln|det| is unchanged.
+    let mut model = perturbed_model(&spec, 9, 0.4);
+    let before = own_logdet_sum(&model);
+    let mut w = param(&model, "layers.0.weight");
+    for k in 0..5 {
+        w.swap(k, 5 + k);
+    }
+    model.values.insert("layers.0.weight".into(), Arc::new(w));
+    assert_close(
+        own_logdet_sum(&model),
+        before,
+        1e-12,
+        "own ln|det| after a row swap",
+    );
+    assert_close(
+        logdet_sum(&model),
+        before,
+        1e-10,
+        "Σ ln|det W| with det W < 0",
+    );
 }
 
 #[test]
@@ -534,6 +554,52 @@ fn dequantized_samples_are_finite_and_in_pixel_range() {
                     "sample value {v}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn deeper_flow_with_and_without_biases() {
+    // linear(no bias) → s(0.1) → linear(bias) → s(0.7) → linear(no bias), D = 6.
+    let d = 6;
+    let spec = parse_spec(
+        r#"{
+            "name": "deeper",
+            "input": {"shape": [2, 3], "preprocess": "none"},
+            "layers": [
+                {"type": "linear", "bias": false},
+                {"type": "smooth_leaky_relu", "alpha": 0.1},
+                {"type": "linear"},
+                {"type": "smooth_leaky_relu", "alpha": 0.7},
+                {"type": "linear", "bias": false, "init": "identity"}
+            ]
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(spec.input.dim(), d);
+    let model = perturbed_model(&spec, 31, 0.25);
+    assert!(
+        !model.values.contains_key("layers.0.bias") && model.values.contains_key("layers.2.bias")
+    );
+    let mut rng = Rng::new(3);
+    let rows: Vec<f64> = (0..5 * d)
+        .map(|_| ((1.5 * rng.normal()) as f32) as f64)
+        .collect();
+    let split = split_of(&rows, d);
+    let (logp, recon) = log_likelihoods(&model, &split, 2, 0).unwrap();
+    let recon = recon.unwrap();
+    for e in 0..5 {
+        let (want, want_recon) = reference_logp(&model, &rows[e * d..(e + 1) * d], None);
+        assert_close(logp[e], want, 1e-9, &format!("ln p(x) of example {e}"));
+        assert_close(recon[e], want_recon, 1e-9, &format!("recon of example {e}"));
+    }
+    let (n, seed) = (4, 77);
+    let samples = sample(&model, n, seed, true).unwrap();
+    let z = drawn_z(d, n, seed);
+    for j in 0..n {
+        let (fx, _, _) = forward(&model, &samples[j * d..(j + 1) * d]);
+        for k in 0..d {
+            assert_close(fx[k], z[j][k], 1e-9, &format!("f(sample {j})[{k}]"));
         }
     }
 }

@@ -429,6 +429,23 @@ impl<T: Real> Executor<T> {
                     }
                 }
             }
+            let layouts: String = if self.profile.is_some() && ins.op == Op::MatMul {
+                ins.args[..2]
+                    .iter()
+                    .map(|a| {
+                        let t = vals[*a]
+                            .as_ref()
+                            .or_else(|| donors.iter().find(|d| d.0 == *a).map(|d| &d.1));
+                        if t.is_some_and(|v| v.transposed) {
+                            "T"
+                        } else {
+                            "N"
+                        }
+                    })
+                    .collect()
+            } else {
+                String::new()
+            };
             let started = self.profile.is_some().then(std::time::Instant::now);
             let v = self.exec(p, i, ins, &vals, &mut donors, feeds)?;
             for (_, d) in donors.drain(..) {
@@ -441,9 +458,10 @@ impl<T: Real> Executor<T> {
             if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
                 let key = match &ins.op {
                     Op::MatMul => format!(
-                        "matmul{} {:?}",
+                        "matmul{} {:?} ({})",
                         if ins.epilogue.is_some() { "+acc" } else { "" },
-                        ins.shape
+                        ins.shape,
+                        layouts
                     ),
                     Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => "leaf".to_string(),
                     op => op.to_string().split(':').next().unwrap_or("?").to_string(),
@@ -542,19 +560,29 @@ impl<T: Real> Executor<T> {
                         value(out)
                     }
                     Some((alpha, beta)) => {
-                        let mut out = match take_donor(donors, ins.args[2], numel, false) {
+                        // Accumulate in the layout `c` already has: a transposed `c` takes
+                        // (a·b)ᵀ = bᵀ·aᵀ, so no transposing copy is ever made.
+                        let c_t = get(donors, 2).transposed;
+                        let mut out = match take_donor(donors, ins.args[2], numel, c_t) {
                             Some(buf) => buf,
                             None => {
                                 let c = get(donors, 2);
-                                let c = self.contiguous(&c);
                                 let mut out = self.alloc(numel);
-                                out.copy_from_slice(&c);
+                                out.copy_from_slice(&c.data);
                                 out
                             }
                         };
                         let (alpha, beta) = (T::of_f64(alpha), T::of_f64(beta));
-                        linalg::matmul(a.mat(), b.mat(), &mut out, alpha, beta, true);
-                        value(out)
+                        if c_t {
+                            linalg::matmul(b.mat().t(), a.mat().t(), &mut out, alpha, beta, true);
+                        } else {
+                            linalg::matmul(a.mat(), b.mat(), &mut out, alpha, beta, true);
+                        }
+                        Value {
+                            data: Arc::new(out),
+                            shape: ins.shape.clone(),
+                            transposed: c_t,
+                        }
                     }
                 }
             }
