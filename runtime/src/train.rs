@@ -153,7 +153,7 @@ impl<T: Real> Adam<T> {
                 for i in 0..p.len() {
                     m[i] = b1 * m[i] + (one - b1) * g[i];
                     v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
-                    p[i] = p[i] - step * m[i] / (v[i].sqrt() * c2s + eps);
+                    p[i] -= step * m[i] / (v[i].sqrt() * c2s + eps);
                 }
             });
     }

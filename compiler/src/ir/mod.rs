@@ -247,8 +247,8 @@ impl GraphBuilder {
     pub fn mul(&mut self, a: NodeIndex, b: NodeIndex) -> NodeIndex {
         match (self.op(a).const_value(), self.op(b).const_value()) {
             (Some(x), Some(y)) => self.constant(x * y),
-            (Some(x), _) if x == 1.0 => b,
-            (_, Some(y)) if y == 1.0 => a,
+            (Some(1.0), _) => b,
+            (_, Some(1.0)) => a,
             _ => self.add(Op::Mul, &[a, b]),
         }
     }

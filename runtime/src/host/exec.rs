@@ -694,7 +694,7 @@ impl<T: Real> Executor<T> {
                         for row in 0..r {
                             let src = &a[row * c..(row + 1) * c];
                             for (o, s) in out.iter_mut().zip(src) {
-                                *o = *o + *s;
+                                *o += *s;
                             }
                         }
                     }
