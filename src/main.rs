@@ -127,6 +127,9 @@ enum Command {
         /// Seed of the dequantization noise (8-bit specs).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The dequantization noise itself, .npy of the input's shape with values in [0, 1).
+        #[arg(long)]
+        noise: Option<PathBuf>,
         /// Run the substituted graph without the algebraic optimization.
         #[arg(long)]
         no_fusion: bool,
@@ -320,14 +323,23 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
             seed,
+            noise,
             no_fusion,
             device,
         } => {
             resolve_device(device)?;
             let spec = spec_from(&spec)?;
+            let args = GradArgs {
+                params: &params,
+                input: &input,
+                noise: noise.as_deref(),
+                out: &out,
+                seed,
+                level: level(no_fusion),
+            };
             match dtype {
-                Dtype::F32 => grad::<f32>(&spec, &params, &input, &out, seed, level(no_fusion)),
-                Dtype::F64 => grad::<f64>(&spec, &params, &input, &out, seed, level(no_fusion)),
+                Dtype::F32 => grad::<f32>(&spec, &args),
+                Dtype::F64 => grad::<f64>(&spec, &args),
             }
         }
         Command::Bench {
@@ -411,14 +423,19 @@ fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split
     })
 }
 
-fn grad<T: Real>(
-    spec: &FlowSpec,
-    params: &Path,
-    input: &Path,
-    out: &Path,
+struct GradArgs<'a> {
+    params: &'a Path,
+    input: &'a Path,
+    noise: Option<&'a Path>,
+    out: &'a Path,
     seed: u64,
     level: OptLevel,
-) -> Result<()> {
+}
+
+fn grad<T: Real>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
+    let GradArgs {
+        params, input, out, ..
+    } = *args;
     let (model, _) = Model::<T>::load(params, Some(spec))?;
     let (shape, values) = snfc_runtime::npy::read_npy(input)?;
     let d = spec.input.dim();
@@ -434,7 +451,31 @@ fn grad<T: Real>(
             shape
         );
     }
-    let named = snfc_runtime::grad::gradients(&model, &values, batch, seed, level)?;
+    let noise_rows = match args.noise {
+        Some(path) => {
+            let (nshape, nvals) = snfc_runtime::npy::read_npy(path)?;
+            if nshape != shape {
+                bail!(
+                    "{}: noise has shape {nshape:?}, but the input {} has shape {shape:?}",
+                    path.display(),
+                    input.display()
+                );
+            }
+            if let Some(v) = nvals.iter().find(|v| !(0.0..1.0).contains(*v)) {
+                bail!(
+                    "{}: noise values must be in [0, 1), found {v}",
+                    path.display()
+                );
+            }
+            Some(nvals)
+        }
+        None => None,
+    };
+    let noise = match &noise_rows {
+        Some(r) => snfc_runtime::grad::Noise::Rows(r),
+        None => snfc_runtime::grad::Noise::Seed(args.seed),
+    };
+    let named = snfc_runtime::grad::gradients(&model, &values, batch, noise, args.level)?;
     let meta = std::collections::HashMap::from([
         ("spec".to_string(), spec.to_json_pretty()),
         ("format".to_string(), "snfc-grad-v1".to_string()),

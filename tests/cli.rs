@@ -809,3 +809,91 @@ fn small_spec_on_npy_data_trains_evaluates_and_samples_npy() {
     assert_eq!(shape, [3, d]);
     assert!(values.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn grad_takes_dequantization_noise_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = 4;
+    let json =
+        small_spec_json("q4", d, "self_normalizing").replace("\"none\"", "\"dequantize_logit\"");
+    let spec_path = dir.path().join("q4.json");
+    std::fs::write(&spec_path, &json).unwrap();
+    let spec = parse_spec(&json).unwrap();
+    let params = dir.path().join("q4.safetensors");
+    Model::<f64>::init(&spec, 3)
+        .save(&params, &[], HashMap::new())
+        .unwrap();
+    let rows: Vec<f64> = (0..3 * d).map(|i| ((i * 37) % 256) as f64).collect();
+    let input = dir.path().join("x.npy");
+    snfc_runtime::npy::write_npy_f64(&input, &[3, d], &rows).unwrap();
+    let noise = |name: &str, shape: &[usize], f: &dyn Fn(usize) -> f64| {
+        let path = dir.path().join(name);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(f).collect();
+        snfc_runtime::npy::write_npy_f64(&path, shape, &v).unwrap();
+        path
+    };
+    let u1 = noise("u1.npy", &[3, d], &|i| (i as f64 * 0.37).fract());
+    let u2 = noise("u2.npy", &[3, d], &|i| (i as f64 * 0.61).fract());
+    let out = |n: &str| dir.path().join(n);
+    let a = grad_run(
+        &spec_path,
+        &params,
+        &input,
+        &out("a.safetensors"),
+        &["--dtype", "f64", "--noise", p(&u1)],
+    );
+    let b = grad_run(
+        &spec_path,
+        &params,
+        &input,
+        &out("b.safetensors"),
+        &["--dtype", "f64", "--noise", p(&u1)],
+    );
+    let c = grad_run(
+        &spec_path,
+        &params,
+        &input,
+        &out("c.safetensors"),
+        &["--dtype", "f64", "--noise", p(&u2)],
+    );
+    assert_eq!(
+        a.tensors, b.tensors,
+        "the same noise gives the same gradients"
+    );
+    assert_ne!(
+        a.tensors["nll"], c.tensors["nll"],
+        "other noise, other likelihood"
+    );
+    let wrong = noise("wrong.npy", &[3, d + 1], &|_| 0.5);
+    let err = fails(snfc([
+        "grad",
+        p(&spec_path),
+        "--params",
+        p(&params),
+        "--input",
+        p(&input),
+        "-o",
+        p(&out("w.safetensors")),
+        "--noise",
+        p(&wrong),
+    ]));
+    assert!(err.contains("wrong.npy") && err.contains("shape"), "{err}");
+    let outside = noise("outside.npy", &[3, d], &|_| 1.5);
+    let err = fails(snfc([
+        "grad",
+        p(&spec_path),
+        "--params",
+        p(&params),
+        "--input",
+        p(&input),
+        "-o",
+        p(&out("o.safetensors")),
+        "--noise",
+        p(&outside),
+    ]));
+    assert!(
+        err.contains("outside.npy") && err.contains("[0, 1)"),
+        "{err}"
+    );
+}

@@ -17,28 +17,43 @@ use std::sync::Arc;
 /// the batch, nats) and `recon` (mean over the batch of Σ_k ‖R_k W_k h_k − h_k‖²).
 pub type NamedTensors<T> = Vec<(String, Vec<usize>, Vec<T>)>;
 
-/// `rows` holds the batch as `B × D` (one example per row); `noise_seed` draws the
-/// dequantization noise for 8-bit specs.
+/// Dequantization noise for 8-bit specs: drawn from a seed, or given as `B × D` rows in [0, 1).
+#[derive(Debug, Clone, Copy)]
+pub enum Noise<'a> {
+    Seed(u64),
+    Rows(&'a [f64]),
+}
+
+/// `rows` holds the batch as `B × D` (one example per row).
 pub fn gradients<T: Real>(
     model: &Model<T>,
     rows: &[f64],
     batch: usize,
-    noise_seed: u64,
+    noise: Noise,
     level: OptLevel,
 ) -> Result<NamedTensors<T>, ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
-    let mut x = vec![T::zero(); d * batch];
-    for b in 0..batch {
-        for k in 0..d {
-            x[k * batch + b] = T::of_f64(rows[b * d + k]);
+    let columns = |rows: &[f64]| -> Vec<T> {
+        let mut x = vec![T::zero(); d * batch];
+        for b in 0..batch {
+            for k in 0..d {
+                x[k * batch + b] = T::of_f64(rows[b * d + k]);
+            }
         }
-    }
+        x
+    };
     let mut feeds: Feeds<T> = model.values.clone();
-    feeds.insert(INPUT_X.into(), Arc::new(x));
+    feeds.insert(INPUT_X.into(), Arc::new(columns(rows)));
     if spec.input.preprocess == Preprocess::DequantizeLogit {
-        let mut u = vec![T::zero(); d * batch];
-        fill_uniform(&mut ChaCha8Rng::seed_from_u64(noise_seed), &mut u);
+        let u = match noise {
+            Noise::Seed(seed) => {
+                let mut u = vec![T::zero(); d * batch];
+                fill_uniform(&mut ChaCha8Rng::seed_from_u64(seed), &mut u);
+                u
+            }
+            Noise::Rows(r) => columns(r),
+        };
         feeds.insert(INPUT_NOISE.into(), Arc::new(u));
     }
     let compiled = compile_train(spec, batch, level);
