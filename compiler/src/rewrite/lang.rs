@@ -94,8 +94,43 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
     }
 }
 
-/// Cost for extraction: FLOPs, plus one per node so that among equal-FLOP forms the smaller
-/// graph wins (each node is at least a kernel launch or a buffer).
+/// Fixed cost of launching a non-elementwise kernel, in FLOP-equivalents.
+pub const LAUNCH_COST: f64 = 2_000.0;
+
+/// Elements one op reads and writes (a transpose is a stride change and moves nothing).
+pub fn op_bytes(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose => 0.0,
+        // Elementwise chains are fused into one kernel: count only the value written.
+        _ if op.is_elementwise() => numel(out),
+        _ => ins.iter().map(|s| numel(s)).sum::<f64>() + numel(out),
+    }
+}
+
+/// Kernel launches of one op: none for views and leaves, a fraction for fusable elementwise ops.
+pub fn op_launches(op: &Op) -> f64 {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose => 0.0,
+        _ if op.is_elementwise() => 0.1,
+        _ => 1.0,
+    }
+}
+
+/// The cost model of extraction: FLOPs + elements moved + launches × [`LAUNCH_COST`].
+pub fn op_cost(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
+    op_flops(op, ins, out) + op_bytes(op, ins, out) + op_launches(op) * LAUNCH_COST
+}
+
+/// [`op_cost`] of an e-node, with shapes from the analysis.
+pub fn node_cost(eg: &EGraph<TensorNode, ShapeAnalysis>, enode: &TensorNode) -> f64 {
+    let shapes: Vec<&Shape> = enode.children.iter().map(|c| &eg[*c].data).collect();
+    let owned: Vec<Shape> = shapes.iter().map(|s| (*s).clone()).collect();
+    let out = enode.op.infer_shape(&owned).unwrap_or_default();
+    op_cost(&enode.op, &shapes, &out)
+}
+
+/// Tree cost for egg's own extractor (kept for comparison in tests: it counts a shared
+/// subterm once per use, which is why extraction uses [`super::extract::DagExtraction`]).
 pub struct FlopCost<'a> {
     pub egraph: &'a EGraph<TensorNode, ShapeAnalysis>,
 }
@@ -106,16 +141,7 @@ impl CostFunction<TensorNode> for FlopCost<'_> {
     where
         C: FnMut(Id) -> f64,
     {
-        let shapes: Vec<&Shape> = enode
-            .children
-            .iter()
-            .map(|c| &self.egraph[*c].data)
-            .collect();
-        let out = enode
-            .op
-            .infer_shape(&shapes.iter().map(|s| (*s).clone()).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let own = op_flops(&enode.op, &shapes, &out) + 1.0;
+        let own = node_cost(self.egraph, enode);
         enode.children.iter().fold(own, |acc, c| acc + costs(*c))
     }
 }

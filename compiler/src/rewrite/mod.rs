@@ -14,24 +14,39 @@
 //!
 //! Extraction picks, per e-class, the node of least cost under [`FlopCost`].
 
+mod extract;
 mod lang;
 
-pub use lang::{FlopCost, ShapeAnalysis, TensorNode};
+pub use extract::DagExtraction;
+pub use lang::{op_cost, FlopCost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 
 use crate::ir::{Graph, GraphBuilder, Op};
-use egg::{EGraph, Extractor, Id, Pattern, Rewrite, Runner};
+use egg::{ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// A rewrite rule as data: `lhs ⇒ rhs` (and back when `bidirectional`).
+/// When a rule may fire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum When {
+    Always,
+    /// The pattern variable is bound to a scalar (shape `[]`).
+    Scalar(&'static str),
+    /// The matched term is a matrix. Keeps sum reordering to the gradient sums, where factoring
+    /// needs it, and away from the long scalar sums of the loss (whose every reordering an AC
+    /// rule would otherwise enumerate).
+    Matrix,
+}
+
+/// A rewrite rule as data: `lhs ⇒ rhs` (and back when `bidirectional`), when `when` holds.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleSpec {
     pub name: &'static str,
     pub lhs: &'static str,
     pub rhs: &'static str,
     pub bidirectional: bool,
+    pub when: When,
 }
 
 const fn rule(name: &'static str, lhs: &'static str, rhs: &'static str) -> RuleSpec {
@@ -40,6 +55,7 @@ const fn rule(name: &'static str, lhs: &'static str, rhs: &'static str) -> RuleS
         lhs,
         rhs,
         bidirectional: false,
+        when: When::Always,
     }
 }
 
@@ -49,7 +65,12 @@ const fn both(name: &'static str, lhs: &'static str, rhs: &'static str) -> RuleS
         lhs,
         rhs,
         bidirectional: true,
+        when: When::Always,
     }
+}
+
+const fn when(r: RuleSpec, when: When) -> RuleSpec {
+    RuleSpec { when, ..r }
 }
 
 /// DESIGN.md §2, for one forward/inverse pair: `?W` and `?R` are replaced by the two parameters.
@@ -64,7 +85,9 @@ pub const SUBSTITUTION: &[RuleSpec] = &[
     rule("snf-inverse-of-inverse", "(inverse ?R)", "?W"),
 ];
 
-/// Exact identities of matrix algebra, valid for any operands.
+/// Exact identities of matrix algebra, valid for any operands. Grouped by family: products
+/// (associativity), transposes, signs, sums (commutativity, associativity), factoring
+/// (distributivity of matmul over add/sub) and scalars.
 pub const ALGEBRA: &[RuleSpec] = &[
     both(
         "matmul-assoc",
@@ -89,7 +112,80 @@ pub const ALGEBRA: &[RuleSpec] = &[
         "(neg (matmul ?a ?b))",
     ),
     rule("neg-involution", "(neg (neg ?a))", "?a"),
+    when(
+        both("sub-is-add-neg", "(sub ?a ?b)", "(add ?a (neg ?b))"),
+        When::Matrix,
+    ),
+    when(
+        rule("add-commute", "(add ?a ?b)", "(add ?b ?a)"),
+        When::Matrix,
+    ),
+    when(
+        both("add-assoc", "(add (add ?a ?b) ?c)", "(add ?a (add ?b ?c))"),
+        When::Matrix,
+    ),
+    rule(
+        "factor-right",
+        "(add (matmul ?a ?c) (matmul ?b ?c))",
+        "(matmul (add ?a ?b) ?c)",
+    ),
+    rule(
+        "factor-left",
+        "(add (matmul ?a ?b) (matmul ?a ?c))",
+        "(matmul ?a (add ?b ?c))",
+    ),
+    rule(
+        "factor-right-sub",
+        "(sub (matmul ?a ?c) (matmul ?b ?c))",
+        "(matmul (sub ?a ?b) ?c)",
+    ),
+    rule(
+        "factor-left-sub",
+        "(sub (matmul ?a ?b) (matmul ?a ?c))",
+        "(matmul ?a (sub ?b ?c))",
+    ),
+    both(
+        "transpose-of-sum",
+        "(transpose (add ?a ?b))",
+        "(add (transpose ?a) (transpose ?b))",
+    ),
+    when(
+        rule("mul-commute", "(mul ?a ?b)", "(mul ?b ?a)"),
+        When::Matrix,
+    ),
+    when(
+        both(
+            "scalar-into-matmul",
+            "(mul ?k (matmul ?a ?b))",
+            "(matmul (mul ?k ?a) ?b)",
+        ),
+        When::Scalar("?k"),
+    ),
+    when(
+        both(
+            "scalar-through-neg",
+            "(mul ?k (neg ?a))",
+            "(neg (mul ?k ?a))",
+        ),
+        When::Scalar("?k"),
+    ),
 ];
+
+type Cond =
+    Box<dyn Fn(&mut EGraph<TensorNode, ShapeAnalysis>, Id, &egg::Subst) -> bool + Send + Sync>;
+
+fn condition(when: When) -> Option<Cond> {
+    match when {
+        When::Always => None,
+        When::Scalar(var) => {
+            let v: Var = var
+                .parse()
+                .unwrap_or_else(|e| panic!("snfc internal error: {var}: {e:?}"));
+            Some(Box::new(move |eg, _, subst| eg[subst[v]].data.is_empty()))
+        }
+        When::Matrix => Some(Box::new(|eg, id, _| eg[id].data.len() == 2)),
+    }
+}
 
 /// Bounds on saturation; the run stops at whichever comes first.
 #[derive(Debug, Clone, Copy)]
@@ -102,9 +198,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            nodes: 50_000,
+            nodes: 20_000,
             iterations: 30,
-            time: Duration::from_secs(5),
+            time: Duration::from_secs(2),
         }
     }
 }
@@ -118,7 +214,9 @@ pub struct EGraphStats {
     pub classes: usize,
     pub iterations: usize,
     pub stop_reason: String,
+    /// Total time of the phase; `extract_millis` of it went to extraction.
     pub millis: f64,
+    pub extract_millis: f64,
 }
 
 type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
@@ -146,16 +244,23 @@ fn compile_rules(
                 .unwrap_or_else(|e| panic!("snfc internal error: rule {}: {p}: {e}", s.name))
         };
         let name = format!("{}{suffix}", s.name);
-        out.push(
-            Rewrite::new(name.clone(), parse(&lhs), parse(&rhs))
-                .unwrap_or_else(|e| panic!("snfc internal error: rule {name}: {e}")),
-        );
+        let mut dirs = vec![(name.clone(), lhs.clone(), rhs.clone())];
         if s.bidirectional {
-            let back = format!("{name}-rev");
-            out.push(
-                Rewrite::new(back.clone(), parse(&rhs), parse(&lhs))
-                    .unwrap_or_else(|e| panic!("snfc internal error: rule {back}: {e}")),
-            );
+            dirs.push((format!("{name}-rev"), rhs, lhs));
+        }
+        for (name, from, to) in dirs {
+            let rw = match condition(s.when) {
+                None => Rewrite::new(name.clone(), parse(&from), parse(&to)),
+                Some(condition) => Rewrite::new(
+                    name.clone(),
+                    parse(&from),
+                    ConditionalApplier {
+                        condition,
+                        applier: parse(&to),
+                    },
+                ),
+            };
+            out.push(rw.unwrap_or_else(|e| panic!("snfc internal error: rule {name}: {e}")));
         }
     }
     out
@@ -183,7 +288,8 @@ fn to_egraph(g: &Graph) -> (TEGraph, Vec<(String, Id)>) {
 
 /// Extract the cheapest graph for all outputs together: one best node per e-class, shared.
 fn extract(eg: &TEGraph, roots: &[(String, Id)], name: &str) -> Graph {
-    let extractor = Extractor::new(eg, FlopCost { egraph: eg });
+    let ids: Vec<Id> = roots.iter().map(|(_, id)| *id).collect();
+    let extractor = DagExtraction::new(eg, &ids);
     let mut b = GraphBuilder::new(name);
     let mut built: HashMap<Id, NodeIndex> = HashMap::new();
     for (out, root) in roots {
@@ -195,7 +301,7 @@ fn extract(eg: &TEGraph, roots: &[(String, Id)], name: &str) -> Graph {
 
 fn build(
     eg: &TEGraph,
-    ex: &Extractor<FlopCost, TensorNode, ShapeAnalysis>,
+    ex: &DagExtraction,
     id: Id,
     b: &mut GraphBuilder,
     built: &mut HashMap<Id, NodeIndex>,
@@ -204,7 +310,7 @@ fn build(
     if let Some(n) = built.get(&id) {
         return *n;
     }
-    let node = ex.find_best_node(id).clone();
+    let node = ex.node(eg, id).clone();
     let ins: Vec<NodeIndex> = node
         .children
         .iter()
@@ -229,7 +335,9 @@ fn saturate(
         .with_iter_limit(limits.iterations)
         .with_time_limit(limits.time)
         .run(rules);
+    let extract_start = Instant::now();
     let out = extract(&runner.egraph, &roots, &g.name);
+    let extract_millis = extract_start.elapsed().as_secs_f64() * 1e3;
     let stop_reason = match &runner.stop_reason {
         Some(egg::StopReason::Saturated) => "saturated".to_string(),
         Some(egg::StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
@@ -246,6 +354,7 @@ fn saturate(
         iterations: runner.iterations.len(),
         stop_reason,
         millis: start.elapsed().as_secs_f64() * 1e3,
+        extract_millis,
     };
     (out, stats)
 }

@@ -1,0 +1,250 @@
+//! DAG extraction: pick one e-node per e-class so that everything the roots need, each
+//! e-class counted once, is cheap.
+//!
+//! egg's default extractor minimizes tree cost, which counts a shared subterm once per use: for
+//! a training graph, where the forward activations and `Wᵀδ` feed many gradients, that
+//! overprices exactly the sharing the self-normalizing step is built on. Two steps:
+//!
+//! 1. greedy DAG extraction (as in extraction-gym): a candidate's cost is its own cost plus the
+//!    costs of the union of the classes its children need, iterated to a fixed point;
+//! 2. local search on the true objective — the cost of the DAG all roots need — switching one
+//!    class at a time while that lowers it. Greedy choice cannot see that a subterm is needed
+//!    anyway by another root (e.g. `(W h)ᵀ` as a view of the forward product versus a new GEMM
+//!    `hᵀ Wᵀ`: equal locally, not globally).
+
+use super::lang::{node_cost, ShapeAnalysis, TensorNode};
+use egg::{EGraph, Id, Language};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
+
+/// Bound on local-search work (candidate evaluations × classes visited), so compile time stays
+/// interactive and the result does not depend on the machine's speed.
+const SEARCH_BUDGET: usize = 400_000_000;
+
+struct Candidate {
+    node: TensorNode,
+    kids: Vec<usize>,
+    own: f64,
+}
+
+/// The chosen node of every reachable e-class.
+pub struct DagExtraction {
+    index: HashMap<Id, usize>,
+    cands: Vec<Vec<Candidate>>,
+    choice: Vec<Option<usize>>,
+}
+
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] >> (i % 64) & 1 == 1
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn or(&mut self, o: &Bits) {
+        self.0.iter_mut().zip(&o.0).for_each(|(a, b)| *a |= b);
+    }
+    fn ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut x = word;
+            std::iter::from_fn(move || {
+                if x == 0 {
+                    return None;
+                }
+                let t = x.trailing_zeros() as usize;
+                x &= x - 1;
+                Some(w * 64 + t)
+            })
+        })
+    }
+}
+
+impl DagExtraction {
+    pub fn new(eg: &TEGraph, roots: &[Id]) -> Self {
+        let mut ids: Vec<Id> = eg.classes().map(|c| c.id).collect();
+        ids.sort();
+        let index: HashMap<Id, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let cands: Vec<Vec<Candidate>> = ids
+            .iter()
+            .map(|id| {
+                let mut nodes: Vec<&TensorNode> = eg[*id].iter().collect();
+                nodes.sort();
+                nodes
+                    .into_iter()
+                    .map(|n| Candidate {
+                        node: n.clone(),
+                        kids: n.children().iter().map(|c| index[&eg.find(*c)]).collect(),
+                        own: node_cost(eg, n),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut ex = DagExtraction {
+            index,
+            cands,
+            choice: vec![None; ids.len()],
+        };
+        ex.greedy();
+        let roots: Vec<usize> = roots.iter().map(|r| ex.index[&eg.find(*r)]).collect();
+        ex.local_search(&roots);
+        ex
+    }
+
+    fn greedy(&mut self) {
+        let n = self.cands.len();
+        let mut sets: Vec<Option<Rc<Bits>>> = vec![None; n];
+        let mut total = vec![f64::INFINITY; n];
+        let mut own = vec![0.0; n];
+        for _round in 0..100 {
+            let mut changed = false;
+            for c in 0..n {
+                for (k, cand) in self.cands[c].iter().enumerate() {
+                    if cand
+                        .kids
+                        .iter()
+                        .any(|&q| q == c || sets[q].as_ref().is_none_or(|s| s.has(c)))
+                    {
+                        continue;
+                    }
+                    let mut set = Bits::new(n);
+                    for &q in &cand.kids {
+                        if let Some(s) = &sets[q] {
+                            set.or(s);
+                        }
+                    }
+                    let t = cand.own + set.ones().map(|i| own[i]).sum::<f64>();
+                    if t < total[c] * (1.0 - 1e-12) - 1e-9 {
+                        set.set(c);
+                        sets[c] = Some(Rc::new(set));
+                        total[c] = t;
+                        own[c] = cand.own;
+                        self.choice[c] = Some(k);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+    }
+
+    /// Cost of the DAG the roots need, or `None` on a cycle. `state` is scratch (all zero on
+    /// entry and exit); `work` counts classes visited.
+    fn dag_cost(&self, roots: &[usize], state: &mut [u8], work: &mut usize) -> Option<f64> {
+        let mut visited = Vec::new();
+        let mut total = 0.0;
+        let mut ok = true;
+        let mut stack: Vec<(usize, bool)> = roots.iter().map(|r| (*r, false)).collect();
+        while let Some((c, leaving)) = stack.pop() {
+            if leaving {
+                state[c] = 2;
+                continue;
+            }
+            match state[c] {
+                2 => continue,
+                1 => {
+                    ok = false;
+                    break;
+                }
+                _ => {}
+            }
+            let Some(k) = self.choice[c] else {
+                ok = false;
+                break;
+            };
+            state[c] = 1;
+            visited.push(c);
+            *work += 1;
+            let cand = &self.cands[c][k];
+            total += cand.own;
+            stack.push((c, true));
+            for &q in &cand.kids {
+                match state[q] {
+                    2 => {}
+                    1 => {
+                        ok = false;
+                        break;
+                    }
+                    _ => stack.push((q, false)),
+                }
+            }
+            if !ok {
+                break;
+            }
+        }
+        for c in visited {
+            state[c] = 0;
+        }
+        ok.then_some(total)
+    }
+
+    fn local_search(&mut self, roots: &[usize]) {
+        let mut state = vec![0u8; self.cands.len()];
+        let mut work = 0usize;
+        let Some(mut best) = self.dag_cost(roots, &mut state, &mut work) else {
+            return;
+        };
+        for _pass in 0..6 {
+            let mut improved = false;
+            for c in self.reachable(roots) {
+                for k in 0..self.cands[c].len() {
+                    let current = self.choice[c];
+                    if Some(k) == current || work > SEARCH_BUDGET {
+                        continue;
+                    }
+                    if self.cands[c][k]
+                        .kids
+                        .iter()
+                        .any(|q| self.choice[*q].is_none())
+                    {
+                        continue;
+                    }
+                    self.choice[c] = Some(k);
+                    match self.dag_cost(roots, &mut state, &mut work) {
+                        Some(t) if t < best * (1.0 - 1e-12) - 1e-9 => {
+                            best = t;
+                            improved = true;
+                        }
+                        _ => self.choice[c] = current,
+                    }
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+    }
+
+    /// The classes the DAG under the current choice uses, in a deterministic order.
+    fn reachable(&self, roots: &[usize]) -> Vec<usize> {
+        let mut seen = vec![false; self.cands.len()];
+        let mut order = Vec::new();
+        let mut stack: Vec<usize> = roots.to_vec();
+        while let Some(c) = stack.pop() {
+            if std::mem::replace(&mut seen[c], true) {
+                continue;
+            }
+            order.push(c);
+            if let Some(k) = self.choice[c] {
+                stack.extend(self.cands[c][k].kids.iter().copied());
+            }
+        }
+        order
+    }
+
+    pub fn node(&self, eg: &TEGraph, id: Id) -> &TensorNode {
+        let c = self.index[&eg.find(id)];
+        match self.choice[c] {
+            Some(k) => &self.cands[c][k].node,
+            None => panic!("snfc internal error: e-class {id} has no acyclic extraction"),
+        }
+    }
+}
