@@ -6,6 +6,7 @@
 
 pub mod autodiff;
 pub mod compile;
+pub mod fuse;
 pub mod ir;
 pub mod rewrite;
 pub mod spec;

@@ -11,7 +11,8 @@ mod print;
 
 pub use op::{Op, Shape, Unary};
 
-use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+pub use petgraph::stable_graph::NodeIndex;
+use petgraph::stable_graph::StableDiGraph;
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::collections::HashMap;

@@ -67,7 +67,9 @@ impl Bits {
 }
 
 impl DagExtraction {
-    pub fn new(eg: &TEGraph, roots: &[Id]) -> Self {
+    /// `original` holds the e-nodes of the graph that was rewritten: the search starts from it
+    /// when it is cheaper than the greedy choice, so extraction never makes a graph worse.
+    pub fn new(eg: &TEGraph, roots: &[Id], original: &[(Id, TensorNode)]) -> Self {
         let mut ids: Vec<Id> = eg.classes().map(|c| c.id).collect();
         ids.sort();
         let index: HashMap<Id, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
@@ -93,8 +95,37 @@ impl DagExtraction {
         };
         ex.greedy();
         let roots: Vec<usize> = roots.iter().map(|r| ex.index[&eg.find(*r)]).collect();
+        ex.prefer_original(eg, &roots, original);
         ex.local_search(&roots);
         ex
+    }
+
+    /// Switch to the input graph's choice if that DAG is cheaper than the greedy one.
+    fn prefer_original(&mut self, eg: &TEGraph, roots: &[usize], original: &[(Id, TensorNode)]) {
+        let mut alt = self.choice.clone();
+        for (id, node) in original {
+            let c = self.index[&eg.find(*id)];
+            let canon = node.clone().map_children(|k| eg.find(k));
+            if let Some(k) = self.cands[c]
+                .iter()
+                .position(|cand| cand.node.clone().map_children(|x| eg.find(x)) == canon)
+            {
+                alt[c] = Some(k);
+            }
+        }
+        let mut state = vec![0u8; self.cands.len()];
+        let mut work = 0;
+        let greedy = self.dag_cost(roots, &mut state, &mut work);
+        let saved = std::mem::replace(&mut self.choice, alt);
+        let orig = self.dag_cost(roots, &mut state, &mut work);
+        let keep_original = match (orig, greedy) {
+            (Some(o), Some(g)) => o < g,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if !keep_original {
+            self.choice = saved;
+        }
     }
 
     fn greedy(&mut self) {

@@ -163,6 +163,14 @@ pub const ALGEBRA: &[RuleSpec] = &[
     ),
     when(
         both(
+            "scalar-into-matmul-right",
+            "(mul ?k (matmul ?a ?b))",
+            "(matmul ?a (mul ?k ?b))",
+        ),
+        When::Scalar("?k"),
+    ),
+    when(
+        both(
             "scalar-through-neg",
             "(mul ?k (neg ?a))",
             "(neg (mul ?k ?a))",
@@ -267,15 +275,21 @@ fn compile_rules(
 }
 
 /// Add a graph to an e-graph; returns the e-class of each output.
-fn to_egraph(g: &Graph) -> (TEGraph, Vec<(String, Id)>) {
+/// Also returns the input graph's own e-nodes, so extraction can fall back to the graph it was given.
+/// Named output e-classes.
+type Roots = Vec<(String, Id)>;
+
+fn to_egraph(g: &Graph) -> (TEGraph, Roots, Vec<(Id, TensorNode)>) {
     let mut eg = TEGraph::default();
     let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
+    let mut original = Vec::new();
     for n in g.nodes() {
-        let children = g.inputs(n).iter().map(|i| ids[i]).collect();
-        let id = eg.add(TensorNode {
+        let node = TensorNode {
             op: g.node(n).op.clone(),
-            children,
-        });
+            children: g.inputs(n).iter().map(|i| ids[i]).collect(),
+        };
+        let id = eg.add(node.clone());
+        original.push((id, node));
         ids.insert(n, id);
     }
     let roots = g
@@ -283,13 +297,18 @@ fn to_egraph(g: &Graph) -> (TEGraph, Vec<(String, Id)>) {
         .iter()
         .map(|(name, n)| (name.clone(), ids[n]))
         .collect();
-    (eg, roots)
+    (eg, roots, original)
 }
 
 /// Extract the cheapest graph for all outputs together: one best node per e-class, shared.
-fn extract(eg: &TEGraph, roots: &[(String, Id)], name: &str) -> Graph {
+fn extract(
+    eg: &TEGraph,
+    roots: &[(String, Id)],
+    original: &[(Id, TensorNode)],
+    name: &str,
+) -> Graph {
     let ids: Vec<Id> = roots.iter().map(|(_, id)| *id).collect();
-    let extractor = DagExtraction::new(eg, &ids);
+    let extractor = DagExtraction::new(eg, &ids, original);
     let mut b = GraphBuilder::new(name);
     let mut built: HashMap<Id, NodeIndex> = HashMap::new();
     for (out, root) in roots {
@@ -328,7 +347,7 @@ fn saturate(
     phase: &str,
 ) -> (Graph, EGraphStats) {
     let start = Instant::now();
-    let (eg, roots) = to_egraph(g);
+    let (eg, roots, original) = to_egraph(g);
     let runner = Runner::default()
         .with_egraph(eg)
         .with_node_limit(limits.nodes)
@@ -336,7 +355,7 @@ fn saturate(
         .with_time_limit(limits.time)
         .run(rules);
     let extract_start = Instant::now();
-    let out = extract(&runner.egraph, &roots, &g.name);
+    let out = extract(&runner.egraph, &roots, &original, &g.name);
     let extract_millis = extract_start.elapsed().as_secs_f64() * 1e3;
     let stop_reason = match &runner.stop_reason {
         Some(egg::StopReason::Saturated) => "saturated".to_string(),
@@ -407,7 +426,10 @@ pub struct OpCounts {
     pub gemm: usize,
     pub inverse: usize,
     pub logdet: usize,
+    /// Kernel launches per run after elementwise fusion grouping ([`crate::fuse`]).
+    pub kernels: usize,
     pub nodes: usize,
+    /// Floating-point operations per run (one training step at the compiled batch size).
     pub flops: f64,
 }
 
@@ -416,6 +438,7 @@ pub fn op_counts(g: &Graph) -> OpCounts {
         gemm: g.count(|o| *o == Op::MatMul),
         inverse: g.count(|o| *o == Op::Inverse),
         logdet: g.count(|o| *o == Op::LogDet),
+        kernels: crate::fuse::kernel_count(g),
         nodes: g.node_count(),
         flops: lang::graph_flops(g),
     }

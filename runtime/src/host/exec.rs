@@ -4,8 +4,10 @@
 //! walks it, keeping one value per live node and recycling buffers after their last use.
 //! Transposes are views (a flag, no copy) that GEMMs read through strides.
 
+use super::fused::{Ext, GroupKernel, Member, Src};
 use super::linalg::{self, MatRef, Real};
 use rayon::prelude::*;
+use snfc_compiler::ir::NodeIndex;
 use snfc_compiler::ir::{Graph, Op, Shape, Unary};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,19 +58,82 @@ struct Instr {
     release: Vec<usize>,
     /// A GEMM fused with the add/sub that consumed it: `alpha·(a·b) + beta·c`, args `[a, b, c]`.
     epilogue: Option<(f64, f64)>,
-    /// Folded into a later instruction's epilogue; not executed.
+    /// Folded into a later instruction's epilogue or a fused group; not executed.
     skip: bool,
+    /// A fused elementwise group: `args` are its external inputs and it writes `group_slots`.
+    group: Option<(Arc<GroupKernel>, Vec<usize>)>,
 }
 
 /// A graph compiled for the host executor.
 pub struct Program {
     name: String,
     instrs: Vec<Instr>,
+    /// Execution order of the instructions that run (a fused group runs once all its inputs
+    /// exist, which can be before its last member's place in node order).
+    order: Vec<usize>,
     outputs: Vec<(String, usize)>,
 }
 
+/// A topological order of the instructions that run, as close to node order as possible.
+fn schedule(instrs: &[Instr]) -> Vec<usize> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Which instruction produces each slot.
+    let mut producer: Vec<usize> = (0..instrs.len()).collect();
+    for (i, ins) in instrs.iter().enumerate() {
+        if let Some((_, slots)) = &ins.group {
+            for s in slots {
+                producer[*s] = i;
+            }
+        }
+    }
+    let live: Vec<usize> = (0..instrs.len()).filter(|i| !instrs[*i].skip).collect();
+    let mut waiting = vec![0usize; instrs.len()];
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); instrs.len()];
+    for &i in &live {
+        let mut deps: Vec<usize> = instrs[i].args.iter().map(|a| producer[*a]).collect();
+        deps.sort();
+        deps.dedup();
+        waiting[i] = deps.len();
+        for d in deps {
+            users[d].push(i);
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = live
+        .iter()
+        .filter(|i| waiting[**i] == 0)
+        .map(|i| Reverse(*i))
+        .collect();
+    let mut order = Vec::with_capacity(live.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &u in &users[i] {
+            waiting[u] -= 1;
+            if waiting[u] == 0 {
+                ready.push(Reverse(u));
+            }
+        }
+    }
+    assert_eq!(
+        order.len(),
+        live.len(),
+        "snfc internal error: fused groups form a cycle"
+    );
+    order
+}
+
 impl Program {
+    /// Compile `g` with elementwise fusion and GEMM epilogues.
     pub fn new(g: &Graph) -> Program {
+        Self::with_fusion(g, true)
+    }
+
+    /// One kernel per node (the reference the fused program is tested against).
+    pub fn unfused(g: &Graph) -> Program {
+        Self::with_fusion(g, false)
+    }
+
+    fn with_fusion(g: &Graph, fuse: bool) -> Program {
         let nodes = g.nodes();
         let slot: HashMap<_, _> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
         let mut instrs: Vec<Instr> = nodes
@@ -80,6 +145,7 @@ impl Program {
                 release: Vec::new(),
                 epilogue: None,
                 skip: false,
+                group: None,
             })
             .collect();
         let outputs: Vec<(String, usize)> = g
@@ -87,10 +153,14 @@ impl Program {
             .iter()
             .map(|(name, n)| (name.clone(), slot[n]))
             .collect();
-        fuse_gemm_epilogues(&mut instrs, &outputs);
+        if fuse {
+            fuse_groups(g, &slot, &mut instrs, &outputs);
+            fuse_gemm_epilogues(&mut instrs, &outputs);
+        }
+        let order = schedule(&instrs);
         let mut last_use = vec![None; instrs.len()];
-        for (i, ins) in instrs.iter().enumerate().filter(|(_, i)| !i.skip) {
-            for a in &ins.args {
+        for &i in &order {
+            for a in &instrs[i].args {
                 last_use[*a] = Some(i);
             }
         }
@@ -105,12 +175,28 @@ impl Program {
         Program {
             name: g.name.clone(),
             instrs,
+            order,
             outputs,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Kernel launches per run: instructions that compute (not leaves or transposes).
+    pub fn kernels(&self) -> usize {
+        self.order
+            .iter()
+            .filter(|i| {
+                let ins = &self.instrs[**i];
+                ins.group.is_some()
+                    || !matches!(
+                        ins.op,
+                        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose
+                    )
+            })
+            .count()
     }
 
     /// Names and shapes of the inputs (`input`) and parameters (`param`) the graph reads.
@@ -139,13 +225,15 @@ fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
         uses[*o] += 1;
     }
     for n in 0..instrs.len() {
-        if !matches!(instrs[n].op, Op::Add | Op::Sub) {
+        if !matches!(instrs[n].op, Op::Add | Op::Sub) || instrs[n].skip || instrs[n].group.is_some()
+        {
             continue;
         }
         for pos in 0..2 {
             let m = instrs[n].args[pos];
             let other = instrs[n].args[1 - pos];
             let fusable = instrs[m].op == Op::MatMul
+                && !instrs[m].skip
                 && instrs[m].epilogue.is_none()
                 && uses[m] == 1
                 && other != m
@@ -167,6 +255,87 @@ fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
             ins.epilogue = Some((alpha, beta));
             break;
         }
+    }
+}
+
+/// Turn each fusion group of two or more ops into one [`GroupKernel`] instruction at the
+/// position of its last member (its other members are skipped).
+fn fuse_groups(
+    g: &Graph,
+    slot: &HashMap<NodeIndex, usize>,
+    instrs: &mut [Instr],
+    outputs: &[(String, usize)],
+) {
+    let plan = snfc_compiler::fuse::plan(g);
+    let mut used_outside = vec![false; instrs.len()];
+    for (_, o) in outputs {
+        used_outside[*o] = true;
+    }
+    for group in plan.groups.iter().filter(|gr| gr.nodes.len() >= 2) {
+        let members: Vec<usize> = group.nodes.iter().map(|n| slot[n]).collect();
+        let index: HashMap<usize, usize> =
+            members.iter().enumerate().map(|(k, m)| (*m, k)).collect();
+        for (i, ins) in instrs.iter().enumerate() {
+            if !index.contains_key(&i) {
+                for a in &ins.args {
+                    if index.contains_key(a) {
+                        used_outside[*a] = true;
+                    }
+                }
+            }
+        }
+        let first = &instrs[members[0]];
+        let space = if matches!(first.op, Op::Sum { .. }) {
+            g.node(g.inputs(group.nodes[0])[0]).shape.clone()
+        } else {
+            first.shape.clone()
+        };
+        let (rows, cols) = match space.as_slice() {
+            [r, c] => (*r, *c),
+            [n] => (1, *n),
+            _ => (1, 1),
+        };
+        let mut ext: Vec<usize> = Vec::new();
+        let kernel_members: Vec<Member> = members
+            .iter()
+            .map(|&m| Member {
+                op: instrs[m].op.clone(),
+                args: instrs[m]
+                    .args
+                    .iter()
+                    .map(|a| match index.get(a) {
+                        Some(k) => Src::Reg(*k),
+                        None => Src::Ext(match ext.iter().position(|e| e == a) {
+                            Some(p) => p,
+                            None => {
+                                ext.push(*a);
+                                ext.len() - 1
+                            }
+                        }),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let outs: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|m| used_outside[*m])
+            .collect();
+        let kernel = GroupKernel {
+            rows,
+            cols,
+            members: kernel_members,
+            outputs: outs
+                .iter()
+                .map(|m| (index[m], instrs[*m].shape.clone()))
+                .collect(),
+        };
+        let last = *members.last().expect("non-empty group");
+        for &m in &members {
+            instrs[m].skip = m != last;
+        }
+        instrs[last].args = ext;
+        instrs[last].group = Some((Arc::new(kernel), outs));
     }
 }
 
@@ -417,10 +586,8 @@ impl<T: Real> Executor<T> {
     ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
         let mut vals: Vec<Option<Value<T>>> = vec![None; p.instrs.len()];
         let mut donors: Vec<(usize, Value<T>)> = Vec::new();
-        for (i, ins) in p.instrs.iter().enumerate() {
-            if ins.skip {
-                continue;
-            }
+        for &i in &p.order {
+            let ins = &p.instrs[i];
             // Operands used for the last time here may lend their buffer to the result.
             for r in &ins.release {
                 if ins.args.iter().filter(|a| *a == r).count() == 1 {
@@ -447,6 +614,28 @@ impl<T: Real> Executor<T> {
                 String::new()
             };
             let started = self.profile.is_some().then(std::time::Instant::now);
+            if let Some((kernel, slots)) = &ins.group {
+                let produced = self.exec_group(kernel, ins, &vals, &donors);
+                for (_, d) in donors.drain(..) {
+                    self.recycle(d);
+                }
+                if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
+                    let e = prof
+                        .entry(format!("fused group ({} ops)", kernel.members.len()))
+                        .or_insert((0.0, 0));
+                    e.0 += t.elapsed().as_secs_f64();
+                    e.1 += 1;
+                }
+                for (slot, v) in slots.iter().zip(produced) {
+                    vals[*slot] = Some(v);
+                }
+                for r in &ins.release {
+                    if let Some(v) = vals[*r].take() {
+                        self.recycle(v);
+                    }
+                }
+                continue;
+            }
             let v = self.exec(p, i, ins, &vals, &mut donors, feeds)?;
             for (_, d) in donors.drain(..) {
                 if let Ok(buf) = Arc::try_unwrap(d.data) {
@@ -496,6 +685,47 @@ impl<T: Real> Executor<T> {
         Ok(out)
     }
 
+    fn exec_group(
+        &mut self,
+        kernel: &GroupKernel,
+        ins: &Instr,
+        vals: &[Option<Value<T>>],
+        donors: &[(usize, Value<T>)],
+    ) -> Vec<Value<T>> {
+        let inputs: Vec<Arc<Vec<T>>> = ins
+            .args
+            .iter()
+            .map(|a| {
+                let v = donors
+                    .iter()
+                    .find(|(s, _)| s == a)
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| vals[*a].clone())
+                    .expect("group input computed");
+                self.contiguous(&v)
+            })
+            .collect();
+        let ext: Vec<Ext<T>> = inputs.iter().map(|d| Ext { data: d }).collect();
+        let mut outs: Vec<Vec<T>> = kernel
+            .outputs
+            .iter()
+            .map(|(_, shape)| {
+                let mut b = self.alloc(shape.iter().product::<usize>().max(1));
+                b.fill(T::zero());
+                b
+            })
+            .collect();
+        kernel.run(&ext, &mut outs);
+        outs.into_iter()
+            .zip(&kernel.outputs)
+            .map(|(data, (_, shape))| Value {
+                data: Arc::new(data),
+                shape: shape.clone(),
+                transposed: false,
+            })
+            .collect()
+    }
+
     fn exec(
         &mut self,
         p: &Program,
@@ -509,7 +739,12 @@ impl<T: Real> Executor<T> {
             let slot = ins.args[k];
             match donors.iter().find(|(s, _)| *s == slot) {
                 Some((_, v)) => v.clone(),
-                None => vals[slot].clone().expect("operand computed"),
+                None => vals[slot].clone().unwrap_or_else(|| {
+                    panic!(
+                        "snfc internal error: {} reads %{slot} before it is computed",
+                        ins.op
+                    )
+                }),
             }
         };
         macro_rules! arg {

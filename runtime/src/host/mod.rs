@@ -1,4 +1,5 @@
 //! The CPU ("host") executor.
 
 pub mod exec;
+pub mod fused;
 pub mod linalg;

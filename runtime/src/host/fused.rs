@@ -1,0 +1,234 @@
+//! One fused elementwise kernel on the host: a group of the fusion plan
+//! ([`snfc_compiler::fuse`]) evaluated in one pass over its iteration space, a row chunk at a
+//! time, with reductions accumulated on the fly. Intermediate values live in small per-thread
+//! registers (a chunk of a row each) instead of full buffers.
+
+use super::exec::unary;
+use super::linalg::Real;
+use rayon::prelude::*;
+use snfc_compiler::ir::{Op, Shape, Unary};
+
+/// Where a member's operand comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Src {
+    /// An earlier member of the group.
+    Reg(usize),
+    /// The group's k-th external input.
+    Ext(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub op: Op,
+    pub args: Vec<Src>,
+}
+
+/// A fused group, ready to run.
+#[derive(Debug, Clone)]
+pub struct GroupKernel {
+    /// Iteration space `[rows, cols]` (a vector is one row, a scalar one element).
+    pub rows: usize,
+    pub cols: usize,
+    pub members: Vec<Member>,
+    /// Members whose values leave the group, with their shapes.
+    pub outputs: Vec<(usize, Shape)>,
+}
+
+const CHUNK: usize = 256;
+
+/// External operand, contiguous in the logical layout.
+pub struct Ext<'a, T> {
+    pub data: &'a [T],
+}
+
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+impl GroupKernel {
+    /// Run the group; `out` holds one zeroed buffer per entry of `outputs`.
+    pub fn run<T: Real>(&self, ext: &[Ext<T>], out: &mut [Vec<T>]) {
+        let (rows, cols) = (self.rows, self.cols);
+        // Reductions over rows (axis 0) and over everything accumulate per task, then combine.
+        let reduce_all: Vec<usize> = self.outputs_where(|op| {
+            matches!(
+                op,
+                Op::Sum {
+                    axis: None | Some(0)
+                }
+            )
+        });
+        let ptrs: Vec<SendPtr<T>> = out.iter_mut().map(|b| SendPtr(b.as_mut_ptr())).collect();
+        let work = rows * cols;
+        let tasks = if work >= 1 << 15 {
+            rows.min(rayon::current_num_threads() * 4)
+        } else {
+            1
+        };
+        let per = rows.div_ceil(tasks.max(1)).max(1);
+        let partials: Vec<Vec<Vec<T>>> = (0..rows.div_ceil(per))
+            .into_par_iter()
+            .map(|t| {
+                let r0 = t * per;
+                let r1 = (r0 + per).min(rows);
+                let mut regs: Vec<Vec<T>> =
+                    vec![vec![T::zero(); CHUNK.min(cols)]; self.members.len()];
+                let mut acc: Vec<Vec<T>> = reduce_all
+                    .iter()
+                    .map(|&o| vec![T::zero(); self.out_len(o)])
+                    .collect();
+                for r in r0..r1 {
+                    let mut c0 = 0;
+                    while c0 < cols {
+                        let len = CHUNK.min(cols - c0);
+                        self.chunk(ext, &mut regs, r, c0, len);
+                        for (oi, (m, _)) in self.outputs.iter().enumerate() {
+                            let reg = &regs[*m][..len];
+                            match self.members[*m].op {
+                                Op::Sum { axis: None } => {
+                                    let k = reduce_all.iter().position(|x| *x == oi).unwrap_or(0);
+                                    acc[k][0] += reg.iter().copied().sum::<T>();
+                                }
+                                Op::Sum { axis: Some(0) } => {
+                                    let k = reduce_all.iter().position(|x| *x == oi).unwrap_or(0);
+                                    for (a, v) in acc[k][c0..c0 + len].iter_mut().zip(reg) {
+                                        *a += *v;
+                                    }
+                                }
+                                Op::Sum { axis: Some(_) } => {
+                                    // Row sums: this task owns row r.
+                                    let s: T = reg.iter().copied().sum();
+                                    unsafe { *ptrs[oi].get().add(r) += s };
+                                }
+                                _ => {
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            ptrs[oi].get().add(r * cols + c0),
+                                            len,
+                                        )
+                                    };
+                                    dst.copy_from_slice(reg);
+                                }
+                            }
+                        }
+                        c0 += len;
+                    }
+                }
+                acc
+            })
+            .collect();
+        for part in partials {
+            for (k, &oi) in reduce_all.iter().enumerate() {
+                for (o, v) in out[oi].iter_mut().zip(&part[k]) {
+                    *o += *v;
+                }
+            }
+        }
+    }
+
+    fn outputs_where(&self, pred: impl Fn(&Op) -> bool) -> Vec<usize> {
+        self.outputs
+            .iter()
+            .enumerate()
+            .filter(|(_, (m, _))| pred(&self.members[*m].op))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn out_len(&self, oi: usize) -> usize {
+        self.outputs[oi].1.iter().product::<usize>().max(1)
+    }
+
+    /// Evaluate every member on row `r`, columns `c0..c0+len`.
+    fn chunk<T: Real>(&self, ext: &[Ext<T>], regs: &mut [Vec<T>], r: usize, c0: usize, len: usize) {
+        let (rows, cols) = (self.rows, self.cols);
+        for (i, m) in self.members.iter().enumerate() {
+            let (done, rest) = regs.split_at_mut(i);
+            let dst = &mut rest[0][..len];
+            // An operand as a chunk slice or a scalar.
+            let read = |s: Src| -> Operand<'_, T> {
+                match s {
+                    Src::Reg(k) => Operand::Slice(&done[k][..len]),
+                    Src::Ext(k) => {
+                        let d = ext[k].data;
+                        if d.len() == 1 {
+                            Operand::Scalar(d[0])
+                        } else {
+                            Operand::Slice(&d[r * cols + c0..r * cols + c0 + len])
+                        }
+                    }
+                }
+            };
+            match &m.op {
+                Op::Add | Op::Sub | Op::Mul => {
+                    let (a, b) = (read(m.args[0]), read(m.args[1]));
+                    match m.op {
+                        Op::Add => zip(dst, a, b, |x, y| x + y),
+                        Op::Sub => zip(dst, a, b, |x, y| x - y),
+                        _ => zip(dst, a, b, |x, y| x * y),
+                    }
+                }
+                Op::Neg => map(dst, read(m.args[0]), |x| -x),
+                Op::StopGrad => map(dst, read(m.args[0]), |x| x),
+                Op::Unary(Unary::Square) => map(dst, read(m.args[0]), |x| x * x),
+                Op::Unary(Unary::Recip) => map(dst, read(m.args[0]), |x| T::one() / x),
+                Op::Unary(u) => {
+                    let u = *u;
+                    map(dst, read(m.args[0]), |x| unary(u, x))
+                }
+                Op::Broadcast { new_axis, .. } => {
+                    let Src::Ext(k) = m.args[0] else {
+                        unreachable!("a broadcast reads a value from outside its group")
+                    };
+                    let v = ext[k].data;
+                    match new_axis {
+                        None => dst.fill(v[0]),
+                        // [C] repeated along rows: element (r, c) is v[c].
+                        Some(0) => dst.copy_from_slice(&v[c0..c0 + len]),
+                        // [R] repeated along columns: element (r, c) is v[r].
+                        Some(_) => dst.fill(v[r.min(rows - 1)]),
+                    }
+                }
+                // The reduction itself happens in `run`; its register holds the summands.
+                Op::Sum { .. } => map(dst, read(m.args[0]), |x| x),
+                other => unreachable!("{other} is not fusable"),
+            }
+        }
+    }
+}
+
+enum Operand<'a, T> {
+    Slice(&'a [T]),
+    Scalar(T),
+}
+
+fn map<T: Real>(dst: &mut [T], a: Operand<T>, f: impl Fn(T) -> T) {
+    match a {
+        Operand::Slice(s) => dst.iter_mut().zip(s).for_each(|(d, x)| *d = f(*x)),
+        Operand::Scalar(x) => dst.fill(f(x)),
+    }
+}
+
+fn zip<T: Real>(dst: &mut [T], a: Operand<T>, b: Operand<T>, f: impl Fn(T, T) -> T) {
+    match (a, b) {
+        (Operand::Slice(a), Operand::Slice(b)) => {
+            for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+                *d = f(*x, *y);
+            }
+        }
+        (Operand::Slice(a), Operand::Scalar(y)) => {
+            dst.iter_mut().zip(a).for_each(|(d, x)| *d = f(*x, y))
+        }
+        (Operand::Scalar(x), Operand::Slice(b)) => {
+            dst.iter_mut().zip(b).for_each(|(d, y)| *d = f(x, *y))
+        }
+        (Operand::Scalar(x), Operand::Scalar(y)) => dst.fill(f(x, y)),
+    }
+}
