@@ -498,6 +498,26 @@ fn grad<T: Real>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
     Ok(())
 }
 
+/// The e-graph work of a compile: largest e-graph, total iterations and time, how the last
+/// phase stopped, the limits, and each phase in full.
+fn egraph_summary(phases: &[snfc_compiler::rewrite::EGraphStats]) -> serde_json::Value {
+    let limits = snfc_compiler::rewrite::Limits::default();
+    serde_json::json!({
+        "nodes": phases.iter().map(|p| p.nodes).max().unwrap_or(0),
+        "classes": phases.iter().map(|p| p.classes).max().unwrap_or(0),
+        "iterations": phases.iter().map(|p| p.iterations).sum::<usize>(),
+        "stop_reason": phases.last().map(|p| p.stop_reason.clone()).unwrap_or_else(|| "not run".into()),
+        "millis": phases.iter().map(|p| p.millis).sum::<f64>(),
+        "extract_millis": phases.iter().map(|p| p.extract_millis).sum::<f64>(),
+        "limits": {
+            "nodes": limits.nodes,
+            "iterations": limits.iterations,
+            "seconds": limits.time.as_secs_f64(),
+        },
+        "phases": phases,
+    })
+}
+
 fn compile(
     spec_path: &Path,
     emit: &[String],
@@ -524,7 +544,7 @@ fn compile(
                     "batch": batch,
                     "before": op_counts(&before),
                     "after": op_counts(&c.step),
-                    "egraph": c.egraph,
+                    "egraph": egraph_summary(&c.egraph),
                 });
                 ("stats.json", serde_json::to_string_pretty(&stats)? + "\n")
             }

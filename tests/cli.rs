@@ -261,6 +261,23 @@ fn compile_stats_are_written_and_printed() {
     assert!(
         printed["after"]["flops"].as_f64().unwrap() < printed["before"]["flops"].as_f64().unwrap()
     );
+    // The optimizer's target form: 6 GEMMs per fully connected layer, no O(D³) op left, and
+    // fewer kernels after fusion.
+    assert_eq!(printed["after"]["gemm"], 12, "{}", printed["after"]);
+    assert_eq!(printed["after"]["logdet"], 0);
+    assert!(
+        printed["after"]["kernels"].as_u64().unwrap()
+            < printed["before"]["kernels"].as_u64().unwrap()
+    );
+    let eg = &printed["egraph"];
+    for key in ["nodes", "classes", "iterations", "millis"] {
+        assert!(
+            eg[key].as_f64().is_some_and(|v| v > 0.0),
+            "egraph.{key}: {eg}"
+        );
+    }
+    assert!(eg["stop_reason"].is_string(), "{eg}");
+    assert!(eg["limits"]["nodes"].as_u64().is_some(), "{eg}");
 
     // ir and ir-opt go to files too, and nothing else is printed for them.
     let out2 = dir.path().join("build2");
