@@ -22,42 +22,12 @@ use snfc_runtime::model::Model;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+mod common;
+use common::Rng;
+
 // ---------------------------------------------------------------------------------------------
 // Helpers: a deterministic RNG, dense matrices, specs, parameters and runs.
 // ---------------------------------------------------------------------------------------------
-
-/// SplitMix64 with Box–Muller normals: deterministic and independent of the `rand` version.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // (0, 1]
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Uniform integer in `lo..=hi`.
-    fn int(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-}
 
 /// A dense row-major matrix for the hand-written references (plain loops, no GEMM library).
 #[derive(Debug, Clone, PartialEq)]

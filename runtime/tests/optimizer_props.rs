@@ -23,53 +23,15 @@ use snfc_runtime::model::Model;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+mod common;
+use common::Rng;
+
 /// Random flows compiled (each at all levels).
 const FLOWS: u64 = 1000;
 /// Random parameter/input draws per compiled flow.
 const DRAWS: u64 = 2;
 /// Agreement required, relative to the reference tensor's largest magnitude.
 const REL: f64 = 1e-9;
-
-/// SplitMix64 with Box–Muller normals: deterministic and independent of the `rand` version.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.uniform()
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // (0, 1]
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Uniform integer in `lo..=hi`.
-    fn int(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn coin(&mut self) -> bool {
-        self.next_u64() & 1 == 1
-    }
-}
 
 /// A random flow: D ∈ 2..=5, 1–3 linear layers (bias per layer at random), a smooth leaky ReLU
 /// with random α between some of them, λ ∈ [0, 3] (sometimes exactly 0), either gradient mode
