@@ -70,7 +70,7 @@ enum Command {
         /// Overwrite an existing checkpoint in the output directory.
         #[arg(long)]
         force: bool,
-        /// Run the substituted graph without the algebraic optimization.
+        /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
         /// No progress bar or per-epoch lines.
@@ -130,7 +130,7 @@ enum Command {
         /// The dequantization noise itself, .npy of the input's shape with values in [0, 1).
         #[arg(long)]
         noise: Option<PathBuf>,
-        /// Run the substituted graph without the algebraic optimization.
+        /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
         #[arg(long, value_enum, default_value = "host")]
@@ -385,9 +385,9 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
                     println!(
-                        "{} [{} gradient, {} {}, B={}, {} threads]: median step {:.2} ms (min {:.2}), {:.0} examples/s, {:.2} GFLOP/step, {:.1} GFLOP/s, {} GEMMs, {} inverses",
+                        "{} [{} gradient, {} {}, B={}, {} threads]: median step {:.2} ms (min {:.2}), {:.0} examples/s, {:.2} GFLOP/step, {:.1} GFLOP/s, {} GEMMs, {} inverses, {} kernels",
                         r.spec, r.gradient, r.device, r.dtype, r.batch, r.threads, r.median_step_ms, r.min_step_ms,
-                        r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse
+                        r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse, r.kernels
                     );
                     for (kind, secs, count) in &r.profile {
                         println!("  {:>9.3} ms  {count:>4}×  {kind}", secs * 1e3);

@@ -31,6 +31,8 @@ pub struct BenchResult {
     pub gflops: f64,
     pub gemm: usize,
     pub inverse: usize,
+    /// Kernel launches per step (after fusion).
+    pub kernels: usize,
     /// Seconds per step by op kind (with `profile`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub profile: Vec<(String, f64, usize)>,
@@ -49,7 +51,7 @@ pub fn bench_step<T: Real>(
     let d = spec.input.dim();
     let compiled = compile_train(spec, batch, level);
     let counts = op_counts(&compiled.step);
-    let program = Program::new(&compiled.step);
+    let program = Program::for_level(&compiled.step, level);
     let mut exec = Executor::<T>::new();
     let mut model = Model::<T>::init(spec, 0);
     let mut adam = crate::train::Adam::<T>::new(&spec.train.optimizer.adam);
@@ -102,6 +104,7 @@ pub fn bench_step<T: Real>(
         gflops: counts.flops / 1e9 / median,
         gemm: counts.gemm,
         inverse: counts.inverse,
+        kernels: program.kernels(),
         profile: exec
             .profile()
             .into_iter()

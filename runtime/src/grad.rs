@@ -58,7 +58,7 @@ pub fn gradients<T: Real>(
     }
     let compiled = compile_train(spec, batch, level);
     let mut exec = Executor::<T>::new();
-    let step = exec.run(&Program::new(&compiled.step), &feeds)?;
+    let step = exec.run(&Program::for_level(&compiled.step, level), &feeds)?;
     let eval = exec.run(&Program::new(&eval_graph(spec, batch)), &feeds)?;
     let mut out: NamedTensors<T> = Vec::new();
     for p in &model.params {

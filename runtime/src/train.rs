@@ -211,7 +211,7 @@ pub fn train<T: Real>(
     let seed = opts.seed.unwrap_or(tr.seed);
     let epochs = opts.epochs.unwrap_or(tr.epochs);
     let compiled = compile_train(spec, batch, opts.level);
-    let program = Program::new(&compiled.step);
+    let program = Program::for_level(&compiled.step, opts.level);
     let mut exec = Executor::<T>::new();
     let mut model = Model::<T>::init(spec, seed);
     let mut adam = Adam::<T>::new(&tr.optimizer.adam);

@@ -133,6 +133,12 @@ impl Program {
         Self::with_fusion(g, false)
     }
 
+    /// The program for a step compiled at `level`: fused only when the graph was optimized
+    /// (`--no-fusion` means neither algebraic factoring nor kernel fusion).
+    pub fn for_level(g: &Graph, level: snfc_compiler::compile::OptLevel) -> Program {
+        Self::with_fusion(g, level == snfc_compiler::compile::OptLevel::Full)
+    }
+
     fn with_fusion(g: &Graph, fuse: bool) -> Program {
         let nodes = g.nodes();
         let slot: HashMap<_, _> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
