@@ -1,7 +1,7 @@
 //! The IR as an egg language: an e-node is an [`Op`] and its operand e-classes.
 
 use crate::ir::{Graph, Op, Shape};
-use egg::{Analysis, CostFunction, DidMerge, EGraph, FromOp, Id, Language};
+use egg::{Analysis, DidMerge, EGraph, FromOp, Id, Language};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,23 +127,6 @@ pub fn node_cost(eg: &EGraph<TensorNode, ShapeAnalysis>, enode: &TensorNode) -> 
     let owned: Vec<Shape> = shapes.iter().map(|s| (*s).clone()).collect();
     let out = enode.op.infer_shape(&owned).unwrap_or_default();
     op_cost(&enode.op, &shapes, &out)
-}
-
-/// Tree cost for egg's own extractor (kept for comparison in tests: it counts a shared
-/// subterm once per use, which is why extraction uses [`super::extract::DagExtraction`]).
-pub struct FlopCost<'a> {
-    pub egraph: &'a EGraph<TensorNode, ShapeAnalysis>,
-}
-
-impl CostFunction<TensorNode> for FlopCost<'_> {
-    type Cost = f64;
-    fn cost<C>(&mut self, enode: &TensorNode, mut costs: C) -> f64
-    where
-        C: FnMut(Id) -> f64,
-    {
-        let own = node_cost(self.egraph, enode);
-        enode.children.iter().fold(own, |acc, c| acc + costs(*c))
-    }
 }
 
 /// FLOPs of one evaluation of a whole graph (every node once).

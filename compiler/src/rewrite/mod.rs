@@ -8,17 +8,19 @@
 //! 1. [`self_normalize`]: the rules of DESIGN.md §2, instantiated for each layer's pair (W, R).
 //!    After `(inverse R) ⇒ W` the g-flow's forward pass is congruent to the f-flow's, so the
 //!    e-graph merges them and the g-flow's backpropagated error *is* δ^f (paper A.1).
-//! 2. [`optimize`]: exact algebra (associativity, transpose of a product, involutions), so that
-//!    `−Wᵀ (δ hᵀ) Wᵀ` becomes `−(Wᵀ δ)(W h)ᵀ`: O(D²B) instead of O(D³), reusing backprop's `Wᵀδ`
-//!    and the forward `W h`.
+//! 2. [`optimize`]: exact algebra ([`ALGEBRA`]: associativity, transposes, signs, sum
+//!    reordering, factoring, scalars), so that `−Wᵀ (δ hᵀ) Wᵀ` becomes `−(Wᵀ δ)(W h)ᵀ` — O(D²B)
+//!    instead of O(D³), reusing backprop's `Wᵀδ` and the forward `W h` — and each gradient's
+//!    sum of products sharing a factor becomes one GEMM.
 //!
-//! Extraction picks, per e-class, the node of least cost under [`FlopCost`].
+//! Extraction ([`DagExtraction`]) picks one node per e-class under the cost model of
+//! [`op_cost`] (FLOPs + elements moved + launches), counting shared work once.
 
 mod extract;
 mod lang;
 
 pub use extract::DagExtraction;
-pub use lang::{op_cost, FlopCost, ShapeAnalysis, TensorNode, LAUNCH_COST};
+pub use lang::{op_cost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 
 use crate::ir::{Graph, GraphBuilder, Op};
 use egg::{ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
