@@ -7,6 +7,7 @@ use rand::RngExt;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use snfc_compiler::ir::lower::{param_name, ParamKind};
 use snfc_compiler::spec::{LayerSpec, Preprocess};
 
 /// s(x) = αx + (1−α) softplus(x) and s'(x).
@@ -49,7 +50,7 @@ pub fn invert<T: Real>(
         match layer {
             LayerSpec::Linear(l) => {
                 if l.bias {
-                    let b = model.get(&format!("layers.{i}.bias"));
+                    let b = model.get(&param_name(i, ParamKind::Bias));
                     for k in 0..d {
                         let bk = b[k].as_f64();
                         h[k * n..(k + 1) * n].iter_mut().for_each(|v| *v -= bk);
@@ -57,14 +58,14 @@ pub fn invert<T: Real>(
                 }
                 h = if exact {
                     let w: Vec<f64> = model
-                        .get(&format!("layers.{i}.weight"))
+                        .get(&param_name(i, ParamKind::Weight))
                         .iter()
                         .map(|v| v.as_f64())
                         .collect();
                     solve(&w, d, &h, n)?
                 } else {
                     let r: Vec<f64> = model
-                        .get(&format!("layers.{i}.weight_inv"))
+                        .get(&param_name(i, ParamKind::WeightInv))
                         .iter()
                         .map(|v| v.as_f64())
                         .collect();

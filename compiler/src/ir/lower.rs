@@ -37,24 +37,35 @@ pub struct ParamInfo {
     pub kind: ParamKind,
 }
 
+/// The checkpoint name of layer `layer`'s parameter of `kind`: `layers.{i}.weight`,
+/// `layers.{i}.weight_inv` or `layers.{i}.bias`.
+pub fn param_name(layer: usize, kind: ParamKind) -> String {
+    let suffix = match kind {
+        ParamKind::Weight => "weight",
+        ParamKind::WeightInv => "weight_inv",
+        ParamKind::Bias => "bias",
+    };
+    format!("layers.{layer}.{suffix}")
+}
+
 /// Every parameter of the spec, in layer order (weight, weight_inv, bias).
 pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
     let d = spec.input.dim();
     let mut out = Vec::new();
     for (i, layer) in spec.layers.iter().enumerate() {
         if let LayerSpec::Linear(l) = layer {
-            let mut p = |kind, suffix: &str, shape: Shape| {
+            let mut p = |kind, shape: Shape| {
                 out.push(ParamInfo {
-                    name: format!("layers.{i}.{suffix}"),
+                    name: param_name(i, kind),
                     shape,
                     layer: i,
                     kind,
                 })
             };
-            p(ParamKind::Weight, "weight", vec![d, d]);
-            p(ParamKind::WeightInv, "weight_inv", vec![d, d]);
+            p(ParamKind::Weight, vec![d, d]);
+            p(ParamKind::WeightInv, vec![d, d]);
             if l.bias {
-                p(ParamKind::Bias, "bias", vec![d]);
+                p(ParamKind::Bias, vec![d]);
             }
         }
     }
@@ -140,8 +151,8 @@ impl<'a> Lowering<'a> {
             let b = &mut self.b;
             match layer {
                 LayerSpec::Linear(l) => {
-                    let w = b.param(&format!("layers.{i}.weight"), vec![d, d]);
-                    let r = b.param(&format!("layers.{i}.weight_inv"), vec![d, d]);
+                    let w = b.param(&param_name(i, ParamKind::Weight), vec![d, d]);
+                    let r = b.param(&param_name(i, ParamKind::WeightInv), vec![d, d]);
                     if with_recon {
                         let hs = b.stop_grad(h);
                         let wh = b.matmul(w, hs);
@@ -160,7 +171,7 @@ impl<'a> Lowering<'a> {
                         b.matmul(w, h)
                     };
                     h = if l.bias {
-                        let bias = b.param(&format!("layers.{i}.bias"), vec![d]);
+                        let bias = b.param(&param_name(i, ParamKind::Bias), vec![d]);
                         let bb = b.broadcast(bias, shape.clone(), Some(1));
                         b.add2(z, bb)
                     } else {
