@@ -8,5 +8,6 @@ pub mod autodiff;
 pub mod compile;
 pub mod fuse;
 pub mod ir;
+pub mod plan;
 pub mod rewrite;
 pub mod spec;

@@ -1,5 +1,5 @@
 //! Snapshots of the compiled IR for every spec in `specs/`: the exact training graph (`ir`) and
-//! the rewritten step (`ir-opt`). A change in lowering, autodiff or the rewrites shows up here
+//! the rewritten step (`ir-opt`) and its kernel plan (`plan`). A change in lowering, autodiff or the rewrites shows up here
 //! as a readable diff (`cargo insta review`).
 
 use snfc_compiler::compile::{compile_train, OptLevel};
@@ -26,5 +26,7 @@ fn ir_of_every_spec() {
         let c = compile_train(&spec, spec.train.batch_size, OptLevel::Full);
         insta::assert_snapshot!(format!("{stem}.ir"), c.exact.to_text());
         insta::assert_snapshot!(format!("{stem}.ir-opt"), c.step.to_text());
+        let plan = snfc_compiler::plan::Plan::new(&c.step);
+        insta::assert_snapshot!(format!("{stem}.plan"), plan.to_text());
     }
 }

@@ -7,7 +7,7 @@
 
 pub mod lower;
 mod op;
-mod print;
+pub(crate) mod print;
 
 pub use op::{Op, Shape, Unary};
 

@@ -15,13 +15,13 @@ use super::{Graph, Op};
 use std::collections::HashMap;
 use std::fmt::Write;
 
-fn shape_text(s: &[usize]) -> String {
+pub(crate) fn shape_text(s: &[usize]) -> String {
     let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
     format!("[{}]", parts.join(", "))
 }
 
 /// The op's name and attributes as printed (leaves print their name, not their shape twice).
-fn op_text(op: &Op) -> String {
+pub(crate) fn op_text(op: &Op) -> String {
     match op {
         Op::Input { name, .. } => format!("input {name}"),
         Op::Param { name, .. } => format!("param {name}"),
