@@ -3,8 +3,11 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use snfc_compiler::compile::{compile_train, OptLevel};
+use snfc_compiler::plan::{level_of, TrainPlan};
 use snfc_compiler::rewrite::op_counts;
 use snfc_compiler::spec::{load_spec, FlowSpec, GradientMode};
+use snfc_runtime::cube::probe::{choose, Chosen, DeviceKind};
+use snfc_runtime::cube::source::Target;
 use snfc_runtime::data::{load_data, load_npy_dataset, Split};
 use snfc_runtime::host::linalg::Real;
 use snfc_runtime::model::{write_safetensors, Model};
@@ -17,13 +20,24 @@ struct Cli {
     command: Command,
 }
 
-/// Where to run. Only `host` exists in this build; `auto` resolves to it.
+/// Where to run: `auto` picks CUDA, else a wgpu adapter that is a real GPU, else the host.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Device {
     Auto,
     Host,
     Wgpu,
     Cuda,
+}
+
+impl Device {
+    fn kind(self) -> DeviceKind {
+        match self {
+            Device::Auto => DeviceKind::Auto,
+            Device::Host => DeviceKind::Host,
+            Device::Wgpu => DeviceKind::Wgpu,
+            Device::Cuda => DeviceKind::Cuda,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -37,7 +51,10 @@ enum Command {
     /// Compile a spec and print or write what was compiled.
     Compile {
         spec: PathBuf,
-        /// Comma-separated: ir (exact training graph), ir-opt (the rewritten step), stats (JSON).
+        /// Comma-separated: ir (exact training graph), ir-opt (the rewritten step), stats (JSON),
+        /// plan (plan.json, which `snfc train` runs), plan-text (the plan, one line per kernel),
+        /// cuda and wgsl (one generated kernel source
+        /// per kernel of the plan, in cuda/ and wgsl/; needs -o).
         #[arg(long, default_value = "ir-opt", value_delimiter = ',')]
         emit: Vec<String>,
         /// Write each emitted artifact into this directory instead of stdout.
@@ -47,7 +64,8 @@ enum Command {
         #[arg(long)]
         batch: Option<usize>,
     },
-    /// Train a spec; writes OUT/metrics.jsonl and OUT/checkpoint.safetensors (best validation epoch).
+    /// Train a spec (or a compiled plan.json); writes OUT/metrics.jsonl and
+    /// OUT/checkpoint.safetensors (best validation epoch).
     Train {
         spec: PathBuf,
         #[arg(long)]
@@ -63,7 +81,7 @@ enum Command {
         steps: Option<usize>,
         #[arg(long)]
         seed: Option<u64>,
-        #[arg(long, value_enum, default_value = "host")]
+        #[arg(long, value_enum, default_value = "auto")]
         device: Device,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
@@ -158,19 +176,33 @@ enum Command {
     },
 }
 
-fn resolve_device(d: Device) -> Result<()> {
-    match d {
-        Device::Host => Ok(()),
-        Device::Auto => {
-            eprintln!("device: host (no GPU backend in this build)");
-            Ok(())
-        }
-        Device::Wgpu | Device::Cuda => bail!(
-            "--device {}: this build has no {} backend yet; use --device host (or auto)",
-            format!("{d:?}").to_lowercase(),
-            format!("{d:?}").to_lowercase()
-        ),
+/// Pick the device and say which (on stderr).
+fn resolve_device(d: Device) -> Result<Chosen> {
+    let chosen = choose(d.kind()).map_err(|e| anyhow!(e))?;
+    eprintln!("device: {chosen}");
+    Ok(chosen)
+}
+
+/// Evaluation and sampling run in f64 on the host (exact log-determinants by LU).
+fn host_only(d: Device, what: &str) -> Result<()> {
+    if matches!(d, Device::Wgpu | Device::Cuda) {
+        bail!("--device {d:?}: `snfc {what}` runs on the host in f64 (exact log-determinants by LU); use --device host or auto");
     }
+    Ok(())
+}
+
+/// A spec file, or a plan file from `snfc compile --emit plan` with its spec (whose batch size
+/// becomes the plan's).
+fn spec_or_plan(path: &Path) -> Result<(FlowSpec, Option<TrainPlan>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if TrainPlan::is_plan_text(&text) {
+        let plan = TrainPlan::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let mut spec = plan.spec.clone();
+        spec.train.batch_size = plan.batch;
+        return Ok((spec, Some(plan)));
+    }
+    Ok((spec_from(path)?, None))
 }
 
 fn spec_from(path: &Path) -> Result<FlowSpec> {
@@ -214,8 +246,11 @@ fn run(cli: Cli) -> Result<()> {
             no_fusion,
             quiet,
         } => {
-            resolve_device(device)?;
-            let spec = spec_from(&spec)?;
+            let chosen = resolve_device(device)?;
+            let (spec, plan) = spec_or_plan(&spec)?;
+            if plan.is_some() && no_fusion {
+                bail!("--no-fusion: the plan was compiled already; compile the spec without fusion instead");
+            }
             let data = load_data(data.as_deref())?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
             let opts = snfc_runtime::train::TrainOptions {
@@ -223,9 +258,14 @@ fn run(cli: Cli) -> Result<()> {
                 epochs,
                 steps,
                 seed,
-                level: level(no_fusion),
+                level: plan
+                    .as_ref()
+                    .and_then(|p| level_of(&p.opt_level))
+                    .unwrap_or(level(no_fusion)),
                 progress: !quiet,
                 force,
+                device: chosen,
+                plan: plan.map(|p| p.step),
             };
             let summary = match dtype {
                 Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &data, &opts)?,
@@ -251,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             device,
         } => {
-            resolve_device(device)?;
+            host_only(device, "eval")?;
             let spec = spec.as_deref().map(spec_from).transpose()?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
             let split = eval_split(&model.spec, data.as_deref(), &split)?;
@@ -281,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             spec,
             device,
         } => {
-            resolve_device(device)?;
+            host_only(device, "sample")?;
             if n == 0 {
                 bail!("-n must be at least 1");
             }
@@ -327,9 +367,10 @@ fn run(cli: Cli) -> Result<()> {
             no_fusion,
             device,
         } => {
-            resolve_device(device)?;
+            let chosen = resolve_device(device)?;
             let spec = spec_from(&spec)?;
             let args = GradArgs {
+                device: chosen,
                 params: &params,
                 input: &input,
                 noise: noise.as_deref(),
@@ -352,7 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             device,
         } => {
-            resolve_device(device)?;
+            let chosen = resolve_device(device)?;
             let spec = spec_from(&spec)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -365,21 +406,16 @@ fn run(cli: Cli) -> Result<()> {
                 specs.push(e);
             }
             for s in &specs {
+                let opts = snfc_runtime::bench::BenchOptions {
+                    steps,
+                    warmup,
+                    level: OptLevel::Full,
+                    profile,
+                    device: chosen.clone(),
+                };
                 let r = match dtype {
-                    Dtype::F32 => snfc_runtime::bench::bench_step::<f32>(
-                        s,
-                        steps,
-                        warmup,
-                        OptLevel::Full,
-                        profile,
-                    )?,
-                    Dtype::F64 => snfc_runtime::bench::bench_step::<f64>(
-                        s,
-                        steps,
-                        warmup,
-                        OptLevel::Full,
-                        profile,
-                    )?,
+                    Dtype::F32 => snfc_runtime::bench::bench_step::<f32>(s, &opts)?,
+                    Dtype::F64 => snfc_runtime::bench::bench_step::<f64>(s, &opts)?,
                 };
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
@@ -389,6 +425,12 @@ fn run(cli: Cli) -> Result<()> {
                         r.spec, r.gradient, r.device, r.dtype, r.batch, r.threads, r.median_step_ms, r.min_step_ms,
                         r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse, r.kernels
                     );
+                    if let Some(smp) = &r.sampling {
+                        println!(
+                            "  sampling ({} samples, host f64): learned inverse {:.3} ms/sample, exact inverse {:.3} ms/sample",
+                            smp.samples, smp.learned_ms_per_sample, smp.exact_ms_per_sample
+                        );
+                    }
                     for (kind, secs, count) in &r.profile {
                         println!("  {:>9.3} ms  {count:>4}×  {kind}", secs * 1e3);
                     }
@@ -424,6 +466,7 @@ fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split
 }
 
 struct GradArgs<'a> {
+    device: Chosen,
     params: &'a Path,
     input: &'a Path,
     noise: Option<&'a Path>,
@@ -432,7 +475,7 @@ struct GradArgs<'a> {
     level: OptLevel,
 }
 
-fn grad<T: Real>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
+fn grad<T: Real + 'static>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
     let GradArgs {
         params, input, out, ..
     } = *args;
@@ -475,7 +518,8 @@ fn grad<T: Real>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
         Some(r) => snfc_runtime::grad::Noise::Rows(r),
         None => snfc_runtime::grad::Noise::Seed(args.seed),
     };
-    let named = snfc_runtime::grad::gradients(&model, &values, batch, noise, args.level)?;
+    let named =
+        snfc_runtime::grad::gradients(&model, &values, batch, noise, args.level, &args.device)?;
     let meta = std::collections::HashMap::from([
         ("spec".to_string(), spec.to_json_pretty()),
         ("format".to_string(), "snfc-grad-v1".to_string()),
@@ -533,22 +577,64 @@ fn compile(
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let plan = TrainPlan {
+        snfc_plan: snfc_compiler::plan::PLAN_FORMAT,
+        spec: spec.clone(),
+        batch,
+        opt_level: "full".into(),
+        step: snfc_compiler::plan::Plan::new(&c.step),
+    };
     for what in emit {
+        if let Some(target) = match what.as_str() {
+            "cuda" => Some(Target::Cuda),
+            "wgsl" => Some(Target::Wgsl),
+            _ => None,
+        } {
+            let Some(dir) = out else {
+                bail!("--emit {what} writes one file per kernel: give an output directory with -o");
+            };
+            let sub = dir.join(what);
+            std::fs::create_dir_all(&sub).with_context(|| format!("creating {}", sub.display()))?;
+            let sources = snfc_runtime::cube::source::plan_sources(&plan.step, target)
+                .map_err(|e| anyhow!("generating {what} source: {e}"))?;
+            for k in &sources {
+                let path = sub.join(format!("{}.{}", k.name, target.extension()));
+                std::fs::write(&path, &k.source)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            eprintln!(
+                "wrote {} {what} kernels to {}",
+                sources.len(),
+                sub.display()
+            );
+            continue;
+        }
         let (file, text) = match what.as_str() {
             "ir" => ("ir.txt", c.exact.to_text()),
             "ir-opt" => ("ir-opt.txt", c.step.to_text()),
             "stats" => {
                 let before = c.exact.without_outputs(&[]);
+                let (total, naive) = plan.step.buffers.footprint(&plan.step);
                 let stats = serde_json::json!({
                     "spec": spec.name,
                     "batch": batch,
                     "before": op_counts(&before),
                     "after": op_counts(&c.step),
                     "egraph": egraph_summary(&c.egraph),
+                    "plan": {
+                        "kernels": plan.step.kernels(),
+                        "buffers": plan.step.buffers.sizes.len(),
+                        "buffer_elements": total,
+                        "buffer_elements_without_reuse": naive,
+                    },
                 });
                 ("stats.json", serde_json::to_string_pretty(&stats)? + "\n")
             }
-            other => bail!("--emit {other}: expected ir, ir-opt or stats"),
+            "plan" => ("plan.json", plan.to_json()),
+            "plan-text" => ("plan.txt", plan.step.to_text()),
+            other => {
+                bail!("--emit {other}: expected ir, ir-opt, stats, plan, plan-text, cuda or wgsl")
+            }
         };
         match out {
             Some(dir) => {

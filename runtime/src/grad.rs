@@ -1,6 +1,8 @@
 //! One training step's gradients for given parameters and a given batch (`snfc grad`).
 
+use crate::backend::open;
 use crate::batch::fill_uniform;
+use crate::cube::probe::Chosen;
 use crate::eval::logdet_sum;
 use crate::host::exec::{ExecError, Executor, Feeds, Program};
 use crate::host::linalg::Real;
@@ -9,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::{eval_graph, INPUT_NOISE, INPUT_X};
+use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::Preprocess;
 use std::sync::Arc;
 
@@ -25,12 +28,13 @@ pub enum Noise<'a> {
 }
 
 /// `rows` holds the batch as `B × D` (one example per row).
-pub fn gradients<T: Real>(
+pub fn gradients<T: Real + 'static>(
     model: &Model<T>,
     rows: &[f64],
     batch: usize,
     noise: Noise,
     level: OptLevel,
+    device: &Chosen,
 ) -> Result<NamedTensors<T>, ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
@@ -57,8 +61,14 @@ pub fn gradients<T: Real>(
         feeds.insert(INPUT_NOISE.into(), Arc::new(u));
     }
     let compiled = compile_train(spec, batch, level);
+    // The step on the chosen device; the exact NLL and reconstruction error on the host.
+    let mut backend = open::<T>(device, Plan::for_level(&compiled.step, level))?;
+    for (name, v) in &feeds {
+        backend.set(name, v)?;
+    }
+    backend.run()?;
+    let step = backend.outputs()?;
     let mut exec = Executor::<T>::new();
-    let step = exec.run(&Program::for_level(&compiled.step, level), &feeds)?;
     let eval = exec.run(&Program::new(&eval_graph(spec, batch)), &feeds)?;
     let mut out: NamedTensors<T> = Vec::new();
     for p in &model.params {

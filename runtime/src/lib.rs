@@ -1,7 +1,9 @@
 //! snfc runtime: backends (host executor), data loading, training, evaluation and sampling.
 
+pub mod backend;
 pub mod batch;
 pub mod bench;
+pub mod cube;
 pub mod data;
 pub mod eval;
 pub mod grad;

@@ -2,10 +2,12 @@
 //! linear learning-rate warm-up, per-epoch exact validation NLL, metrics as JSON lines and the
 //! best-validation checkpoint.
 
+use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform};
+use crate::cube::probe::Chosen;
 use crate::data::Dataset;
 use crate::eval::{evaluate, EvalResult};
-use crate::host::exec::{ExecError, Executor, Feeds, Program};
+use crate::host::exec::ExecError;
 use crate::host::linalg::Real;
 use crate::model::{Model, ModelError};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,6 +18,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::{INPUT_NOISE, INPUT_X};
+use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{FlowSpec, Preprocess};
 use std::collections::HashMap;
 use std::io::Write;
@@ -57,6 +60,10 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Overwrite an existing checkpoint in `out`.
     pub force: bool,
+    /// Where the step runs.
+    pub device: Chosen,
+    /// A step plan compiled earlier (`plan.json`); compiled from the spec when `None`.
+    pub plan: Option<Plan>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -85,7 +92,6 @@ pub struct TrainSummary {
 
 /// Adam (Kingma & Ba) with bias correction; state per parameter.
 pub struct Adam<T> {
-    lr: f64,
     betas: [f64; 2],
     eps: f64,
     t: i32,
@@ -94,10 +100,13 @@ pub struct Adam<T> {
 
 impl<T: Real> Adam<T> {
     pub fn new(spec: &snfc_compiler::spec::AdamSpec) -> Self {
+        Self::with(spec.betas, spec.eps)
+    }
+
+    pub fn with(betas: [f64; 2], eps: f64) -> Self {
         Adam {
-            lr: spec.lr,
-            betas: spec.betas,
-            eps: spec.eps,
+            betas,
+            eps,
             t: 0,
             state: HashMap::new(),
         }
@@ -111,14 +120,23 @@ impl<T: Real> Adam<T> {
         outs: &[(String, crate::host::exec::Tensor<T>)],
         lr: f64,
     ) -> f64 {
+        self.update_values(&mut model.values, outs, lr)
+    }
+
+    /// [`update`](Self::update) on named parameter values.
+    pub fn update_values(
+        &mut self,
+        values: &mut HashMap<String, Arc<Vec<T>>>,
+        outs: &[(String, crate::host::exec::Tensor<T>)],
+        lr: f64,
+    ) -> f64 {
         self.t += 1;
         let mut loss = f64::NAN;
         for (name, t) in outs {
             if let Some(p) = name.strip_prefix("grad.") {
-                let param = model
-                    .values
-                    .get_mut(p)
-                    .expect("gradient of a known parameter");
+                let Some(param) = values.get_mut(p) else {
+                    continue;
+                };
                 let param: &mut Vec<T> = Arc::make_mut(param);
                 self.step(param, &t.data, p, lr);
             } else if name == "loss" {
@@ -182,7 +200,7 @@ pub fn check_data(spec: &FlowSpec, data: &Dataset) -> Result<(), TrainError> {
 
 /// Train `spec` on `data` in precision `T`, writing `metrics.jsonl` and `checkpoint.safetensors`
 /// into `opts.out`.
-pub fn train<T: Real>(
+pub fn train<T: Real + 'static>(
     spec: &FlowSpec,
     data: &Dataset,
     opts: &TrainOptions,
@@ -210,11 +228,16 @@ pub fn train<T: Real>(
 
     let seed = opts.seed.unwrap_or(tr.seed);
     let epochs = opts.epochs.unwrap_or(tr.epochs);
-    let compiled = compile_train(spec, batch, opts.level);
-    let program = Program::for_level(&compiled.step, opts.level);
-    let mut exec = Executor::<T>::new();
+    let plan = match &opts.plan {
+        Some(p) => p.clone(),
+        None => Plan::for_level(&compile_train(spec, batch, opts.level).step, opts.level),
+    };
+    let mut backend = open::<T>(&opts.device, plan)?;
     let mut model = Model::<T>::init(spec, seed);
-    let mut adam = Adam::<T>::new(&tr.optimizer.adam);
+    for (name, v) in &model.values {
+        backend.set(name, v)?;
+    }
+    let adam_spec = &tr.optimizer.adam;
     let warmup_steps = (tr.warmup_epochs * steps_per_epoch) as f64;
     let d = spec.input.dim();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_da7a);
@@ -247,7 +270,7 @@ pub fn train<T: Real>(
         bar.set_prefix(format!("{epoch}/{epochs}"));
         let mut loss_sum = 0.0;
         let mut steps = 0;
-        let mut lr = adam.lr;
+        let mut lr = adam_spec.lr;
         for s in 0..steps_per_epoch {
             if total_steps >= max_steps {
                 break;
@@ -258,26 +281,20 @@ pub fn train<T: Real>(
                 batch,
                 &mut x,
             );
-            let mut feeds: Feeds<T> = model.values.clone();
-            feeds.insert(INPUT_X.into(), Arc::new(std::mem::take(&mut x)));
+            backend.set(INPUT_X, &x)?;
             if dequantize {
                 fill_uniform(&mut rng, &mut noise);
-                feeds.insert(INPUT_NOISE.into(), Arc::new(std::mem::take(&mut noise)));
+                backend.set(INPUT_NOISE, &noise)?;
             }
-            let outs = exec.run(&program, &feeds)?;
-            // Hand the input buffers back so the next step reuses them.
-            x = take_back(&mut feeds, INPUT_X);
-            if dequantize {
-                noise = take_back(&mut feeds, INPUT_NOISE);
-            }
-            drop(feeds);
+            backend.run()?;
             total_steps += 1;
             lr = if warmup_steps > 0.0 {
-                adam.lr * (total_steps as f64 / warmup_steps).min(1.0)
+                adam_spec.lr * (total_steps as f64 / warmup_steps).min(1.0)
             } else {
-                adam.lr
+                adam_spec.lr
             };
-            loss_sum += adam.update(&mut model, &outs, lr);
+            loss_sum += backend.output("loss")?.scalar().as_f64();
+            backend.adam_step(lr, adam_spec.betas, adam_spec.eps)?;
             steps += 1;
             let secs = started.elapsed().as_secs_f64();
             bar.set_message(format!(
@@ -289,6 +306,12 @@ pub fn train<T: Real>(
         }
         let train_secs = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        // The parameters as trained (on a GPU they live on the device).
+        let names: Vec<String> = model.values.keys().cloned().collect();
+        for name in names {
+            let v = backend.fed(&name)?;
+            model.values.insert(name, Arc::new(v));
+        }
         let val = evaluate(&model.cast::<f64>(), &data.valid, batch.max(100), 0)?;
         let record = EpochRecord {
             epoch,
@@ -336,9 +359,4 @@ pub fn train<T: Real>(
         best_epoch,
         checkpoint,
     })
-}
-
-fn take_back<T: Real>(feeds: &mut Feeds<T>, name: &str) -> Vec<T> {
-    let arc = feeds.remove(name).expect("input fed");
-    Arc::try_unwrap(arc).unwrap_or_else(|a| (*a).clone())
 }

@@ -4,6 +4,7 @@
 
 use snfc_compiler::compile::OptLevel;
 use snfc_compiler::spec::{load_spec, parse_spec, FlowSpec};
+use snfc_runtime::cube::probe::Chosen;
 use snfc_runtime::data::{embedded_mnist, load_npy_dataset};
 use snfc_runtime::eval::evaluate;
 use snfc_runtime::model::Model;
@@ -26,6 +27,8 @@ fn options(out: PathBuf, steps: usize) -> TrainOptions {
         level: OptLevel::Full,
         progress: false,
         force: false,
+        device: Chosen::Host,
+        plan: None,
     }
 }
 
@@ -197,6 +200,8 @@ fn small_npy_spec_trains_in_f64_and_lowers_nll() {
         level: OptLevel::Full,
         progress: false,
         force: false,
+        device: Chosen::Host,
+        plan: None,
     };
     let summary = train::<f64>(&spec, &data, &opts).expect("training");
     assert_eq!(summary.records.len(), 5);

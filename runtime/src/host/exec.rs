@@ -1,14 +1,15 @@
-//! The host executor: runs an IR graph on the CPU in f32 or f64.
+//! The host executor: runs a [`Plan`] on the CPU in f32 or f64.
 //!
-//! A graph is compiled once into a linear [`Program`] (node order is topological); each run
-//! walks it, keeping one value per live node and recycling buffers after their last use.
+//! Each run walks the plan's launch order, keeping one value per live slot and recycling
+//! buffers after their last use (a dynamic pool: values may also take over a dying operand's
+//! buffer in place, which the static assignment the GPU backends use does not do).
 //! Transposes are views (a flag, no copy) that GEMMs read through strides.
 
-use super::fused::{Ext, GroupKernel, Member, Src};
+use super::fused::{self, Ext};
 use super::linalg::{self, MatRef, Real};
 use rayon::prelude::*;
-use snfc_compiler::ir::NodeIndex;
 use snfc_compiler::ir::{Graph, Op, Shape, Unary};
+use snfc_compiler::plan::{FusedKernel, Instr, Plan};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -48,300 +49,52 @@ pub enum ExecError {
         op: String,
         source: linalg::LinalgError,
     },
+    #[error("graph {graph}: device error: {message}")]
+    Device { graph: String, message: String },
 }
 
-struct Instr {
-    op: Op,
-    args: Vec<usize>,
-    shape: Shape,
-    /// Values whose last use is this instruction.
-    release: Vec<usize>,
-    /// A GEMM fused with the add/sub that consumed it: `alpha·(a·b) + beta·c`, args `[a, b, c]`.
-    epilogue: Option<(f64, f64)>,
-    /// Folded into a later instruction's epilogue or a fused group; not executed.
-    skip: bool,
-    /// A fused elementwise group: `args` are its external inputs and it writes `group_slots`.
-    group: Option<(Arc<GroupKernel>, Vec<usize>)>,
-}
-
-/// A graph compiled for the host executor.
+/// A plan ready for the host executor.
 pub struct Program {
-    name: String,
-    instrs: Vec<Instr>,
-    /// Execution order of the instructions that run (a fused group runs once all its inputs
-    /// exist, which can be before its last member's place in node order).
-    order: Vec<usize>,
-    outputs: Vec<(String, usize)>,
-}
-
-/// A topological order of the instructions that run, as close to node order as possible.
-fn schedule(instrs: &[Instr]) -> Vec<usize> {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    // Which instruction produces each slot.
-    let mut producer: Vec<usize> = (0..instrs.len()).collect();
-    for (i, ins) in instrs.iter().enumerate() {
-        if let Some((_, slots)) = &ins.group {
-            for s in slots {
-                producer[*s] = i;
-            }
-        }
-    }
-    let live: Vec<usize> = (0..instrs.len()).filter(|i| !instrs[*i].skip).collect();
-    let mut waiting = vec![0usize; instrs.len()];
-    let mut users: Vec<Vec<usize>> = vec![Vec::new(); instrs.len()];
-    for &i in &live {
-        let mut deps: Vec<usize> = instrs[i].args.iter().map(|a| producer[*a]).collect();
-        deps.sort();
-        deps.dedup();
-        waiting[i] = deps.len();
-        for d in deps {
-            users[d].push(i);
-        }
-    }
-    let mut ready: BinaryHeap<Reverse<usize>> = live
-        .iter()
-        .filter(|i| waiting[**i] == 0)
-        .map(|i| Reverse(*i))
-        .collect();
-    let mut order = Vec::with_capacity(live.len());
-    while let Some(Reverse(i)) = ready.pop() {
-        order.push(i);
-        for &u in &users[i] {
-            waiting[u] -= 1;
-            if waiting[u] == 0 {
-                ready.push(Reverse(u));
-            }
-        }
-    }
-    assert_eq!(
-        order.len(),
-        live.len(),
-        "snfc internal error: fused groups form a cycle"
-    );
-    order
+    plan: Plan,
 }
 
 impl Program {
-    /// Compile `g` with elementwise fusion and GEMM epilogues.
+    /// Lower `g` with elementwise fusion and GEMM epilogues.
     pub fn new(g: &Graph) -> Program {
-        Self::with_fusion(g, true)
+        Self::from_plan(Plan::new(g))
     }
 
     /// One kernel per node (the reference the fused program is tested against).
     pub fn unfused(g: &Graph) -> Program {
-        Self::with_fusion(g, false)
+        Self::from_plan(Plan::unfused(g))
     }
 
-    /// The program for a step compiled at `level`: fused only when the graph was optimized
-    /// (`--no-fusion` means neither algebraic factoring nor kernel fusion).
+    /// The program for a step compiled at `level` (see [`Plan::for_level`]).
     pub fn for_level(g: &Graph, level: snfc_compiler::compile::OptLevel) -> Program {
-        Self::with_fusion(g, level == snfc_compiler::compile::OptLevel::Full)
+        Self::from_plan(Plan::for_level(g, level))
     }
 
-    fn with_fusion(g: &Graph, fuse: bool) -> Program {
-        let nodes = g.nodes();
-        let slot: HashMap<_, _> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-        let mut instrs: Vec<Instr> = nodes
-            .iter()
-            .map(|n| Instr {
-                op: g.node(*n).op.clone(),
-                args: g.inputs(*n).iter().map(|a| slot[a]).collect(),
-                shape: g.node(*n).shape.clone(),
-                release: Vec::new(),
-                epilogue: None,
-                skip: false,
-                group: None,
-            })
-            .collect();
-        let outputs: Vec<(String, usize)> = g
-            .outputs
-            .iter()
-            .map(|(name, n)| (name.clone(), slot[n]))
-            .collect();
-        if fuse {
-            fuse_groups(g, &slot, &mut instrs, &outputs);
-            fuse_gemm_epilogues(&mut instrs, &outputs);
-        }
-        let order = schedule(&instrs);
-        let mut last_use = vec![None; instrs.len()];
-        for &i in &order {
-            for a in &instrs[i].args {
-                last_use[*a] = Some(i);
-            }
-        }
-        for (_, o) in &outputs {
-            last_use[*o] = None; // outputs live to the end
-        }
-        for (v, lu) in last_use.iter().enumerate() {
-            if let Some(i) = lu {
-                instrs[*i].release.push(v);
-            }
-        }
-        Program {
-            name: g.name.clone(),
-            instrs,
-            order,
-            outputs,
-        }
+    /// Run a plan as it is (one read from `plan.json`, say; validate it first).
+    pub fn from_plan(plan: Plan) -> Program {
+        Program { plan }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.plan.name
     }
 
     /// Kernel launches per run: instructions that compute (not leaves or transposes).
     pub fn kernels(&self) -> usize {
-        self.order
-            .iter()
-            .filter(|i| {
-                let ins = &self.instrs[**i];
-                ins.group.is_some()
-                    || !matches!(
-                        ins.op,
-                        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose
-                    )
-            })
-            .count()
+        self.plan.kernels()
     }
 
     /// Names and shapes of the inputs (`input`) and parameters (`param`) the graph reads.
     pub fn feeds(&self) -> Vec<(&'static str, String, Shape)> {
-        self.instrs
-            .iter()
-            .filter_map(|i| match &i.op {
-                Op::Input { name, shape } => Some(("input", name.clone(), shape.clone())),
-                Op::Param { name, shape } => Some(("param", name.clone(), shape.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-/// Fold `add`/`sub` of a GEMM result that has no other use into the GEMM (accumulating into the
-/// other operand's buffer), saving a pass over the output and a buffer.
-fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
-    let mut uses = vec![0usize; instrs.len()];
-    for ins in instrs.iter() {
-        for a in &ins.args {
-            uses[*a] += 1;
-        }
-    }
-    for (_, o) in outputs {
-        uses[*o] += 1;
-    }
-    for n in 0..instrs.len() {
-        if !matches!(instrs[n].op, Op::Add | Op::Sub) || instrs[n].skip || instrs[n].group.is_some()
-        {
-            continue;
-        }
-        for pos in 0..2 {
-            let m = instrs[n].args[pos];
-            let other = instrs[n].args[1 - pos];
-            let fusable = instrs[m].op == Op::MatMul
-                && !instrs[m].skip
-                && instrs[m].epilogue.is_none()
-                && uses[m] == 1
-                && other != m
-                && instrs[other].shape == instrs[n].shape;
-            if !fusable {
-                continue;
-            }
-            // add: ab + c; sub with the product first: ab − c; second: c − ab.
-            let (alpha, beta) = match (&instrs[n].op, pos) {
-                (Op::Add, _) => (1.0, 1.0),
-                (_, 0) => (1.0, -1.0),
-                _ => (-1.0, 1.0),
-            };
-            let (a, b) = (instrs[m].args[0], instrs[m].args[1]);
-            instrs[m].skip = true;
-            let ins = &mut instrs[n];
-            ins.op = Op::MatMul;
-            ins.args = vec![a, b, other];
-            ins.epilogue = Some((alpha, beta));
-            break;
-        }
-    }
-}
-
-/// Turn each fusion group of two or more ops into one [`GroupKernel`] instruction at the
-/// position of its last member (its other members are skipped).
-fn fuse_groups(
-    g: &Graph,
-    slot: &HashMap<NodeIndex, usize>,
-    instrs: &mut [Instr],
-    outputs: &[(String, usize)],
-) {
-    let plan = snfc_compiler::fuse::plan(g);
-    let mut used_outside = vec![false; instrs.len()];
-    for (_, o) in outputs {
-        used_outside[*o] = true;
-    }
-    for group in plan.groups.iter().filter(|gr| gr.nodes.len() >= 2) {
-        let members: Vec<usize> = group.nodes.iter().map(|n| slot[n]).collect();
-        let index: HashMap<usize, usize> =
-            members.iter().enumerate().map(|(k, m)| (*m, k)).collect();
-        for (i, ins) in instrs.iter().enumerate() {
-            if !index.contains_key(&i) {
-                for a in &ins.args {
-                    if index.contains_key(a) {
-                        used_outside[*a] = true;
-                    }
-                }
-            }
-        }
-        let first = &instrs[members[0]];
-        let space = if matches!(first.op, Op::Sum { .. }) {
-            g.node(g.inputs(group.nodes[0])[0]).shape.clone()
-        } else {
-            first.shape.clone()
-        };
-        let (rows, cols) = match space.as_slice() {
-            [r, c] => (*r, *c),
-            [n] => (1, *n),
-            _ => (1, 1),
-        };
-        let mut ext: Vec<usize> = Vec::new();
-        let kernel_members: Vec<Member> = members
-            .iter()
-            .map(|&m| Member {
-                op: instrs[m].op.clone(),
-                args: instrs[m]
-                    .args
-                    .iter()
-                    .map(|a| match index.get(a) {
-                        Some(k) => Src::Reg(*k),
-                        None => Src::Ext(match ext.iter().position(|e| e == a) {
-                            Some(p) => p,
-                            None => {
-                                ext.push(*a);
-                                ext.len() - 1
-                            }
-                        }),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let outs: Vec<usize> = members
-            .iter()
-            .copied()
-            .filter(|m| used_outside[*m])
-            .collect();
-        let kernel = GroupKernel {
-            rows,
-            cols,
-            members: kernel_members,
-            outputs: outs
-                .iter()
-                .map(|m| (index[m], instrs[*m].shape.clone()))
-                .collect(),
-        };
-        let last = *members.last().expect("non-empty group");
-        for &m in &members {
-            instrs[m].skip = m != last;
-        }
-        instrs[last].args = ext;
-        instrs[last].group = Some((Arc::new(kernel), outs));
+        self.plan.feeds()
     }
 }
 
@@ -590,6 +343,7 @@ impl<T: Real> Executor<T> {
         p: &Program,
         feeds: &Feeds<T>,
     ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
+        let p = &p.plan;
         let mut vals: Vec<Option<Value<T>>> = vec![None; p.instrs.len()];
         let mut donors: Vec<(usize, Value<T>)> = Vec::new();
         for &i in &p.order {
@@ -620,7 +374,8 @@ impl<T: Real> Executor<T> {
                 String::new()
             };
             let started = self.profile.is_some().then(std::time::Instant::now);
-            if let Some((kernel, slots)) = &ins.group {
+            if let Some(group) = &ins.group {
+                let (kernel, slots) = (&group.kernel, &group.slots);
                 let produced = self.exec_group(kernel, ins, &vals, &donors);
                 for (_, d) in donors.drain(..) {
                     self.recycle(d);
@@ -693,7 +448,7 @@ impl<T: Real> Executor<T> {
 
     fn exec_group(
         &mut self,
-        kernel: &GroupKernel,
+        kernel: &FusedKernel,
         ins: &Instr,
         vals: &[Option<Value<T>>],
         donors: &[(usize, Value<T>)],
@@ -721,7 +476,7 @@ impl<T: Real> Executor<T> {
                 b
             })
             .collect();
-        kernel.run(&ext, &mut outs);
+        fused::run(kernel, &ext, &mut outs);
         outs.into_iter()
             .zip(&kernel.outputs)
             .map(|(data, (_, shape))| Value {
@@ -734,7 +489,7 @@ impl<T: Real> Executor<T> {
 
     fn exec(
         &mut self,
-        p: &Program,
+        p: &Plan,
         i: usize,
         ins: &Instr,
         vals: &[Option<Value<T>>],
@@ -800,7 +555,7 @@ impl<T: Real> Executor<T> {
                         linalg::matmul(a.mat(), b.mat(), &mut out, T::one(), T::zero(), false);
                         value(out)
                     }
-                    Some((alpha, beta)) => {
+                    Some(snfc_compiler::plan::Epilogue { alpha, beta }) => {
                         // Accumulate in the layout `c` already has: a transposed `c` takes
                         // (a·b)ᵀ = bᵀ·aᵀ, so no transposing copy is ever made.
                         let c_t = get(donors, 2).transposed;

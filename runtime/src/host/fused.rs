@@ -6,33 +6,8 @@
 use super::exec::unary;
 use super::linalg::Real;
 use rayon::prelude::*;
-use snfc_compiler::ir::{Op, Shape, Unary};
-
-/// Where a member's operand comes from.
-#[derive(Debug, Clone, Copy)]
-pub enum Src {
-    /// An earlier member of the group.
-    Reg(usize),
-    /// The group's k-th external input.
-    Ext(usize),
-}
-
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub op: Op,
-    pub args: Vec<Src>,
-}
-
-/// A fused group, ready to run.
-#[derive(Debug, Clone)]
-pub struct GroupKernel {
-    /// Iteration space `[rows, cols]` (a vector is one row, a scalar one element).
-    pub rows: usize,
-    pub cols: usize,
-    pub members: Vec<Member>,
-    /// Members whose values leave the group, with their shapes.
-    pub outputs: Vec<(usize, Shape)>,
-}
+use snfc_compiler::ir::{Op, Unary};
+use snfc_compiler::plan::{FusedKernel, Src};
 
 const CHUNK: usize = 256;
 
@@ -52,9 +27,22 @@ impl<T> SendPtr<T> {
     }
 }
 
-impl GroupKernel {
-    /// Run the group; `out` holds one zeroed buffer per entry of `outputs`.
-    pub fn run<T: Real>(&self, ext: &[Ext<T>], out: &mut [Vec<T>]) {
+/// Run the group; `out` holds one zeroed buffer per entry of `k.outputs`.
+pub fn run<T: Real>(k: &FusedKernel, ext: &[Ext<T>], out: &mut [Vec<T>]) {
+    Runner(k).run(ext, out)
+}
+
+struct Runner<'k>(&'k FusedKernel);
+
+impl std::ops::Deref for Runner<'_> {
+    type Target = FusedKernel;
+    fn deref(&self) -> &FusedKernel {
+        self.0
+    }
+}
+
+impl Runner<'_> {
+    fn run<T: Real>(&self, ext: &[Ext<T>], out: &mut [Vec<T>]) {
         let (rows, cols) = (self.rows, self.cols);
         // Reductions over rows (axis 0) and over everything accumulate per task, then combine.
         let reduce_all: Vec<usize> = self.outputs_where(|op| {

@@ -1,0 +1,193 @@
+//! One interface over every executor: a plan loaded on a device. The training loop, `grad`,
+//! `bench` and the backend test suite drive `host`, `wgpu` and `cuda` through it alike.
+
+use crate::cube::probe::Chosen;
+use crate::cube::GpuProgram;
+use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
+use crate::host::linalg::Real;
+use crate::train::Adam;
+use snfc_compiler::plan::Plan;
+use std::any::Any;
+use std::sync::Arc;
+
+/// A plan loaded on a device.
+pub trait Backend<T> {
+    /// The device, in words (`host`, `wgpu (llvmpipe …)`).
+    fn device(&self) -> String;
+    /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced.
+    fn set(&mut self, name: &str, data: &[T]) -> Result<(), ExecError>;
+    /// Run every kernel of the plan once.
+    fn run(&mut self) -> Result<(), ExecError>;
+    /// The outputs of the last run, in plan order (copied to the host).
+    fn outputs(&mut self) -> Result<Vec<(String, Tensor<T>)>, ExecError>;
+    /// One output of the last run.
+    fn output(&mut self, name: &str) -> Result<Tensor<T>, ExecError>;
+    /// One Adam step, where the parameters live, for every parameter with a `grad.<name>`
+    /// output of the last run.
+    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError>;
+    /// A fed tensor's current value (a parameter after updates).
+    fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError>;
+    /// Wait until the device is idle (for timing).
+    fn sync(&mut self) -> Result<(), ExecError>;
+    /// Kernel launches per run.
+    fn kernels(&self) -> usize;
+}
+
+/// The host executor behind [`Backend`].
+pub struct HostBackend<T> {
+    program: Program,
+    exec: Executor<T>,
+    feeds: Feeds<T>,
+    outs: Vec<(String, Tensor<T>)>,
+    adam: Option<Adam<T>>,
+}
+
+impl<T: Real> HostBackend<T> {
+    pub fn new(plan: Plan) -> Self {
+        HostBackend {
+            program: Program::from_plan(plan),
+            exec: Executor::new(),
+            feeds: Feeds::new(),
+            outs: Vec::new(),
+            adam: None,
+        }
+    }
+}
+
+fn missing(graph: &str, kind: &'static str, name: &str) -> ExecError {
+    ExecError::Missing {
+        graph: graph.to_string(),
+        kind,
+        name: name.to_string(),
+    }
+}
+
+impl<T: Real> Backend<T> for HostBackend<T> {
+    fn device(&self) -> String {
+        "host".into()
+    }
+    fn set(&mut self, name: &str, data: &[T]) -> Result<(), ExecError> {
+        match self.feeds.get_mut(name) {
+            Some(buf) if buf.len() == data.len() => Arc::make_mut(buf).copy_from_slice(data),
+            _ => {
+                self.feeds.insert(name.to_string(), Arc::new(data.to_vec()));
+            }
+        }
+        Ok(())
+    }
+    fn run(&mut self) -> Result<(), ExecError> {
+        self.outs = self.exec.run(&self.program, &self.feeds)?;
+        Ok(())
+    }
+    fn outputs(&mut self) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
+        Ok(self.outs.clone())
+    }
+    fn output(&mut self, name: &str) -> Result<Tensor<T>, ExecError> {
+        self.outs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| missing(self.program.name(), "output", name))
+    }
+    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
+        let adam = self.adam.get_or_insert_with(|| Adam::with(betas, eps));
+        adam.update_values(&mut self.feeds, &self.outs, lr);
+        Ok(())
+    }
+    fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError> {
+        self.feeds
+            .get(name)
+            .map(|v| v.to_vec())
+            .ok_or_else(|| missing(self.program.name(), "param", name))
+    }
+    fn sync(&mut self) -> Result<(), ExecError> {
+        Ok(())
+    }
+    fn kernels(&self) -> usize {
+        self.program.kernels()
+    }
+}
+
+impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
+    fn device(&self) -> String {
+        self.1.clone()
+    }
+    fn set(&mut self, name: &str, data: &[f32]) -> Result<(), ExecError> {
+        self.0.set(name, data)
+    }
+    fn run(&mut self) -> Result<(), ExecError> {
+        self.0.run()
+    }
+    fn outputs(&mut self) -> Result<Vec<(String, Tensor<f32>)>, ExecError> {
+        self.0.outputs()
+    }
+    fn output(&mut self, name: &str) -> Result<Tensor<f32>, ExecError> {
+        self.0.output(name)
+    }
+    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
+        self.0.adam_step(lr, betas, eps)
+    }
+    fn fed(&mut self, name: &str) -> Result<Vec<f32>, ExecError> {
+        self.0.fed(name)
+    }
+    fn sync(&mut self) -> Result<(), ExecError> {
+        self.0.sync()
+    }
+    fn kernels(&self) -> usize {
+        self.0.kernels()
+    }
+}
+
+/// Load `plan` on the chosen device in precision `T` (the GPU backends run f32 only).
+pub fn open<T: Real + 'static>(
+    chosen: &Chosen,
+    plan: Plan,
+) -> Result<Box<dyn Backend<T>>, ExecError> {
+    open_with(chosen, plan, false)
+}
+
+/// [`open`], with every device buffer first filled with NaN when `poison` is set (so a test
+/// sees any output element that no kernel wrote).
+pub fn open_with<T: Real + 'static>(
+    chosen: &Chosen,
+    plan: Plan,
+    poison: bool,
+) -> Result<Box<dyn Backend<T>>, ExecError> {
+    fn gpu<R: cubecl::Runtime>(
+        client: cubecl::prelude::ComputeClient<R>,
+        plan: Plan,
+        poison: bool,
+        name: String,
+    ) -> Box<dyn Backend<f32>> {
+        let mut p = GpuProgram::new(client, plan);
+        if poison {
+            p.poison();
+        }
+        Box::new((p, name))
+    }
+    let gpu: Box<dyn Backend<f32>> = match chosen {
+        Chosen::Host => return Ok(Box::new(HostBackend::<T>::new(plan))),
+        Chosen::Wgpu { .. } => gpu(
+            crate::cube::probe::wgpu_client(),
+            plan.clone(),
+            poison,
+            chosen.to_string(),
+        ),
+        Chosen::Cuda { .. } => gpu(
+            crate::cube::probe::cuda_client(),
+            plan.clone(),
+            poison,
+            chosen.to_string(),
+        ),
+    };
+    let any: Box<dyn Any> = Box::new(gpu);
+    any.downcast::<Box<dyn Backend<T>>>()
+        .map(|b| *b)
+        .map_err(|_| ExecError::Device {
+            graph: plan.name.clone(),
+            message: format!(
+                "the {} backend computes in f32; use --dtype f32 (f64 runs on the host)",
+                chosen.name()
+            ),
+        })
+}

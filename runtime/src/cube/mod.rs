@@ -1,0 +1,723 @@
+//! GPU backends: a [`Plan`] executed with CubeCL kernels, on CUDA (`cubecl-cuda`, NVRTC) or on
+//! any GPU through wgpu (and, for checking kernels on a CPU, Mesa's lavapipe).
+//!
+//! Every fused group and every remaining elementwise, broadcast or sum instruction becomes one
+//! specialization of the generic [`kernels::fused`] kernel; GEMMs run [`kernels::gemm`] with
+//! their epilogue; inverses and log-determinants (only in exact-gradient and evaluation plans,
+//! O(D³) and rare) run on the host by LU and are copied back. Buffers follow the plan's static
+//! assignment; parameters and Adam moments stay resident on the device between steps.
+
+pub mod kernels;
+pub mod probe;
+pub mod source;
+
+use crate::host::exec::{ExecError, Tensor};
+use crate::host::linalg;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use kernels::{Access, FusedProgram, GemmConfig, KOp, Mode, Store};
+use snfc_compiler::ir::{Op, Unary};
+use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
+use std::collections::HashMap;
+
+/// Where a kernel argument lives at run time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Buf {
+    /// The storage of a plan slot (a plan buffer, a fed tensor or a constant).
+    Slot(usize),
+    /// A scratch buffer of the program (partial sums, split reductions).
+    Temp(usize),
+}
+
+/// One launch of the compiled program.
+#[derive(Debug, Clone)]
+enum Launch {
+    Fused {
+        program: FusedProgram,
+        inputs: Vec<Buf>,
+        outputs: Vec<Buf>,
+    },
+    SumPartials {
+        n: usize,
+        from: Buf,
+        to: Buf,
+    },
+    Gemm {
+        config: GemmConfig,
+        args: Vec<Buf>,
+        out: Buf,
+    },
+    /// Inverse or log-determinant on the host (LU in f64).
+    HostLinalg {
+        slot: usize,
+        op: Op,
+        arg: Buf,
+    },
+}
+
+/// A plan compiled for one CubeCL runtime: launches, buffers and resident tensors.
+pub struct GpuProgram<R: Runtime> {
+    client: ComputeClient<R>,
+    plan: Plan,
+    launches: Vec<Launch>,
+    buffers: Vec<Handle>,
+    temps: Vec<Handle>,
+    /// Fed tensors (inputs and parameters) and constants, by storage slot.
+    leaves: HashMap<usize, Handle>,
+    /// Adam moments per parameter name.
+    moments: HashMap<String, (Handle, Handle)>,
+    adam_t: i32,
+}
+
+fn f32_bits(v: f64) -> u32 {
+    (v as f32).to_bits()
+}
+
+impl<R: Runtime> GpuProgram<R> {
+    /// Compile `plan` for `client` (kernels are JIT-compiled at their first launch).
+    pub fn new(client: ComputeClient<R>, plan: Plan) -> GpuProgram<R> {
+        let (launches, temps) = lower_plan(&plan);
+        let buffers = plan
+            .buffers
+            .sizes
+            .iter()
+            .map(|n| client.empty(n * 4))
+            .collect();
+        let temps = temps.iter().map(|n| client.empty(n.max(&1) * 4)).collect();
+        let mut leaves = HashMap::new();
+        for (s, ins) in plan.instrs.iter().enumerate() {
+            if let Some(v) = ins.op.const_value() {
+                leaves.insert(s, client.create_from_slice(f32::as_bytes(&[v as f32])));
+            }
+        }
+        GpuProgram {
+            client,
+            plan,
+            launches,
+            buffers,
+            temps,
+            leaves,
+            moments: HashMap::new(),
+            adam_t: 0,
+        }
+    }
+
+    /// Fill every buffer with NaN, so that an element a kernel fails to write shows in the
+    /// outputs (the backend test suite's "every element written" check).
+    pub fn poison(&mut self) {
+        let fill = |client: &ComputeClient<R>, h: &Handle| {
+            let n = h.size() as usize / 4;
+            client.create_from_slice(f32::as_bytes(&vec![f32::NAN; n]))
+        };
+        self.buffers = self.buffers.iter().map(|h| fill(&self.client, h)).collect();
+        self.temps = self.temps.iter().map(|h| fill(&self.client, h)).collect();
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Kernel launches per run.
+    pub fn kernels(&self) -> usize {
+        self.launches
+            .iter()
+            .filter(|l| !matches!(l, Launch::HostLinalg { .. }))
+            .count()
+    }
+
+    /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced.
+    pub fn set(&mut self, name: &str, data: &[f32]) -> Result<(), ExecError> {
+        let mut found = false;
+        for (s, ins) in self.plan.instrs.iter().enumerate() {
+            if let Op::Input { name: n, shape } | Op::Param { name: n, shape } = &ins.op {
+                if n == name {
+                    if data.len() != numel(shape) {
+                        return Err(ExecError::BadShape {
+                            graph: self.plan.name.clone(),
+                            kind: kind_of(&ins.op),
+                            name: name.to_string(),
+                            got: data.len(),
+                            shape: shape.clone(),
+                        });
+                    }
+                    self.leaves
+                        .insert(s, self.client.create_from_slice(f32::as_bytes(data)));
+                    found = true;
+                }
+            }
+        }
+        // A tensor the plan does not read (e.g. noise for a plan without dequantization) is
+        // ignored, as the host executor ignores unused feeds.
+        let _ = found;
+        Ok(())
+    }
+
+    fn handle(&self, b: Buf) -> Result<Handle, ExecError> {
+        match b {
+            Buf::Temp(t) => Ok(self.temps[t].clone()),
+            Buf::Slot(s) => {
+                let st = self.plan.storage_slot(s);
+                if let Some(b) = self.plan.buffers.of_slot[st] {
+                    return Ok(self.buffers[b].clone());
+                }
+                self.leaves.get(&st).cloned().ok_or_else(|| {
+                    let ins = &self.plan.instrs[st];
+                    let name = match &ins.op {
+                        Op::Input { name, .. } | Op::Param { name, .. } => name.clone(),
+                        op => op.to_string(),
+                    };
+                    ExecError::Missing {
+                        graph: self.plan.name.clone(),
+                        kind: kind_of(&ins.op),
+                        name,
+                    }
+                })
+            }
+        }
+    }
+
+    fn len_of(&self, b: Buf) -> usize {
+        match b {
+            Buf::Temp(t) => self.temps[t].size() as usize / 4,
+            Buf::Slot(s) => numel(&self.plan.instrs[s].shape),
+        }
+    }
+
+    /// Launch every kernel of the plan once.
+    pub fn run(&mut self) -> Result<(), ExecError> {
+        let launches = std::mem::take(&mut self.launches);
+        let result = self.run_launches(&launches);
+        self.launches = launches;
+        result
+    }
+
+    fn run_launches(&mut self, launches: &[Launch]) -> Result<(), ExecError> {
+        for l in launches {
+            match l {
+                Launch::Fused {
+                    program,
+                    inputs,
+                    outputs,
+                } => {
+                    let units = match program.mode {
+                        Mode::Elements => program.rows * program.cols,
+                        Mode::Columns => program.cols,
+                        Mode::Rows => program.rows,
+                    };
+                    let mut ins = SequenceArg::<R, Array<f32>>::new();
+                    for b in inputs {
+                        let h = self.handle(*b)?;
+                        ins.push(unsafe { ArrayArg::from_raw_parts(h, self.len_of(*b)) });
+                    }
+                    let mut outs = SequenceArg::<R, Array<f32>>::new();
+                    for b in outputs {
+                        let h = self.handle(*b)?;
+                        outs.push(unsafe { ArrayArg::from_raw_parts(h, self.len_of(*b)) });
+                    }
+                    let (count, dim) = grid_1d(units);
+                    kernels::fused::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        ins,
+                        outs,
+                        program.clone(),
+                    );
+                }
+                Launch::SumPartials { n, from, to } => {
+                    let (f, t) = (self.handle(*from)?, self.handle(*to)?);
+                    kernels::sum_partials::launch::<R>(
+                        &self.client,
+                        CubeCount::Static(1, 1, 1),
+                        CubeDim::new_1d(1),
+                        unsafe { ArrayArg::from_raw_parts(f, *n) },
+                        unsafe { ArrayArg::from_raw_parts(t, 1) },
+                        *n,
+                    );
+                }
+                Launch::Gemm { config, args, out } => {
+                    let a = self.handle(args[0])?;
+                    let b = self.handle(args[1])?;
+                    // Without an epilogue `c` is never read; any buffer binds.
+                    let c = match args.get(2) {
+                        Some(c) => self.handle(*c)?,
+                        None => a.clone(),
+                    };
+                    let o = self.handle(*out)?;
+                    let t = kernels::TILE as u32;
+                    let count = CubeCount::Static(
+                        (config.n as u32).div_ceil(t),
+                        (config.m as u32).div_ceil(t),
+                        1,
+                    );
+                    let units = kernels::UNITS as u32;
+                    let c_len = if args.len() > 2 {
+                        config.m * config.n
+                    } else {
+                        config.m * config.k
+                    };
+                    kernels::gemm::launch::<R>(
+                        &self.client,
+                        count,
+                        CubeDim::new_2d(units, units),
+                        unsafe { ArrayArg::from_raw_parts(a, config.m * config.k) },
+                        unsafe { ArrayArg::from_raw_parts(b, config.k * config.n) },
+                        unsafe { ArrayArg::from_raw_parts(c, c_len) },
+                        unsafe { ArrayArg::from_raw_parts(o, config.m * config.n) },
+                        config.clone(),
+                    );
+                }
+                Launch::HostLinalg { slot, op, arg } => {
+                    let x = self.read_buf(*arg)?;
+                    let n = self.plan.instrs[*slot].shape.first().copied().unwrap_or(0);
+                    let n = if *op == Op::LogDet {
+                        self.plan.instrs[self.plan.instrs[*slot].args[0]].shape[0]
+                    } else {
+                        n
+                    };
+                    let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+                    let result: Vec<f32> = if *op == Op::LogDet {
+                        vec![linalg::slogdet(&x64, n).1 as f32]
+                    } else {
+                        linalg::inverse(&x64, n)
+                            .map_err(|source| ExecError::Linalg {
+                                graph: self.plan.name.clone(),
+                                node: *slot,
+                                op: op.to_string(),
+                                source,
+                            })?
+                            .iter()
+                            .map(|v| *v as f32)
+                            .collect()
+                    };
+                    let b = self.plan.buffers.of_slot[*slot].expect("a computed value");
+                    self.buffers[b] = self.client.create_from_slice(f32::as_bytes(&result));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A slot's value in its logical (row-major) layout.
+    fn read_buf(&self, b: Buf) -> Result<Vec<f32>, ExecError> {
+        let h = self.handle(b)?;
+        let bytes = self.client.read_one(h).map_err(|e| ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!("{e:?}"),
+        })?;
+        let len = self.len_of(b);
+        let data: Vec<f32> = f32::from_bytes(&bytes)[..len].to_vec();
+        match b {
+            Buf::Slot(s) if transposed(&self.plan, s) => {
+                let shape = &self.plan.instrs[s].shape;
+                let (r, c) = (shape[0], shape[1]);
+                // The buffer is the row-major c × r transpose.
+                let mut out = vec![0.0; r * c];
+                for i in 0..r {
+                    for j in 0..c {
+                        out[i * c + j] = data[j * r + i];
+                    }
+                }
+                Ok(out)
+            }
+            _ => Ok(data),
+        }
+    }
+
+    /// A plan output by name.
+    pub fn output(&self, name: &str) -> Result<Tensor<f32>, ExecError> {
+        let slot = self
+            .plan
+            .outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| ExecError::Missing {
+                graph: self.plan.name.clone(),
+                kind: "output",
+                name: name.to_string(),
+            })?;
+        Ok(Tensor {
+            shape: self.plan.instrs[slot].shape.clone(),
+            data: self.read_buf(Buf::Slot(slot))?,
+        })
+    }
+
+    /// Every output, in plan order.
+    pub fn outputs(&self) -> Result<Vec<(String, Tensor<f32>)>, ExecError> {
+        self.plan
+            .outputs
+            .iter()
+            .map(|(n, _)| Ok((n.clone(), self.output(n)?)))
+            .collect()
+    }
+
+    /// A fed tensor's current value (a parameter after device-side updates).
+    pub fn fed(&self, name: &str) -> Result<Vec<f32>, ExecError> {
+        let slot = self
+            .plan
+            .instrs
+            .iter()
+            .position(|i| matches!(&i.op, Op::Param { name: n, .. } | Op::Input { name: n, .. } if n == name))
+            .ok_or_else(|| ExecError::Missing {
+                graph: self.plan.name.clone(),
+                kind: "param",
+                name: name.to_string(),
+            })?;
+        self.read_buf(Buf::Slot(slot))
+    }
+
+    /// One Adam step on the device for every parameter with a `grad.<name>` output, with the
+    /// gradients the last [`run`](Self::run) left in their buffers.
+    pub fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
+        self.adam_t += 1;
+        let t = self.adam_t;
+        let c1 = 1.0 - betas[0].powi(t);
+        let c2 = 1.0 - betas[1].powi(t);
+        let (step, c2s) = ((lr / c1) as f32, (1.0 / c2.sqrt()) as f32);
+        let grads: Vec<(String, usize)> = self
+            .plan
+            .outputs
+            .iter()
+            .filter_map(|(n, s)| n.strip_prefix("grad.").map(|p| (p.to_string(), *s)))
+            .collect();
+        for (param, gslot) in grads {
+            let pslot = self
+                .plan
+                .instrs
+                .iter()
+                .position(|i| matches!(&i.op, Op::Param { name, .. } if *name == param));
+            let Some(pslot) = pslot else { continue };
+            if transposed(&self.plan, gslot) {
+                return Err(ExecError::Device {
+                    graph: self.plan.name.clone(),
+                    message: format!("gradient of `{param}` is stored transposed"),
+                });
+            }
+            let n = numel(&self.plan.instrs[pslot].shape);
+            let p = self.handle(Buf::Slot(pslot))?;
+            let g = self.handle(Buf::Slot(gslot))?;
+            let client = self.client.clone();
+            let (m, v) = self
+                .moments
+                .entry(param.clone())
+                .or_insert_with(|| {
+                    let zeros = vec![0f32; n];
+                    (
+                        client.create_from_slice(f32::as_bytes(&zeros)),
+                        client.create_from_slice(f32::as_bytes(&zeros)),
+                    )
+                })
+                .clone();
+            let (count, dim) = grid_1d(n);
+            kernels::adam::launch::<R>(
+                &self.client,
+                count,
+                dim,
+                unsafe { ArrayArg::from_raw_parts(p, n) },
+                unsafe { ArrayArg::from_raw_parts(g, n) },
+                unsafe { ArrayArg::from_raw_parts(m, n) },
+                unsafe { ArrayArg::from_raw_parts(v, n) },
+                step,
+                c2s,
+                f32_bits(betas[0]),
+                f32_bits(betas[1]),
+                f32_bits(eps),
+                n,
+            );
+        }
+        Ok(())
+    }
+
+    /// Wait for every launched kernel (for timing).
+    pub fn sync(&self) -> Result<(), ExecError> {
+        cubecl::future::block_on(self.client.sync()).map_err(|e| ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!("{e:?}"),
+        })
+    }
+
+    /// The kernel specializations a plan launches, in order (for `--emit cuda,wgsl`).
+    pub fn kernel_specs(plan: &Plan) -> Vec<source::KernelSpec> {
+        lower_plan(plan)
+            .0
+            .into_iter()
+            .filter_map(|l| match l {
+                Launch::Fused {
+                    program, inputs, ..
+                } => Some(source::KernelSpec::Fused {
+                    program,
+                    inputs: inputs.len(),
+                }),
+                Launch::Gemm { config, .. } => Some(source::KernelSpec::Gemm(config)),
+                Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
+                Launch::HostLinalg { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// Every launch of a plan, in order, and the sizes of the scratch buffers they use.
+fn lower_plan(plan: &Plan) -> (Vec<Launch>, Vec<usize>) {
+    let mut temps: Vec<usize> = Vec::new();
+    let mut launches = Vec::new();
+    for &i in &plan.order {
+        let ins = &plan.instrs[i];
+        match (&ins.group, &ins.op) {
+            (Some(group), _) => lower_fused(
+                plan,
+                ins,
+                &group.kernel,
+                &group.slots,
+                &mut temps,
+                &mut launches,
+            ),
+            (None, Op::MatMul) => {
+                let t = |s: usize| transposed(plan, s);
+                let (m, k) = (ins.shape[0], plan.instrs[ins.args[0]].shape[1]);
+                let config = GemmConfig {
+                    m,
+                    n: ins.shape[1],
+                    k,
+                    a_t: t(ins.args[0]),
+                    b_t: t(ins.args[1]),
+                    epilogue: ins
+                        .epilogue
+                        .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
+                };
+                launches.push(Launch::Gemm {
+                    config,
+                    args: ins.args.iter().map(|a| Buf::Slot(*a)).collect(),
+                    out: Buf::Slot(i),
+                });
+            }
+            (None, Op::Inverse | Op::LogDet) => launches.push(Launch::HostLinalg {
+                slot: i,
+                op: ins.op.clone(),
+                arg: Buf::Slot(ins.args[0]),
+            }),
+            _ => {
+                if let Some(k) = snfc_compiler::plan::single_op_kernel(ins, &plan.instrs) {
+                    lower_fused(plan, ins, &k, &[i], &mut temps, &mut launches);
+                }
+                // leaves and transposes: no kernel
+            }
+        }
+    }
+    (launches, temps)
+}
+
+fn kind_of(op: &Op) -> &'static str {
+    match op {
+        Op::Input { .. } => "input",
+        Op::Param { .. } => "param",
+        _ => "value",
+    }
+}
+
+/// 1-D launch grid covering `units` units, 256 per cube.
+fn grid_1d(units: usize) -> (CubeCount, CubeDim) {
+    let per = 256u32;
+    let cubes = (units.max(1) as u32).div_ceil(per);
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(per))
+}
+
+/// Whether a slot's storage holds the transpose of its logical value.
+fn transposed(p: &Plan, mut s: usize) -> bool {
+    let mut t = false;
+    while p.instrs[s].op == Op::Transpose && !p.instrs[s].skip {
+        t = !t;
+        s = p.instrs[s].args[0];
+    }
+    t
+}
+
+/// Lower one fused group (or single op) to fused-kernel launches: one launch when its
+/// reductions share an axis, else an elementwise launch followed by one launch per sum.
+fn lower_fused(
+    plan: &Plan,
+    ins: &Instr,
+    k: &FusedKernel,
+    slots: &[usize],
+    temps: &mut Vec<usize>,
+    launches: &mut Vec<Launch>,
+) {
+    let (rows, cols) = (k.rows, k.cols);
+    let mut ops: Vec<KOp> = Vec::new();
+    let mut inputs: Vec<Buf> = Vec::new();
+    let mut loads: HashMap<(usize, Access), usize> = HashMap::new();
+    // Register of each member.
+    let mut reg: Vec<usize> = Vec::with_capacity(k.members.len());
+    let mut load = |ops: &mut Vec<KOp>, e: usize, access: Access| -> usize {
+        let slot = ins.args[e];
+        let st = plan.storage_slot(slot);
+        if let Some(v) = plan.instrs[st].op.const_value() {
+            ops.push(KOp::Const(f32_bits(v)));
+            return ops.len() - 1;
+        }
+        let access = match access {
+            Access::Elem if numel(&plan.instrs[slot].shape) == 1 => Access::Scalar,
+            Access::Elem if transposed(plan, slot) => Access::ElemT,
+            a => a,
+        };
+        *loads.entry((e, access)).or_insert_with(|| {
+            let pos = match inputs.iter().position(|b| *b == Buf::Slot(slot)) {
+                Some(p) => p,
+                None => {
+                    inputs.push(Buf::Slot(slot));
+                    inputs.len() - 1
+                }
+            };
+            ops.push(KOp::Load(pos, access));
+            ops.len() - 1
+        })
+    };
+    for m in &k.members {
+        let mut arg = |ops: &mut Vec<KOp>, j: usize| -> usize {
+            match m.args[j] {
+                Src::Reg(r) => reg[r],
+                Src::Ext(e) => load(ops, e, Access::Elem),
+            }
+        };
+        let r = match &m.op {
+            Op::Add | Op::Sub | Op::Mul => {
+                let (a, b) = (arg(&mut ops, 0), arg(&mut ops, 1));
+                ops.push(match m.op {
+                    Op::Add => KOp::Add(a, b),
+                    Op::Sub => KOp::Sub(a, b),
+                    _ => KOp::Mul(a, b),
+                });
+                ops.len() - 1
+            }
+            Op::Neg | Op::Unary(_) => {
+                let a = arg(&mut ops, 0);
+                ops.push(match m.op {
+                    Op::Neg => KOp::Neg(a),
+                    Op::Unary(Unary::Exp) => KOp::Exp(a),
+                    Op::Unary(Unary::Log) => KOp::Log(a),
+                    Op::Unary(Unary::Softplus) => KOp::Softplus(a),
+                    Op::Unary(Unary::Sigmoid) => KOp::Sigmoid(a),
+                    Op::Unary(Unary::Square) => KOp::Square(a),
+                    _ => KOp::Recip(a),
+                });
+                ops.len() - 1
+            }
+            // Identities: the register is the operand's.
+            Op::StopGrad | Op::Sum { .. } => arg(&mut ops, 0),
+            Op::Broadcast { new_axis, .. } => {
+                let Src::Ext(e) = m.args[0] else {
+                    unreachable!("a broadcast reads an external input (validated)")
+                };
+                let access = match new_axis {
+                    None => Access::Scalar,
+                    Some(0) => Access::Row,
+                    Some(_) => Access::Col,
+                };
+                load(&mut ops, e, access)
+            }
+            other => unreachable!("{other} is not fusable (validated)"),
+        };
+        reg.push(r);
+    }
+    // Outputs by kind.
+    let axes: Vec<Option<Option<usize>>> = k
+        .outputs
+        .iter()
+        .map(|(m, _)| match k.members[*m].op {
+            Op::Sum { axis } => Some(axis),
+            _ => None,
+        })
+        .collect();
+    let has = |a: Option<usize>| axes.contains(&Some(a));
+    let split = has(Some(0)) && has(Some(1));
+    let mode = if split {
+        Mode::Elements
+    } else if has(Some(1)) {
+        Mode::Rows
+    } else if has(Some(0)) || has(None) {
+        Mode::Columns
+    } else {
+        Mode::Elements
+    };
+    let mut outputs = Vec::new();
+    let mut out_regs = Vec::new();
+    let mut after: Vec<Launch> = Vec::new();
+    for (j, (m, _)) in k.outputs.iter().enumerate() {
+        let r = reg[*m];
+        let slot = Buf::Slot(slots[j]);
+        match axes[j] {
+            None => {
+                out_regs.push((r, Store::Elem));
+                outputs.push(slot);
+            }
+            Some(axis) if split => {
+                // Write the summands, then reduce them in a launch of their own.
+                temps.push(rows * cols);
+                let t = Buf::Temp(temps.len() - 1);
+                out_regs.push((r, Store::Elem));
+                outputs.push(t);
+                let mut sum_ops = vec![KOp::Load(0, Access::Elem)];
+                let (smode, line) = match axis {
+                    Some(0) => (Mode::Columns, cols),
+                    _ => (Mode::Rows, rows),
+                };
+                let sum_program = FusedProgram {
+                    mode: smode,
+                    rows,
+                    cols,
+                    ops: std::mem::take(&mut sum_ops),
+                    outputs: vec![(0, Store::LineSum)],
+                };
+                if axis.is_none() {
+                    temps.push(line);
+                    let partial = Buf::Temp(temps.len() - 1);
+                    after.push(Launch::Fused {
+                        program: sum_program,
+                        inputs: vec![t],
+                        outputs: vec![partial],
+                    });
+                    after.push(Launch::SumPartials {
+                        n: line,
+                        from: partial,
+                        to: slot,
+                    });
+                } else {
+                    after.push(Launch::Fused {
+                        program: sum_program,
+                        inputs: vec![t],
+                        outputs: vec![slot],
+                    });
+                }
+            }
+            Some(None) => {
+                // Line sums into a partials buffer, then one pass over the partials.
+                let line = if mode == Mode::Rows { rows } else { cols };
+                temps.push(line);
+                let partial = Buf::Temp(temps.len() - 1);
+                out_regs.push((r, Store::LineSum));
+                outputs.push(partial);
+                after.push(Launch::SumPartials {
+                    n: line,
+                    from: partial,
+                    to: slot,
+                });
+            }
+            Some(Some(_)) => {
+                out_regs.push((r, Store::LineSum));
+                outputs.push(slot);
+            }
+        }
+    }
+    launches.push(Launch::Fused {
+        program: FusedProgram {
+            mode,
+            rows,
+            cols,
+            ops,
+            outputs: out_regs,
+        },
+        inputs,
+        outputs,
+    });
+    launches.extend(after);
+}
