@@ -31,6 +31,13 @@ pub trait Backend<T> {
     fn sync(&mut self) -> Result<(), ExecError>;
     /// Kernel launches per run.
     fn kernels(&self) -> usize;
+    /// Time each kernel kind from now on (GPU backends; the host profiles through its
+    /// executor, see `bench`).
+    fn enable_profile(&mut self) {}
+    /// Seconds and launches per kernel kind since `enable_profile`.
+    fn profile(&self) -> Vec<(String, f64, usize)> {
+        Vec::new()
+    }
 }
 
 /// The host executor behind [`Backend`].
@@ -136,6 +143,12 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     fn kernels(&self) -> usize {
         self.0.kernels()
     }
+    fn enable_profile(&mut self) {
+        self.0.enable_profile()
+    }
+    fn profile(&self) -> Vec<(String, f64, usize)> {
+        self.0.profile()
+    }
 }
 
 /// Load `plan` on the chosen device in precision `T` (the GPU backends run f32 only).
@@ -153,13 +166,25 @@ pub fn open_with<T: Real + 'static>(
     plan: Plan,
     poison: bool,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
+    open_variant(chosen, plan, poison, None)
+}
+
+/// [`open_with`], forcing GEMMs to stage operands in shared memory or not (`None`: staged
+/// except on CPU adapters), so tests cover both kernels on any device.
+pub fn open_variant<T: Real + 'static>(
+    chosen: &Chosen,
+    plan: Plan,
+    poison: bool,
+    staged: Option<bool>,
+) -> Result<Box<dyn Backend<T>>, ExecError> {
     fn gpu<R: cubecl::Runtime>(
         client: cubecl::prelude::ComputeClient<R>,
         plan: Plan,
         poison: bool,
+        staged: bool,
         name: String,
     ) -> Box<dyn Backend<f32>> {
-        let mut p = GpuProgram::new(client, plan);
+        let mut p = GpuProgram::with_staging(client, plan, staged);
         if poison {
             p.poison();
         }
@@ -171,12 +196,15 @@ pub fn open_with<T: Real + 'static>(
             crate::cube::probe::wgpu_client(),
             plan.clone(),
             poison,
+            // On a CPU adapter caches stage operands better than emulated shared memory.
+            staged.unwrap_or(!crate::cube::probe::wgpu_adapter().is_ok_and(|a| a.cpu)),
             chosen.to_string(),
         ),
         Chosen::Cuda { .. } => gpu(
             crate::cube::probe::cuda_client(),
             plan.clone(),
             poison,
+            staged.unwrap_or(true),
             chosen.to_string(),
         ),
     };

@@ -129,6 +129,17 @@ pub fn bench_step<T: Real + 'static>(
             .map(|(k, t, n)| (k, t / steps as f64, n / steps))
             .collect();
     }
+    if profile && host.is_none() {
+        backend.enable_profile();
+        for _ in 0..steps {
+            backend.run()?;
+        }
+        profile_rows = backend
+            .profile()
+            .into_iter()
+            .map(|(k, t, n)| (k, t / steps as f64, n / steps))
+            .collect();
+    }
     let sampling = sampling_time(spec, batch);
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];

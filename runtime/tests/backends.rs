@@ -11,7 +11,7 @@ use snfc_compiler::ir::lower::eval_graph;
 use snfc_compiler::ir::{Graph, GraphBuilder, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
-use snfc_runtime::backend::{open, open_with, Backend};
+use snfc_runtime::backend::{open, open_variant, Backend};
 use snfc_runtime::cube::probe::{choose, Chosen, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
 use snfc_runtime::model::Model;
@@ -48,10 +48,21 @@ fn random_feeds(g: &Graph, rng: &mut Rng, lo: f64, hi: f64) -> Feeds<f64> {
 
 /// Run `plan` on the device and compare every output with the host f64 run of the same plan.
 fn check_plan(chosen: &Chosen, plan: Plan, feeds: &Feeds<f64>, what: &str) {
+    check_variant(chosen, plan, feeds, what, None)
+}
+
+fn check_variant(
+    chosen: &Chosen,
+    plan: Plan,
+    feeds: &Feeds<f64>,
+    what: &str,
+    staged: Option<bool>,
+) {
     let want = Executor::<f64>::new()
         .run(&Program::from_plan(plan.clone()), feeds)
         .expect("host f64 run");
-    let mut b: Box<dyn Backend<f32>> = open_with(chosen, plan, true).expect("backend opens");
+    let mut b: Box<dyn Backend<f32>> =
+        open_variant(chosen, plan, true, staged).expect("backend opens");
     for (name, v) in feeds {
         let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
         b.set(name, &v32).expect("set");
@@ -99,8 +110,8 @@ fn check_graph(chosen: &Chosen, g: &Graph, rng: &mut Rng, lo: f64, hi: f64, what
 /// transposed addend, at sizes that are not multiples of the tile.
 fn gemm(chosen: &Chosen) {
     let mut rng = Rng::new(11);
-    for (m, k, n) in [(5, 7, 3), (17, 33, 20), (40, 16, 1)] {
-        for ta in [false, false, true] {
+    for (m, k, n) in [(5, 7, 3), (17, 33, 20), (40, 16, 1), (70, 41, 130)] {
+        for ta in [false, true] {
             for tb in [false, true] {
                 for epilogue in 0..3 {
                     let mut b = GraphBuilder::new("gemm");

@@ -232,6 +232,10 @@ pub struct GemmConfig {
     pub b_t: bool,
     /// `out = alpha·a·b + beta·c` (f32 bits) when set; `c_t` as for `a_t`.
     pub epilogue: Option<(u32, u32, bool)>,
+    /// Stage A and B slices in shared memory (GPUs); without, every unit reads its operands
+    /// straight from memory — faster on CPU adapters (lavapipe), where workgroup barriers are
+    /// emulated and caches do the staging.
+    pub staged: bool,
 }
 
 /// Output tile of one cube (`TILE × TILE`), computed by `UNITS × UNITS` units holding
@@ -244,7 +248,7 @@ pub const DEPTH: usize = 16;
 
 /// `out = A·B` or `alpha·A·B + beta·C`: `TILE × TILE` output tiles, `A` and `B` slices staged
 /// through shared memory, `WORK × WORK` register-blocked outputs per unit.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 pub fn gemm(
     a: &Array<f32>,
     b: &Array<f32>,
@@ -281,7 +285,41 @@ fn gemm_body<F: Float>(
     for q in 0..WORK * WORK {
         acc[q] = F::new(0.0);
     }
-    let steps = comptime![k.div_ceil(DEPTH)];
+    if comptime![!g.staged] {
+        for p in 0..k {
+            #[unroll]
+            for r in 0..WORK {
+                let i = row0 + ty + r * UNITS;
+                let j = col0 + tx + r * UNITS;
+                let mut x = F::new(0.0);
+                if i < m {
+                    if comptime![g.a_t] {
+                        x = a[p * m + i];
+                    } else {
+                        x = a[i * k + p];
+                    }
+                }
+                av[r] = x;
+                let mut y = F::new(0.0);
+                if j < n {
+                    if comptime![g.b_t] {
+                        y = b[j * k + p];
+                    } else {
+                        y = b[p * n + j];
+                    }
+                }
+                bv[r] = y;
+            }
+            #[unroll]
+            for r in 0..WORK {
+                #[unroll]
+                for q in 0..WORK {
+                    acc[r * WORK + q] += av[r] * bv[q];
+                }
+            }
+        }
+    }
+    let steps = comptime![if g.staged { k.div_ceil(DEPTH) } else { 0 }];
     let loads = comptime![TILE * DEPTH / (UNITS * UNITS)];
     for t in 0..steps {
         let p = t * DEPTH;

@@ -67,6 +67,8 @@ pub struct GpuProgram<R: Runtime> {
     /// Adam moments per parameter name.
     moments: HashMap<String, (Handle, Handle)>,
     adam_t: i32,
+    /// Seconds and launches per kernel kind, when profiling (each launch is then waited for).
+    profile: Option<HashMap<String, (f64, usize)>>,
 }
 
 fn f32_bits(v: f64) -> u32 {
@@ -76,7 +78,13 @@ fn f32_bits(v: f64) -> u32 {
 impl<R: Runtime> GpuProgram<R> {
     /// Compile `plan` for `client` (kernels are JIT-compiled at their first launch).
     pub fn new(client: ComputeClient<R>, plan: Plan) -> GpuProgram<R> {
-        let (launches, temps) = lower_plan(&plan);
+        Self::with_staging(client, plan, true)
+    }
+
+    /// [`new`](Self::new), choosing whether GEMMs stage operands in shared memory (`false`
+    /// for CPU adapters such as lavapipe).
+    pub fn with_staging(client: ComputeClient<R>, plan: Plan, staged: bool) -> GpuProgram<R> {
+        let (launches, temps) = lower_plan(&plan, staged);
         let buffers = plan
             .buffers
             .sizes
@@ -99,6 +107,7 @@ impl<R: Runtime> GpuProgram<R> {
             leaves,
             moments: HashMap::new(),
             adam_t: 0,
+            profile: None,
         }
     }
 
@@ -191,8 +200,47 @@ impl<R: Runtime> GpuProgram<R> {
         result
     }
 
+    /// Time every launch from now on (synchronizing after each: slower, but per kernel).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(HashMap::new());
+    }
+
+    /// Seconds and launches per kernel kind since [`enable_profile`](Self::enable_profile).
+    pub fn profile(&self) -> Vec<(String, f64, usize)> {
+        let mut v: Vec<(String, f64, usize)> = self
+            .profile
+            .iter()
+            .flatten()
+            .map(|(k, (t, n))| (k.clone(), *t, *n))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
     fn run_launches(&mut self, launches: &[Launch]) -> Result<(), ExecError> {
         for l in launches {
+            let started = if self.profile.is_some() {
+                self.sync()?;
+                Some(std::time::Instant::now())
+            } else {
+                None
+            };
+            self.launch(l)?;
+            if let Some(t) = started {
+                self.sync()?;
+                let key = launch_kind(l);
+                if let Some(p) = self.profile.as_mut() {
+                    let e = p.entry(key).or_insert((0.0, 0));
+                    e.0 += t.elapsed().as_secs_f64();
+                    e.1 += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(&mut self, l: &Launch) -> Result<(), ExecError> {
+        {
             match l {
                 Launch::Fused {
                     program,
@@ -256,16 +304,20 @@ impl<R: Runtime> GpuProgram<R> {
                     } else {
                         config.m * config.k
                     };
-                    kernels::gemm::launch::<R>(
-                        &self.client,
-                        count,
-                        CubeDim::new_2d(units, units),
-                        unsafe { ArrayArg::from_raw_parts(a, config.m * config.k) },
-                        unsafe { ArrayArg::from_raw_parts(b, config.k * config.n) },
-                        unsafe { ArrayArg::from_raw_parts(c, c_len) },
-                        unsafe { ArrayArg::from_raw_parts(o, config.m * config.n) },
-                        config.clone(),
-                    );
+                    // SAFETY: every access is guarded by the matrix bounds (i < m, j < n,
+                    // p + kk < k) and the arrays have exactly the lengths given here.
+                    unsafe {
+                        kernels::gemm::launch_unchecked::<R>(
+                            &self.client,
+                            count,
+                            CubeDim::new_2d(units, units),
+                            ArrayArg::from_raw_parts(a, config.m * config.k),
+                            ArrayArg::from_raw_parts(b, config.k * config.n),
+                            ArrayArg::from_raw_parts(c, c_len),
+                            ArrayArg::from_raw_parts(o, config.m * config.n),
+                            config.clone(),
+                        )
+                    };
                 }
                 Launch::HostLinalg { slot, op, arg } => {
                     let x = self.read_buf(*arg)?;
@@ -439,7 +491,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// The kernel specializations a plan launches, in order (for `--emit cuda,wgsl`).
     pub fn kernel_specs(plan: &Plan) -> Vec<source::KernelSpec> {
-        lower_plan(plan)
+        lower_plan(plan, true)
             .0
             .into_iter()
             .filter_map(|l| match l {
@@ -458,7 +510,7 @@ impl<R: Runtime> GpuProgram<R> {
 }
 
 /// Every launch of a plan, in order, and the sizes of the scratch buffers they use.
-fn lower_plan(plan: &Plan) -> (Vec<Launch>, Vec<usize>) {
+fn lower_plan(plan: &Plan, staged: bool) -> (Vec<Launch>, Vec<usize>) {
     let mut temps: Vec<usize> = Vec::new();
     let mut launches = Vec::new();
     for &i in &plan.order {
@@ -484,6 +536,7 @@ fn lower_plan(plan: &Plan) -> (Vec<Launch>, Vec<usize>) {
                     epilogue: ins
                         .epilogue
                         .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
+                    staged,
                 };
                 launches.push(Launch::Gemm {
                     config,
@@ -505,6 +558,30 @@ fn lower_plan(plan: &Plan) -> (Vec<Launch>, Vec<usize>) {
         }
     }
     (launches, temps)
+}
+
+/// A launch's kind for profiles: the kernel and its shape.
+fn launch_kind(l: &Launch) -> String {
+    match l {
+        Launch::Fused { program, .. } => format!(
+            "fused {:?} [{} x {}] ({} ops)",
+            program.mode,
+            program.rows,
+            program.cols,
+            program.ops.len()
+        ),
+        Launch::SumPartials { n, .. } => format!("sum of {n} partials"),
+        Launch::Gemm { config: g, .. } => format!(
+            "gemm{} {}x{}x{} ({}{})",
+            if g.epilogue.is_some() { "+acc" } else { "" },
+            g.m,
+            g.k,
+            g.n,
+            if g.a_t { "T" } else { "N" },
+            if g.b_t { "T" } else { "N" }
+        ),
+        Launch::HostLinalg { op, .. } => format!("{op} (host LU)"),
+    }
 }
 
 fn kind_of(op: &Op) -> &'static str {
