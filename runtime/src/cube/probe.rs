@@ -133,8 +133,12 @@ pub fn choose(kind: DeviceKind) -> Result<Chosen, String> {
     }
 }
 
+/// Name of CUDA device 0 (after a successful probe).
 fn cuda_name() -> String {
-    "device 0".to_string()
+    cudarc::driver::result::device::get(0)
+        .and_then(cudarc::driver::result::device::get_name)
+        .map(|n| format!("device 0: {n}"))
+        .unwrap_or_else(|_| "device 0".to_string())
 }
 
 /// The cubecl client of the default wgpu adapter (after [`wgpu_adapter`] succeeded).
