@@ -365,51 +365,29 @@ fn adam(chosen: &Chosen) {
     }
 }
 
+/// One `#[test]` per check, run on the device of `$kind` (skipped when it is absent).
 macro_rules! backend_suite {
     ($module:ident, $kind:expr) => {
         mod $module {
             use super::*;
-
-            fn dev() -> Option<Chosen> {
-                device($kind)
-            }
-            #[test]
-            fn gemm_layouts_and_epilogues() {
-                if let Some(d) = dev() {
-                    gemm(&d)
-                }
-            }
-            #[test]
-            fn fused_elementwise_ops() {
-                if let Some(d) = dev() {
-                    elementwise(&d)
-                }
-            }
-            #[test]
-            fn sums_and_fused_reduction_tails() {
-                if let Some(d) = dev() {
-                    reductions(&d)
-                }
-            }
-            #[test]
-            fn inverse_and_logdet() {
-                if let Some(d) = dev() {
-                    linalg(&d)
-                }
-            }
-            #[test]
-            fn whole_training_steps_and_eval() {
-                if let Some(d) = dev() {
-                    training_steps(&d)
-                }
-            }
-            #[test]
-            fn adam_update() {
-                if let Some(d) = dev() {
-                    adam(&d)
-                }
-            }
+            backend_suite!(@tests $kind;
+                gemm_layouts_and_epilogues => gemm,
+                fused_elementwise_ops => elementwise,
+                sums_and_fused_reduction_tails => reductions,
+                inverse_and_logdet => linalg,
+                whole_training_steps_and_eval => training_steps,
+                adam_update => adam);
         }
+    };
+    (@tests $kind:expr; $($name:ident => $check:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(d) = device($kind) {
+                    $check(&d)
+                }
+            }
+        )*
     };
 }
 

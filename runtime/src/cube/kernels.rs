@@ -158,8 +158,13 @@ fn fused_body<F: Float>(
                 }
             }
         }
-        Mode::Columns => {
-            if t < cols {
+        // One unit per line — a column (sums over rows) or a row (sums over columns) —
+        // walking it and accumulating the line sums in place.
+        _ => {
+            let columns = comptime![p.mode == Mode::Columns];
+            let lines = comptime![if columns { cols } else { rows }];
+            let length = comptime![if columns { rows } else { cols }];
+            if t < lines {
                 #[unroll]
                 for k in 0..n_out {
                     if comptime![p.outputs[k].1 == Store::LineSum] {
@@ -167,8 +172,9 @@ fn fused_body<F: Float>(
                         out[t] = F::new(0.0);
                     }
                 }
-                for r in 0..rows {
-                    let regs = eval::<F>(inputs, r, t, p.clone());
+                for w in 0..length {
+                    let (r, c) = if comptime![columns] { (w, t) } else { (t, w) };
+                    let regs = eval::<F>(inputs, r, c, p.clone());
                     #[unroll]
                     for k in 0..n_out {
                         let reg = comptime![p.outputs[k].0];
@@ -176,31 +182,7 @@ fn fused_body<F: Float>(
                         if comptime![p.outputs[k].1 == Store::LineSum] {
                             out[t] += *regs.index(reg);
                         } else {
-                            out[r * cols + t] = *regs.index(reg);
-                        }
-                    }
-                }
-            }
-        }
-        Mode::Rows => {
-            if t < rows {
-                #[unroll]
-                for k in 0..n_out {
-                    if comptime![p.outputs[k].1 == Store::LineSum] {
-                        let out = outputs.index_mut(k);
-                        out[t] = F::new(0.0);
-                    }
-                }
-                for c in 0..cols {
-                    let regs = eval::<F>(inputs, t, c, p.clone());
-                    #[unroll]
-                    for k in 0..n_out {
-                        let reg = comptime![p.outputs[k].0];
-                        let out = outputs.index_mut(k);
-                        if comptime![p.outputs[k].1 == Store::LineSum] {
-                            out[t] += *regs.index(reg);
-                        } else {
-                            out[t * cols + c] = *regs.index(reg);
+                            out[r * cols + c] = *regs.index(reg);
                         }
                     }
                 }

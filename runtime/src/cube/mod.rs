@@ -134,9 +134,10 @@ impl<R: Runtime> GpuProgram<R> {
             .count()
     }
 
-    /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced.
+    /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced. A
+    /// name the plan does not read (noise for a plan without dequantization) is ignored, as
+    /// the host executor ignores unused feeds.
     pub fn set(&mut self, name: &str, data: &[f32]) -> Result<(), ExecError> {
-        let mut found = false;
         for (s, ins) in self.plan.instrs.iter().enumerate() {
             if let Op::Input { name: n, shape } | Op::Param { name: n, shape } = &ins.op {
                 if n == name {
@@ -151,13 +152,9 @@ impl<R: Runtime> GpuProgram<R> {
                     }
                     self.leaves
                         .insert(s, self.client.create_from_slice(f32::as_bytes(data)));
-                    found = true;
                 }
             }
         }
-        // A tensor the plan does not read (e.g. noise for a plan without dequantization) is
-        // ignored, as the host executor ignores unused feeds.
-        let _ = found;
         Ok(())
     }
 
@@ -321,12 +318,8 @@ impl<R: Runtime> GpuProgram<R> {
                 }
                 Launch::HostLinalg { slot, op, arg } => {
                     let x = self.read_buf(*arg)?;
-                    let n = self.plan.instrs[*slot].shape.first().copied().unwrap_or(0);
-                    let n = if *op == Op::LogDet {
-                        self.plan.instrs[self.plan.instrs[*slot].args[0]].shape[0]
-                    } else {
-                        n
-                    };
+                    // The operand is square, n × n.
+                    let n = self.plan.instrs[self.plan.instrs[*slot].args[0]].shape[0];
                     let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
                     let result: Vec<f32> = if *op == Op::LogDet {
                         vec![linalg::slogdet(&x64, n).1 as f32]
@@ -733,7 +726,6 @@ fn lower_fused(
                 let t = Buf::Temp(temps.len() - 1);
                 out_regs.push((r, Store::Elem));
                 outputs.push(t);
-                let mut sum_ops = vec![KOp::Load(0, Access::Elem)];
                 let (smode, line) = match axis {
                     Some(0) => (Mode::Columns, cols),
                     _ => (Mode::Rows, rows),
@@ -742,7 +734,7 @@ fn lower_fused(
                     mode: smode,
                     rows,
                     cols,
-                    ops: std::mem::take(&mut sum_ops),
+                    ops: vec![KOp::Load(0, Access::Elem)],
                     outputs: vec![(0, Store::LineSum)],
                 };
                 if axis.is_none() {
