@@ -59,7 +59,10 @@ train_line=$(tail -1 "$TMP/train.txt")
     echo "|---|---|---|---|---|---|---|---|"
     for j in "$cuda_json" "$host_json"; do
         [ -n "$j" ] || continue
-        smp=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]).get("sampling") or {}; print(f"{d.get(\"learned_ms_per_sample\",\"\"):.3f} | {d.get(\"exact_ms_per_sample\",\"\"):.3f}")' "$j" 2>/dev/null || echo " | ")
+        smp=$(python3 -c 'import json,sys
+d = json.loads(sys.argv[1]).get("sampling") or {}
+f = lambda k: "%.3f" % d[k] if isinstance(d.get(k), (int, float)) else "-"
+print(f("learned_ms_per_sample") + " | " + f("exact_ms_per_sample"))' "$j" 2>/dev/null || echo "- | -")
         printf '| %s | %.2f | %.2f | %.0f | %.1f | %s | %s |\n' \
             "$(field "$j" device)" "$(field "$j" median_step_ms)" "$(field "$j" min_step_ms)" \
             "$(field "$j" examples_per_sec)" "$(field "$j" gflops)" "$(field "$j" kernels)" "$smp"
