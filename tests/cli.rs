@@ -639,6 +639,30 @@ fn wgpu_training_follows_the_host_curve() {
 }
 
 #[test]
+fn gpu_backends_refuse_f64_before_writing_anything() {
+    if !wgpu_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let err = fails(snfc([
+        "train",
+        "specs/mnist_fc2.json",
+        "--device",
+        "wgpu",
+        "--dtype",
+        "f64",
+        "--steps",
+        "1",
+        "--out",
+        p(&out),
+        "--quiet",
+    ]));
+    assert!(err.contains("f32"), "{err}");
+    assert!(!out.exists(), "a run that cannot start creates nothing");
+}
+
+#[test]
 fn grad_on_wgpu_matches_the_host() {
     if !wgpu_present() {
         return;

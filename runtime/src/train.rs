@@ -222,17 +222,18 @@ pub fn train<T: Real + 'static>(
             checkpoint.display()
         )));
     }
+    // The step on its device first: a run that cannot start leaves the output directory alone.
+    let plan = match &opts.plan {
+        Some(p) => p.clone(),
+        None => Plan::for_level(&compile_train(spec, batch, opts.level).step, opts.level),
+    };
+    let mut backend = open::<T>(&opts.device, plan)?;
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let metrics_path = opts.out.join("metrics.jsonl");
     let mut metrics = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
 
     let seed = opts.seed.unwrap_or(tr.seed);
     let epochs = opts.epochs.unwrap_or(tr.epochs);
-    let plan = match &opts.plan {
-        Some(p) => p.clone(),
-        None => Plan::for_level(&compile_train(spec, batch, opts.level).step, opts.level),
-    };
-    let mut backend = open::<T>(&opts.device, plan)?;
     let mut model = Model::<T>::init(spec, seed);
     for (name, v) in &model.values {
         backend.set(name, v)?;
