@@ -142,14 +142,17 @@ fn gemm(chosen: &Chosen) {
                     };
                     b.output("out", out);
                     let g = b.finish();
-                    check_graph(
-                        chosen,
-                        &g,
-                        &mut rng,
-                        -1.0,
-                        1.0,
-                        &format!("gemm {m}x{k}x{n} ta={ta} tb={tb} epilogue={epilogue}"),
-                    );
+                    let feeds = random_feeds(&g, &mut rng, -1.0, 1.0);
+                    // Both GEMM kernels on every device: operands staged in shared memory
+                    // (GPUs) and read directly (CPU adapters).
+                    for staged in [true, false] {
+                        let what = format!(
+                            "gemm {m}x{k}x{n} ta={ta} tb={tb} epilogue={epilogue} staged={staged}"
+                        );
+                        for plan in [Plan::new(&g), Plan::unfused(&g)] {
+                            check_variant(chosen, plan, &feeds, &what, Some(staged));
+                        }
+                    }
                 }
             }
         }
