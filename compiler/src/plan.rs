@@ -322,12 +322,7 @@ impl Plan {
         );
         let view = |s: usize| -> String {
             // Transposes are views: name the stored slot and mark the transpose.
-            let mut t = false;
-            let mut st = s;
-            while self.instrs[st].op == Op::Transpose && !self.instrs[st].skip {
-                t = !t;
-                st = self.instrs[st].args[0];
-            }
+            let (st, t) = self.view(s);
             format!("%{st}{}", if t { "ᵀ" } else { "" })
         };
         let buf = |s: usize| match self.buffers.of_slot.get(s).copied().flatten() {
@@ -430,11 +425,19 @@ impl Plan {
 
     /// The slot whose value an instruction's result aliases: a transpose's operand, followed
     /// through chains of transposes (a transpose is a view, not a kernel).
-    pub fn storage_slot(&self, mut s: usize) -> usize {
+    pub fn storage_slot(&self, s: usize) -> usize {
+        self.view(s).0
+    }
+
+    /// The slot whose storage `s` reads, and whether it reads it transposed (an odd number of
+    /// transposes in the chain).
+    pub fn view(&self, mut s: usize) -> (usize, bool) {
+        let mut transposed = false;
         while self.instrs[s].op == Op::Transpose && !self.instrs[s].skip {
+            transposed = !transposed;
             s = self.instrs[s].args[0];
         }
-        s
+        (s, transposed)
     }
 
     /// Check a plan read from a file: every index in range, shapes consistent with the ops,

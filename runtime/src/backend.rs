@@ -156,21 +156,12 @@ pub fn open<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
-    open_with(chosen, plan, false)
+    open_variant(chosen, plan, false, None)
 }
 
 /// [`open`], with every device buffer first filled with NaN when `poison` is set (so a test
-/// sees any output element that no kernel wrote).
-pub fn open_with<T: Real + 'static>(
-    chosen: &Chosen,
-    plan: Plan,
-    poison: bool,
-) -> Result<Box<dyn Backend<T>>, ExecError> {
-    open_variant(chosen, plan, poison, None)
-}
-
-/// [`open_with`], forcing GEMMs to stage operands in shared memory or not (`None`: staged
-/// except on CPU adapters), so tests cover both kernels on any device.
+/// sees any output element that no kernel wrote), and GEMMs forced to stage operands in shared
+/// memory or not (`None`: staged except on CPU adapters), so tests cover both kernels.
 pub fn open_variant<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,

@@ -593,13 +593,8 @@ fn grid_1d(units: usize) -> (CubeCount, CubeDim) {
 }
 
 /// Whether a slot's storage holds the transpose of its logical value.
-fn transposed(p: &Plan, mut s: usize) -> bool {
-    let mut t = false;
-    while p.instrs[s].op == Op::Transpose && !p.instrs[s].skip {
-        t = !t;
-        s = p.instrs[s].args[0];
-    }
-    t
+fn transposed(p: &Plan, s: usize) -> bool {
+    p.view(s).1
 }
 
 /// Lower one fused group (or single op) to fused-kernel launches: one launch when its
