@@ -573,7 +573,8 @@ fn compile(
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let c = compile_train(&spec, batch, OptLevel::Full);
+    let c = compile_train(&spec, batch, OptLevel::Full)
+        .with_context(|| format!("compiling {}", spec_path.display()))?;
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

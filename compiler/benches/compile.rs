@@ -74,7 +74,7 @@ fn main() {
         let mut results: Vec<(f64, Compiled)> = (0..n)
             .map(|_| {
                 let start = Instant::now();
-                let c = compile_train(&spec, BATCH, OptLevel::Full);
+                let c = compile_train(&spec, BATCH, OptLevel::Full).expect("the spec compiles");
                 (start.elapsed().as_secs_f64() * 1e3, c)
             })
             .collect();

@@ -23,6 +23,7 @@ pub fn gradients(
             || (*b.op(n) != Op::StopGrad && b.graph().inputs(n).iter().any(|i| needs[i]));
         needs.insert(n, v);
     }
+    let outer_region = b.region();
     let mut cot: HashMap<NodeIndex, NodeIndex> = HashMap::new();
     let one = b.constant(1.0);
     cot.insert(objective, one);
@@ -33,6 +34,8 @@ pub fn gradients(
         }
         let ins = b.graph().inputs(n);
         let op = b.op(n).clone();
+        // A node's vector-Jacobian products belong to its region (see `ir::Region`).
+        b.set_region(b.region_of(n));
         for (pos, &x) in ins.iter().enumerate() {
             if !needs[&x] {
                 continue;
@@ -47,6 +50,7 @@ pub fn gradients(
             }
         }
     }
+    b.set_region(outer_region);
     wrt.iter().map(|w| cot.get(w).copied()).collect()
 }
 

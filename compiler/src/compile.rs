@@ -1,7 +1,7 @@
 //! The compiler pipeline as one function: spec → exact training graph → rewritten step graph.
 
 use crate::ir::{lower, Graph};
-use crate::rewrite::{self, EGraphStats, Limits};
+use crate::rewrite::{self, EGraphStats, Limits, RewriteError};
 use crate::spec::{FlowSpec, GradientMode};
 
 /// How far to rewrite the training step.
@@ -28,8 +28,13 @@ pub struct Compiled {
     pub egraph: Vec<EGraphStats>,
 }
 
-/// Compile the training step of `spec` at batch size `batch`.
-pub fn compile_train(spec: &FlowSpec, batch: usize, level: OptLevel) -> Compiled {
+/// Compile the training step of `spec` at batch size `batch`. Fails when a rewrite phase
+/// cannot finish (a limit reached): the step would not be the algorithm the spec asks for.
+pub fn compile_train(
+    spec: &FlowSpec,
+    batch: usize,
+    level: OptLevel,
+) -> Result<Compiled, RewriteError> {
     let exact = lower::train_graph(spec, batch);
     // The step reports the loss without the data-independent log-dets: dropping the full
     // objective drops every `logdet` node (their gradients stay, as inverses or substitutes).
@@ -37,20 +42,20 @@ pub fn compile_train(spec: &FlowSpec, batch: usize, level: OptLevel) -> Compiled
     let mut egraph = Vec::new();
     let limits = Limits::default();
     if level != OptLevel::None && spec.objective.gradient == GradientMode::SelfNormalizing {
-        let (g, s) = rewrite::self_normalize(&step, limits);
+        let (g, s) = rewrite::self_normalize(&step, limits)?;
         step = g;
         egraph.push(s);
     }
     if level == OptLevel::Full {
-        let (g, s) = rewrite::optimize(&step, limits);
+        let (g, s) = rewrite::optimize(&step, limits)?;
         step = g;
         egraph.push(s);
     }
-    Compiled {
+    Ok(Compiled {
         spec: spec.clone(),
         batch,
         exact,
         step,
         egraph,
-    }
+    })
 }

@@ -138,15 +138,19 @@ pub const PLAN_FORMAT: u32 = 1;
 
 impl TrainPlan {
     /// The training step of `spec` at `batch`, compiled at `level`.
-    pub fn compile(spec: &FlowSpec, batch: usize, level: OptLevel) -> TrainPlan {
-        let c = crate::compile::compile_train(spec, batch, level);
-        TrainPlan {
+    pub fn compile(
+        spec: &FlowSpec,
+        batch: usize,
+        level: OptLevel,
+    ) -> Result<TrainPlan, crate::rewrite::RewriteError> {
+        let c = crate::compile::compile_train(spec, batch, level)?;
+        Ok(TrainPlan {
             snfc_plan: PLAN_FORMAT,
             spec: spec.clone(),
             batch,
             opt_level: level_name(level).to_string(),
             step: Plan::for_level(&c.step, level),
-        }
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -917,7 +921,7 @@ mod tests {
     #[test]
     fn plans_validate_and_round_trip_through_json() {
         for level in [OptLevel::None, OptLevel::Substitution, OptLevel::Full] {
-            let c = compile_train(&fc2(), 16, level);
+            let c = compile_train(&fc2(), 16, level).expect("the spec compiles");
             let p = Plan::for_level(&c.step, level);
             p.validate("").expect("valid plan");
             let text = serde_json::to_string(&p).expect("serialize");
@@ -928,7 +932,7 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_and_never_shared_by_live_values() {
-        let c = compile_train(&fc2(), 16, OptLevel::Full);
+        let c = compile_train(&fc2(), 16, OptLevel::Full).expect("the spec compiles");
         let p = Plan::new(&c.step);
         let (total, naive) = p.buffers.footprint(&p);
         assert!(total < naive, "reuse saves memory: {total} vs {naive}");
@@ -964,7 +968,7 @@ mod tests {
 
     #[test]
     fn train_plans_round_trip_and_bad_files_name_the_spot() {
-        let tp = TrainPlan::compile(&fc2(), 8, OptLevel::Full);
+        let tp = TrainPlan::compile(&fc2(), 8, OptLevel::Full).expect("the spec compiles");
         let text = tp.to_json();
         assert!(TrainPlan::is_plan_text(&text));
         assert_eq!(TrainPlan::parse(&text).expect("parses"), tp);
@@ -985,7 +989,7 @@ mod tests {
 
     #[test]
     fn broken_plans_are_rejected_with_a_path() {
-        let c = compile_train(&fc2(), 4, OptLevel::Full);
+        let c = compile_train(&fc2(), 4, OptLevel::Full).expect("the spec compiles");
         let p = Plan::new(&c.step);
         let mut bad = p.clone();
         let i = bad.order[bad.order.len() - 1];

@@ -40,7 +40,7 @@ fn before_after(before: &Graph, after: &Graph) -> String {
 
 /// `optimize` with the default limits; the small graphs must saturate.
 fn algebra(g: &Graph) -> Graph {
-    let (out, stats) = optimize(g, Limits::default());
+    let (out, stats) = optimize(g, Limits::default()).expect("optimizes");
     assert_saturated(&stats);
     out
 }
@@ -64,6 +64,10 @@ fn substitution_replaces_inverses_of_a_pair_only() {
     let w = b.param("layers.0.weight", vec![3, 3]);
     let r = b.param("layers.0.weight_inv", vec![3, 3]);
     let u = b.param("other.weight", vec![3, 3]);
+    // Only the declared pair is substituted: names play no part (`other.weight` has a
+    // `other.weight_inv` look-alike that is not declared).
+    b.declare_inverse_pair("layers.0.weight", "layers.0.weight_inv");
+    let _lookalike = b.param("other.weight_inv", vec![3, 3]);
     let wi = b.inverse(w);
     let wit = b.transpose(wi);
     b.output("logdet_grad", wit);
@@ -73,7 +77,7 @@ fn substitution_replaces_inverses_of_a_pair_only() {
     b.output("unpaired", ui);
     let g = b.finish();
 
-    let (after, stats) = self_normalize(&g, Limits::default());
+    let (after, stats) = self_normalize(&g, Limits::default()).expect("substitutes");
     assert_saturated(&stats);
     insta::assert_snapshot!("substitution", before_after(&g, &after));
     assert_eq!(
@@ -295,7 +299,7 @@ fn linear_count(spec: &FlowSpec) -> usize {
 /// and R: 6 GEMMs, and no inverse or log-det.
 #[track_caller]
 fn assert_six_gemms_per_layer(spec: &FlowSpec, batch: usize) {
-    let c = compile_train(spec, batch, OptLevel::Full);
+    let c = compile_train(spec, batch, OptLevel::Full).expect("the spec compiles");
     let counts = op_counts(&c.step);
     let layers = linear_count(spec);
     assert_eq!(
@@ -315,7 +319,7 @@ fn mnist_fc2_step_has_six_gemms_per_layer_and_no_cubic_op() {
     let spec = load_spec(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(linear_count(&spec), 2);
     assert_six_gemms_per_layer(&spec, spec.train.batch_size);
-    let c = compile_train(&spec, spec.train.batch_size, OptLevel::Full);
+    let c = compile_train(&spec, spec.train.batch_size, OptLevel::Full).expect("the spec compiles");
     assert_eq!(op_counts(&c.step).gemm, 12);
     assert!(
         op_counts(&c.exact).inverse >= 2,

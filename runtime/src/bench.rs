@@ -76,7 +76,7 @@ pub fn bench_step<T: Real + 'static>(
     } = *opts;
     let batch = spec.train.batch_size;
     let d = spec.input.dim();
-    let compiled = compile_train(spec, batch, level);
+    let compiled = compile_train(spec, batch, level)?;
     let counts = op_counts(&compiled.step);
     let plan = Plan::for_level(&compiled.step, level);
     // Profiling needs the host executor's hooks; it is a host-only view.

@@ -60,7 +60,7 @@ pub fn gradients<T: Real + 'static>(
         };
         feeds.insert(INPUT_NOISE.into(), Arc::new(u));
     }
-    let compiled = compile_train(spec, batch, level);
+    let compiled = compile_train(spec, batch, level)?;
     // The step on the chosen device; the exact NLL and reconstruction error on the host.
     let mut backend = open::<T>(device, Plan::for_level(&compiled.step, level))?;
     for (name, v) in &feeds {

@@ -33,6 +33,8 @@ pub enum TrainError {
     #[error(transparent)]
     Exec(#[from] ExecError),
     #[error(transparent)]
+    Compile(#[from] snfc_compiler::rewrite::RewriteError),
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{path}: {source}")]
     Io {
@@ -225,7 +227,7 @@ pub fn train<T: Real + 'static>(
     // The step on its device first: a run that cannot start leaves the output directory alone.
     let plan = match &opts.plan {
         Some(p) => p.clone(),
-        None => Plan::for_level(&compile_train(spec, batch, opts.level).step, opts.level),
+        None => Plan::for_level(&compile_train(spec, batch, opts.level)?.step, opts.level),
     };
     let mut backend = open::<T>(&opts.device, plan)?;
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;

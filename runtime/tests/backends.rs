@@ -313,7 +313,7 @@ fn training_steps(chosen: &Chosen) {
     ] {
         let feeds = step_feeds(&s, batch, 5, eight_bit);
         for level in [OptLevel::None, OptLevel::Substitution, OptLevel::Full] {
-            let c = compile_train(&s, batch, level);
+            let c = compile_train(&s, batch, level).expect("the spec compiles");
             check_plan(
                 chosen,
                 Plan::for_level(&c.step, level),
@@ -334,7 +334,7 @@ fn training_steps(chosen: &Chosen) {
 fn adam(chosen: &Chosen) {
     let s = small_spec("self_normalizing");
     let batch = 10;
-    let c = compile_train(&s, batch, OptLevel::Full);
+    let c = compile_train(&s, batch, OptLevel::Full).expect("the spec compiles");
     let plan = Plan::new(&c.step);
     let feeds = step_feeds(&s, batch, 9, false);
     let mut host: Box<dyn Backend<f64>> = open(&Chosen::Host, plan.clone()).expect("host");

@@ -15,7 +15,7 @@ fn small_plan() -> Plan {
             "train": {"batch_size": 3}}"#,
     )
     .expect("spec");
-    let c = compile_train(&spec, 3, OptLevel::Full);
+    let c = compile_train(&spec, 3, OptLevel::Full).expect("the spec compiles");
     Plan::new(&c.step)
 }
 

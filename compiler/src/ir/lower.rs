@@ -13,7 +13,7 @@
 //! code); `objective` is all of `J`. Both are outputs of the exact training graph; the training
 //! step drops `objective`, which is what removes every `logdet` from the step.
 
-use super::{Graph, GraphBuilder, Shape, Unary};
+use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use crate::autodiff;
 use crate::spec::{FlowSpec, GradientMode, LayerSpec, Preprocess};
 use petgraph::stable_graph::NodeIndex;
@@ -109,6 +109,7 @@ impl<'a> Lowering<'a> {
 
     /// Preprocessed input `h0` and its per-example log-det (`[B]`), if any.
     fn preprocess(&mut self) -> (NodeIndex, Option<NodeIndex>) {
+        self.b.set_region(Region::Input);
         let shape = self.batch_shape();
         let x = self.b.input(INPUT_X, shape.clone());
         match self.spec.input.preprocess {
@@ -149,10 +150,16 @@ impl<'a> Lowering<'a> {
         let mut recon_terms: Vec<NodeIndex> = Vec::new();
         for (i, layer) in self.spec.layers.iter().enumerate() {
             let b = &mut self.b;
+            b.set_region(Region::Layer(i));
             match layer {
                 LayerSpec::Linear(l) => {
-                    let w = b.param(&param_name(i, ParamKind::Weight), vec![d, d]);
-                    let r = b.param(&param_name(i, ParamKind::WeightInv), vec![d, d]);
+                    let (w_name, r_name) = (
+                        param_name(i, ParamKind::Weight),
+                        param_name(i, ParamKind::WeightInv),
+                    );
+                    let w = b.param(&w_name, vec![d, d]);
+                    let r = b.param(&r_name, vec![d, d]);
+                    b.declare_inverse_pair(&w_name, &r_name);
                     if with_recon {
                         let hs = b.stop_grad(h);
                         let wh = b.matmul(w, hs);
@@ -196,6 +203,7 @@ impl<'a> Lowering<'a> {
         }
         // Base density: ln N(z) = −½‖z‖² − (D/2) ln 2π per example.
         let b = &mut self.b;
+        b.set_region(Region::Loss);
         let z2 = b.unary(Unary::Square, h);
         let zz = b.sum(z2, Some(0));
         let half = b.scale(zz, -0.5);

@@ -11,25 +11,82 @@ pub(crate) mod print;
 
 pub use op::{Op, Shape, Unary};
 
+
 pub use petgraph::stable_graph::NodeIndex;
 use petgraph::stable_graph::StableDiGraph;
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 
-/// One tensor operation and the shape of its result.
+/// The part of a flow a node was built for: the rewriter saturates each region on its own
+/// (DESIGN.md §7, "rewrite locally, compose globally"), so its work grows linearly with depth.
+/// Lowering sets the region of the forward nodes; autodiff puts each vector-Jacobian product
+/// in the region of the node it differentiates, so one layer's forward and backward algebra
+/// (shared `W h`, factored gradient GEMMs) stays together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Region {
+    /// Preprocessing, and every node of a graph built without regions.
+    #[default]
+    Input,
+    /// Layer `k` of the spec's (expanded) layer list.
+    Layer(usize),
+    /// The base density and the objective.
+    Loss,
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Region::Input => write!(f, "input"),
+            Region::Layer(k) => write!(f, "layers.{k}"),
+            Region::Loss => write!(f, "loss"),
+        }
+    }
+}
+
+impl FromStr for Region {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Region, String> {
+        match s {
+            "input" => Ok(Region::Input),
+            "loss" => Ok(Region::Loss),
+            _ => s
+                .strip_prefix("layers.")
+                .and_then(|k| k.parse().ok())
+                .map(Region::Layer)
+                .ok_or_else(|| format!("unknown region {s:?} (input, layers.K or loss)")),
+        }
+    }
+}
+
+/// A learned inverse declared by lowering: the parameter `inverse` is trained to invert the
+/// linear operator of parameter `forward` (R ≈ W⁻¹). The self-normalizing substitution matches
+/// these declarations, never parameter names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InversePair {
+    pub forward: String,
+    pub inverse: String,
+}
+
+/// One tensor operation, the shape of its result and the region it belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     pub op: Op,
     pub shape: Shape,
+    pub region: Region,
 }
 
-/// A tensor program: nodes, operand edges (weight = operand position) and named outputs.
+/// A tensor program: nodes, operand edges (weight = operand position), named outputs and the
+/// declared learned-inverse pairs of its parameters.
 #[derive(Debug, Clone)]
 pub struct Graph {
     pub name: String,
     graph: StableDiGraph<Node, usize>,
     pub outputs: Vec<(String, NodeIndex)>,
+    pub pairs: Vec<InversePair>,
 }
 
 impl Graph {
@@ -100,6 +157,7 @@ impl Graph {
     ) -> Graph {
         let live = self.live(outputs.iter().map(|(_, n)| *n));
         let mut b = GraphBuilder::new(&self.name);
+        b.graph.pairs = self.pairs.clone();
         let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
         for n in self.nodes() {
             if !live.contains_key(&n) {
@@ -107,6 +165,7 @@ impl Graph {
             }
             let ins: Vec<NodeIndex> = self.inputs(n).iter().map(|i| map[i]).collect();
             let node = &self.graph[n];
+            b.region = node.region;
             let new = match replace(&node.op, &ins) {
                 Some(r) => r,
                 None => b.add_shaped(node.op.clone(), &ins, node.shape.clone()),
@@ -136,11 +195,13 @@ impl Graph {
     }
 }
 
-/// Builds a [`Graph`], hash-consing nodes and inferring shapes.
+/// Builds a [`Graph`], hash-consing nodes and inferring shapes. New nodes go into the current
+/// [`Region`] (leaves into none: they belong to every region that reads them).
 #[derive(Debug, Clone)]
 pub struct GraphBuilder {
     graph: Graph,
     memo: HashMap<(Op, Vec<NodeIndex>), NodeIndex>,
+    region: Region,
 }
 
 impl GraphBuilder {
@@ -150,8 +211,39 @@ impl GraphBuilder {
                 name: name.to_string(),
                 graph: StableDiGraph::new(),
                 outputs: Vec::new(),
+                pairs: Vec::new(),
             },
             memo: HashMap::new(),
+            region: Region::Input,
+        }
+    }
+
+    /// The region of the nodes created from now on.
+    pub fn set_region(&mut self, region: Region) {
+        self.region = region;
+    }
+
+    pub fn region(&self) -> Region {
+        self.region
+    }
+
+    pub fn region_of(&self, n: NodeIndex) -> Region {
+        self.graph.graph[n].region
+    }
+
+    /// Replace the declared pairs (copying them from a graph this one is rewritten from).
+    pub fn set_pairs(&mut self, pairs: Vec<InversePair>) {
+        self.graph.pairs = pairs;
+    }
+
+    /// Declare parameter `inverse` the learned inverse of parameter `forward` (once).
+    pub fn declare_inverse_pair(&mut self, forward: &str, inverse: &str) {
+        let pair = InversePair {
+            forward: forward.to_string(),
+            inverse: inverse.to_string(),
+        };
+        if !self.graph.pairs.contains(&pair) {
+            self.graph.pairs.push(pair);
         }
     }
 
@@ -178,14 +270,21 @@ impl GraphBuilder {
         self.add_shaped(op, inputs, shape)
     }
 
-    fn add_shaped(&mut self, op: Op, inputs: &[NodeIndex], shape: Shape) -> NodeIndex {
+    /// Add a node whose shape is already known (copying a checked graph, or parsing one).
+    pub fn add_shaped(&mut self, op: Op, inputs: &[NodeIndex], shape: Shape) -> NodeIndex {
         let key = (op, inputs.to_vec());
         if let Some(n) = self.memo.get(&key) {
             return *n;
         }
+        let region = if key.0.arity() == 0 {
+            Region::Input
+        } else {
+            self.region
+        };
         let n = self.graph.graph.add_node(Node {
             op: key.0.clone(),
             shape,
+            region,
         });
         for (pos, i) in inputs.iter().enumerate() {
             self.graph.graph.add_edge(*i, n, pos);

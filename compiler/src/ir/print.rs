@@ -4,14 +4,17 @@
 //! graph mnist_fc2.train {
 //!   %0 = input x : [784, 100]
 //!   %1 = param layers.0.weight : [784, 784]
-//!   %2 = matmul %1, %0 : [784, 100]
+//!   %2 = matmul %1, %0 : [784, 100] @layers.0
 //!   ...
+//!   inverse_pair layers.0.weight, layers.0.weight_inv
 //!   output loss = %41
 //! }
 //! ```
 //! Node numbers are dense and follow creation order, so the text only changes when the graph does.
+//! `@region` follows nodes outside the default region `input` (leaves have none);
+//! `inverse_pair W, R` lines are the learned-inverse declarations.
 
-use super::{Graph, Op};
+use super::{Graph, Op, Region};
 use std::collections::HashMap;
 use std::fmt::Write;
 
@@ -49,13 +52,20 @@ pub fn to_text(g: &Graph) -> String {
             .map(|a| format!("%{}", number[a]))
             .collect();
         let sep = if args.is_empty() { "" } else { " " };
+        let region = match node.region {
+            Region::Input => String::new(),
+            r => format!(" @{r}"),
+        };
         let _ = writeln!(
             out,
-            "  %{i} = {}{sep}{} : {}",
+            "  %{i} = {}{sep}{} : {}{region}",
             op_text(&node.op),
             args.join(", "),
             shape_text(&node.shape)
         );
+    }
+    for p in &g.pairs {
+        let _ = writeln!(out, "  inverse_pair {}, {}", p.forward, p.inverse);
     }
     for (name, n) in &g.outputs {
         let _ = writeln!(out, "  output {name} = %{}", number[n]);

@@ -271,11 +271,63 @@ impl DagExtraction {
         order
     }
 
-    pub fn node(&self, eg: &TEGraph, id: Id) -> &TensorNode {
+    pub fn node(&self, eg: &TEGraph, id: Id) -> Result<&TensorNode, String> {
         let c = self.index[&eg.find(id)];
         match self.choice[c] {
-            Some(k) => &self.cands[c][k].node,
-            None => panic!("snfc internal error: e-class {id} has no acyclic extraction"),
+            Some(k) => Ok(&self.cands[c][k].node),
+            None => Err(format!("e-class {id} has no acyclic extraction")),
         }
+    }
+}
+
+/// Extraction for the substitution phase, which runs on a whole (possibly very deep) graph:
+/// each e-class takes the node of least *critical-path* cost (own cost plus the dearest
+/// operand's), iterated over the classes in id order — creation order, so operands mostly come
+/// first and few passes are needed. Linear per pass, and finite at any depth (a summed tree
+/// cost doubles with every shared level). The choices there are few and clear-cut: `W` over
+/// `inverse(R)`, `Rᵀ` over `inverse(W)ᵀ`.
+pub struct PathExtraction {
+    best: HashMap<Id, (f64, TensorNode)>,
+}
+
+impl PathExtraction {
+    pub fn new(eg: &TEGraph) -> Self {
+        let mut ids: Vec<Id> = eg.classes().map(|c| c.id).collect();
+        ids.sort();
+        let mut best: HashMap<Id, (f64, TensorNode)> = HashMap::new();
+        loop {
+            let mut changed = false;
+            for &id in &ids {
+                for n in eg[id].iter() {
+                    let mut path: f64 = 0.0;
+                    let mut ready = true;
+                    for c in n.children() {
+                        match best.get(&eg.find(*c)) {
+                            Some((cost, _)) => path = path.max(*cost),
+                            None => ready = false,
+                        }
+                    }
+                    if !ready {
+                        continue;
+                    }
+                    // + 1 per node: strictly increasing along every edge, so choices are acyclic.
+                    let cost = node_cost(eg, n) + 1.0 + path;
+                    if best.get(&id).is_none_or(|(old, _)| cost < *old) {
+                        best.insert(id, (cost, n.clone()));
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return PathExtraction { best };
+            }
+        }
+    }
+
+    pub fn node(&self, id: Id) -> Result<&TensorNode, String> {
+        self.best
+            .get(&id)
+            .map(|(_, n)| n)
+            .ok_or_else(|| format!("e-class {id} has no extraction"))
     }
 }

@@ -19,14 +19,16 @@
 mod extract;
 mod lang;
 
-pub use extract::DagExtraction;
+pub use extract::{DagExtraction, PathExtraction};
 pub use lang::{op_cost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 
-use crate::ir::{Graph, GraphBuilder, Op};
-use egg::{ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
+use crate::ir::{Graph, GraphBuilder, Op, Region};
+use egg::{Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// When a rule may fire.
@@ -39,6 +41,8 @@ pub enum When {
     /// needs it, and away from the long scalar sums of the loss (whose every reordering an AC
     /// rule would otherwise enumerate).
     Matrix,
+    /// Every listed pattern variable is bound to a matrix.
+    Matrices(&'static [&'static str]),
 }
 
 /// A rewrite rule as data: `lhs ⇒ rhs` (and back when `bidirectional`), when `when` holds.
@@ -75,17 +79,25 @@ const fn when(r: RuleSpec, when: When) -> RuleSpec {
     RuleSpec { when, ..r }
 }
 
-/// DESIGN.md §2, for one forward/inverse pair: `?W` and `?R` are replaced by the two parameters.
-pub const SUBSTITUTION: &[RuleSpec] = &[
-    // eq. 10: the log-det gradient W⁻ᵀ becomes Rᵀ.
-    rule(
-        "snf-logdet-gradient",
-        "(transpose (inverse ?W))",
-        "(transpose ?R)",
-    ),
-    // eq. 11 and δ_z^g ≈ δ_z^f (A.1): the inverse of the learned inverse is the forward weight.
-    rule("snf-inverse-of-inverse", "(inverse ?R)", "?W"),
-];
+/// A rule whose right-hand side names the declared learned inverse of a matched parameter:
+/// `?R` is bound to the partner of the parameter in `?W`'s e-class, from the graph's
+/// [`InversePair`]s (both directions: R ≈ W⁻¹ and W ≈ R⁻¹).
+#[derive(Debug, Clone, Copy)]
+pub struct PairRule {
+    pub name: &'static str,
+    pub lhs: &'static str,
+    pub rhs: &'static str,
+}
+
+/// DESIGN.md §2: the self-normalizing substitution, one rule for every declared pair. With
+/// `inverse(W) ⇒ R`, the log-det gradient `W⁻ᵀ` becomes `Rᵀ` (eq. 10) by congruence; with
+/// `inverse(R) ⇒ W`, the g-flow's forward pass becomes the f-flow's (eq. 11), so the e-graph
+/// merges them and the g-flow's backpropagated error *is* δ^f (A.1).
+pub const SUBSTITUTION: &[PairRule] = &[PairRule {
+    name: "snf-inverse-of-pair",
+    lhs: "(inverse ?W)",
+    rhs: "?R",
+}];
 
 /// Exact identities of matrix algebra, valid for any operands. Grouped by family: products
 /// (associativity), transposes, signs, sums (commutativity, associativity), factoring
@@ -146,10 +158,15 @@ pub const ALGEBRA: &[RuleSpec] = &[
         "(sub (matmul ?a ?b) (matmul ?a ?c))",
         "(matmul ?a (sub ?b ?c))",
     ),
-    both(
-        "transpose-of-sum",
-        "(transpose (add ?a ?b))",
-        "(add (transpose ?a) (transpose ?b))",
+    // Only for matrix summands: `(transpose (add A 1.0))` has a scalar summand, whose
+    // transpose would be ill-shaped.
+    when(
+        both(
+            "transpose-of-sum",
+            "(transpose (add ?a ?b))",
+            "(add (transpose ?a) (transpose ?b))",
+        ),
+        When::Matrices(&["?a", "?b"]),
     ),
     when(
         rule("mul-commute", "(mul ?a ?b)", "(mul ?b ?a)"),
@@ -181,6 +198,11 @@ pub const ALGEBRA: &[RuleSpec] = &[
     ),
 ];
 
+fn parse_var(var: &str) -> Var {
+    var.parse()
+        .unwrap_or_else(|e| panic!("snfc internal error: {var}: {e:?}"))
+}
+
 type Cond =
     Box<dyn Fn(&mut EGraph<TensorNode, ShapeAnalysis>, Id, &egg::Subst) -> bool + Send + Sync>;
 
@@ -188,20 +210,29 @@ fn condition(when: When) -> Option<Cond> {
     match when {
         When::Always => None,
         When::Scalar(var) => {
-            let v: Var = var
-                .parse()
-                .unwrap_or_else(|e| panic!("snfc internal error: {var}: {e:?}"));
+            let v = parse_var(var);
             Some(Box::new(move |eg, _, subst| eg[subst[v]].data.is_empty()))
         }
         When::Matrix => Some(Box::new(|eg, id, _| eg[id].data.len() == 2)),
+        When::Matrices(vars) => {
+            let vars: Vec<Var> = vars.iter().map(|v| parse_var(v)).collect();
+            Some(Box::new(move |eg, _, subst| {
+                vars.iter().all(|v| eg[subst[*v]].data.len() == 2)
+            }))
+        }
     }
 }
 
-/// Bounds on saturation; the run stops at whichever comes first.
-#[derive(Debug, Clone, Copy)]
+/// Bounds on one saturation run. Reaching any of them is an error ([`RewriteError::Limit`]),
+/// never a result: a phase that stops early would hand back a different algorithm than the spec
+/// asked for (an exact O(D³) step under a self-normalizing spec, say).
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Limits {
+    /// E-nodes of one region's e-graph (the substitution phase, which runs on the whole graph
+    /// and only ever shrinks it, gets this many on top of the graph's own nodes).
     pub nodes: usize,
     pub iterations: usize,
+    /// A safety net against a runaway rule set; well above what any region needs.
     pub time: Duration,
 }
 
@@ -210,12 +241,32 @@ impl Default for Limits {
         Limits {
             nodes: 20_000,
             iterations: 30,
-            time: Duration::from_secs(2),
+            time: Duration::from_secs(30),
         }
     }
 }
 
-/// What one saturation run did.
+/// Why rewriting failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RewriteError {
+    #[error(
+        "rewrite phase {phase}: the e-graph of region {region} stopped on its {reason} before \
+         saturating (limits: {} e-nodes, {} iterations, {} s per region); snfc does not run a \
+         step it has not fully rewritten",
+        limits.nodes, limits.iterations, limits.time.as_secs_f64()
+    )]
+    Limit {
+        phase: String,
+        region: String,
+        reason: String,
+        limits: Limits,
+    },
+    #[error("snfc internal error in rewrite phase {phase}: {what}")]
+    Internal { phase: String, what: String },
+}
+
+/// What one rewrite phase did. `optimize` saturates each region of the graph on its own; its
+/// figures are the largest region's (nodes, classes, iterations) and totals (times).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EGraphStats {
     pub phase: String,
@@ -224,49 +275,40 @@ pub struct EGraphStats {
     pub classes: usize,
     pub iterations: usize,
     pub stop_reason: String,
+    /// Regions saturated, and how many of them were distinct problems (identical layers are
+    /// one problem, solved once).
+    pub regions: usize,
+    pub distinct_regions: usize,
     /// Total time of the phase; `extract_millis` of it went to extraction.
     pub millis: f64,
     pub extract_millis: f64,
 }
 
 type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
+type TRewrite = Rewrite<TensorNode, ShapeAnalysis>;
 
-fn compile_rules(
-    specs: &[RuleSpec],
-    subst: &[(&str, String)],
-) -> Vec<Rewrite<TensorNode, ShapeAnalysis>> {
+fn parse_pattern(p: &str, rule: &str) -> Pattern<TensorNode> {
+    p.parse()
+        .unwrap_or_else(|e| panic!("snfc internal error: rule {rule}: {p}: {e}"))
+}
+
+fn compile_rules(specs: &[RuleSpec]) -> Vec<TRewrite> {
     let mut out = Vec::new();
     for s in specs {
-        let inst = |p: &str| {
-            let mut p = p.to_string();
-            for (var, text) in subst {
-                p = p.replace(var, text);
-            }
-            p
-        };
-        let (lhs, rhs) = (inst(s.lhs), inst(s.rhs));
-        let suffix = subst
-            .first()
-            .map(|(_, t)| format!("[{t}]"))
-            .unwrap_or_default();
-        let parse = |p: &str| -> Pattern<TensorNode> {
-            p.parse()
-                .unwrap_or_else(|e| panic!("snfc internal error: rule {}: {p}: {e}", s.name))
-        };
-        let name = format!("{}{suffix}", s.name);
-        let mut dirs = vec![(name.clone(), lhs.clone(), rhs.clone())];
+        let mut dirs = vec![(s.name.to_string(), s.lhs, s.rhs)];
         if s.bidirectional {
-            dirs.push((format!("{name}-rev"), rhs, lhs));
+            dirs.push((format!("{}-rev", s.name), s.rhs, s.lhs));
         }
         for (name, from, to) in dirs {
+            let (from, to) = (parse_pattern(from, &name), parse_pattern(to, &name));
             let rw = match condition(s.when) {
-                None => Rewrite::new(name.clone(), parse(&from), parse(&to)),
+                None => Rewrite::new(name.clone(), from, to),
                 Some(condition) => Rewrite::new(
                     name.clone(),
-                    parse(&from),
+                    from,
                     ConditionalApplier {
                         condition,
-                        applier: parse(&to),
+                        applier: to,
                     },
                 ),
             };
@@ -276,150 +318,490 @@ fn compile_rules(
     out
 }
 
-/// Add a graph to an e-graph; returns the e-class of each output.
-/// Also returns the input graph's own e-nodes, so extraction can fall back to the graph it was given.
-/// Named output e-classes.
-type Roots = Vec<(String, Id)>;
+/// Applies a [`PairRule`]'s right-hand side with `?R` bound to the declared partner of the
+/// parameter in `?W`'s e-class; does nothing where `?W` holds no paired parameter.
+struct PairApplier {
+    w: Var,
+    r: Var,
+    rhs: Pattern<TensorNode>,
+    partners: Arc<HashMap<Op, Op>>,
+}
 
-fn to_egraph(g: &Graph) -> (TEGraph, Roots, Vec<(Id, TensorNode)>) {
-    let mut eg = TEGraph::default();
-    let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
-    let mut original = Vec::new();
-    for n in g.nodes() {
-        let node = TensorNode {
-            op: g.node(n).op.clone(),
-            children: g.inputs(n).iter().map(|i| ids[i]).collect(),
+impl Applier<TensorNode, ShapeAnalysis> for PairApplier {
+    fn apply_one(
+        &self,
+        eg: &mut TEGraph,
+        eclass: Id,
+        subst: &egg::Subst,
+        searcher_ast: Option<&egg::PatternAst<TensorNode>>,
+        rule_name: egg::Symbol,
+    ) -> Vec<Id> {
+        let partner = eg[subst[self.w]]
+            .nodes
+            .iter()
+            .find_map(|n| self.partners.get(&n.op).cloned());
+        let Some(op) = partner else {
+            return vec![];
         };
-        let id = eg.add(node.clone());
-        original.push((id, node));
-        ids.insert(n, id);
+        let r = eg.add(TensorNode {
+            op,
+            children: vec![],
+        });
+        let mut subst = subst.clone();
+        subst.insert(self.r, r);
+        self.rhs
+            .apply_one(eg, eclass, &subst, searcher_ast, rule_name)
     }
-    let roots = g
-        .outputs
-        .iter()
-        .map(|(name, n)| (name.clone(), ids[n]))
+}
+
+/// The pair rules over the declared pairs of `g` (each pair in both directions).
+fn compile_pair_rules(rules: &[PairRule], g: &Graph) -> Vec<TRewrite> {
+    let params: HashMap<&str, &Op> = g
+        .nodes()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            op @ Op::Param { name, .. } => Some((name.as_str(), op)),
+            _ => None,
+        })
         .collect();
-    (eg, roots, original)
-}
-
-/// Extract the cheapest graph for all outputs together: one best node per e-class, shared.
-fn extract(
-    eg: &TEGraph,
-    roots: &[(String, Id)],
-    original: &[(Id, TensorNode)],
-    name: &str,
-) -> Graph {
-    let ids: Vec<Id> = roots.iter().map(|(_, id)| *id).collect();
-    let extractor = DagExtraction::new(eg, &ids, original);
-    let mut b = GraphBuilder::new(name);
-    let mut built: HashMap<Id, NodeIndex> = HashMap::new();
-    for (out, root) in roots {
-        let n = build(eg, &extractor, *root, &mut b, &mut built);
-        b.output(out, n);
+    let mut partners = HashMap::new();
+    for p in &g.pairs {
+        if let (Some(w), Some(r)) = (params.get(p.forward.as_str()), params.get(p.inverse.as_str()))
+        {
+            partners.insert((*w).clone(), (*r).clone());
+            partners.insert((*r).clone(), (*w).clone());
+        }
     }
-    b.finish()
-}
-
-fn build(
-    eg: &TEGraph,
-    ex: &DagExtraction,
-    id: Id,
-    b: &mut GraphBuilder,
-    built: &mut HashMap<Id, NodeIndex>,
-) -> NodeIndex {
-    let id = eg.find(id);
-    if let Some(n) = built.get(&id) {
-        return *n;
-    }
-    let node = ex.node(eg, id).clone();
-    let ins: Vec<NodeIndex> = node
-        .children
+    let partners = Arc::new(partners);
+    rules
         .iter()
-        .map(|c| build(eg, ex, *c, b, built))
-        .collect();
-    let n = b.add(node.op, &ins);
-    built.insert(id, n);
-    n
+        .map(|s| {
+            let applier = PairApplier {
+                w: parse_var("?W"),
+                r: parse_var("?R"),
+                rhs: parse_pattern(s.rhs, s.name),
+                partners: partners.clone(),
+            };
+            Rewrite::new(s.name, parse_pattern(s.lhs, s.name), applier)
+                .unwrap_or_else(|e| panic!("snfc internal error: rule {}: {e}", s.name))
+        })
+        .collect()
 }
 
-fn saturate(
-    g: &Graph,
-    rules: &[Rewrite<TensorNode, ShapeAnalysis>],
-    limits: Limits,
-    phase: &str,
-) -> (Graph, EGraphStats) {
-    let start = Instant::now();
-    let (eg, roots, original) = to_egraph(g);
-    let runner = Runner::default()
-        .with_egraph(eg)
-        .with_node_limit(limits.nodes)
-        .with_iter_limit(limits.iterations)
-        .with_time_limit(limits.time)
-        .run(rules);
-    let extract_start = Instant::now();
-    let out = extract(&runner.egraph, &roots, &original, &g.name);
-    let extract_millis = extract_start.elapsed().as_secs_f64() * 1e3;
-    let stop_reason = match &runner.stop_reason {
+fn stop_reason_text(reason: &Option<egg::StopReason>) -> String {
+    match reason {
         Some(egg::StopReason::Saturated) => "saturated".to_string(),
         Some(egg::StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
         Some(egg::StopReason::NodeLimit(n)) => format!("node limit ({n})"),
         Some(egg::StopReason::TimeLimit(s)) => format!("time limit ({s:.1} s)"),
         Some(egg::StopReason::Other(s)) => s.clone(),
         None => "not run".to_string(),
-    };
+    }
+}
+
+fn run_rules(eg: TEGraph, rules: &[TRewrite], limits: Limits) -> egg::Runner<TensorNode, ShapeAnalysis> {
+    Runner::default()
+        .with_egraph(eg)
+        .with_node_limit(limits.nodes)
+        .with_iter_limit(limits.iterations)
+        .with_time_limit(limits.time)
+        .run(rules)
+}
+
+/// Phase 1: the self-normalizing substitution for every declared pair, on the whole graph (the
+/// g-flow merges into the f-flow across all layers). The rules only ever shrink the graph, so
+/// this phase is linear in depth; a limit reached is still an error.
+pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), RewriteError> {
+    let phase = "self_normalize";
+    let start = Instant::now();
+    let rules = compile_pair_rules(SUBSTITUTION, g);
+    let mut eg = TEGraph::default();
+    let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
+    let mut regions: HashMap<Id, Region> = HashMap::new();
+    for n in g.nodes() {
+        let node = TensorNode {
+            op: g.node(n).op.clone(),
+            children: g.inputs(n).iter().map(|i| ids[i]).collect(),
+        };
+        let id = eg.add(node);
+        ids.insert(n, id);
+        let region = regions.entry(id).or_insert(g.node(n).region);
+        *region = (*region).min(g.node(n).region);
+    }
+    let initial = eg.total_size();
+    let runner = run_rules(
+        eg,
+        &rules,
+        Limits {
+            nodes: initial + limits.nodes,
+            ..limits
+        },
+    );
+    check_saturated(&runner, phase, "(whole graph)", limits)?;
+    let eg = &runner.egraph;
+    let extract_start = Instant::now();
+    let ex = PathExtraction::new(eg);
+    let mut class_region: HashMap<Id, Region> = HashMap::new();
+    for (id, r) in regions {
+        let e = class_region.entry(eg.find(id)).or_insert(r);
+        *e = (*e).min(r);
+    }
+    let mut b = GraphBuilder::new(&g.name);
+    b.set_pairs(g.pairs.clone());
+    let mut built: HashMap<Id, NodeIndex> = HashMap::new();
+    for (name, n) in &g.outputs {
+        let root = eg.find(ids[n]);
+        let out = build_extracted(eg, root, &mut b, &mut built, |id| ex.node(id), |id, parent| {
+            class_region.get(&id).copied().unwrap_or(parent)
+        })
+        .map_err(|what| RewriteError::Internal {
+            phase: phase.into(),
+            what,
+        })?;
+        b.output(name, out);
+    }
+    let extract_millis = extract_start.elapsed().as_secs_f64() * 1e3;
     let stats = EGraphStats {
-        phase: phase.to_string(),
+        phase: phase.into(),
         rules: rules.len(),
         nodes: runner.egraph.total_size(),
         classes: runner.egraph.number_of_classes(),
         iterations: runner.iterations.len(),
-        stop_reason,
+        stop_reason: stop_reason_text(&runner.stop_reason),
+        regions: 1,
+        distinct_regions: 1,
         millis: start.elapsed().as_secs_f64() * 1e3,
         extract_millis,
     };
-    (out, stats)
+    Ok((b.finish(), stats))
 }
 
-/// The (W, R) parameter pairs of a graph: `layers.i.weight` with `layers.i.weight_inv`.
-pub fn snf_pairs(g: &Graph) -> Vec<(Op, Op)> {
-    let params: Vec<Op> = g
-        .nodes()
-        .into_iter()
-        .map(|n| g.node(n).op.clone())
-        .filter(|op| matches!(op, Op::Param { .. }))
-        .collect();
-    let mut pairs = Vec::new();
-    for w in &params {
-        if let Op::Param { name, .. } = w {
-            if let Some(prefix) = name.strip_suffix(".weight") {
-                let inv = format!("{prefix}.weight_inv");
-                if let Some(r) = params
-                    .iter()
-                    .find(|p| matches!(p, Op::Param { name, .. } if *name == inv))
-                {
-                    pairs.push((w.clone(), r.clone()));
+fn check_saturated(
+    runner: &egg::Runner<TensorNode, ShapeAnalysis>,
+    phase: &str,
+    region: &str,
+    limits: Limits,
+) -> Result<(), RewriteError> {
+    match &runner.stop_reason {
+        Some(egg::StopReason::Saturated) => Ok(()),
+        other => Err(RewriteError::Limit {
+            phase: phase.into(),
+            region: region.into(),
+            reason: stop_reason_text(other),
+            limits,
+        }),
+    }
+}
+
+/// Add the extracted term of e-class `root` to `b` (post-order, without recursion: a deep
+/// flow's graph is thousands of nodes deep). `region(class, parent_region)` gives each new
+/// node's region.
+fn build_extracted<'a>(
+    eg: &TEGraph,
+    root: Id,
+    b: &mut GraphBuilder,
+    built: &mut HashMap<Id, NodeIndex>,
+    choose: impl Fn(Id) -> Result<&'a TensorNode, String>,
+    region: impl Fn(Id, Region) -> Region,
+) -> Result<NodeIndex, String> {
+    let root = eg.find(root);
+    let mut stack: Vec<(Id, Region, bool)> = vec![(root, region(root, Region::Input), false)];
+    while let Some((id, r, expanded)) = stack.pop() {
+        if built.contains_key(&id) {
+            continue;
+        }
+        let node = choose(id)?;
+        if expanded {
+            let ins: Vec<NodeIndex> = node
+                .children
+                .iter()
+                .map(|c| built.get(&eg.find(*c)).copied())
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("e-class {id} extracted before its operands (a cycle)"))?;
+            b.set_region(r);
+            let shape = eg[id].data.clone();
+            built.insert(id, b.add_shaped(node.op.clone(), &ins, shape));
+        } else {
+            stack.push((id, r, true));
+            for c in node.children.iter().rev() {
+                let c = eg.find(*c);
+                if !built.contains_key(&c) {
+                    stack.push((c, region(c, r), false));
                 }
             }
         }
     }
-    pairs
+    Ok(built[&root])
 }
 
-/// Phase 1: apply the self-normalizing substitution for every (W, R) pair.
-pub fn self_normalize(g: &Graph, limits: Limits) -> (Graph, EGraphStats) {
-    let mut rules = Vec::new();
-    for (w, r) in snf_pairs(g) {
-        rules.extend(compile_rules(
-            SUBSTITUTION,
-            &[("?W", w.to_string()), ("?R", r.to_string())],
-        ));
+/// One region's rewrite problem in canonical form: its nodes in topological order, each operand
+/// either another node of the problem or a *leaf* — a parameter, input or node of another region,
+/// numbered in order of first use (constants stay constants). Identical layers give identical
+/// problems, solved once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Problem {
+    /// (op, operands); operands index `nodes`. Leaves are `Op::Input { name: "$j" }`.
+    nodes: Vec<(Op, Vec<usize>)>,
+    roots: Vec<usize>,
+}
+
+/// The extracted form of a [`Problem`]: nodes in topological order (leaves `$j` as in the
+/// problem), and the node computing each root.
+#[derive(Debug)]
+struct Solution {
+    nodes: Vec<(Op, Vec<usize>)>,
+    roots: Vec<usize>,
+    stats: EGraphStats,
+}
+
+fn leaf_index(op: &Op) -> Option<usize> {
+    match op {
+        Op::Input { name, .. } => name.strip_prefix('$').and_then(|j| j.parse().ok()),
+        _ => None,
     }
-    saturate(g, &rules, limits, "self_normalize")
 }
 
-/// Phase 2: exact algebra, extracted by FLOP cost.
-pub fn optimize(g: &Graph, limits: Limits) -> (Graph, EGraphStats) {
-    saturate(g, &compile_rules(ALGEBRA, &[]), limits, "optimize")
+fn solve(p: &Problem, rules: &[TRewrite], limits: Limits, region: Region) -> Result<Solution, RewriteError> {
+    let phase = "optimize";
+    let start = Instant::now();
+    let mut eg = TEGraph::default();
+    let mut ids = Vec::with_capacity(p.nodes.len());
+    let mut original = Vec::with_capacity(p.nodes.len());
+    for (op, ins) in &p.nodes {
+        let node = TensorNode {
+            op: op.clone(),
+            children: ins.iter().map(|i| ids[*i]).collect(),
+        };
+        let id = eg.add(node.clone());
+        original.push((id, node));
+        ids.push(id);
+    }
+    let runner = run_rules(eg, rules, limits);
+    check_saturated(&runner, phase, &region.to_string(), limits)?;
+    let eg = &runner.egraph;
+    let extract_start = Instant::now();
+    let roots: Vec<Id> = p.roots.iter().map(|r| eg.find(ids[*r])).collect();
+    let ex = DagExtraction::new(eg, &roots, &original);
+    // Number the extracted nodes through a scratch builder-free post-order.
+    let mut index: HashMap<Id, usize> = HashMap::new();
+    let mut nodes: Vec<(Op, Vec<usize>)> = Vec::new();
+    let mut out_roots = Vec::with_capacity(roots.len());
+    for &root in &roots {
+        let mut stack = vec![(root, false)];
+        while let Some((id, expanded)) = stack.pop() {
+            if index.contains_key(&id) {
+                continue;
+            }
+            let node = ex.node(eg, id).map_err(|what| RewriteError::Internal {
+                phase: phase.into(),
+                what,
+            })?;
+            if expanded {
+                let ins: Vec<usize> = node
+                    .children
+                    .iter()
+                    .map(|c| index.get(&eg.find(*c)).copied())
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| RewriteError::Internal {
+                        phase: phase.into(),
+                        what: format!("region {region}: a cycle in the extracted graph"),
+                    })?;
+                index.insert(id, nodes.len());
+                nodes.push((node.op.clone(), ins));
+            } else {
+                stack.push((id, true));
+                for c in node.children.iter().rev() {
+                    stack.push((eg.find(*c), false));
+                }
+            }
+        }
+        out_roots.push(index[&root]);
+    }
+    let stats = EGraphStats {
+        phase: phase.into(),
+        rules: rules.len(),
+        nodes: eg.total_size(),
+        classes: eg.number_of_classes(),
+        iterations: runner.iterations.len(),
+        stop_reason: stop_reason_text(&runner.stop_reason),
+        regions: 1,
+        distinct_regions: 1,
+        millis: start.elapsed().as_secs_f64() * 1e3,
+        extract_millis: extract_start.elapsed().as_secs_f64() * 1e3,
+    };
+    Ok(Solution {
+        nodes,
+        roots: out_roots,
+        stats,
+    })
+}
+
+/// Phase 2: exact algebra, saturated region by region (DESIGN.md §7) and extracted by cost.
+/// A region sees the values of other regions as opaque leaves; its *roots* are the values other
+/// regions or the graph's outputs use. Work grows linearly with depth, and identical layers are
+/// one problem, solved once.
+pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), RewriteError> {
+    let phase = "optimize";
+    let start = Instant::now();
+    let rules = compile_rules(ALGEBRA);
+    let order = g.nodes();
+    let is_leaf = |n: NodeIndex| g.node(n).op.arity() == 0;
+    // Roots: values used outside their region, and outputs.
+    let mut is_root: HashMap<NodeIndex, bool> = HashMap::new();
+    for &n in &order {
+        for i in g.inputs(n) {
+            if !is_leaf(i) && g.node(i).region != g.node(n).region {
+                is_root.insert(i, true);
+            }
+        }
+    }
+    for (_, n) in &g.outputs {
+        if !is_leaf(*n) {
+            is_root.insert(*n, true);
+        }
+    }
+    let mut members: BTreeMap<Region, Vec<NodeIndex>> = BTreeMap::new();
+    for &n in &order {
+        if !is_leaf(n) {
+            members.entry(g.node(n).region).or_default().push(n);
+        }
+    }
+    // Each region: its canonical problem, its leaves (the nodes behind `$j`), and the position
+    // of each root in the problem's root list.
+    struct RegionWork {
+        solution: Rc<Solution>,
+        leaves: Vec<NodeIndex>,
+        root_pos: HashMap<NodeIndex, usize>,
+        built: HashMap<usize, NodeIndex>,
+    }
+    let mut solved: HashMap<Problem, Rc<Solution>> = HashMap::new();
+    let mut work: HashMap<Region, RegionWork> = HashMap::new();
+    let mut total = EGraphStats {
+        phase: phase.into(),
+        rules: rules.len(),
+        nodes: 0,
+        classes: 0,
+        iterations: 0,
+        stop_reason: "saturated".into(),
+        regions: members.len(),
+        distinct_regions: 0,
+        millis: 0.0,
+        extract_millis: 0.0,
+    };
+    for (region, nodes) in &members {
+        let mut local: HashMap<NodeIndex, usize> = HashMap::new();
+        let mut leaves: Vec<NodeIndex> = Vec::new();
+        let mut p = Problem {
+            nodes: Vec::new(),
+            roots: Vec::new(),
+        };
+        let mut root_pos = HashMap::new();
+        for &n in nodes {
+            let mut ins = Vec::new();
+            for i in g.inputs(n) {
+                if let Some(&k) = local.get(&i) {
+                    ins.push(k);
+                    continue;
+                }
+                let op = match &g.node(i).op {
+                    c @ Op::Const { .. } => c.clone(),
+                    _ => {
+                        leaves.push(i);
+                        Op::Input {
+                            name: format!("${}", leaves.len() - 1),
+                            shape: g.node(i).shape.clone(),
+                        }
+                    }
+                };
+                local.insert(i, p.nodes.len());
+                ins.push(p.nodes.len());
+                p.nodes.push((op, vec![]));
+            }
+            local.insert(n, p.nodes.len());
+            p.nodes.push((g.node(n).op.clone(), ins));
+            if is_root.contains_key(&n) {
+                root_pos.insert(n, p.roots.len());
+                p.roots.push(p.nodes.len() - 1);
+            }
+        }
+        let solution = match solved.get(&p) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Rc::new(solve(&p, &rules, limits, *region)?);
+                let st = &s.stats;
+                total.nodes = total.nodes.max(st.nodes);
+                total.classes = total.classes.max(st.classes);
+                total.iterations = total.iterations.max(st.iterations);
+                total.extract_millis += st.extract_millis;
+                total.distinct_regions += 1;
+                solved.insert(p, s.clone());
+                s
+            }
+        };
+        work.insert(
+            *region,
+            RegionWork {
+                solution,
+                leaves,
+                root_pos,
+                built: HashMap::new(),
+            },
+        );
+    }
+    // Assemble: walk the original nodes in topological order; each root is built from its
+    // region's solution, whose leaves are earlier nodes (rewrites keep every term's leaves), so
+    // they are already resolved.
+    let mut b = GraphBuilder::new(&g.name);
+    b.set_pairs(g.pairs.clone());
+    let mut resolved: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    for &n in &order {
+        let node = g.node(n);
+        if is_leaf(n) {
+            resolved.insert(n, b.add_shaped(node.op.clone(), &[], node.shape.clone()));
+            continue;
+        }
+        let Some(w) = work.get_mut(&node.region) else {
+            continue;
+        };
+        let Some(&pos) = w.root_pos.get(&n) else {
+            continue;
+        };
+        b.set_region(node.region);
+        let sol = w.solution.clone();
+        let target = sol.roots[pos];
+        let mut stack = vec![(target, false)];
+        while let Some((k, expanded)) = stack.pop() {
+            if w.built.contains_key(&k) {
+                continue;
+            }
+            let (op, ins) = &sol.nodes[k];
+            if let Some(j) = leaf_index(op) {
+                let leaf = w.leaves[j];
+                let Some(&r) = resolved.get(&leaf) else {
+                    return Err(RewriteError::Internal {
+                        phase: phase.into(),
+                        what: format!(
+                            "region {}: a rewritten value depends on a value computed after it",
+                            node.region
+                        ),
+                    });
+                };
+                w.built.insert(k, r);
+            } else if expanded || ins.is_empty() {
+                let args: Vec<NodeIndex> = ins.iter().map(|i| w.built[i]).collect();
+                w.built.insert(k, b.add(op.clone(), &args));
+            } else {
+                stack.push((k, true));
+                stack.extend(ins.iter().rev().map(|i| (*i, false)));
+            }
+        }
+        resolved.insert(n, w.built[&target]);
+    }
+    for (name, n) in &g.outputs {
+        b.output(name, resolved[n]);
+    }
+    total.millis = start.elapsed().as_secs_f64() * 1e3;
+    Ok((b.finish(), total))
 }
 
 /// The number of nodes of each kind that matter for cost, for reports and tests.

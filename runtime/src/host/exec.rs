@@ -51,6 +51,9 @@ pub enum ExecError {
     },
     #[error("graph {graph}: device error: {message}")]
     Device { graph: String, message: String },
+    /// The step could not be compiled (a rewrite phase reached a limit).
+    #[error(transparent)]
+    Compile(#[from] snfc_compiler::rewrite::RewriteError),
 }
 
 /// A plan ready for the host executor.
