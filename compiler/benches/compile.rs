@@ -1,9 +1,10 @@
 //! Compile-time benchmark: `cargo bench -p snfc-compiler --bench compile`.
 //!
-//! FC stacks of 2, 8 and 32 linear layers (input [784], dequantize_logit, smooth leaky ReLU
+//! FC stacks of 2, 8, 32, 128 and 512 linear layers (input [784], dequantize_logit, smooth leaky ReLU
 //! between the layers, self-normalizing, batch 100), compiled with `OptLevel::Full`. Prints, per
 //! depth, the median total time of a few runs and, for the median run, each e-graph phase
-//! (nodes, classes, iterations, stop reason, time and extraction time) and the GEMM counts of the
+//! (nodes and classes of the largest e-graph, iterations, stop reason, regions saturated and how
+//! many were distinct, time and extraction time) and the GEMM counts of the
 //! step before and after rewriting. No benchmark framework: `std::time::Instant` and a table.
 
 use snfc_compiler::compile::{compile_train, Compiled, OptLevel};
@@ -11,7 +12,7 @@ use snfc_compiler::rewrite::op_counts;
 use snfc_compiler::spec::{FlowSpec, Preprocess};
 use std::time::Instant;
 
-const DEPTHS: [usize; 3] = [2, 8, 32];
+const DEPTHS: [usize; 5] = [2, 8, 32, 128, 512];
 const BATCH: usize = 100;
 
 fn fc_spec(layers: usize) -> FlowSpec {
@@ -51,7 +52,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     println!(
-        "{:>6} {:>5} {:>10} | {:<15} {:>7} {:>7} {:>5} {:<22} {:>9} {:>10} | {:>11} {:>10}",
+        "{:>6} {:>5} {:>10} | {:<15} {:>7} {:>7} {:>5} {:<22} {:>9} {:>9} {:>10} | {:>11} {:>10}",
         "layers",
         "runs",
         "median ms",
@@ -60,6 +61,7 @@ fn main() {
         "classes",
         "iters",
         "stop reason",
+        "regions",
         "phase ms",
         "extract ms",
         "GEMMs exact",
@@ -94,12 +96,13 @@ fn main() {
                 String::new()
             };
             let row = format!(
-                "{lead} | {:<15} {:>7} {:>7} {:>5} {:<22} {:>9.1} {:>10.1} | {gemms}",
+                "{lead} | {:<15} {:>7} {:>7} {:>5} {:<22} {:>9} {:>9.1} {:>10.1} | {gemms}",
                 s.phase,
                 s.nodes,
                 s.classes,
                 s.iterations,
                 s.stop_reason,
+                format!("{}/{}", s.distinct_regions, s.regions),
                 s.millis,
                 s.extract_millis
             );

@@ -23,7 +23,8 @@ fn ir_of_every_spec() {
             .and_then(|s| s.to_str())
             .unwrap_or("spec")
             .to_string();
-        let c = compile_train(&spec, spec.train.batch_size, OptLevel::Full).expect("the spec compiles");
+        let c =
+            compile_train(&spec, spec.train.batch_size, OptLevel::Full).expect("the spec compiles");
         insta::assert_snapshot!(format!("{stem}.ir"), c.exact.to_text());
         insta::assert_snapshot!(format!("{stem}.ir-opt"), c.step.to_text());
         let plan = snfc_compiler::plan::Plan::new(&c.step);

@@ -7,10 +7,10 @@
 
 pub mod lower;
 mod op;
+pub mod parse;
 pub(crate) mod print;
 
 pub use op::{Op, Shape, Unary};
-
 
 pub use petgraph::stable_graph::NodeIndex;
 use petgraph::stable_graph::StableDiGraph;
@@ -192,6 +192,11 @@ impl Graph {
     /// The stable text form (see [`print`]).
     pub fn to_text(&self) -> String {
         print::to_text(self)
+    }
+
+    /// Read the text form back (see [`parse`]): `from_text(&g.to_text())` prints as `g` does.
+    pub fn from_text(text: &str) -> Result<Graph, parse::ParseError> {
+        parse::parse(text)
     }
 }
 

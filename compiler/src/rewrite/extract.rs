@@ -23,6 +23,19 @@ type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
 /// interactive and the result does not depend on the machine's speed.
 const SEARCH_BUDGET: usize = 400_000_000;
 
+/// Bound on the exact search's expansions per extraction.
+const EXACT_BUDGET: usize = 2_000_000;
+
+/// The state of [`DagExtraction::branch_and_bound`].
+struct Search {
+    best: f64,
+    best_choice: Vec<Option<usize>>,
+    choice: Vec<Option<usize>>,
+    required: Vec<bool>,
+    expansions: usize,
+    state: Vec<u8>,
+}
+
 struct Candidate {
     node: TensorNode,
     kids: Vec<usize>,
@@ -93,11 +106,104 @@ impl DagExtraction {
             cands,
             choice: vec![None; ids.len()],
         };
-        ex.greedy();
+        ex.greedy(None);
         let roots: Vec<usize> = roots.iter().map(|r| ex.index[&eg.find(*r)]).collect();
         ex.prefer_original(eg, &roots, original);
         ex.local_search(&roots);
+        ex.branch_and_bound(&roots);
         ex
+    }
+
+    /// Exact search for small problems (a layer's region is a few dozen e-classes): depth-first
+    /// over the classes the DAG needs, each candidate in turn, pruned by a lower bound — the
+    /// cost decided so far plus the cheapest candidate of every class still to decide. The
+    /// heuristics above give the first upper bound. Two outputs can share work that neither
+    /// reaches alone (G_W = (δ + RᵀE')hᵀ and G_R = (E' − Wᵀδ)(Wh)ᵀ together free the D×D products
+    /// δhᵀ and E'hᵀ, while switching either one alone costs more than it saves), which is what
+    /// local search misses. Bounded by [`EXACT_BUDGET`] expansions; the best DAG found is kept.
+    fn branch_and_bound(&mut self, roots: &[usize]) {
+        let n = self.cands.len();
+        let mut state = vec![0u8; n];
+        let mut work = 0usize;
+        let Some(best) = self.dag_cost(roots, &mut state, &mut work) else {
+            return;
+        };
+        let min_own: Vec<f64> = self
+            .cands
+            .iter()
+            .map(|cs| cs.iter().map(|c| c.own).fold(f64::INFINITY, f64::min))
+            .collect();
+        let mut search = Search {
+            best,
+            best_choice: self.choice.clone(),
+            choice: vec![None; n],
+            required: vec![false; n],
+            expansions: 0,
+            state,
+        };
+        let mut pending = Vec::new();
+        let mut lb = 0.0;
+        for &r in roots {
+            if !search.required[r] {
+                search.required[r] = true;
+                pending.push(r);
+                lb += min_own[r];
+            }
+        }
+        self.bnb(&mut search, &mut pending, lb, &min_own, roots);
+        self.choice = search.best_choice;
+    }
+
+    fn bnb(
+        &self,
+        s: &mut Search,
+        pending: &mut Vec<usize>,
+        lb: f64,
+        min_own: &[f64],
+        roots: &[usize],
+    ) {
+        s.expansions += 1;
+        if s.expansions > EXACT_BUDGET || lb >= s.best * (1.0 - 1e-12) - 1e-9 {
+            return;
+        }
+        let Some(c) = pending.pop() else {
+            // Every needed class decided: the DAG's cost is `lb`, if it has no cycle.
+            let saved = std::mem::replace(&mut s.best_choice, s.choice.clone());
+            let mut work = 0;
+            let cost = self.dag_cost_with(&s.choice, roots, &mut s.state, &mut work);
+            match cost {
+                Some(t) if t < s.best * (1.0 - 1e-12) - 1e-9 => s.best = t,
+                _ => s.best_choice = saved,
+            }
+            return;
+        };
+        let mut order: Vec<usize> = (0..self.cands[c].len()).collect();
+        order.sort_by(|a, b| self.cands[c][*a].own.total_cmp(&self.cands[c][*b].own));
+        for k in order {
+            let cand = &self.cands[c][k];
+            let mut newly = Vec::new();
+            let mut lb2 = lb - min_own[c] + cand.own;
+            for &q in &cand.kids {
+                if !s.required[q] {
+                    s.required[q] = true;
+                    newly.push(q);
+                    lb2 += min_own[q];
+                }
+            }
+            s.choice[c] = Some(k);
+            let mark = pending.len();
+            pending.extend(newly.iter().copied());
+            self.bnb(s, pending, lb2, min_own, roots);
+            pending.truncate(mark);
+            s.choice[c] = None;
+            for q in newly {
+                s.required[q] = false;
+            }
+            if s.expansions > EXACT_BUDGET {
+                break;
+            }
+        }
+        pending.push(c);
     }
 
     /// Switch to the input graph's choice if that DAG is cheaper than the greedy one.
@@ -128,8 +234,11 @@ impl DagExtraction {
         }
     }
 
-    fn greedy(&mut self) {
+    /// Greedy DAG extraction; classes in `paid` add nothing to the cost of a candidate that
+    /// needs them.
+    fn greedy(&mut self, paid: Option<&Bits>) {
         let n = self.cands.len();
+        self.choice = vec![None; n];
         let mut sets: Vec<Option<Rc<Bits>>> = vec![None; n];
         let mut total = vec![f64::INFINITY; n];
         let mut own = vec![0.0; n];
@@ -150,7 +259,12 @@ impl DagExtraction {
                             set.or(s);
                         }
                     }
-                    let t = cand.own + set.ones().map(|i| own[i]).sum::<f64>();
+                    let t = cand.own
+                        + set
+                            .ones()
+                            .filter(|&i| paid.is_none_or(|p| !p.has(i)))
+                            .map(|i| own[i])
+                            .sum::<f64>();
                     if t < total[c] * (1.0 - 1e-12) - 1e-9 {
                         set.set(c);
                         sets[c] = Some(Rc::new(set));
@@ -170,6 +284,16 @@ impl DagExtraction {
     /// Cost of the DAG the roots need, or `None` on a cycle. `state` is scratch (all zero on
     /// entry and exit); `work` counts classes visited.
     fn dag_cost(&self, roots: &[usize], state: &mut [u8], work: &mut usize) -> Option<f64> {
+        self.dag_cost_with(&self.choice, roots, state, work)
+    }
+
+    fn dag_cost_with(
+        &self,
+        choice: &[Option<usize>],
+        roots: &[usize],
+        state: &mut [u8],
+        work: &mut usize,
+    ) -> Option<f64> {
         let mut visited = Vec::new();
         let mut total = 0.0;
         let mut ok = true;
@@ -187,7 +311,7 @@ impl DagExtraction {
                 }
                 _ => {}
             }
-            let Some(k) = self.choice[c] else {
+            let Some(k) = choice[c] else {
                 ok = false;
                 break;
             };

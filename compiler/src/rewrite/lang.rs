@@ -94,8 +94,11 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
     }
 }
 
-/// Fixed cost of launching a non-elementwise kernel, in FLOP-equivalents.
-pub const LAUNCH_COST: f64 = 2_000.0;
+/// Fixed cost of launching a non-elementwise kernel, in FLOP-equivalents: about 2 µs of a
+/// 50 GFLOP/s host GEMM (a GPU launch costs more still). Too low a figure lets extraction trade
+/// one D×D×B GEMM for two D×D×D ones wherever the batch is wider than the layer, which saves
+/// nothing real.
+pub const LAUNCH_COST: f64 = 100_000.0;
 
 /// Elements one op reads and writes (a transpose is a stride change and moves nothing).
 pub fn op_bytes(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {

@@ -366,8 +366,10 @@ fn compile_pair_rules(rules: &[PairRule], g: &Graph) -> Vec<TRewrite> {
         .collect();
     let mut partners = HashMap::new();
     for p in &g.pairs {
-        if let (Some(w), Some(r)) = (params.get(p.forward.as_str()), params.get(p.inverse.as_str()))
-        {
+        if let (Some(w), Some(r)) = (
+            params.get(p.forward.as_str()),
+            params.get(p.inverse.as_str()),
+        ) {
             partners.insert((*w).clone(), (*r).clone());
             partners.insert((*r).clone(), (*w).clone());
         }
@@ -399,7 +401,11 @@ fn stop_reason_text(reason: &Option<egg::StopReason>) -> String {
     }
 }
 
-fn run_rules(eg: TEGraph, rules: &[TRewrite], limits: Limits) -> egg::Runner<TensorNode, ShapeAnalysis> {
+fn run_rules(
+    eg: TEGraph,
+    rules: &[TRewrite],
+    limits: Limits,
+) -> egg::Runner<TensorNode, ShapeAnalysis> {
     Runner::default()
         .with_egraph(eg)
         .with_node_limit(limits.nodes)
@@ -451,9 +457,14 @@ pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats),
     let mut built: HashMap<Id, NodeIndex> = HashMap::new();
     for (name, n) in &g.outputs {
         let root = eg.find(ids[n]);
-        let out = build_extracted(eg, root, &mut b, &mut built, |id| ex.node(id), |id, parent| {
-            class_region.get(&id).copied().unwrap_or(parent)
-        })
+        let out = build_extracted(
+            eg,
+            root,
+            &mut b,
+            &mut built,
+            |id| ex.node(id),
+            |id, parent| class_region.get(&id).copied().unwrap_or(parent),
+        )
         .map_err(|what| RewriteError::Internal {
             phase: phase.into(),
             what,
@@ -561,7 +572,12 @@ fn leaf_index(op: &Op) -> Option<usize> {
     }
 }
 
-fn solve(p: &Problem, rules: &[TRewrite], limits: Limits, region: Region) -> Result<Solution, RewriteError> {
+fn solve(
+    p: &Problem,
+    rules: &[TRewrite],
+    limits: Limits,
+    region: Region,
+) -> Result<Solution, RewriteError> {
     let phase = "optimize";
     let start = Instant::now();
     let mut eg = TEGraph::default();
