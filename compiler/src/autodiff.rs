@@ -132,6 +132,54 @@ fn vjp(
             b.broadcast(g, to, *axis)
         }
         Op::Broadcast { new_axis, .. } => b.sum(g, *new_axis),
+        Op::Reshape { .. } => {
+            let to = b.shape(x).clone();
+            b.add(Op::Reshape { to }, &[g])
+        }
+        Op::Permute { perm } => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p] = i;
+            }
+            b.add(Op::Permute { perm: inverse }, &[g])
+        }
+        Op::ReduceSum { axes } => {
+            let to = b.shape(x).clone();
+            b.add(
+                Op::Expand {
+                    to,
+                    axes: axes.clone(),
+                },
+                &[g],
+            )
+        }
+        Op::Expand { axes, .. } => b.add(Op::ReduceSum { axes: axes.clone() }, &[g]),
+        Op::Conv2d => {
+            let k = b.shape(ins[1])[2];
+            if pos == 0 {
+                // conv(k)ᵀ = conv(flip_kernel(k))
+                let flipped = b.add(Op::FlipKernel, &[ins[1]]);
+                b.add(Op::Conv2d, &[g, flipped])
+            } else {
+                b.add(Op::ConvKernelGrad { k }, &[g, ins[0]])
+            }
+        }
+        // A permutation that is its own inverse.
+        Op::FlipKernel => b.add(Op::FlipKernel, &[g]),
+        Op::ConvKernelGrad { .. } => {
+            // ⟨G, kgrad(dy, x)⟩ = ⟨dy, conv(x, G)⟩ = ⟨x, conv(dy, flip_kernel(G))⟩
+            if pos == 0 {
+                b.add(Op::Conv2d, &[ins[1], g])
+            } else {
+                let flipped = b.add(Op::FlipKernel, &[g]);
+                b.add(Op::Conv2d, &[ins[0], flipped])
+            }
+        }
+        Op::Toeplitz { h, w } => {
+            let k = b.shape(x)[2];
+            b.add(Op::ToeplitzAdjoint { h: *h, w: *w, k }, &[g])
+        }
+        Op::ToeplitzAdjoint { h, w, .. } => b.add(Op::Toeplitz { h: *h, w: *w }, &[g]),
     })
 }
 

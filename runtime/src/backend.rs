@@ -181,6 +181,17 @@ pub fn open_variant<T: Real + 'static>(
         }
         Box::new((p, name))
     }
+    if *chosen != Chosen::Host {
+        if let Some(op) = crate::cube::unsupported_op(&plan) {
+            return Err(ExecError::Device {
+                graph: plan.name.clone(),
+                message: format!(
+                    "the {} backend has no kernel for `{op}` yet; run this spec with --device host",
+                    chosen.name()
+                ),
+            });
+        }
+    }
     let gpu: Box<dyn Backend<f32>> = match chosen {
         Chosen::Host => return Ok(Box::new(HostBackend::<T>::new(plan))),
         Chosen::Wgpu { .. } => gpu(

@@ -40,7 +40,11 @@ fn assert_same(spec: &FlowSpec, batch: usize, seed: u64) {
     let f = feeds(spec, batch, seed);
     let mut graphs = vec![eval_graph(spec, batch)];
     for level in [OptLevel::None, OptLevel::Substitution, OptLevel::Full] {
-        graphs.push(compile_train(spec, batch, level).expect("the spec compiles").step);
+        graphs.push(
+            compile_train(spec, batch, level)
+                .expect("the spec compiles")
+                .step,
+        );
     }
     for g in graphs {
         let fused = Program::new(&g);
@@ -99,7 +103,9 @@ fn fused_equals_unfused_on_small_flows() {
 fn fusion_cuts_kernels_of_the_mnist_step() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
     let spec = load_spec(&dir.join("mnist_fc2.json")).unwrap();
-    let step = compile_train(&spec, 100, OptLevel::Full).expect("the spec compiles").step;
+    let step = compile_train(&spec, 100, OptLevel::Full)
+        .expect("the spec compiles")
+        .step;
     let fused = Program::new(&step).kernels();
     let plain = Program::unfused(&step).kernels();
     assert!(fused * 2 < plain, "fused {fused} kernels, unfused {plain}");

@@ -605,7 +605,12 @@ fn snf_step_matches_closed_form_two_layers_with_activation() {
         random_inputs(&spec, batch, &mut rng, &mut feeds);
         let want = fc2_closed_form(&feeds, d, batch, alpha, lambda);
         for level in snf_levels() {
-            let outs = run(&compile_train(&spec, batch, level).expect("the spec compiles").step, &feeds);
+            let outs = run(
+                &compile_train(&spec, batch, level)
+                    .expect("the spec compiles")
+                    .step,
+                &feeds,
+            );
             let grads: Vec<&String> = outs.keys().filter(|k| k.starts_with("grad.")).collect();
             assert_eq!(
                 grads.len(),
@@ -643,9 +648,19 @@ fn snf_step_with_exact_inverse_equals_maximum_likelihood_gradient() {
         random_inputs(&snf, batch, &mut rng, &mut feeds);
 
         // The exact-mode step has no R: feed it only what it reads (extra feeds are harmless).
-        let ml = run(&compile_train(&exact, batch, OptLevel::None).expect("the spec compiles").step, &feeds);
+        let ml = run(
+            &compile_train(&exact, batch, OptLevel::None)
+                .expect("the spec compiles")
+                .step,
+            &feeds,
+        );
         for level in snf_levels() {
-            let outs = run(&compile_train(&snf, batch, level).expect("the spec compiles").step, &feeds);
+            let outs = run(
+                &compile_train(&snf, batch, level)
+                    .expect("the spec compiles")
+                    .step,
+                &feeds,
+            );
             assert!(
                 outs["recon"].scalar().abs() < 1e-20,
                 "recon {}",
@@ -708,10 +723,17 @@ fn full_optimization_agrees_with_substitution() {
         let mut feeds = random_params(&spec, &mut rng);
         random_inputs(&spec, batch, &mut rng, &mut feeds);
         let sub = run(
-            &compile_train(&spec, batch, OptLevel::Substitution).expect("the spec compiles").step,
+            &compile_train(&spec, batch, OptLevel::Substitution)
+                .expect("the spec compiles")
+                .step,
             &feeds,
         );
-        let full = run(&compile_train(&spec, batch, OptLevel::Full).expect("the spec compiles").step, &feeds);
+        let full = run(
+            &compile_train(&spec, batch, OptLevel::Full)
+                .expect("the spec compiles")
+                .step,
+            &feeds,
+        );
         let names = |m: &BTreeMap<String, Tensor<f64>>| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(names(&full), names(&sub), "seed {seed}: outputs differ");
         for (name, want) in &sub {
@@ -745,7 +767,12 @@ fn objective_minus_loss_is_the_logdet_terms() {
             let mut rng = Rng::new(seed);
             let mut feeds = random_params(&spec, &mut rng);
             random_inputs(&spec, batch, &mut rng, &mut feeds);
-            let outs = run(&compile_train(&spec, batch, OptLevel::None).expect("the spec compiles").exact, &feeds);
+            let outs = run(
+                &compile_train(&spec, batch, OptLevel::None)
+                    .expect("the spec compiles")
+                    .exact,
+                &feeds,
+            );
 
             let mut want = 0.0;
             for i in linear_layers(&spec) {
@@ -774,7 +801,12 @@ fn objective_minus_loss_is_the_logdet_terms() {
                 &[OptLevel::None]
             };
             for &level in levels {
-                let step = run(&compile_train(&spec, batch, level).expect("the spec compiles").step, &feeds);
+                let step = run(
+                    &compile_train(&spec, batch, level)
+                        .expect("the spec compiles")
+                        .step,
+                    &feeds,
+                );
                 assert_close(
                     &format!("{gradient} {pre} {level:?}: step loss"),
                     &[step["loss"].scalar()],

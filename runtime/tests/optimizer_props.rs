@@ -183,13 +183,22 @@ struct Compiled {
 fn compile_flow(flow: u64) -> (Compiled, Rng) {
     let mut rng = Rng::new(0x5eed_0000 + flow);
     let (spec, batch) = random_flow(&mut rng);
-    let full = compile_train(&spec, batch, OptLevel::Full).expect("the spec compiles").step;
+    let full = compile_train(&spec, batch, OptLevel::Full)
+        .expect("the spec compiles")
+        .step;
     let mut refs = vec![(
         "Substitution",
-        compile_train(&spec, batch, OptLevel::Substitution).expect("the spec compiles").step,
+        compile_train(&spec, batch, OptLevel::Substitution)
+            .expect("the spec compiles")
+            .step,
     )];
     if spec.objective.gradient == GradientMode::Exact {
-        refs.push(("None", compile_train(&spec, batch, OptLevel::None).expect("the spec compiles").step));
+        refs.push((
+            "None",
+            compile_train(&spec, batch, OptLevel::None)
+                .expect("the spec compiles")
+                .step,
+        ));
     }
     let c = Compiled {
         spec,

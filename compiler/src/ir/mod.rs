@@ -1,7 +1,8 @@
 //! The tensor IR: a petgraph DAG of a small set of primitive tensor ops with shapes.
 //!
-//! Every tensor is a scalar `[]`, a vector `[n]` or a matrix `[rows, cols]`. Batches are
-//! matrices `[D, B]`: one column per example, so a fully connected layer is `matmul W X`.
+//! Tensors have any rank, row-major. The batch is always the last axis: `[D, B]` for flat
+//! layers (one column per example, so a fully connected layer is `matmul W X`) and
+//! `[C, H, W, B]` for images, so flattening an image batch to `[C·H·W, B]` is a free `reshape`.
 //! Nodes are hash-consed by the [`GraphBuilder`] (one node per distinct op and operands) and are
 //! always created after their operands, so node index order is a topological order.
 

@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Dimensions of a tensor: `[]` scalar, `[n]` vector, `[rows, cols]` matrix.
+/// Dimensions of a tensor, row-major (C order): `[]` scalar, `[n]` vector, `[rows, cols]`
+/// matrix, and any rank beyond. Batches put the batch last: `[D, B]` for flat layers,
+/// `[C, H, W, B]` for images, so `reshape` between the two is free.
 pub type Shape = Vec<usize>;
 
 /// Elementwise functions of one argument.
@@ -83,6 +85,48 @@ pub enum Op {
     },
     /// Identity whose operand receives no gradient (paper eq. 3: the reconstruction input h_k).
     StopGrad,
+    /// The same elements (row-major order) under another shape of equal size.
+    Reshape {
+        to: Shape,
+    },
+    /// Axes reordered: result axis `i` is operand axis `perm[i]`.
+    Permute {
+        perm: Vec<usize>,
+    },
+    /// Sum over the listed axes (strictly increasing), which leave the shape.
+    ReduceSum {
+        axes: Vec<usize>,
+    },
+    /// Repeat along new axes `axes` (strictly increasing positions in `to`): the inverse shape
+    /// map of [`Op::ReduceSum`], and its adjoint.
+    Expand {
+        to: Shape,
+        axes: Vec<usize>,
+    },
+    /// 2-D cross-correlation as PyTorch's `conv2d`, stride 1, zero padding (K − 1)/2:
+    /// `x [C_in, H, W, B]`, `k [C_out, C_in, K, K]` (K odd) → `[C_out, H, W, B]`.
+    Conv2d,
+    /// `k [O, I, K, K] → [I, O, K, K]`, both spatial axes reversed: the kernel of the transposed
+    /// convolution, `conv(k)ᵀ = conv(flip_kernel(k))`.
+    FlipKernel,
+    /// The kernel adjoint of [`Op::Conv2d`]: `(dy [C_out, H, W, B], x [C_in, H, W, B]) →
+    /// [C_out, C_in, K, K]`, `Σ_{h,w,b} dy[o,h,w,b] x[i,h+u−p,w+v−p,b]`.
+    ConvKernelGrad {
+        k: usize,
+    },
+    /// The dense matrix `T(k)` `[C·H·W, C·H·W]` of a `C → C` convolution on one `H × W` example,
+    /// flattened (c, h, w): `vec(conv(x, k)) = T(k) vec(x)`. Only for exact log-dets and inverses.
+    Toeplitz {
+        h: usize,
+        w: usize,
+    },
+    /// The adjoint of [`Op::Toeplitz`]: each kernel element sums the matrix entries it occupies
+    /// (`[C·H·W, C·H·W] → [C, C, K, K]`).
+    ToeplitzAdjoint {
+        h: usize,
+        w: usize,
+        k: usize,
+    },
 }
 
 impl Op {
@@ -110,7 +154,7 @@ impl Op {
     pub fn arity(&self) -> usize {
         match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0,
-            Op::MatMul | Op::Add | Op::Sub | Op::Mul => 2,
+            Op::MatMul | Op::Add | Op::Sub | Op::Mul | Op::Conv2d | Op::ConvKernelGrad { .. } => 2,
             _ => 1,
         }
     }
@@ -176,6 +220,69 @@ impl Op {
                     _ => Err(format!("sum over axis {ax} of a matrix")),
                 }
             }
+            Op::Reshape { to } => {
+                if numel(&ins[0]) != numel(to) {
+                    return Err(format!("reshape of {:?} to {to:?}", ins[0]));
+                }
+                Ok(to.clone())
+            }
+            Op::Permute { perm } => {
+                let mut seen = vec![false; perm.len()];
+                let ok = perm.len() == ins[0].len()
+                    && perm.iter().all(|&p| p < seen.len() && !std::mem::replace(&mut seen[p], true));
+                if !ok {
+                    return Err(format!("permute {perm:?} of {:?}", ins[0]));
+                }
+                Ok(perm.iter().map(|&p| ins[0][p]).collect())
+            }
+            Op::ReduceSum { axes } => {
+                if !increasing_below(axes, ins[0].len()) {
+                    return Err(format!("reduce_sum over axes {axes:?} of {:?}", ins[0]));
+                }
+                Ok(without_axes(&ins[0], axes))
+            }
+            Op::Expand { to, axes } => {
+                if !increasing_below(axes, to.len()) || without_axes(to, axes) != ins[0] {
+                    return Err(format!("expand of {:?} to {to:?} along {axes:?}", ins[0]));
+                }
+                Ok(to.clone())
+            }
+            Op::Conv2d => match (ins[0].as_slice(), ins[1].as_slice()) {
+                ([ci, h, w, b], [co, ci2, k, k2]) if ci == ci2 && k == k2 && k % 2 == 1 => {
+                    Ok(vec![*co, *h, *w, *b])
+                }
+                _ => Err(format!(
+                    "conv2d of x {:?} ([C_in, H, W, B]) by kernel {:?} ([C_out, C_in, K, K], K odd)",
+                    ins[0], ins[1]
+                )),
+            },
+            Op::FlipKernel => match ins[0].as_slice() {
+                [o, i, k, k2] if k == k2 => Ok(vec![*i, *o, *k, *k]),
+                s => Err(format!("flip_kernel of {s:?}: expected [O, I, K, K]")),
+            },
+            Op::ConvKernelGrad { k } => match (ins[0].as_slice(), ins[1].as_slice()) {
+                ([co, h, w, b], [ci, h2, w2, b2]) if (h, w, b) == (h2, w2, b2) && k % 2 == 1 => {
+                    Ok(vec![*co, *ci, *k, *k])
+                }
+                _ => Err(format!(
+                    "conv_kernel_grad of dy {:?} and x {:?}: expected [C_out, H, W, B] and [C_in, H, W, B]",
+                    ins[0], ins[1]
+                )),
+            },
+            Op::Toeplitz { h, w } => match ins[0].as_slice() {
+                [c, c2, k, k2] if c == c2 && k == k2 && k % 2 == 1 => {
+                    let n = c * h * w;
+                    Ok(vec![n, n])
+                }
+                s => Err(format!("toeplitz of {s:?}: expected a C → C kernel [C, C, K, K]")),
+            },
+            Op::ToeplitzAdjoint { h, w, k } => match ins[0].as_slice() {
+                [n, n2] if n == n2 && h * w > 0 && n % (h * w) == 0 && k % 2 == 1 => {
+                    let c = n / (h * w);
+                    Ok(vec![c, c, *k, *k])
+                }
+                s => Err(format!("toeplitz_adjoint of {s:?} for {h}×{w} maps")),
+            },
             Op::Broadcast { to, new_axis } => {
                 let expect: Shape = match new_axis {
                     None => vec![],
@@ -189,6 +296,41 @@ impl Op {
             }
         }
     }
+}
+
+fn numel(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+fn increasing_below(axes: &[usize], rank: usize) -> bool {
+    axes.windows(2).all(|p| p[0] < p[1]) && axes.iter().all(|&a| a < rank)
+}
+
+fn without_axes(s: &[usize], axes: &[usize]) -> Shape {
+    s.iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, d)| *d)
+        .collect()
+}
+
+fn list(v: &[usize]) -> String {
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>, String> {
+    if s.is_empty() {
+        return Ok(vec![]);
+    }
+    s.split('.')
+        .map(|d| {
+            d.parse::<usize>()
+                .map_err(|e| format!("bad index {d:?}: {e}"))
+        })
+        .collect()
 }
 
 fn dims(s: &Shape) -> String {
@@ -239,6 +381,15 @@ impl fmt::Display for Op {
                 new_axis: Some(a),
             } => write!(f, "bcast{a}:{}", dims(to)),
             Op::StopGrad => write!(f, "stop_grad"),
+            Op::Reshape { to } => write!(f, "reshape:{}", dims(to)),
+            Op::Permute { perm } => write!(f, "permute:{}", list(perm)),
+            Op::ReduceSum { axes } => write!(f, "reduce_sum:{}", list(axes)),
+            Op::Expand { to, axes } => write!(f, "expand:{}:{}", list(axes), dims(to)),
+            Op::Conv2d => write!(f, "conv2d"),
+            Op::FlipKernel => write!(f, "flip_kernel"),
+            Op::ConvKernelGrad { k } => write!(f, "conv_kernel_grad:{k}"),
+            Op::Toeplitz { h, w } => write!(f, "toeplitz:{h}x{w}"),
+            Op::ToeplitzAdjoint { h, w, k } => write!(f, "toeplitz_adjoint:{h}x{w}:{k}"),
         }
     }
 }
@@ -291,6 +442,47 @@ impl FromStr for Op {
                 new_axis: Some(1),
             },
             ("stop_grad", None) => Op::StopGrad,
+            ("reshape", Some(d)) => Op::Reshape { to: parse_dims(d)? },
+            ("permute", Some(p)) => Op::Permute {
+                perm: parse_list(p)?,
+            },
+            ("reduce_sum", Some(a)) => Op::ReduceSum {
+                axes: parse_list(a)?,
+            },
+            ("expand", Some(r)) => {
+                let (a, d) = r
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s}: expected expand:AXES:SHAPE"))?;
+                Op::Expand {
+                    to: parse_dims(d)?,
+                    axes: parse_list(a)?,
+                }
+            }
+            ("conv2d", None) => Op::Conv2d,
+            ("flip_kernel", None) => Op::FlipKernel,
+            ("conv_kernel_grad", Some(k)) => Op::ConvKernelGrad {
+                k: k.parse().map_err(|e| format!("{s}: {e}"))?,
+            },
+            ("toeplitz", Some(hw)) => {
+                let hw = parse_dims(hw)?;
+                match hw.as_slice() {
+                    [h, w] => Op::Toeplitz { h: *h, w: *w },
+                    _ => return Err(format!("{s}: expected toeplitz:HxW")),
+                }
+            }
+            ("toeplitz_adjoint", Some(r)) => {
+                let (hw, k) = r
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s}: expected toeplitz_adjoint:HxW:K"))?;
+                match parse_dims(hw)?.as_slice() {
+                    [h, w] => Op::ToeplitzAdjoint {
+                        h: *h,
+                        w: *w,
+                        k: k.parse().map_err(|e| format!("{s}: {e}"))?,
+                    },
+                    _ => return Err(format!("{s}: expected toeplitz_adjoint:HxW:K")),
+                }
+            }
             (h, None) => match Unary::ALL.iter().find(|u| u.name() == h) {
                 Some(u) => Op::Unary(*u),
                 None => return Err(format!("unknown op {s:?}")),
@@ -329,6 +521,24 @@ mod tests {
             },
             Op::Unary(Unary::Softplus),
             Op::StopGrad,
+            Op::Reshape {
+                to: vec![2, 28, 28],
+            },
+            Op::Permute {
+                perm: vec![0, 2, 4, 1, 3, 5],
+            },
+            Op::ReduceSum {
+                axes: vec![0, 1, 2],
+            },
+            Op::Expand {
+                to: vec![4, 14, 14, 100],
+                axes: vec![1, 2, 3],
+            },
+            Op::Conv2d,
+            Op::FlipKernel,
+            Op::ConvKernelGrad { k: 3 },
+            Op::Toeplitz { h: 28, w: 27 },
+            Op::ToeplitzAdjoint { h: 7, w: 7, k: 5 },
         ];
         for op in ops {
             assert_eq!(op.to_string().parse::<Op>(), Ok(op.clone()), "{op}");

@@ -193,6 +193,21 @@ impl Parser {
     }
 }
 
+/// Leading `key=value` words (before the first operand) and the rest.
+fn attributes(mut rest: &str) -> (Vec<(&str, &str)>, &str) {
+    let mut attrs = Vec::new();
+    loop {
+        let (word, after) = split_word(rest);
+        match word.split_once('=') {
+            Some((k, v)) if !word.starts_with('%') => {
+                attrs.push((k, v));
+                rest = after;
+            }
+            _ => return (attrs, rest),
+        }
+    }
+}
+
 /// The first whitespace-separated word and the rest.
 fn split_word(s: &str) -> (&str, &str) {
     match s.split_once(char::is_whitespace) {
@@ -222,7 +237,7 @@ fn name_token<'a>(s: &'a str, what: &str) -> Res<&'a str> {
     Ok(s)
 }
 
-/// `[]`, `[n]` or `[rows, cols]`.
+/// `[]`, `[n]`, `[rows, cols]` or any rank beyond.
 fn shape_of(s: &str) -> Res<Shape> {
     let inner = s
         .strip_prefix('[')
@@ -239,12 +254,6 @@ fn shape_of(s: &str) -> Res<Shape> {
                 .map_err(|e| format!("bad dimension {d:?} in shape {s}: {e}"))
         })
         .collect::<Res<Shape>>()?;
-    if shape.len() > 2 {
-        return Err(format!(
-            "shape {s} has {} dimensions; tensors are scalars, vectors or matrices",
-            shape.len()
-        ));
-    }
     Ok(shape)
 }
 
@@ -315,6 +324,65 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
             };
             (op, rest)
         }
+        "reshape" => (
+            Op::Reshape {
+                to: declared.clone(),
+            },
+            rest,
+        ),
+        "permute" | "reduce_sum" | "expand" | "conv_kernel_grad" | "toeplitz"
+        | "toeplitz_adjoint" => {
+            let (attrs, rest) = attributes(rest);
+            let get = |key: &str| -> Res<&str> {
+                attrs
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| *v)
+                    .ok_or_else(|| format!("{word} needs {key}=…"))
+            };
+            let num = |key: &str| -> Res<usize> {
+                let v = get(key)?;
+                v.parse()
+                    .map_err(|e| format!("bad {key}={v:?} of {word}: {e}"))
+            };
+            let list = |key: &str| -> Res<Vec<usize>> {
+                let v = get(key)?;
+                if v.is_empty() {
+                    return Ok(vec![]);
+                }
+                v.split('.')
+                    .map(|d| {
+                        d.parse()
+                            .map_err(|e| format!("bad {key}={v:?} of {word}: {e}"))
+                    })
+                    .collect()
+            };
+            let op = match word {
+                "permute" => Op::Permute {
+                    perm: list("perm")?,
+                },
+                "reduce_sum" => Op::ReduceSum {
+                    axes: list("axes")?,
+                },
+                "expand" => Op::Expand {
+                    to: declared.clone(),
+                    axes: list("axes")?,
+                },
+                "conv_kernel_grad" => Op::ConvKernelGrad { k: num("k")? },
+                "toeplitz" => Op::Toeplitz {
+                    h: num("h")?,
+                    w: num("w")?,
+                },
+                _ => Op::ToeplitzAdjoint {
+                    h: num("h")?,
+                    w: num("w")?,
+                    k: num("k")?,
+                },
+            };
+            (op, rest)
+        }
+        "conv2d" => (Op::Conv2d, rest),
+        "flip_kernel" => (Op::FlipKernel, rest),
         "matmul" => (Op::MatMul, rest),
         "transpose" => (Op::Transpose, rest),
         "inverse" => (Op::Inverse, rest),
@@ -347,6 +415,37 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tensor_and_convolution_ops_round_trip() {
+        let text = "graph conv {
+  %0 = input x : [1, 4, 4, 2]
+  %1 = param k : [1, 1, 3, 3]
+  %2 = conv2d %0, %1 : [1, 4, 4, 2] @layers.0
+  %3 = flip_kernel %1 : [1, 1, 3, 3] @layers.0
+  %4 = conv_kernel_grad k=3 %2, %0 : [1, 1, 3, 3] @layers.0
+  %5 = toeplitz h=4 w=4 %1 : [16, 16] @layers.0
+  %6 = toeplitz_adjoint h=4 w=4 k=3 %5 : [1, 1, 3, 3] @layers.0
+  %7 = reshape %2 : [16, 2] @layers.0
+  %8 = permute perm=1.0 %7 : [2, 16] @layers.0
+  %9 = reduce_sum axes=0.1.2 %2 : [2] @loss
+  %10 = expand axes=0.1.2 %9 : [1, 4, 4, 2] @loss
+  output a = %3
+  output b = %4
+  output c = %6
+  output d = %8
+  output e = %10
+}
+";
+        let g = parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(g.to_text(), text);
+        let bad = text.replace("permute perm=1.0", "permute perm=0.0");
+        assert!(parse(&bad).is_err());
+        let missing = text.replace("toeplitz h=4 w=4 %1", "toeplitz h=4 %1");
+        let e = parse(&missing).expect_err("w is missing");
+        assert_eq!(e.line, 7, "{e}");
+    }
+
     use super::*;
 
     const GOOD: &str = "\
@@ -448,7 +547,11 @@ graph t {
                 2,
                 "region",
             ),
-            ("graph t {\n  %0 = param w : [2, 2, 2]\n}", 2, "dimensions"),
+            (
+                "graph t {\n  %0 = param w : [2, 2, 2]\n  %1 = transpose %0 : [2, 2, 2]\n}",
+                3,
+                "matrix",
+            ),
             (
                 "graph t {\n  %0 = param w : [2, 2]\n  %1 = sum axis=2 %0 : [2]\n}",
                 3,

@@ -35,8 +35,22 @@ pub(crate) fn op_text(op: &Op) -> String {
         Op::Broadcast {
             new_axis: Some(a), ..
         } => format!("broadcast axis={a}"),
+        Op::Reshape { .. } => "reshape".into(),
+        Op::Permute { perm } => format!("permute perm={}", dotted(perm)),
+        Op::ReduceSum { axes } => format!("reduce_sum axes={}", dotted(axes)),
+        Op::Expand { axes, .. } => format!("expand axes={}", dotted(axes)),
+        Op::ConvKernelGrad { k } => format!("conv_kernel_grad k={k}"),
+        Op::Toeplitz { h, w } => format!("toeplitz h={h} w={w}"),
+        Op::ToeplitzAdjoint { h, w, k } => format!("toeplitz_adjoint h={h} w={w} k={k}"),
         other => other.to_string(),
     }
+}
+
+fn dotted(v: &[usize]) -> String {
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 pub fn to_text(g: &Graph) -> String {

@@ -87,8 +87,12 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
         // LU with partial pivoting is (2/3)n³; the inverse from it another (4/3)n³.
         Op::Inverse => 2.0 * (ins[0][0] as f64).powi(3),
         Op::LogDet => 2.0 / 3.0 * (ins[0][0] as f64).powi(3),
-        // A transpose is a stride change for a GEMM operand.
-        Op::Transpose => 0.0,
+        // A transpose is a stride change for a GEMM operand; a reshape is a view.
+        Op::Transpose | Op::Reshape { .. } => 0.0,
+        // 2 · (output elements) · (C_in · K²): one multiply-add per kernel tap.
+        Op::Conv2d => 2.0 * numel(out) * (ins[1][1] * ins[1][2] * ins[1][3]) as f64,
+        Op::ConvKernelGrad { .. } => 2.0 * numel(out) * (ins[0][1] * ins[0][2] * ins[0][3]) as f64,
+        Op::ToeplitzAdjoint { h, w, .. } => numel(out) * (*h * *w) as f64,
         Op::Sum { .. } => numel(ins[0]),
         _ => numel(out),
     }
@@ -103,7 +107,11 @@ pub const LAUNCH_COST: f64 = 100_000.0;
 /// Elements one op reads and writes (a transpose is a stride change and moves nothing).
 pub fn op_bytes(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
     match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose => 0.0,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Const { .. }
+        | Op::Transpose
+        | Op::Reshape { .. } => 0.0,
         // Elementwise chains are fused into one kernel: count only the value written.
         _ if op.is_elementwise() => numel(out),
         _ => ins.iter().map(|s| numel(s)).sum::<f64>() + numel(out),
@@ -113,7 +121,11 @@ pub fn op_bytes(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
 /// Kernel launches of one op: none for views and leaves, a fraction for fusable elementwise ops.
 pub fn op_launches(op: &Op) -> f64 {
     match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose => 0.0,
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Const { .. }
+        | Op::Transpose
+        | Op::Reshape { .. } => 0.0,
         _ if op.is_elementwise() => 0.1,
         _ => 1.0,
     }

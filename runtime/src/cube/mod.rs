@@ -502,6 +502,25 @@ impl<R: Runtime> GpuProgram<R> {
     }
 }
 
+/// The first op of `plan` that the GPU backends have no kernel for (the shape and convolution
+/// ops run on the host executor only, so far).
+pub fn unsupported_op(plan: &Plan) -> Option<&Op> {
+    plan.instrs.iter().map(|i| &i.op).find(|op| {
+        matches!(
+            op,
+            Op::Reshape { .. }
+                | Op::Permute { .. }
+                | Op::ReduceSum { .. }
+                | Op::Expand { .. }
+                | Op::Conv2d
+                | Op::FlipKernel
+                | Op::ConvKernelGrad { .. }
+                | Op::Toeplitz { .. }
+                | Op::ToeplitzAdjoint { .. }
+        )
+    })
+}
+
 /// Every launch of a plan, in order, and the sizes of the scratch buffers they use.
 fn lower_plan(plan: &Plan, staged: bool) -> (Vec<Launch>, Vec<usize>) {
     let mut temps: Vec<usize> = Vec::new();

@@ -107,6 +107,9 @@ pub fn sum_partials(n: usize, target: Target) -> Result<String, String> {
 
 /// Every kernel a plan launches, in launch order, as `target` source.
 pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, String> {
+    if let Some(op) = super::unsupported_op(plan) {
+        return Err(format!("the GPU backends have no kernel for `{op}` yet"));
+    }
     let mut out = Vec::new();
     for (k, launch) in GpuProgram::<WgpuRuntime>::kernel_specs(plan)
         .into_iter()

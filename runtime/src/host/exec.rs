@@ -7,6 +7,7 @@
 
 use super::fused::{self, Ext};
 use super::linalg::{self, MatRef, Real};
+use super::shape_ops;
 use rayon::prelude::*;
 use snfc_compiler::ir::{Graph, Op, Shape, Unary};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
@@ -706,6 +707,56 @@ impl<T: Real> Executor<T> {
                     }
                 }
                 value(out)
+            }
+            Op::Reshape { .. } => {
+                let a = arg!(0).clone();
+                Value {
+                    data: self.contiguous(&a),
+                    shape: ins.shape.clone(),
+                    transposed: false,
+                }
+            }
+            Op::Permute { perm } => {
+                let a = arg!(0).clone();
+                value(shape_ops::permute(&self.contiguous(&a), &a.shape, perm))
+            }
+            Op::ReduceSum { axes } => {
+                let a = arg!(0).clone();
+                value(shape_ops::reduce_sum(&self.contiguous(&a), &a.shape, axes))
+            }
+            Op::Expand { to, axes } => {
+                let a = arg!(0).clone();
+                value(shape_ops::expand(&self.contiguous(&a), to, axes))
+            }
+            Op::Conv2d => {
+                let (x, k) = (arg!(0).clone(), arg!(1).clone());
+                let (xd, kd) = (self.contiguous(&x), self.contiguous(&k));
+                value(shape_ops::conv2d(&xd, &x.shape, &kd, &k.shape))
+            }
+            Op::FlipKernel => {
+                let a = arg!(0).clone();
+                value(shape_ops::flip_kernel(&self.contiguous(&a), &a.shape))
+            }
+            Op::ConvKernelGrad { k } => {
+                let (dy, x) = (arg!(0).clone(), arg!(1).clone());
+                let (dyd, xd) = (self.contiguous(&dy), self.contiguous(&x));
+                value(shape_ops::conv_kernel_grad(
+                    &dyd, &dy.shape, &xd, &x.shape, *k,
+                ))
+            }
+            Op::Toeplitz { h, w } => {
+                let a = arg!(0).clone();
+                value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
+            }
+            Op::ToeplitzAdjoint { h, w, k } => {
+                let a = arg!(0).clone();
+                value(shape_ops::toeplitz_adjoint(
+                    &self.contiguous(&a),
+                    a.shape[0],
+                    *h,
+                    *w,
+                    *k,
+                ))
             }
             Op::Broadcast { to, new_axis } => {
                 let a = arg!(0).clone();
