@@ -5,7 +5,15 @@ fn main() {
     let path = std::env::args().nth(1).expect("spec");
     let text = std::fs::read_to_string(&path).unwrap();
     let spec = parse_spec(&text).unwrap();
-    let c = compile_train(&spec, 100, OptLevel::Full).expect("the spec compiles");
+    let c = compile_train(
+        &spec,
+        std::env::var("B")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(100),
+        OptLevel::Full,
+    )
+    .expect("the spec compiles");
     if std::env::args().nth(2).is_some() {
         print!("{}", c.exact.to_text());
         print!("{}", c.step.to_text());

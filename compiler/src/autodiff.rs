@@ -180,6 +180,8 @@ fn vjp(
             b.add(Op::ToeplitzAdjoint { h: *h, w: *w, k }, &[g])
         }
         Op::ToeplitzAdjoint { h, w, .. } => b.add(Op::Toeplitz { h: *h, w: *w }, &[g]),
+        // A diagonal linear map: its own adjoint.
+        Op::Multiplicity { h, w } => b.add(Op::Multiplicity { h: *h, w: *w }, &[g]),
     })
 }
 

@@ -103,7 +103,10 @@ pub fn plan(g: &Graph) -> FusionPlan {
             deps.insert(n, d);
             continue;
         }
-        if fusable(&node.op) {
+        // Fused kernels walk matrices (rows × columns); values of higher rank (convolution
+        // kernels, image batches) run their elementwise ops one kernel each.
+        let matrices = node.shape.len() <= 2 && ins.iter().all(|i| g.node(*i).shape.len() <= 2);
+        if fusable(&node.op) && matrices {
             // The shape the node iterates over: its output, or for a sum its operand.
             let shape = if matches!(node.op, Op::Sum { .. }) {
                 g.node(ins[0]).shape.clone()

@@ -700,7 +700,7 @@ fn independent_problems_are_all_reported() {
       "layers": [
         {"type": "linear", "biass": true},
         {"type": "smooth_leaky_relu", "alpha": 1.5},
-        {"type": "conv"}
+        {"type": "convolution"}
       ],
       "objective": {"gradient": "exact", "lambda": -1},
       "train": {"batch_size": 0, "epochs": "ten",

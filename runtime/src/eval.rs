@@ -5,12 +5,13 @@ use crate::batch::{fill_columns, fill_uniform};
 use crate::data::Split;
 use crate::host::exec::{ExecError, Executor, Feeds, Program};
 use crate::host::linalg::{slogdet, Real};
+use crate::host::shape_ops::toeplitz;
 use crate::model::Model;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use snfc_compiler::ir::lower::{eval_graph, ParamKind, INPUT_NOISE, INPUT_X};
-use snfc_compiler::spec::Preprocess;
+use snfc_compiler::spec::{LayerShape, Preprocess};
 use std::sync::Arc;
 
 /// Exact negative log-likelihood of a data split.
@@ -26,14 +27,24 @@ pub struct EvalResult {
     pub recon: Option<f64>,
 }
 
-/// Σ_k ln|det W_k| over the linear layers (one LU each).
+/// Σ_k ln|det W_k| over the linear layers, and ln|det T(w_k)| of the dense Toeplitz matrix of
+/// each conv layer (one LU each, in f64 whatever the model's precision).
 pub fn logdet_sum<T: Real>(model: &Model<T>) -> f64 {
-    let d = model.spec.input.dim();
+    let shapes = model.spec.layer_shapes();
     model
         .params
         .iter()
         .filter(|p| p.kind == ParamKind::Weight)
-        .map(|p| slogdet(model.get(&p.name), d).1.as_f64())
+        .map(|p| {
+            let w: Vec<f64> = model.get(&p.name).iter().map(|v| v.as_f64()).collect();
+            match shapes[p.layer] {
+                LayerShape::Image { c, h, w: width } if p.shape.len() == 4 => {
+                    let t = toeplitz(&w, &p.shape, h, width);
+                    slogdet(&t, c * h * width).1
+                }
+                _ => slogdet(&w, p.shape[0]).1,
+            }
+        })
         .sum()
 }
 

@@ -13,7 +13,7 @@ use rand_distr::Normal;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use snfc_compiler::ir::lower::{parameters, ParamInfo, ParamKind};
-use snfc_compiler::spec::{parse_spec, FlowSpec, LinearInit};
+use snfc_compiler::spec::{parse_spec, FlowSpec, LayerSpec, LinearInit};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,24 +40,22 @@ pub struct Model<T> {
 }
 
 impl<T: Real> Model<T> {
-    /// W = I + Xavier-normal noise with gain 0.01 (or exactly I), R = Wᵀ, b = 0 (paper A.3).
+    /// Paper A.3: a linear layer's W = I + Xavier-normal noise with gain 0.01 (or exactly I) and
+    /// R = Wᵀ; a conv layer's kernel w = dirac + Xavier-normal noise with gain 0.01 and
+    /// r = flip_kernel(w) (the transposed convolution); biases 0.
     pub fn init(spec: &FlowSpec, seed: u64) -> Model<T> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let d = spec.input.dim();
-        let std = 0.01 * (2.0 / (2 * d) as f64).sqrt();
-        let normal = Normal::new(0.0, std).expect("finite std");
         let params = parameters(spec);
         let mut values: Feeds<T> = HashMap::new();
         let mut last_w: Vec<f64> = Vec::new();
         for p in &params {
-            let v: Vec<f64> = match p.kind {
-                ParamKind::Weight => {
-                    let noise = match &spec.layers[p.layer] {
-                        snfc_compiler::spec::LayerSpec::Linear(l) => {
-                            l.init == LinearInit::IdentityNoise
-                        }
-                        _ => false,
-                    };
+            let layer = &spec.layers[p.layer];
+            let v: Vec<f64> = match (p.kind, layer) {
+                (ParamKind::Weight, LayerSpec::Linear(l)) => {
+                    let d = p.shape[0];
+                    let std = 0.01 * (2.0 / (2 * d) as f64).sqrt();
+                    let normal = Normal::new(0.0, std).expect("finite std");
+                    let noise = l.init == LinearInit::IdentityNoise;
                     let mut w = vec![0.0; d * d];
                     for i in 0..d {
                         for j in 0..d {
@@ -69,7 +67,20 @@ impl<T: Real> Model<T> {
                     last_w = w.clone();
                     w
                 }
-                ParamKind::WeightInv => {
+                (ParamKind::Weight, _) => {
+                    // [C, C, K, K]: fan_in = fan_out = C·K²
+                    let (c, k) = (p.shape[0], p.shape[2]);
+                    let std = 0.01 * (2.0 / (2 * c * k * k) as f64).sqrt();
+                    let normal = Normal::new(0.0, std).expect("finite std");
+                    let mut w: Vec<f64> = (0..c * c * k * k).map(|_| rng.sample(normal)).collect();
+                    for ch in 0..c {
+                        w[((ch * c + ch) * k + k / 2) * k + k / 2] += 1.0;
+                    }
+                    last_w = w.clone();
+                    w
+                }
+                (ParamKind::WeightInv, LayerSpec::Linear(_)) => {
+                    let d = p.shape[0];
                     let mut r = vec![0.0; d * d];
                     for i in 0..d {
                         for j in 0..d {
@@ -78,7 +89,8 @@ impl<T: Real> Model<T> {
                     }
                     r
                 }
-                ParamKind::Bias => vec![0.0; d],
+                (ParamKind::WeightInv, _) => crate::host::shape_ops::flip_kernel(&last_w, &p.shape),
+                (ParamKind::Bias, _) => vec![0.0; p.shape.iter().product()],
             };
             values.insert(
                 p.name.clone(),

@@ -2,13 +2,14 @@
 //! Newton's method) or through the exact inverse (W⁻¹, by LU solves).
 
 use crate::host::linalg::{matmul, solve, LinalgError, MatRef, Real};
+use crate::host::shape_ops::{conv2d, permute, toeplitz};
 use crate::model::Model;
 use rand::RngExt;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use snfc_compiler::ir::lower::{param_name, ParamKind};
-use snfc_compiler::spec::{LayerSpec, Preprocess};
+use snfc_compiler::spec::{LayerShape, LayerSpec, Preprocess};
 
 /// s(x) = αx + (1−α) softplus(x) and s'(x).
 fn slrelu(x: f64, alpha: f64) -> (f64, f64) {
@@ -45,7 +46,9 @@ pub fn invert<T: Real>(
 ) -> Result<Vec<f64>, LinalgError> {
     let spec = &model.spec;
     let d = spec.input.dim();
+    let shapes = spec.layer_shapes();
     let mut h = z.to_vec();
+    let f64s = |name: &str| -> Vec<f64> { model.get(name).iter().map(|v| v.as_f64()).collect() };
     for (i, layer) in spec.layers.iter().enumerate().rev() {
         match layer {
             LayerSpec::Linear(l) => {
@@ -57,18 +60,9 @@ pub fn invert<T: Real>(
                     }
                 }
                 h = if exact {
-                    let w: Vec<f64> = model
-                        .get(&param_name(i, ParamKind::Weight))
-                        .iter()
-                        .map(|v| v.as_f64())
-                        .collect();
-                    solve(&w, d, &h, n)?
+                    solve(&f64s(&param_name(i, ParamKind::Weight)), d, &h, n)?
                 } else {
-                    let r: Vec<f64> = model
-                        .get(&param_name(i, ParamKind::WeightInv))
-                        .iter()
-                        .map(|v| v.as_f64())
-                        .collect();
+                    let r = f64s(&param_name(i, ParamKind::WeightInv));
                     let mut out = vec![0.0; d * n];
                     matmul(
                         MatRef::row_major(&r, d, d),
@@ -80,6 +74,47 @@ pub fn invert<T: Real>(
                     );
                     out
                 };
+            }
+            LayerSpec::Conv(c) => {
+                let LayerShape::Image {
+                    c: ch,
+                    h: hh,
+                    w: ww,
+                } = shapes[i]
+                else {
+                    unreachable!("validated: conv has an image input")
+                };
+                let plane = hh * ww * n;
+                if c.bias {
+                    let b = model.get(&param_name(i, ParamKind::Bias));
+                    for (k, bk) in b.iter().enumerate() {
+                        let bk = bk.as_f64();
+                        h[k * plane..(k + 1) * plane]
+                            .iter_mut()
+                            .for_each(|v| *v -= bk);
+                    }
+                }
+                let kshape = [ch, ch, c.kernel_size, c.kernel_size];
+                h = if exact {
+                    // T(w)⁻¹ by LU (the h values are the flat [C·H·W, n] columns).
+                    let t = toeplitz(&f64s(&param_name(i, ParamKind::Weight)), &kshape, hh, ww);
+                    solve(&t, ch * hh * ww, &h, n)?
+                } else {
+                    let r = f64s(&param_name(i, ParamKind::WeightInv));
+                    conv2d(&h, &[ch, hh, ww, n], &r, &kshape)
+                };
+            }
+            LayerSpec::Squeeze(_) => {
+                let LayerShape::Image {
+                    c: ch,
+                    h: hh,
+                    w: ww,
+                } = shapes[i]
+                else {
+                    unreachable!("validated: squeeze has an image input")
+                };
+                // The forward map is [C, H/2, 2, W/2, 2] → [C, 2, 2, H/2, W/2]; undo it.
+                h = permute(&h, &[ch, 2, 2, hh / 2, ww / 2, n], &[0, 3, 1, 4, 2, 5]);
             }
             LayerSpec::SmoothLeakyRelu(a) => {
                 h.iter_mut().for_each(|v| *v = slrelu_inverse(*v, a.alpha));

@@ -173,6 +173,7 @@ fn forward(model: &Model<f64>, h0: &[f64]) -> (Vec<f64>, f64, f64) {
                     *v = al * *v + (1.0 - al) * softplus(*v);
                 }
             }
+            other => panic!("this reference covers FC flows only, not {other:?}"),
         }
     }
     (h, act_logdet, recon)

@@ -268,6 +268,7 @@ fn linear_inputs(spec: &FlowSpec, feeds: &Feeds<f64>, batch: usize) -> Vec<Mat> 
                 }
             }
             LayerSpec::SmoothLeakyRelu(s) => h = h.map(|v| slrelu(s.alpha, v)),
+            other => panic!("this reference covers FC flows only, not {other:?}"),
         }
     }
     out

@@ -13,9 +13,10 @@
 //! code); `objective` is all of `J`. Both are outputs of the exact training graph; the training
 //! step drops `objective`, which is what removes every `logdet` from the step.
 
+use super::Op;
 use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use crate::autodiff;
-use crate::spec::{FlowSpec, GradientMode, LayerSpec, Preprocess};
+use crate::spec::{FlowSpec, GradientMode, LayerShape, LayerSpec, Preprocess};
 use petgraph::stable_graph::NodeIndex;
 
 /// What a parameter is to its layer.
@@ -48,25 +49,32 @@ pub fn param_name(layer: usize, kind: ParamKind) -> String {
     format!("layers.{layer}.{suffix}")
 }
 
-/// Every parameter of the spec, in layer order (weight, weight_inv, bias).
+/// Every parameter of the spec, in layer order (weight, weight_inv, bias). A linear layer's
+/// weights are `[D, D]` and its bias `[D]`; a conv layer's kernels are `[C, C, K, K]` (out, in,
+/// kh, kw) and its bias `[C]`.
 pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
-    let d = spec.input.dim();
+    let shapes = spec.layer_shapes();
     let mut out = Vec::new();
     for (i, layer) in spec.layers.iter().enumerate() {
-        if let LayerSpec::Linear(l) = layer {
-            let mut p = |kind, shape: Shape| {
-                out.push(ParamInfo {
-                    name: param_name(i, kind),
-                    shape,
-                    layer: i,
-                    kind,
-                })
-            };
-            p(ParamKind::Weight, vec![d, d]);
-            p(ParamKind::WeightInv, vec![d, d]);
-            if l.bias {
-                p(ParamKind::Bias, vec![d]);
+        let (weight, bias, has_bias) = match (layer, shapes[i]) {
+            (LayerSpec::Linear(l), s) => (vec![s.numel(), s.numel()], s.numel(), l.bias),
+            (LayerSpec::Conv(c), LayerShape::Image { c: ch, .. }) => {
+                (vec![ch, ch, c.kernel_size, c.kernel_size], ch, c.bias)
             }
+            _ => continue,
+        };
+        let mut p = |kind, shape: Shape| {
+            out.push(ParamInfo {
+                name: param_name(i, kind),
+                shape,
+                layer: i,
+                kind,
+            })
+        };
+        p(ParamKind::Weight, weight.clone());
+        p(ParamKind::WeightInv, weight);
+        if has_bias {
+            p(ParamKind::Bias, vec![bias]);
         }
     }
     out
@@ -142,8 +150,11 @@ impl<'a> Lowering<'a> {
 
     /// The flow from `h0`: the f-flow, or with `inverse_model` the g-flow `R⁻¹ h + b`.
     fn flow(&mut self, h0: NodeIndex, inverse_model: bool, with_recon: bool) -> FlowTerms {
+        // Every layer's activations are the flat batch [D, B]; image layers reshape (a view).
         let shape = self.batch_shape();
         let d = self.d;
+        let batch = self.batch;
+        let shapes = self.spec.layer_shapes();
         let mut h = h0;
         let mut data_terms: Vec<NodeIndex> = Vec::new();
         let mut const_terms: Vec<NodeIndex> = Vec::new();
@@ -184,6 +195,89 @@ impl<'a> Lowering<'a> {
                     } else {
                         z
                     };
+                }
+                LayerSpec::Conv(c) => {
+                    let LayerShape::Image {
+                        c: ch,
+                        h: hh,
+                        w: ww,
+                    } = shapes[i]
+                    else {
+                        unreachable!("validated: conv has an image input")
+                    };
+                    let k = c.kernel_size;
+                    let (w_name, r_name) = (
+                        param_name(i, ParamKind::Weight),
+                        param_name(i, ParamKind::WeightInv),
+                    );
+                    let w = b.param(&w_name, vec![ch, ch, k, k]);
+                    let r = b.param(&r_name, vec![ch, ch, k, k]);
+                    b.declare_inverse_pair(&w_name, &r_name);
+                    let image = vec![ch, hh, ww, batch];
+                    // conv(K) applied to a flat batch [C·H·W, B]: free reshapes around conv2d.
+                    let conv = |b: &mut GraphBuilder, x: NodeIndex, kernel: NodeIndex| {
+                        let img = b.add(Op::Reshape { to: image.clone() }, &[x]);
+                        let y = b.add(Op::Conv2d, &[img, kernel]);
+                        b.add(Op::Reshape { to: shape.clone() }, &[y])
+                    };
+                    if with_recon {
+                        let hs = b.stop_grad(h);
+                        let wh = conv(b, hs, w);
+                        let rwh = conv(b, wh, r);
+                        let e = b.sub(rwh, hs);
+                        let e2 = b.unary(Unary::Square, e);
+                        recon_terms.push(b.sum(e2, Some(0)));
+                    }
+                    let z = if inverse_model {
+                        // g⁻¹(h) = T(r)⁻¹ h: the exact inverse of the learned inverse conv.
+                        let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[r]);
+                        let t_inv = b.inverse(t);
+                        let ld = b.logdet(t);
+                        const_terms.push(b.neg(ld));
+                        b.matmul(t_inv, h)
+                    } else {
+                        let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[w]);
+                        const_terms.push(b.logdet(t));
+                        conv(b, h, w)
+                    };
+                    h = if c.bias {
+                        let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
+                        let per_channel = b.add(
+                            Op::Expand {
+                                to: vec![ch, hh * ww, batch],
+                                axes: vec![1, 2],
+                            },
+                            &[bias],
+                        );
+                        let bb = b.add(Op::Reshape { to: shape.clone() }, &[per_channel]);
+                        b.add2(z, bb)
+                    } else {
+                        z
+                    };
+                }
+                LayerSpec::Squeeze(_) => {
+                    let LayerShape::Image {
+                        c: ch,
+                        h: hh,
+                        w: ww,
+                    } = shapes[i]
+                    else {
+                        unreachable!("validated: squeeze has an image input")
+                    };
+                    // [C, H/2, 2, W/2, 2, B] → [C, 2, 2, H/2, W/2, B]: a permutation, log-det 0.
+                    let split = b.add(
+                        Op::Reshape {
+                            to: vec![ch, hh / 2, 2, ww / 2, 2, batch],
+                        },
+                        &[h],
+                    );
+                    let moved = b.add(
+                        Op::Permute {
+                            perm: vec![0, 2, 4, 1, 3, 5],
+                        },
+                        &[split],
+                    );
+                    h = b.add(Op::Reshape { to: shape.clone() }, &[moved]);
                 }
                 LayerSpec::SmoothLeakyRelu(a) => {
                     let alpha = a.alpha;

@@ -120,6 +120,13 @@ pub enum Op {
         h: usize,
         w: usize,
     },
+    /// `k ⊙ m` for a kernel `[O, I, K, K]` on `H × W` maps, where `m` counts how often each kernel
+    /// element appears in the Toeplitz matrix (paper A.2): `(H − |u − p|)(W − |v − p|)`.
+    /// `toeplitz_adjoint(toeplitz(k)) = multiplicity(k)`.
+    Multiplicity {
+        h: usize,
+        w: usize,
+    },
     /// The adjoint of [`Op::Toeplitz`]: each kernel element sums the matrix entries it occupies
     /// (`[C·H·W, C·H·W] → [C, C, K, K]`).
     ToeplitzAdjoint {
@@ -276,6 +283,10 @@ impl Op {
                 }
                 s => Err(format!("toeplitz of {s:?}: expected a C → C kernel [C, C, K, K]")),
             },
+            Op::Multiplicity { .. } => match ins[0].as_slice() {
+                [_, _, k, k2] if k == k2 => Ok(ins[0].clone()),
+                s => Err(format!("multiplicity of {s:?}: expected a kernel [O, I, K, K]")),
+            },
             Op::ToeplitzAdjoint { h, w, k } => match ins[0].as_slice() {
                 [n, n2] if n == n2 && h * w > 0 && n % (h * w) == 0 && k % 2 == 1 => {
                     let c = n / (h * w);
@@ -390,6 +401,7 @@ impl fmt::Display for Op {
             Op::ConvKernelGrad { k } => write!(f, "conv_kernel_grad:{k}"),
             Op::Toeplitz { h, w } => write!(f, "toeplitz:{h}x{w}"),
             Op::ToeplitzAdjoint { h, w, k } => write!(f, "toeplitz_adjoint:{h}x{w}:{k}"),
+            Op::Multiplicity { h, w } => write!(f, "multiplicity:{h}x{w}"),
         }
     }
 }
@@ -470,6 +482,10 @@ impl FromStr for Op {
                     _ => return Err(format!("{s}: expected toeplitz:HxW")),
                 }
             }
+            ("multiplicity", Some(hw)) => match parse_dims(hw)?.as_slice() {
+                [h, w] => Op::Multiplicity { h: *h, w: *w },
+                _ => return Err(format!("{s}: expected multiplicity:HxW")),
+            },
             ("toeplitz_adjoint", Some(r)) => {
                 let (hw, k) = r
                     .split_once(':')
@@ -539,6 +555,7 @@ mod tests {
             Op::ConvKernelGrad { k: 3 },
             Op::Toeplitz { h: 28, w: 27 },
             Op::ToeplitzAdjoint { h: 7, w: 7, k: 5 },
+            Op::Multiplicity { h: 28, w: 28 },
         ];
         for op in ops {
             assert_eq!(op.to_string().parse::<Op>(), Ok(op.clone()), "{op}");

@@ -331,7 +331,7 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
             rest,
         ),
         "permute" | "reduce_sum" | "expand" | "conv_kernel_grad" | "toeplitz"
-        | "toeplitz_adjoint" => {
+        | "toeplitz_adjoint" | "multiplicity" => {
             let (attrs, rest) = attributes(rest);
             let get = |key: &str| -> Res<&str> {
                 attrs
@@ -370,6 +370,10 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
                 },
                 "conv_kernel_grad" => Op::ConvKernelGrad { k: num("k")? },
                 "toeplitz" => Op::Toeplitz {
+                    h: num("h")?,
+                    w: num("w")?,
+                },
+                "multiplicity" => Op::Multiplicity {
                     h: num("h")?,
                     w: num("w")?,
                 },

@@ -41,6 +41,7 @@ pub(crate) fn op_text(op: &Op) -> String {
         Op::Expand { axes, .. } => format!("expand axes={}", dotted(axes)),
         Op::ConvKernelGrad { k } => format!("conv_kernel_grad k={k}"),
         Op::Toeplitz { h, w } => format!("toeplitz h={h} w={w}"),
+        Op::Multiplicity { h, w } => format!("multiplicity h={h} w={w}"),
         Op::ToeplitzAdjoint { h, w, k } => format!("toeplitz_adjoint h={h} w={w} k={k}"),
         other => other.to_string(),
     }

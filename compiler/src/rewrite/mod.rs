@@ -22,7 +22,7 @@ mod lang;
 pub use extract::{DagExtraction, PathExtraction};
 pub use lang::{op_cost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 
-use crate::ir::{Graph, GraphBuilder, Op, Region};
+use crate::ir::{Graph, GraphBuilder, Op, Region, Shape};
 use egg::{Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
@@ -98,6 +98,108 @@ pub const SUBSTITUTION: &[PairRule] = &[PairRule {
     lhs: "(inverse ?W)",
     rhs: "?R",
 }];
+
+/// The substitution for convolutions: `inverse(op(W)) ⇒ op(R)` with `op` the Toeplitz matrix
+/// of a conv (placeholders as in [`CONV_OPERATOR`]).
+pub const CONV_SUBSTITUTION: &[PairRule] = &[PairRule {
+    name: "snf-inverse-of-pair-conv",
+    lhs: "(inverse ({T} ?W))",
+    rhs: "({T} ?R)",
+}];
+
+/// A convolution identity, written with placeholders that [`conv_rules`] fills in for each
+/// convolution of the graph: `{T}` its Toeplitz op (`toeplitz:HxW`), `{ADJ}` the adjoint
+/// (`toeplitz_adjoint:HxW:K`), `{IMG}` / `{FLAT}` the reshapes between the flat batch
+/// `[C·H·W, B]` and the image batch `[C, H, W, B]`, `{KG}` the kernel gradient
+/// (`conv_kernel_grad:K`), `{MULT}` the multiplicity (`multiplicity:HxW`). `flat` and `image`
+/// name the variables that must have those shapes (so the reshapes are well-formed), `kernel`
+/// the variables that must be this conv's kernel shape, `scalar` the scalar ones.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvRule {
+    pub name: &'static str,
+    pub lhs: &'static str,
+    pub rhs: &'static str,
+    pub flat: &'static [&'static str],
+    pub image: &'static [&'static str],
+    pub kernel: &'static [&'static str],
+    pub scalar: &'static [&'static str],
+}
+
+const fn conv_rule(name: &'static str, lhs: &'static str, rhs: &'static str) -> ConvRule {
+    ConvRule {
+        name,
+        lhs,
+        rhs,
+        flat: &[],
+        image: &[],
+        kernel: &[],
+        scalar: &[],
+    }
+}
+
+/// DESIGN.md §7: a convolution is a linear operator. These identities turn its dense Toeplitz
+/// form (which the exact graph and the substitution produce) back into convolutions; they run
+/// with the substitution, so the g-flow's layers merge into the f-flow's, and with the algebra.
+pub const CONV_OPERATOR: &[ConvRule] = &[
+    // T(k) x = conv(x, k) on each example.
+    ConvRule {
+        flat: &["?x"],
+        kernel: &["?K"],
+        ..conv_rule(
+            "toeplitz-is-conv",
+            "(matmul ({T} ?K) ?x)",
+            "({FLAT} (conv2d ({IMG} ?x) ?K))",
+        )
+    },
+    // T(k)ᵀ = T(flip_kernel(k)).
+    conv_rule(
+        "transpose-of-toeplitz",
+        "(transpose ({T} ?K))",
+        "({T} (flip_kernel ?K))",
+    ),
+    conv_rule("flip-involution", "(flip_kernel (flip_kernel ?K))", "?K"),
+    ConvRule {
+        image: &["?y"],
+        ..conv_rule("reshape-round-trip-image", "({IMG} ({FLAT} ?y))", "?y")
+    },
+    ConvRule {
+        flat: &["?x"],
+        ..conv_rule("reshape-round-trip-flat", "({FLAT} ({IMG} ?x))", "?x")
+    },
+];
+
+/// The adjoint side (paper A.2): the kernel gradient of a rank-B outer product is a
+/// convolution's kernel gradient, and `adjoint(T(k)) = k ⊙ m`.
+pub const CONV_ADJOINT: &[ConvRule] = &[
+    ConvRule {
+        flat: &["?a", "?c"],
+        ..conv_rule(
+            "adjoint-of-outer-product",
+            "({ADJ} (matmul ?a (transpose ?c)))",
+            "({KG} ({IMG} ?a) ({IMG} ?c))",
+        )
+    },
+    conv_rule("adjoint-of-toeplitz", "({ADJ} ({T} ?K))", "({MULT} ?K)"),
+    ConvRule {
+        scalar: &["?s"],
+        ..conv_rule(
+            "scalar-out-of-adjoint",
+            "({ADJ} (mul ?s ?A))",
+            "(mul ?s ({ADJ} ?A))",
+        )
+    },
+    conv_rule("neg-out-of-adjoint", "({ADJ} (neg ?A))", "(neg ({ADJ} ?A))"),
+    conv_rule(
+        "adjoint-of-sum",
+        "({ADJ} (add ?A ?B))",
+        "(add ({ADJ} ?A) ({ADJ} ?B))",
+    ),
+    conv_rule(
+        "adjoint-of-difference",
+        "({ADJ} (sub ?A ?B))",
+        "(sub ({ADJ} ?A) ({ADJ} ?B))",
+    ),
+];
 
 /// Exact identities of matrix algebra, valid for any operands. Grouped by family: products
 /// (associativity), transposes, signs, sums (commutativity, associativity), factoring
@@ -354,7 +456,104 @@ impl Applier<TensorNode, ShapeAnalysis> for PairApplier {
     }
 }
 
-/// The pair rules over the declared pairs of `g` (each pair in both directions).
+/// One convolution of a graph, as the conv rules need it: its Toeplitz size, channels, kernel
+/// size and a batch size it is applied at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct ConvInstance {
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    b: usize,
+}
+
+impl ConvInstance {
+    fn n(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    fn fill(&self, pattern: &str) -> String {
+        let (h, w, c, k, b, n) = (self.h, self.w, self.c, self.k, self.b, self.n());
+        pattern
+            .replace("{T}", &format!("toeplitz:{h}x{w}"))
+            .replace("{ADJ}", &format!("toeplitz_adjoint:{h}x{w}:{k}"))
+            .replace("{IMG}", &format!("reshape:{c}x{h}x{w}x{b}"))
+            .replace("{FLAT}", &format!("reshape:{n}x{b}"))
+            .replace("{KG}", &format!("conv_kernel_grad:{k}"))
+            .replace("{MULT}", &format!("multiplicity:{h}x{w}"))
+    }
+}
+
+/// The convolutions of `g`: every `toeplitz` node's (H, W, C, K), at every batch size a flat
+/// `[C·H·W, B]` value of the graph has.
+fn conv_instances(g: &Graph) -> Vec<ConvInstance> {
+    let mut convs = Vec::new();
+    let mut columns: HashMap<usize, Vec<usize>> = HashMap::new();
+    for n in g.nodes() {
+        let node = g.node(n);
+        if let Op::Toeplitz { h, w } = node.op {
+            let k = g.node(g.inputs(n)[0]).shape.clone();
+            convs.push((h, w, k[0], k[2]));
+        }
+        if let [rows, cols] = node.shape.as_slice() {
+            if rows != cols {
+                columns.entry(*rows).or_default().push(*cols);
+            }
+        }
+    }
+    let mut out: Vec<ConvInstance> = Vec::new();
+    for (h, w, c, k) in convs {
+        for &b in columns.get(&(c * h * w)).map(Vec::as_slice).unwrap_or(&[]) {
+            out.push(ConvInstance { h, w, c, k, b });
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `rules` instantiated for every convolution of `g`, each with its shape conditions.
+fn conv_rules(rules: &[ConvRule], g: &Graph) -> Vec<TRewrite> {
+    let mut out = Vec::new();
+    for inst in conv_instances(g) {
+        for r in rules {
+            let name = format!(
+                "{}[{}x{}x{}:{}:{}]",
+                r.name, inst.c, inst.h, inst.w, inst.k, inst.b
+            );
+            let mut checks: Vec<(Var, Shape)> = Vec::new();
+            let mut add = |vars: &[&str], shape: Shape| {
+                checks.extend(vars.iter().map(|v| (parse_var(v), shape.clone())));
+            };
+            add(r.flat, vec![inst.n(), inst.b]);
+            add(r.image, vec![inst.c, inst.h, inst.w, inst.b]);
+            add(r.kernel, vec![inst.c, inst.c, inst.k, inst.k]);
+            add(r.scalar, vec![]);
+            let (lhs, rhs) = (
+                parse_pattern(&inst.fill(r.lhs), &name),
+                parse_pattern(&inst.fill(r.rhs), &name),
+            );
+            let condition = move |eg: &mut TEGraph, _: Id, subst: &egg::Subst| {
+                checks.iter().all(|(v, s)| eg[subst[*v]].data == *s)
+            };
+            out.push(
+                Rewrite::new(
+                    name.clone(),
+                    lhs,
+                    ConditionalApplier {
+                        condition,
+                        applier: rhs,
+                    },
+                )
+                .unwrap_or_else(|e| panic!("snfc internal error: rule {name}: {e}")),
+            );
+        }
+    }
+    out
+}
+
+/// The pair rules over the declared pairs of `g` (each pair in both directions); rules with
+/// convolution placeholders are instantiated for each convolution of `g`.
 fn compile_pair_rules(rules: &[PairRule], g: &Graph) -> Vec<TRewrite> {
     let params: HashMap<&str, &Op> = g
         .nodes()
@@ -375,19 +574,39 @@ fn compile_pair_rules(rules: &[PairRule], g: &Graph) -> Vec<TRewrite> {
         }
     }
     let partners = Arc::new(partners);
-    rules
-        .iter()
-        .map(|s| {
+    let mut convs: Vec<ConvInstance> = conv_instances(g);
+    // The pair rules only need each distinct Toeplitz op once.
+    convs.dedup_by_key(|c| (c.h, c.w));
+    let mut out = Vec::new();
+    for s in rules {
+        let forms: Vec<(String, String, String)> = if s.lhs.contains('{') {
+            convs
+                .iter()
+                .map(|c| {
+                    (
+                        format!("{}[{}x{}]", s.name, c.h, c.w),
+                        c.fill(s.lhs),
+                        c.fill(s.rhs),
+                    )
+                })
+                .collect()
+        } else {
+            vec![(s.name.to_string(), s.lhs.to_string(), s.rhs.to_string())]
+        };
+        for (name, lhs, rhs) in forms {
             let applier = PairApplier {
                 w: parse_var("?W"),
                 r: parse_var("?R"),
-                rhs: parse_pattern(s.rhs, s.name),
+                rhs: parse_pattern(&rhs, &name),
                 partners: partners.clone(),
             };
-            Rewrite::new(s.name, parse_pattern(s.lhs, s.name), applier)
-                .unwrap_or_else(|e| panic!("snfc internal error: rule {}: {e}", s.name))
-        })
-        .collect()
+            out.push(
+                Rewrite::new(name.clone(), parse_pattern(&lhs, &name), applier)
+                    .unwrap_or_else(|e| panic!("snfc internal error: rule {name}: {e}")),
+            );
+        }
+    }
+    out
 }
 
 fn stop_reason_text(reason: &Option<egg::StopReason>) -> String {
@@ -420,7 +639,9 @@ fn run_rules(
 pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), RewriteError> {
     let phase = "self_normalize";
     let start = Instant::now();
-    let rules = compile_pair_rules(SUBSTITUTION, g);
+    let mut rules = compile_pair_rules(SUBSTITUTION, g);
+    rules.extend(compile_pair_rules(CONV_SUBSTITUTION, g));
+    rules.extend(conv_rules(CONV_OPERATOR, g));
     let mut eg = TEGraph::default();
     let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
     let mut regions: HashMap<Id, Region> = HashMap::new();
@@ -659,7 +880,9 @@ fn solve(
 pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), RewriteError> {
     let phase = "optimize";
     let start = Instant::now();
-    let rules = compile_rules(ALGEBRA);
+    let mut rules = compile_rules(ALGEBRA);
+    rules.extend(conv_rules(CONV_OPERATOR, g));
+    rules.extend(conv_rules(CONV_ADJOINT, g));
     let order = g.nodes();
     let is_leaf = |n: NodeIndex| g.node(n).op.arity() == 0;
     // Roots: values used outside their region, and outputs.

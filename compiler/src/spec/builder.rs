@@ -76,6 +76,16 @@ impl FlowSpecBuilder {
         }))
     }
 
+    /// Appends a self-normalizing `kernel_size × kernel_size` convolution (`C → C`).
+    pub fn conv(self, kernel_size: usize, bias: bool) -> Self {
+        self.layer(LayerSpec::Conv(super::ConvSpec { kernel_size, bias }))
+    }
+
+    /// Appends a squeeze (space-to-depth, `[C, H, W] → [4C, H/2, W/2]`).
+    pub fn squeeze(self) -> Self {
+        self.layer(LayerSpec::Squeeze(super::SqueezeSpec {}))
+    }
+
     /// Appends a smooth leaky ReLU with negative slope `alpha`.
     pub fn smooth_leaky_relu(self, alpha: f64) -> Self {
         self.layer(LayerSpec::SmoothLeakyRelu(SmoothLeakyReluSpec { alpha }))

@@ -106,6 +106,54 @@ pub enum LayerSpec {
     Linear(LinearSpec),
     /// The elementwise smooth leaky ReLU activation.
     SmoothLeakyRelu(SmoothLeakyReluSpec),
+    /// A self-normalizing convolution `C → C` on an image input `[C, H, W]`.
+    Conv(ConvSpec),
+    /// Space-to-depth: `[C, H, W] → [4C, H/2, W/2]` (log-det 0).
+    Squeeze(SqueezeSpec),
+}
+
+/// A self-normalizing convolution: `z = w ⋆ h + b`, learned inverse `h = r ⋆ (z − b)`, both
+/// `C → C` with the same odd kernel size, stride 1 and zero padding (K − 1)/2 (PyTorch's
+/// `conv2d`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvSpec {
+    /// Kernel size K (odd).
+    pub kernel_size: usize,
+    /// Whether the layer has a per-channel bias (default true).
+    #[serde(default = "default_true")]
+    pub bias: bool,
+}
+
+/// Space-to-depth as the reference code's `space_to_depth`: view `[C, H/2, 2, W/2, 2]`,
+/// permute to `[C, 2, 2, H/2, W/2]`, reshape to `[4C, H/2, W/2]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqueezeSpec {}
+
+/// The per-example shape a layer sees: an image `[C, H, W]` or a flat vector `[D]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerShape {
+    Image { c: usize, h: usize, w: usize },
+    Flat(usize),
+}
+
+impl LayerShape {
+    pub fn numel(self) -> usize {
+        match self {
+            LayerShape::Image { c, h, w } => c * h * w,
+            LayerShape::Flat(d) => d,
+        }
+    }
+}
+
+impl std::fmt::Display for LayerShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerShape::Image { c, h, w } => write!(f, "[{c}, {h}, {w}]"),
+            LayerShape::Flat(d) => write!(f, "[{d}]"),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -294,6 +342,40 @@ pub fn load_spec(path: &Path) -> Result<FlowSpec, SpecErrors> {
 }
 
 impl FlowSpec {
+    /// The input shape of every layer, and the shape after the last one. An input of rank 3 is
+    /// an image `[C, H, W]`; a `linear` layer flattens it (C order). A layer that does not fit
+    /// its input (a conv on a flat input, a squeeze of an odd size) is reported by
+    /// [`FlowSpec::validate`]; here its output keeps its input's shape.
+    pub fn layer_shapes(&self) -> Vec<LayerShape> {
+        let mut shape = match self.input.shape.as_slice() {
+            [c, h, w] => LayerShape::Image {
+                c: *c,
+                h: *h,
+                w: *w,
+            },
+            _ => LayerShape::Flat(self.input.dim()),
+        };
+        let mut out = Vec::with_capacity(self.layers.len() + 1);
+        for layer in &self.layers {
+            out.push(shape);
+            shape = match (layer, shape) {
+                (LayerSpec::Linear(_), s) => LayerShape::Flat(s.numel()),
+                (LayerSpec::Squeeze(_), LayerShape::Image { c, h, w })
+                    if h % 2 == 0 && w % 2 == 0 =>
+                {
+                    LayerShape::Image {
+                        c: 4 * c,
+                        h: h / 2,
+                        w: w / 2,
+                    }
+                }
+                (_, s) => s,
+            };
+        }
+        out.push(shape);
+        out
+    }
+
     /// Semantic checks (ranges, non-empty lists, names); all problems are collected.
     pub fn validate(&self) -> Result<(), SpecErrors> {
         let errors = validate::semantic_errors(self);

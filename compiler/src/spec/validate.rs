@@ -2,7 +2,7 @@
 //! reported at the JSON pointer the offending value has in the spec's JSON form.
 
 use super::errors::SpecError;
-use super::{FlowSpec, LayerSpec};
+use super::{FlowSpec, LayerShape, LayerSpec};
 
 /// All semantic problems of `spec`, in document order.
 pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
@@ -53,9 +53,45 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
             "layers must not be empty (give at least one layer)".into(),
         );
     }
+    let shapes = spec.layer_shapes();
     for (i, layer) in spec.layers.iter().enumerate() {
         match layer {
             LayerSpec::Linear(_) => {}
+            LayerSpec::Conv(c) => {
+                if c.kernel_size % 2 == 0 {
+                    push(
+                        format!("/layers/{i}/kernel_size"),
+                        format!(
+                            "kernel_size must be odd (stride 1, \"same\" zero padding), got {}",
+                            c.kernel_size
+                        ),
+                    );
+                }
+                match shapes[i] {
+                    LayerShape::Image { .. } => {}
+                    s @ LayerShape::Flat(_) => push(
+                        format!("/layers/{i}"),
+                        format!(
+                            "conv needs an image input [C, H, W]; this layer's input is flat {s} \
+                             (the input shape has rank {} or a linear layer came before)",
+                            spec.input.shape.len()
+                        ),
+                    ),
+                }
+            }
+            LayerSpec::Squeeze(_) => match shapes[i] {
+                LayerShape::Image { h, w, .. } if h % 2 == 0 && w % 2 == 0 => {}
+                s @ LayerShape::Image { .. } => push(
+                    format!("/layers/{i}"),
+                    format!("squeeze halves H and W: this layer's input {s} has an odd side"),
+                ),
+                s @ LayerShape::Flat(_) => push(
+                    format!("/layers/{i}"),
+                    format!(
+                        "squeeze needs an image input [C, H, W]; this layer's input is flat {s}"
+                    ),
+                ),
+            },
             LayerSpec::SmoothLeakyRelu(s) => {
                 if !(s.alpha > 0.0 && s.alpha < 1.0) {
                     push(

@@ -8,8 +8,9 @@ use serde_json::{Map, Value};
 
 use super::errors::{escape_token, SpecError};
 use super::{
-    AdamSpec, FlowSpec, GradientMode, InputSpec, LayerSpec, LinearInit, LinearSpec, ObjectiveSpec,
-    OptimizerSpec, Preprocess, SmoothLeakyReluSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
+    AdamSpec, ConvSpec, FlowSpec, GradientMode, InputSpec, LayerSpec, LinearInit, LinearSpec,
+    ObjectiveSpec, OptimizerSpec, Preprocess, SmoothLeakyReluSpec, SqueezeSpec, TrainSpec,
+    DEFAULT_LOGIT_ALPHA,
 };
 
 type Obj = Map<String, Value>;
@@ -23,7 +24,8 @@ const TRAIN_FIELDS: &[&str] = &["batch_size", "epochs", "warmup_epochs", "seed",
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
 
-const LAYER_TYPES: &[&str] = &["linear", "smooth_leaky_relu"];
+const LAYER_TYPES: &[&str] = &["linear", "smooth_leaky_relu", "conv", "squeeze"];
+const CONV_FIELDS: &[&str] = &["kernel_size", "bias"];
 const PREPROCESS: &[(&str, Preprocess)] = &[
     ("dequantize_logit", Preprocess::DequantizeLogit),
     ("none", Preprocess::None),
@@ -331,6 +333,25 @@ impl Walker {
                 let d = SmoothLeakyReluSpec::default();
                 let alpha = self.optional(o, p, "alpha", d.alpha, Self::f64);
                 Some(LayerSpec::SmoothLeakyRelu(SmoothLeakyReluSpec { alpha }))
+            }
+            "conv" => {
+                self.unknown_fields(o, p, CONV_FIELDS, &["type"]);
+                let kernel_size = match o.get("kernel_size") {
+                    Some(v) => self.usize(v, &child(p, "kernel_size")).unwrap_or(1),
+                    None => {
+                        self.err(
+                            child(p, "kernel_size"),
+                            "missing field `kernel_size` (odd, e.g. 3)".into(),
+                        );
+                        1
+                    }
+                };
+                let bias = self.optional(o, p, "bias", true, Self::bool);
+                Some(LayerSpec::Conv(ConvSpec { kernel_size, bias }))
+            }
+            "squeeze" => {
+                self.unknown_fields(o, p, &[], &["type"]);
+                Some(LayerSpec::Squeeze(SqueezeSpec {}))
             }
             other => {
                 let message = format!(

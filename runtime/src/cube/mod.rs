@@ -517,6 +517,7 @@ pub fn unsupported_op(plan: &Plan) -> Option<&Op> {
                 | Op::ConvKernelGrad { .. }
                 | Op::Toeplitz { .. }
                 | Op::ToeplitzAdjoint { .. }
+                | Op::Multiplicity { .. }
         )
     })
 }

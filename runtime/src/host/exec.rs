@@ -748,6 +748,16 @@ impl<T: Real> Executor<T> {
                 let a = arg!(0).clone();
                 value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
             }
+            Op::Multiplicity { h, w } => {
+                let a = arg!(0).clone();
+                let kk = a.shape[2];
+                value(shape_ops::mul_multiplicity(
+                    &self.contiguous(&a),
+                    kk,
+                    *h,
+                    *w,
+                ))
+            }
             Op::ToeplitzAdjoint { h, w, k } => {
                 let a = arg!(0).clone();
                 value(shape_ops::toeplitz_adjoint(

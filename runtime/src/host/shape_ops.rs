@@ -179,6 +179,25 @@ pub fn toeplitz<T: Real>(k: &[T], k_shape: &[usize], h: usize, w: usize) -> Vec<
     t
 }
 
+/// How often each element `(u, v)` of a K × K kernel appears in the Toeplitz matrix of its conv
+/// on `H × W` maps (per input/output channel pair): `(H − |u − p|)(W − |v − p|)` (paper A.2).
+pub fn multiplicity(h: usize, w: usize, kk: usize) -> Vec<usize> {
+    let p = kk / 2;
+    let count = |n: usize, u: usize| n.saturating_sub(u.abs_diff(p));
+    (0..kk * kk)
+        .map(|i| count(h, i / kk) * count(w, i % kk))
+        .collect()
+}
+
+/// `k ⊙ m` for a kernel `[O, I, K, K]` on `H × W` maps (see [`multiplicity`]).
+pub fn mul_multiplicity<T: Real>(k: &[T], kk: usize, h: usize, w: usize) -> Vec<T> {
+    let m = multiplicity(h, w, kk);
+    k.iter()
+        .enumerate()
+        .map(|(i, &v)| v * T::of_f64(m[i % (kk * kk)] as f64))
+        .collect()
+}
+
 /// The adjoint of [`toeplitz`]: each kernel element sums the entries of `g` it occupies.
 pub fn toeplitz_adjoint<T: Real>(g: &[T], n: usize, h: usize, w: usize, kk: usize) -> Vec<T> {
     let c = n / (h * w);
@@ -297,6 +316,14 @@ mod tests {
         let g = ramp(n * n, 7.7);
         let adj = toeplitz_adjoint(&g, n, h, w, kk);
         assert!((dot(&t, &g) - dot(&k, &adj)).abs() < 1e-10);
+        // adjoint(T(k)) = k ⊙ m
+        let m = mul_multiplicity(&k, kk, h, w);
+        for (a, e) in toeplitz_adjoint(&t, n, h, w, kk).iter().zip(&m) {
+            assert!((a - e).abs() < 1e-12);
+        }
+        // 3×3 on 28×28: the centre appears 784 times, a corner 27·27 = 729
+        let m28 = multiplicity(28, 28, 3);
+        assert_eq!((m28[4], m28[0]), (784, 729));
     }
 
     #[test]
