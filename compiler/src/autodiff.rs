@@ -180,6 +180,19 @@ fn vjp(
             b.add(Op::ToeplitzAdjoint { h: *h, w: *w, k }, &[g])
         }
         Op::ToeplitzAdjoint { h, w, .. } => b.add(Op::Toeplitz { h: *h, w: *w }, &[g]),
+        Op::Spline { bins, bound, part } => b.add(
+            Op::SplineGrad {
+                bins: *bins,
+                bound: *bound,
+                part: *part,
+                wrt: pos,
+            },
+            &[ins[0], ins[1], ins[2], ins[3], g],
+        ),
+        Op::SplineGrad { .. } => panic!(
+            "snfc internal error: second derivatives of the spline are not implemented \
+             (no training objective needs them)"
+        ),
         // A diagonal linear map: its own adjoint.
         Op::Multiplicity { h, w } => b.add(Op::Multiplicity { h: *h, w: *w }, &[g]),
     })

@@ -91,6 +91,14 @@ impl<T: Real> Model<T> {
                 }
                 (ParamKind::WeightInv, _) => crate::host::shape_ops::flip_kernel(&last_w, &p.shape),
                 (ParamKind::Bias, _) => vec![0.0; p.shape.iter().product()],
+                // Equal bins and unit derivatives: the spline starts as the identity.
+                (ParamKind::SplineWidths | ParamKind::SplineHeights, _) => {
+                    vec![0.0; p.shape.iter().product()]
+                }
+                (ParamKind::SplineDerivatives, _) => {
+                    let unit = (1.0 - crate::host::spline::MIN_DERIVATIVE).exp_m1().ln();
+                    vec![unit; p.shape.iter().product()]
+                }
             };
             values.insert(
                 p.name.clone(),

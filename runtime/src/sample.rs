@@ -3,6 +3,7 @@
 
 use crate::host::linalg::{matmul, solve, LinalgError, MatRef, Real};
 use crate::host::shape_ops::{conv2d, permute, toeplitz};
+use crate::host::spline::{Spline, SplineParams};
 use crate::model::Model;
 use rand::RngExt;
 use rand::SeedableRng;
@@ -103,6 +104,24 @@ pub fn invert<T: Real>(
                     let r = f64s(&param_name(i, ParamKind::WeightInv));
                     conv2d(&h, &[ch, hh, ww, n], &r, &kshape)
                 };
+            }
+            LayerSpec::Spline(sp) => {
+                let d = shapes[i].numel();
+                let get = |kind| f64s(&param_name(i, kind));
+                let (w, hh, dd) = (
+                    get(ParamKind::SplineWidths),
+                    get(ParamKind::SplineHeights),
+                    get(ParamKind::SplineDerivatives),
+                );
+                let params = SplineParams {
+                    widths: &w,
+                    heights: &hh,
+                    derivatives: &dd,
+                };
+                let mut x = vec![0.0; d * n];
+                let mut ld = vec![0.0; d * n];
+                Spline::new(sp.bins, sp.tail_bound).inverse_batch(&h, n, params, &mut x, &mut ld);
+                h = x;
             }
             LayerSpec::Squeeze(_) => {
                 let LayerShape::Image {

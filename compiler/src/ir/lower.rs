@@ -13,8 +13,8 @@
 //! code); `objective` is all of `J`. Both are outputs of the exact training graph; the training
 //! step drops `objective`, which is what removes every `logdet` from the step.
 
-use super::Op;
 use super::{Graph, GraphBuilder, Region, Shape, Unary};
+use super::{Op, SplinePart};
 use crate::autodiff;
 use crate::spec::{FlowSpec, GradientMode, LayerShape, LayerSpec, Preprocess};
 use petgraph::stable_graph::NodeIndex;
@@ -27,6 +27,12 @@ pub enum ParamKind {
     /// R of the learned inverse `h = R (z − b)`.
     WeightInv,
     Bias,
+    /// A spline's unnormalized bin widths `[D, K]`.
+    SplineWidths,
+    /// A spline's unnormalized bin heights `[D, K]`.
+    SplineHeights,
+    /// A spline's unnormalized inner-knot derivatives `[D, K−1]`.
+    SplineDerivatives,
 }
 
 /// A trained tensor, named as in checkpoints.
@@ -45,6 +51,9 @@ pub fn param_name(layer: usize, kind: ParamKind) -> String {
         ParamKind::Weight => "weight",
         ParamKind::WeightInv => "weight_inv",
         ParamKind::Bias => "bias",
+        ParamKind::SplineWidths => "widths",
+        ParamKind::SplineHeights => "heights",
+        ParamKind::SplineDerivatives => "derivatives",
     };
     format!("layers.{layer}.{suffix}")
 }
@@ -56,6 +65,22 @@ pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
     let shapes = spec.layer_shapes();
     let mut out = Vec::new();
     for (i, layer) in spec.layers.iter().enumerate() {
+        if let LayerSpec::Spline(sp) = layer {
+            let d = shapes[i].numel();
+            for (kind, k) in [
+                (ParamKind::SplineWidths, sp.bins),
+                (ParamKind::SplineHeights, sp.bins),
+                (ParamKind::SplineDerivatives, sp.bins - 1),
+            ] {
+                out.push(ParamInfo {
+                    name: param_name(i, kind),
+                    shape: vec![d, k],
+                    layer: i,
+                    kind,
+                });
+            }
+            continue;
+        }
         let (weight, bias, has_bias) = match (layer, shapes[i]) {
             (LayerSpec::Linear(l), s) => (vec![s.numel(), s.numel()], s.numel(), l.bias),
             (LayerSpec::Conv(c), LayerShape::Image { c: ch, .. }) => {
@@ -278,6 +303,25 @@ impl<'a> Lowering<'a> {
                         &[split],
                     );
                     h = b.add(Op::Reshape { to: shape.clone() }, &[moved]);
+                }
+                LayerSpec::Spline(sp) => {
+                    let params: Vec<NodeIndex> = [
+                        (ParamKind::SplineWidths, sp.bins),
+                        (ParamKind::SplineHeights, sp.bins),
+                        (ParamKind::SplineDerivatives, sp.bins - 1),
+                    ]
+                    .into_iter()
+                    .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
+                    .collect();
+                    let operands = [h, params[0], params[1], params[2]];
+                    let spline = |part| Op::Spline {
+                        bins: sp.bins,
+                        bound: sp.tail_bound.to_bits(),
+                        part,
+                    };
+                    let ld = b.add(spline(SplinePart::LogDet), &operands);
+                    data_terms.push(b.sum(ld, Some(0)));
+                    h = b.add(spline(SplinePart::Value), &operands);
                 }
                 LayerSpec::SmoothLeakyRelu(a) => {
                     let alpha = a.alpha;

@@ -43,6 +43,32 @@ impl Unary {
     }
 }
 
+/// Which output of a rational-quadratic spline an op computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SplinePart {
+    /// `y = s(x)`.
+    Value,
+    /// `ln |s'(x)|`, elementwise.
+    LogDet,
+}
+
+impl SplinePart {
+    pub fn name(self) -> &'static str {
+        match self {
+            SplinePart::Value => "value",
+            SplinePart::LogDet => "logdet",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SplinePart, String> {
+        match s {
+            "value" => Ok(SplinePart::Value),
+            "logdet" => Ok(SplinePart::LogDet),
+            _ => Err(format!("spline part {s:?}: value or logdet")),
+        }
+    }
+}
+
 /// A tensor operation. Leaves (`Input`, `Param`, `Const`) carry their shape or value; every other
 /// op's shape follows from its operands (see [`Op::infer_shape`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -127,6 +153,23 @@ pub enum Op {
         h: usize,
         w: usize,
     },
+    /// The rational-quadratic spline activation (Durkan et al. 2019) with linear tails,
+    /// elementwise with per-element parameters: `(x [D, B], widths [D, K], heights [D, K],
+    /// derivatives [D, K−1]) → [D, B]`, its value or its log-derivative. The identity outside
+    /// `[−bound, bound]` (`bound` stored as f64 bits).
+    Spline {
+        bins: usize,
+        bound: u64,
+        part: SplinePart,
+    },
+    /// The vector-Jacobian product of [`Op::Spline`] (`part`) with respect to operand `wrt`:
+    /// `(x, widths, heights, derivatives, g [D, B]) →` the shape of operand `wrt`.
+    SplineGrad {
+        bins: usize,
+        bound: u64,
+        part: SplinePart,
+        wrt: usize,
+    },
     /// The adjoint of [`Op::Toeplitz`]: each kernel element sums the matrix entries it occupies
     /// (`[C·H·W, C·H·W] → [C, C, K, K]`).
     ToeplitzAdjoint {
@@ -162,6 +205,8 @@ impl Op {
         match self {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0,
             Op::MatMul | Op::Add | Op::Sub | Op::Mul | Op::Conv2d | Op::ConvKernelGrad { .. } => 2,
+            Op::Spline { .. } => 4,
+            Op::SplineGrad { .. } => 5,
             _ => 1,
         }
     }
@@ -283,6 +328,31 @@ impl Op {
                 }
                 s => Err(format!("toeplitz of {s:?}: expected a C → C kernel [C, C, K, K]")),
             },
+            Op::Spline { bins, .. } | Op::SplineGrad { bins, .. } => {
+                let k = *bins;
+                let (x, w, h, d) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+                let ok = k >= 1
+                    && x.len() == 2
+                    && *w == vec![x[0], k]
+                    && *h == vec![x[0], k]
+                    && *d == vec![x[0], k - 1];
+                if !ok {
+                    return Err(format!(
+                        "{self} of x {x:?}, widths {w:?}, heights {h:?}, derivatives {d:?}: \
+                         expected [D, B], [D, {k}], [D, {k}], [D, {}]",
+                        k.saturating_sub(1)
+                    ));
+                }
+                match self {
+                    Op::SplineGrad { wrt, .. } => {
+                        if ins[4] != *x || *wrt > 3 {
+                            return Err(format!("{self}: cotangent {:?} for x {x:?}", ins[4]));
+                        }
+                        Ok(ins[*wrt].clone())
+                    }
+                    _ => Ok(x.clone()),
+                }
+            }
             Op::Multiplicity { .. } => match ins[0].as_slice() {
                 [_, _, k, k2] if k == k2 => Ok(ins[0].clone()),
                 s => Err(format!("multiplicity of {s:?}: expected a kernel [O, I, K, K]")),
@@ -402,6 +472,25 @@ impl fmt::Display for Op {
             Op::Toeplitz { h, w } => write!(f, "toeplitz:{h}x{w}"),
             Op::ToeplitzAdjoint { h, w, k } => write!(f, "toeplitz_adjoint:{h}x{w}:{k}"),
             Op::Multiplicity { h, w } => write!(f, "multiplicity:{h}x{w}"),
+            Op::Spline { bins, bound, part } => {
+                write!(
+                    f,
+                    "spline:{bins}:{:?}:{}",
+                    f64::from_bits(*bound),
+                    part.name()
+                )
+            }
+            Op::SplineGrad {
+                bins,
+                bound,
+                part,
+                wrt,
+            } => write!(
+                f,
+                "spline_grad:{bins}:{:?}:{}:{wrt}",
+                f64::from_bits(*bound),
+                part.name()
+            ),
         }
     }
 }
@@ -482,6 +571,32 @@ impl FromStr for Op {
                     _ => return Err(format!("{s}: expected toeplitz:HxW")),
                 }
             }
+            ("spline", Some(r)) | ("spline_grad", Some(r)) => {
+                let parts: Vec<&str> = r.split(':').collect();
+                let bad = || {
+                    format!(
+                        "{s}: expected spline:BINS:BOUND:PART or spline_grad:BINS:BOUND:PART:WRT"
+                    )
+                };
+                let (bins, bound, part) = match parts.as_slice() {
+                    [b, t, p] | [b, t, p, _] => (
+                        b.parse::<usize>().map_err(|_| bad())?,
+                        t.parse::<f64>().map_err(|_| bad())?.to_bits(),
+                        SplinePart::parse(p)?,
+                    ),
+                    _ => return Err(bad()),
+                };
+                match (head, parts.as_slice()) {
+                    ("spline", [_, _, _]) => Op::Spline { bins, bound, part },
+                    ("spline_grad", [_, _, _, w]) => Op::SplineGrad {
+                        bins,
+                        bound,
+                        part,
+                        wrt: w.parse().map_err(|_| bad())?,
+                    },
+                    _ => return Err(bad()),
+                }
+            }
             ("multiplicity", Some(hw)) => match parse_dims(hw)?.as_slice() {
                 [h, w] => Op::Multiplicity { h: *h, w: *w },
                 _ => return Err(format!("{s}: expected multiplicity:HxW")),
@@ -556,6 +671,17 @@ mod tests {
             Op::Toeplitz { h: 28, w: 27 },
             Op::ToeplitzAdjoint { h: 7, w: 7, k: 5 },
             Op::Multiplicity { h: 28, w: 28 },
+            Op::Spline {
+                bins: 5,
+                bound: 10f64.to_bits(),
+                part: SplinePart::LogDet,
+            },
+            Op::SplineGrad {
+                bins: 5,
+                bound: 3.5f64.to_bits(),
+                part: SplinePart::Value,
+                wrt: 3,
+            },
         ];
         for op in ops {
             assert_eq!(op.to_string().parse::<Op>(), Ok(op.clone()), "{op}");

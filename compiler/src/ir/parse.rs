@@ -22,7 +22,7 @@
 //! `loss`) may follow non-leaf nodes. Every malformed input is a [`ParseError`] naming the line,
 //! never a panic.
 
-use super::{Graph, GraphBuilder, NodeIndex, Op, Region, Shape, Unary};
+use super::{Graph, GraphBuilder, NodeIndex, Op, Region, Shape, SplinePart, Unary};
 use std::collections::HashMap;
 
 /// Why a text is not a graph: the 1-based line and what is wrong there.
@@ -331,7 +331,7 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
             rest,
         ),
         "permute" | "reduce_sum" | "expand" | "conv_kernel_grad" | "toeplitz"
-        | "toeplitz_adjoint" | "multiplicity" => {
+        | "toeplitz_adjoint" | "multiplicity" | "spline" | "spline_grad" => {
             let (attrs, rest) = attributes(rest);
             let get = |key: &str| -> Res<&str> {
                 attrs
@@ -377,6 +377,29 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
                     h: num("h")?,
                     w: num("w")?,
                 },
+                "spline" | "spline_grad" => {
+                    let bound = get("bound")?;
+                    let bound = bound
+                        .parse::<f64>()
+                        .map_err(|e| format!("bad bound={bound:?} of {word}: {e}"))?
+                        .to_bits();
+                    let part = match get("part")? {
+                        "value" => SplinePart::Value,
+                        "logdet" => SplinePart::LogDet,
+                        p => return Err(format!("bad part={p:?} of {word}: value or logdet")),
+                    };
+                    let bins = num("bins")?;
+                    if word == "spline" {
+                        Op::Spline { bins, bound, part }
+                    } else {
+                        Op::SplineGrad {
+                            bins,
+                            bound,
+                            part,
+                            wrt: num("wrt")?,
+                        }
+                    }
+                }
                 _ => Op::ToeplitzAdjoint {
                     h: num("h")?,
                     w: num("w")?,

@@ -42,6 +42,21 @@ pub(crate) fn op_text(op: &Op) -> String {
         Op::ConvKernelGrad { k } => format!("conv_kernel_grad k={k}"),
         Op::Toeplitz { h, w } => format!("toeplitz h={h} w={w}"),
         Op::Multiplicity { h, w } => format!("multiplicity h={h} w={w}"),
+        Op::Spline { bins, bound, part } => format!(
+            "spline bins={bins} bound={:?} part={}",
+            f64::from_bits(*bound),
+            part.name()
+        ),
+        Op::SplineGrad {
+            bins,
+            bound,
+            part,
+            wrt,
+        } => format!(
+            "spline_grad bins={bins} bound={:?} part={} wrt={wrt}",
+            f64::from_bits(*bound),
+            part.name()
+        ),
         Op::ToeplitzAdjoint { h, w, k } => format!("toeplitz_adjoint h={h} w={w} k={k}"),
         other => other.to_string(),
     }

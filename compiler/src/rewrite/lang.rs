@@ -93,6 +93,10 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
         Op::Conv2d => 2.0 * numel(out) * (ins[1][1] * ins[1][2] * ins[1][3]) as f64,
         Op::ConvKernelGrad { .. } => 2.0 * numel(out) * (ins[0][1] * ins[0][2] * ins[0][3]) as f64,
         Op::ToeplitzAdjoint { h, w, .. } => numel(out) * (*h * *w) as f64,
+        // A bin search and a rational function per element (about 40 operations); the
+        // vector-Jacobian product about twice that.
+        Op::Spline { .. } => 40.0 * numel(out),
+        Op::SplineGrad { .. } => 80.0 * numel(ins[0]),
         Op::Sum { .. } => numel(ins[0]),
         _ => numel(out),
     }

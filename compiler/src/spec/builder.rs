@@ -81,6 +81,12 @@ impl FlowSpecBuilder {
         self.layer(LayerSpec::Conv(super::ConvSpec { kernel_size, bias }))
     }
 
+    /// Appends a rational-quadratic spline activation with `bins` bins on
+    /// `[−tail_bound, tail_bound]`.
+    pub fn spline(self, bins: usize, tail_bound: f64) -> Self {
+        self.layer(LayerSpec::Spline(super::SplineSpec { bins, tail_bound }))
+    }
+
     /// Appends a squeeze (space-to-depth, `[C, H, W] → [4C, H/2, W/2]`).
     pub fn squeeze(self) -> Self {
         self.layer(LayerSpec::Squeeze(super::SqueezeSpec {}))

@@ -110,6 +110,39 @@ pub enum LayerSpec {
     Conv(ConvSpec),
     /// Space-to-depth: `[C, H, W] → [4C, H/2, W/2]` (log-det 0).
     Squeeze(SqueezeSpec),
+    /// The rational-quadratic spline activation with per-element parameters.
+    Spline(SplineSpec),
+}
+
+/// A rational-quadratic spline activation (Durkan et al. 2019): `bins` bins on
+/// `[−tail_bound, tail_bound]`, identity (linear tails) outside, parameters per element of the
+/// layer's input (`widths`, `heights` `[D, K]`, `derivatives` `[D, K−1]`, unnormalized).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplineSpec {
+    /// Number of bins K (default 5).
+    #[serde(default = "default_bins")]
+    pub bins: usize,
+    /// Tail bound B (default 10).
+    #[serde(default = "default_tail_bound")]
+    pub tail_bound: f64,
+}
+
+fn default_bins() -> usize {
+    5
+}
+
+fn default_tail_bound() -> f64 {
+    10.0
+}
+
+impl Default for SplineSpec {
+    fn default() -> Self {
+        SplineSpec {
+            bins: default_bins(),
+            tail_bound: default_tail_bound(),
+        }
+    }
 }
 
 /// A self-normalizing convolution: `z = w ⋆ h + b`, learned inverse `h = r ⋆ (z − b)`, both

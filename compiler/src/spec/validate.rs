@@ -79,6 +79,21 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
                     ),
                 }
             }
+            LayerSpec::Spline(sp) => {
+                // Bin sizes have a floor of 1e-3 of the interval: K·1e-3 must stay below 1.
+                if !(1..1000).contains(&sp.bins) {
+                    push(
+                        format!("/layers/{i}/bins"),
+                        format!("bins must be in 1..1000, got {}", sp.bins),
+                    );
+                }
+                if !(sp.tail_bound.is_finite() && sp.tail_bound > 0.0) {
+                    push(
+                        format!("/layers/{i}/tail_bound"),
+                        format!("tail_bound must be finite and > 0, got {}", sp.tail_bound),
+                    );
+                }
+            }
             LayerSpec::Squeeze(_) => match shapes[i] {
                 LayerShape::Image { h, w, .. } if h % 2 == 0 && w % 2 == 0 => {}
                 s @ LayerShape::Image { .. } => push(

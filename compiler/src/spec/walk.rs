@@ -9,8 +9,8 @@ use serde_json::{Map, Value};
 use super::errors::{escape_token, SpecError};
 use super::{
     AdamSpec, ConvSpec, FlowSpec, GradientMode, InputSpec, LayerSpec, LinearInit, LinearSpec,
-    ObjectiveSpec, OptimizerSpec, Preprocess, SmoothLeakyReluSpec, SqueezeSpec, TrainSpec,
-    DEFAULT_LOGIT_ALPHA,
+    ObjectiveSpec, OptimizerSpec, Preprocess, SmoothLeakyReluSpec, SplineSpec, SqueezeSpec,
+    TrainSpec, DEFAULT_LOGIT_ALPHA,
 };
 
 type Obj = Map<String, Value>;
@@ -24,7 +24,8 @@ const TRAIN_FIELDS: &[&str] = &["batch_size", "epochs", "warmup_epochs", "seed",
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
 
-const LAYER_TYPES: &[&str] = &["linear", "smooth_leaky_relu", "conv", "squeeze"];
+const LAYER_TYPES: &[&str] = &["linear", "smooth_leaky_relu", "conv", "squeeze", "spline"];
+const SPLINE_FIELDS: &[&str] = &["bins", "tail_bound"];
 const CONV_FIELDS: &[&str] = &["kernel_size", "bias"];
 const PREPROCESS: &[(&str, Preprocess)] = &[
     ("dequantize_logit", Preprocess::DequantizeLogit),
@@ -348,6 +349,13 @@ impl Walker {
                 };
                 let bias = self.optional(o, p, "bias", true, Self::bool);
                 Some(LayerSpec::Conv(ConvSpec { kernel_size, bias }))
+            }
+            "spline" => {
+                self.unknown_fields(o, p, SPLINE_FIELDS, &["type"]);
+                let d = SplineSpec::default();
+                let bins = self.optional(o, p, "bins", d.bins, Self::usize);
+                let tail_bound = self.optional(o, p, "tail_bound", d.tail_bound, Self::f64);
+                Some(LayerSpec::Spline(SplineSpec { bins, tail_bound }))
             }
             "squeeze" => {
                 self.unknown_fields(o, p, &[], &["type"]);

@@ -518,6 +518,8 @@ pub fn unsupported_op(plan: &Plan) -> Option<&Op> {
                 | Op::Toeplitz { .. }
                 | Op::ToeplitzAdjoint { .. }
                 | Op::Multiplicity { .. }
+                | Op::Spline { .. }
+                | Op::SplineGrad { .. }
         )
     })
 }

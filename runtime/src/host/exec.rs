@@ -8,11 +8,21 @@
 use super::fused::{self, Ext};
 use super::linalg::{self, MatRef, Real};
 use super::shape_ops;
+use super::spline::{Spline, SplineGrads, SplineParams};
 use rayon::prelude::*;
-use snfc_compiler::ir::{Graph, Op, Shape, Unary};
+use snfc_compiler::ir::{Graph, Op, Shape, SplinePart, Unary};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// The spline parameters among an op's operands `(x, widths, heights, derivatives, …)`.
+fn spline_params<T>(args: &[Arc<Vec<T>>]) -> SplineParams<'_, T> {
+    SplineParams {
+        widths: &args[1],
+        heights: &args[2],
+        derivatives: &args[3],
+    }
+}
 
 /// A named tensor handed to or returned from the executor (row-major).
 #[derive(Debug, Clone, PartialEq)]
@@ -747,6 +757,59 @@ impl<T: Real> Executor<T> {
             Op::Toeplitz { h, w } => {
                 let a = arg!(0).clone();
                 value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
+            }
+            Op::Spline { bins, bound, part } => {
+                let args: Vec<Arc<Vec<T>>> = (0..4)
+                    .map(|k| {
+                        let a = arg!(k).clone();
+                        self.contiguous(&a)
+                    })
+                    .collect();
+                let n = ins.shape[1];
+                let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
+                let (mut y, mut ld) = (vec![T::zero(); numel], vec![T::zero(); numel]);
+                sp.forward_batch(&args[0], n, spline_params(&args), &mut y, &mut ld);
+                value(match part {
+                    SplinePart::Value => y,
+                    SplinePart::LogDet => ld,
+                })
+            }
+            Op::SplineGrad {
+                bins,
+                bound,
+                part,
+                wrt,
+            } => {
+                let args: Vec<Arc<Vec<T>>> = (0..5)
+                    .map(|k| {
+                        let a = arg!(k).clone();
+                        self.contiguous(&a)
+                    })
+                    .collect();
+                let x_shape = &arg!(0).shape;
+                let (d, n) = (x_shape[0], x_shape[1]);
+                let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
+                let zeros = vec![T::zero(); d * n];
+                let (g_y, g_l): (&[T], &[T]) = match part {
+                    SplinePart::Value => (&args[4], &zeros),
+                    SplinePart::LogDet => (&zeros, &args[4]),
+                };
+                let mut g_x = vec![T::zero(); d * n];
+                let mut gw = vec![T::zero(); d * bins];
+                let mut gh = vec![T::zero(); d * bins];
+                let mut gd = vec![T::zero(); d * (bins - 1)];
+                let grads = SplineGrads {
+                    widths: &mut gw,
+                    heights: &mut gh,
+                    derivatives: &mut gd,
+                };
+                sp.vjp_batch(&args[0], n, spline_params(&args), g_y, g_l, &mut g_x, grads);
+                value(match wrt {
+                    0 => g_x,
+                    1 => gw,
+                    2 => gh,
+                    _ => gd,
+                })
             }
             Op::Multiplicity { h, w } => {
                 let a = arg!(0).clone();

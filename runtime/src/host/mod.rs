@@ -4,3 +4,4 @@ pub mod exec;
 pub mod fused;
 pub mod linalg;
 pub mod shape_ops;
+pub mod spline;
