@@ -181,6 +181,12 @@ pub struct Executor<T> {
     pool: HashMap<usize, Vec<Vec<T>>>,
     /// Seconds and count per op kind, when profiling.
     profile: Option<HashMap<String, (f64, usize)>>,
+    /// One spline VJP gives the gradients of all four operands; the graph asks for them in four
+    /// `spline_grad` ops with the same operands. The first computes all four and leaves the
+    /// others here (keyed by operand slots and part) for its siblings, within one run.
+    spline_grads: HashMap<(Vec<usize>, SplinePart), [Option<Vec<T>>; 4]>,
+    /// Likewise the spline's value and log-derivative, computed together.
+    spline_values: HashMap<Vec<usize>, [Option<Vec<T>>; 2]>,
 }
 
 /// Elementwise work below this many elements runs on one thread.
@@ -295,6 +301,8 @@ impl<T: Real> Executor<T> {
         Executor {
             pool: HashMap::new(),
             profile: None,
+            spline_grads: HashMap::new(),
+            spline_values: HashMap::new(),
         }
     }
 
@@ -358,6 +366,8 @@ impl<T: Real> Executor<T> {
         feeds: &Feeds<T>,
     ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
         let p = &p.plan;
+        self.spline_grads.clear();
+        self.spline_values.clear();
         let mut vals: Vec<Option<Value<T>>> = vec![None; p.instrs.len()];
         let mut donors: Vec<(usize, Value<T>)> = Vec::new();
         for &i in &p.order {
@@ -759,6 +769,17 @@ impl<T: Real> Executor<T> {
                 value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
             }
             Op::Spline { bins, bound, part } => {
+                let slot = match part {
+                    SplinePart::Value => 0,
+                    SplinePart::LogDet => 1,
+                };
+                if let Some(done) = self
+                    .spline_values
+                    .get_mut(&ins.args)
+                    .and_then(|both| both[slot].take())
+                {
+                    return Ok(value(done));
+                }
                 let args: Vec<Arc<Vec<T>>> = (0..4)
                     .map(|k| {
                         let a = arg!(k).clone();
@@ -769,10 +790,10 @@ impl<T: Real> Executor<T> {
                 let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
                 let (mut y, mut ld) = (vec![T::zero(); numel], vec![T::zero(); numel]);
                 sp.forward_batch(&args[0], n, spline_params(&args), &mut y, &mut ld);
-                value(match part {
-                    SplinePart::Value => y,
-                    SplinePart::LogDet => ld,
-                })
+                let mut both = [Some(y), Some(ld)];
+                let mine = both[slot].take().unwrap_or_default();
+                self.spline_values.insert(ins.args.clone(), both);
+                value(mine)
             }
             Op::SplineGrad {
                 bins,
@@ -780,6 +801,14 @@ impl<T: Real> Executor<T> {
                 part,
                 wrt,
             } => {
+                let key = (ins.args.clone(), *part);
+                if let Some(done) = self
+                    .spline_grads
+                    .get_mut(&key)
+                    .and_then(|all| all[*wrt].take())
+                {
+                    return Ok(value(done));
+                }
                 let args: Vec<Arc<Vec<T>>> = (0..5)
                     .map(|k| {
                         let a = arg!(k).clone();
@@ -804,12 +833,10 @@ impl<T: Real> Executor<T> {
                     derivatives: &mut gd,
                 };
                 sp.vjp_batch(&args[0], n, spline_params(&args), g_y, g_l, &mut g_x, grads);
-                value(match wrt {
-                    0 => g_x,
-                    1 => gw,
-                    2 => gh,
-                    _ => gd,
-                })
+                let mut all = [Some(g_x), Some(gw), Some(gh), Some(gd)];
+                let mine = all[*wrt].take().unwrap_or_default();
+                self.spline_grads.insert(key, all);
+                value(mine)
             }
             Op::Multiplicity { h, w } => {
                 let a = arg!(0).clone();
