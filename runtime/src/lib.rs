@@ -1,15 +1,13 @@
-//! snfc runtime: backends (host executor), data loading, training, evaluation and sampling.
+//! snfc runtime, in three parts: [`executors`] run a compiled plan (the host executor and the
+//! CubeCL GPU programs behind one `Backend` trait), [`commands`] are what `snfc train / eval /
+//! sample / grad / bench` do with them, and [`io`] reads and writes data, arrays, images and
+//! checkpoints. Each module is also reachable at the crate root (`snfc_runtime::host`,
+//! `snfc_runtime::train`, …).
 
-pub mod backend;
-pub mod batch;
-pub mod bench;
-pub mod cube;
-pub mod data;
-pub mod eval;
-pub mod grad;
-pub mod host;
-pub mod image;
-pub mod model;
-pub mod npy;
-pub mod sample;
-pub mod train;
+pub mod commands;
+pub mod executors;
+pub mod io;
+
+pub use commands::{bench, eval, grad, sample, train};
+pub use executors::{backend, cube, host};
+pub use io::{batch, data, image, model, npy};

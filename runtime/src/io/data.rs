@@ -258,7 +258,7 @@ pub struct Dataset {
 }
 
 const EMBEDDED_MNIST_GZ: &[u8] =
-    include_bytes!("../../examples/data/mnist10k-images-idx3-ubyte.gz");
+    include_bytes!("../../../examples/data/mnist10k-images-idx3-ubyte.gz");
 const EMBEDDED_ORIGIN: &str = "embedded MNIST (examples/data/mnist10k-images-idx3-ubyte.gz)";
 
 /// The 10,000 MNIST digits shipped in the repository: train = first 8,000,

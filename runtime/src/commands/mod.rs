@@ -1,0 +1,9 @@
+//! What the `snfc` commands run: training, exact evaluation, sampling, gradients, timing. Each
+//! drives a compiled plan through the [`crate::executors`] and reads and writes through
+//! [`crate::io`].
+
+pub mod bench;
+pub mod eval;
+pub mod grad;
+pub mod sample;
+pub mod train;
