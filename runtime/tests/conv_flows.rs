@@ -12,19 +12,18 @@
 //! 5. squeeze follows the pinned space-to-depth layout.
 
 use snfc_compiler::compile::{compile_train, OptLevel};
-use snfc_compiler::ir::{Graph, Op};
+use snfc_compiler::ir::Op;
 use snfc_compiler::rewrite::op_counts;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
 use snfc_runtime::eval::logdet_sum;
-use snfc_runtime::host::exec::{Executor, Feeds, Program};
+use snfc_runtime::host::exec::Feeds;
 use snfc_runtime::host::shape_ops::{toeplitz, toeplitz_adjoint};
 use snfc_runtime::model::Model;
 use snfc_runtime::sample::invert;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 mod common;
-use common::Rng;
+use common::{check_gradients_fd, run_f64 as run, Rng};
 
 const C: usize = 2;
 const H: usize = 4;
@@ -52,15 +51,6 @@ fn dense_spec() -> FlowSpec {
             "layers": [{{"type": "linear"}}, {{"type": "smooth_leaky_relu"}}, {{"type": "linear"}}],
             "objective": {{"gradient": "self_normalizing", "lambda": 0.7}}}}"#
     ))
-}
-
-fn run(graph: &Graph, feeds: &Feeds<f64>) -> BTreeMap<String, Vec<f64>> {
-    let mut ex = Executor::<f64>::new();
-    ex.run(&Program::new(graph), feeds)
-        .unwrap_or_else(|e| panic!("running {}: {e}", graph.name))
-        .into_iter()
-        .map(|(k, t)| (k, t.data))
-        .collect()
 }
 
 /// Conv parameters near their initialization (invertible), plus a batch `x`.
@@ -118,28 +108,10 @@ fn exact_conv_gradients_match_finite_differences() {
     let feeds = conv_feeds(&spec, &mut rng);
     let c = compile_train(&spec, BATCH, OptLevel::None).expect("the spec compiles");
     let outs = run(&c.exact, &feeds);
-    let objective = |f: &Feeds<f64>| run(&c.exact, f)["objective"][0];
-    let mut checked = 0;
-    for (name, grad) in outs.iter().filter(|(k, _)| k.starts_with("grad.")) {
-        let p = name.trim_start_matches("grad.");
-        for e in 0..grad.len() {
-            let h = 1e-6;
-            let mut v = feeds[p].to_vec();
-            v[e] += h;
-            let mut fp = feeds.clone();
-            fp.insert(p.into(), Arc::new(v.clone()));
-            v[e] -= 2.0 * h;
-            let mut fm = feeds.clone();
-            fm.insert(p.into(), Arc::new(v));
-            let fd = (objective(&fp) - objective(&fm)) / (2.0 * h);
-            assert!(
-                (fd - grad[e]).abs() < 1e-6 * (1.0 + fd.abs()),
-                "{name}[{e}]: {} vs finite difference {fd}",
-                grad[e]
-            );
-            checked += 1;
-        }
-    }
+    let checked: usize = check_gradients_fd(&c.exact, &feeds, 1e-6)
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
     // 2 layers × (w 36 + b 2); an exact spec's weight_inv gets no gradient.
     assert_eq!(checked, 2 * (C * C * K * K + C));
     // The exact step keeps the O(N³) inverse of each layer's Toeplitz matrix.
@@ -192,6 +164,30 @@ fn self_normalizing_conv_step_is_the_dense_step_gathered_onto_kernels() {
             assert_eq!(dense_ops, 0, "{}", c.step.to_text());
         }
     }
+}
+
+#[test]
+fn repeated_steps_do_not_grow_the_executors_memory() {
+    // The exact step builds Toeplitz matrices and their inverses in fresh buffers of a size
+    // nothing else allocates; the pool must not keep every one of them (an mnist_cnn9_exact run
+    // once grew by 44 MB a step).
+    let spec = conv_spec("exact");
+    let mut rng = Rng::new(17);
+    let feeds = conv_feeds(&spec, &mut rng);
+    let c = compile_train(&spec, BATCH, OptLevel::Full).expect("the spec compiles");
+    let program = snfc_runtime::host::exec::Program::new(&c.step);
+    let mut ex = snfc_runtime::host::exec::Executor::<f64>::new();
+    let mut pooled = Vec::new();
+    for _ in 0..200 {
+        ex.run(&program, &feeds).expect("the step runs");
+        pooled.push(ex.pooled_elements());
+    }
+    assert!(
+        pooled[199] <= pooled[99],
+        "the pool grew from {} to {} elements",
+        pooled[99],
+        pooled[199]
+    );
 }
 
 #[test]

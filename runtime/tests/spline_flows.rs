@@ -3,28 +3,18 @@
 //! differences, and sampling's analytic inverse against the forward op.
 
 use snfc_compiler::compile::{compile_train, OptLevel};
-use snfc_compiler::ir::{Graph, GraphBuilder, Op, SplinePart};
+use snfc_compiler::ir::{GraphBuilder, Op, SplinePart};
 use snfc_compiler::spec::{parse_spec, FlowSpec};
-use snfc_runtime::host::exec::{Executor, Feeds, Program};
+use snfc_runtime::host::exec::Feeds;
 use snfc_runtime::model::Model;
 use snfc_runtime::sample::invert;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 mod common;
-use common::Rng;
+use common::{check_gradients_fd, run_f64 as run, Rng};
 
 fn spec(text: &str) -> FlowSpec {
     parse_spec(text).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn run(graph: &Graph, feeds: &Feeds<f64>) -> BTreeMap<String, Vec<f64>> {
-    let mut ex = Executor::<f64>::new();
-    ex.run(&Program::new(graph), feeds)
-        .unwrap_or_else(|e| panic!("running {}: {e}", graph.name))
-        .into_iter()
-        .map(|(k, t)| (k, t.data))
-        .collect()
 }
 
 /// Parameters away from the identity, and a batch with inputs inside and beyond the bound.
@@ -63,28 +53,10 @@ fn exact_spline_flow_gradients_match_finite_differences() {
     let feeds = feeds(&spec, batch, &mut rng);
     let c = compile_train(&spec, batch, OptLevel::None).expect("the spec compiles");
     let outs = run(&c.exact, &feeds);
-    let objective = |f: &Feeds<f64>| run(&c.exact, f)["objective"][0];
-    let mut checked = Vec::new();
-    for (name, grad) in outs.iter().filter(|(k, _)| k.starts_with("grad.")) {
-        let p = name.trim_start_matches("grad.");
-        for e in 0..grad.len() {
-            let h = 1e-6;
-            let mut v = feeds[p].to_vec();
-            v[e] += h;
-            let mut fp = feeds.clone();
-            fp.insert(p.into(), Arc::new(v.clone()));
-            v[e] -= 2.0 * h;
-            let mut fm = feeds.clone();
-            fm.insert(p.into(), Arc::new(v));
-            let fd = (objective(&fp) - objective(&fm)) / (2.0 * h);
-            assert!(
-                (fd - grad[e]).abs() < 1e-5 * (1.0 + fd.abs()),
-                "{name}[{e}]: {} vs finite difference {fd}",
-                grad[e]
-            );
-        }
-        checked.push(p.to_string());
-    }
+    let checked: Vec<String> = check_gradients_fd(&c.exact, &feeds, 1e-5)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     for want in [
         "layers.1.widths",
         "layers.1.heights",

@@ -222,14 +222,7 @@ impl<'a> Lowering<'a> {
                     };
                 }
                 LayerSpec::Conv(c) => {
-                    let LayerShape::Image {
-                        c: ch,
-                        h: hh,
-                        w: ww,
-                    } = shapes[i]
-                    else {
-                        unreachable!("validated: conv has an image input")
-                    };
+                    let (ch, hh, ww) = shapes[i].image();
                     let k = c.kernel_size;
                     let (w_name, r_name) = (
                         param_name(i, ParamKind::Weight),
@@ -281,14 +274,7 @@ impl<'a> Lowering<'a> {
                     };
                 }
                 LayerSpec::Squeeze(_) => {
-                    let LayerShape::Image {
-                        c: ch,
-                        h: hh,
-                        w: ww,
-                    } = shapes[i]
-                    else {
-                        unreachable!("validated: squeeze has an image input")
-                    };
+                    let (ch, hh, ww) = shapes[i].image();
                     // [C, H/2, 2, W/2, 2, B] → [C, 2, 2, H/2, W/2, B]: a permutation, log-det 0.
                     let split = b.add(
                         Op::Reshape {

@@ -172,6 +172,18 @@ pub enum LayerShape {
 }
 
 impl LayerShape {
+    /// `(C, H, W)` of an image shape. Only for layers that validation guarantees an image
+    /// input (conv, squeeze): a flat shape here is a compiler bug.
+    #[track_caller]
+    pub fn image(self) -> (usize, usize, usize) {
+        match self {
+            LayerShape::Image { c, h, w } => (c, h, w),
+            LayerShape::Flat(d) => {
+                panic!("snfc internal error: an image layer got the flat input [{d}]")
+            }
+        }
+    }
+
     pub fn numel(self) -> usize {
         match self {
             LayerShape::Image { c, h, w } => c * h * w,

@@ -77,14 +77,7 @@ pub fn invert<T: Real>(
                 };
             }
             LayerSpec::Conv(c) => {
-                let LayerShape::Image {
-                    c: ch,
-                    h: hh,
-                    w: ww,
-                } = shapes[i]
-                else {
-                    unreachable!("validated: conv has an image input")
-                };
+                let (ch, hh, ww) = shapes[i].image();
                 let plane = hh * ww * n;
                 if c.bias {
                     let b = model.get(&param_name(i, ParamKind::Bias));
@@ -124,14 +117,7 @@ pub fn invert<T: Real>(
                 h = x;
             }
             LayerSpec::Squeeze(_) => {
-                let LayerShape::Image {
-                    c: ch,
-                    h: hh,
-                    w: ww,
-                } = shapes[i]
-                else {
-                    unreachable!("validated: squeeze has an image input")
-                };
+                let (ch, hh, ww) = shapes[i].image();
                 // The forward map is [C, H/2, 2, W/2, 2] → [C, 2, 2, H/2, W/2]; undo it.
                 h = permute(&h, &[ch, 2, 2, hh / 2, ww / 2, n], &[0, 3, 1, 4, 2, 5]);
             }

@@ -42,3 +42,48 @@ impl Rng {
         self.next_u64() & 1 == 1
     }
 }
+
+use snfc_compiler::ir::Graph;
+use snfc_runtime::host::exec::{Executor, Feeds, Program};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Run `graph` on the host in f64; outputs by name.
+pub fn run_f64(graph: &Graph, feeds: &Feeds<f64>) -> BTreeMap<String, Vec<f64>> {
+    let mut ex = Executor::<f64>::new();
+    ex.run(&Program::new(graph), feeds)
+        .unwrap_or_else(|e| panic!("running {}: {e}", graph.name))
+        .into_iter()
+        .map(|(k, t)| (k, t.data))
+        .collect()
+}
+
+/// Check every `grad.P` output of `graph` against central finite differences (step 1e-6) of its
+/// `objective` output, to `tol` relative to `1 + |fd|`. Returns the parameters checked and how
+/// many elements each had.
+pub fn check_gradients_fd(graph: &Graph, feeds: &Feeds<f64>, tol: f64) -> Vec<(String, usize)> {
+    let outs = run_f64(graph, feeds);
+    let objective = |f: &Feeds<f64>| run_f64(graph, f)["objective"][0];
+    let mut checked = Vec::new();
+    for (name, grad) in outs.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let p = name.trim_start_matches("grad.");
+        for e in 0..grad.len() {
+            let h = 1e-6;
+            let mut v = feeds[p].to_vec();
+            v[e] += h;
+            let mut plus = feeds.clone();
+            plus.insert(p.into(), Arc::new(v.clone()));
+            v[e] -= 2.0 * h;
+            let mut minus = feeds.clone();
+            minus.insert(p.into(), Arc::new(v));
+            let fd = (objective(&plus) - objective(&minus)) / (2.0 * h);
+            assert!(
+                (fd - grad[e]).abs() < tol * (1.0 + fd.abs()),
+                "{name}[{e}]: {} vs finite difference {fd}",
+                grad[e]
+            );
+        }
+        checked.push((p.to_string(), grad.len()));
+    }
+    checked
+}

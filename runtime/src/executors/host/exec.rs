@@ -189,6 +189,9 @@ pub struct Executor<T> {
     spline_values: HashMap<Vec<usize>, [Option<Vec<T>>; 2]>,
 }
 
+/// Buffers of one size the pool keeps between uses (see `Executor::recycle`).
+const POOL_PER_SIZE: usize = 64;
+
 /// Elementwise work below this many elements runs on one thread.
 const PAR_MIN: usize = 1 << 15;
 const CHUNK: usize = 1 << 13;
@@ -306,6 +309,12 @@ impl<T: Real> Executor<T> {
         }
     }
 
+    /// Elements held in the buffer pool (for diagnostics and tests: it must not grow run after
+    /// run).
+    pub fn pooled_elements(&self) -> usize {
+        self.pool.values().flatten().map(Vec::len).sum()
+    }
+
     /// Record the time spent per op kind from now on.
     pub fn enable_profile(&mut self) {
         self.profile = Some(HashMap::new());
@@ -330,10 +339,17 @@ impl<T: Real> Executor<T> {
         }
     }
 
+    /// Keep a dead value's buffer for a later allocation of its size. Ops that build their
+    /// result in a fresh buffer (an inverse, a Toeplitz matrix) return buffers of sizes that
+    /// nothing may allocate again, so each size keeps at most [`POOL_PER_SIZE`]: the pool stays
+    /// bounded over any number of runs.
     fn recycle(&mut self, v: Value<T>) {
         if let Ok(buf) = Arc::try_unwrap(v.data) {
             if buf.len() > 1 {
-                self.pool.entry(buf.len()).or_default().push(buf);
+                let kept = self.pool.entry(buf.len()).or_default();
+                if kept.len() < POOL_PER_SIZE {
+                    kept.push(buf);
+                }
             }
         }
     }
@@ -423,11 +439,7 @@ impl<T: Real> Executor<T> {
             }
             let v = self.exec(p, i, ins, &vals, &mut donors, feeds)?;
             for (_, d) in donors.drain(..) {
-                if let Ok(buf) = Arc::try_unwrap(d.data) {
-                    if buf.len() > 1 {
-                        self.pool.entry(buf.len()).or_default().push(buf);
-                    }
-                }
+                self.recycle(d);
             }
             if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
                 let key = match &ins.op {
