@@ -105,3 +105,39 @@ fn a_rewrite_phase_that_reaches_a_limit_is_an_error() {
         "{text}"
     );
 }
+
+#[test]
+fn a_128_layer_conv_flow_keeps_no_inverse_or_dense_operator() {
+    let mut b = FlowSpec::builder("conv128").input(&[2, 6, 6], Preprocess::DequantizeLogit);
+    for i in 0..128 {
+        if i > 0 {
+            b = b.smooth_leaky_relu(0.3);
+        }
+        b = b.conv(3, true);
+    }
+    let spec = b
+        .self_normalizing(1.0)
+        .batch_size(100)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = compile_train(&spec, 100, OptLevel::Full).unwrap_or_else(|e| panic!("{e}"));
+    let before = op_counts(&c.exact);
+    let after = op_counts(&c.step);
+    assert!(before.inverse >= 2 * 128, "{before:?}");
+    assert_eq!(
+        (after.inverse, after.logdet, after.gemm),
+        (0, 0, 0),
+        "{after:?}"
+    );
+    let dense = c.step.count(|op| {
+        matches!(
+            op,
+            snfc_compiler::ir::Op::Toeplitz { .. } | snfc_compiler::ir::Op::ToeplitzAdjoint { .. }
+        )
+    });
+    assert_eq!(dense, 0);
+    // Per layer: the forward conv, the reconstruction conv, backprop's transposed conv and the
+    // kernel gradients of W and R.
+    let convs = c.step.count(|op| *op == snfc_compiler::ir::Op::Conv2d);
+    assert!(convs <= 4 * 128, "{convs} convolutions for 128 layers");
+}
