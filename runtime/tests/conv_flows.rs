@@ -167,6 +167,45 @@ fn self_normalizing_conv_step_is_the_dense_step_gathered_onto_kernels() {
 }
 
 #[test]
+fn a_linear_layer_after_a_conv_flattens_the_image_in_c_order() {
+    // [conv, linear] on an image: the linear layer sees the flat (c, h, w) vector.
+    let spec = spec(&format!(
+        r#"{{"name": "conv_linear", "input": {{"shape": [{C}, {H}, {W}], "preprocess": "none"}},
+            "layers": [{{"type": "conv", "kernel_size": {K}}}, {{"type": "smooth_leaky_relu"}},
+                       {{"type": "linear"}}],
+            "objective": {{"gradient": "exact"}}}}"#
+    ));
+    let model = Model::<f64>::init(&spec, 1);
+    let shapes: Vec<Vec<usize>> = model.params.iter().map(|p| p.shape.clone()).collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![C, C, K, K],
+            vec![C, C, K, K],
+            vec![C],
+            vec![N, N],
+            vec![N, N],
+            vec![N]
+        ]
+    );
+    let mut rng = Rng::new(23);
+    let mut feeds = Feeds::new();
+    for p in &model.params {
+        let v: Vec<f64> = model
+            .get(&p.name)
+            .iter()
+            .map(|x| x + 0.1 * rng.normal())
+            .collect();
+        feeds.insert(p.name.clone(), Arc::new(v));
+    }
+    let x: Vec<f64> = (0..N * BATCH).map(|_| rng.normal()).collect();
+    feeds.insert("x".into(), Arc::new(x));
+    let c = compile_train(&spec, BATCH, OptLevel::None).expect("the spec compiles");
+    let checked = check_gradients_fd(&c.exact, &feeds, 1e-6);
+    assert_eq!(checked.len(), 4, "{checked:?}");
+}
+
+#[test]
 fn repeated_steps_do_not_grow_the_executors_memory() {
     // The exact step builds Toeplitz matrices and their inverses in fresh buffers of a size
     // nothing else allocates; the pool must not keep every one of them (an mnist_cnn9_exact run

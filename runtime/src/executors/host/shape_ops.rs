@@ -156,25 +156,42 @@ pub fn conv_kernel_grad<T: Real>(
     out
 }
 
+/// The taps of output pixel `(y, x)` of a `C → C`, K × K conv on `H × W` maps: for each input
+/// channel `i` and kernel offset `(u, v)` that lands inside the map, `f(column of the input
+/// pixel in the flat (c, h, w) order, index (i, u, v) within the output channel's kernel)`.
+/// The one walk [`toeplitz`] and [`toeplitz_adjoint`] share.
+fn taps(
+    c: usize,
+    h: usize,
+    w: usize,
+    kk: usize,
+    y: usize,
+    x: usize,
+    mut f: impl FnMut(usize, usize),
+) {
+    let p = kk / 2;
+    for i in 0..c {
+        for u in 0..kk {
+            for v in 0..kk {
+                let (sy, sx) = (y + u, x + v);
+                if sy < p || sy - p >= h || sx < p || sx - p >= w {
+                    continue;
+                }
+                f((i * h + sy - p) * w + sx - p, (i * kk + u) * kk + v);
+            }
+        }
+    }
+}
+
 /// The dense `[C·H·W, C·H·W]` matrix of the `C → C` convolution `k` on one `H × W` example.
 pub fn toeplitz<T: Real>(k: &[T], k_shape: &[usize], h: usize, w: usize) -> Vec<T> {
     let (c, kk) = (k_shape[0], k_shape[2]);
-    let p = kk / 2;
     let n = c * h * w;
     let mut t = vec![T::zero(); n * n];
     t.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
         let (o, y, x) = (row / (h * w), row / w % h, row % w);
-        for i in 0..c {
-            for u in 0..kk {
-                for v in 0..kk {
-                    let (sy, sx) = (y + u, x + v);
-                    if sy < p || sy - p >= h || sx < p || sx - p >= w {
-                        continue;
-                    }
-                    dst[(i * h + sy - p) * w + sx - p] = k[((o * c + i) * kk + u) * kk + v];
-                }
-            }
-        }
+        let kernel = &k[o * c * kk * kk..(o + 1) * c * kk * kk];
+        taps(c, h, w, kk, y, x, |col, tap| dst[col] = kernel[tap]);
     });
     t
 }
@@ -201,26 +218,14 @@ pub fn mul_multiplicity<T: Real>(k: &[T], kk: usize, h: usize, w: usize) -> Vec<
 /// The adjoint of [`toeplitz`]: each kernel element sums the entries of `g` it occupies.
 pub fn toeplitz_adjoint<T: Real>(g: &[T], n: usize, h: usize, w: usize, kk: usize) -> Vec<T> {
     let c = n / (h * w);
-    let p = kk / 2;
     let mut out = vec![T::zero(); c * c * kk * kk];
     out.par_chunks_mut(c * kk * kk)
         .enumerate()
         .for_each(|(o, dst)| {
             for y in 0..h {
                 for x in 0..w {
-                    let row = (o * h + y) * w + x;
-                    for i in 0..c {
-                        for u in 0..kk {
-                            for v in 0..kk {
-                                let (sy, sx) = (y + u, x + v);
-                                if sy < p || sy - p >= h || sx < p || sx - p >= w {
-                                    continue;
-                                }
-                                dst[(i * kk + u) * kk + v] +=
-                                    g[row * n + (i * h + sy - p) * w + sx - p];
-                            }
-                        }
-                    }
+                    let row = &g[((o * h + y) * w + x) * n..][..n];
+                    taps(c, h, w, kk, y, x, |col, tap| dst[tap] += row[col]);
                 }
             }
         });
