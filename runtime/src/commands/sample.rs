@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use snfc_compiler::ir::lower::{param_name, ParamKind};
-use snfc_compiler::spec::{LayerShape, LayerSpec, Preprocess};
+use snfc_compiler::spec::{LayerSpec, Preprocess};
 
 /// s(x) = αx + (1−α) softplus(x) and s'(x).
 fn slrelu(x: f64, alpha: f64) -> (f64, f64) {

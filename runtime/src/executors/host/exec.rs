@@ -184,10 +184,13 @@ pub struct Executor<T> {
     /// One spline VJP gives the gradients of all four operands; the graph asks for them in four
     /// `spline_grad` ops with the same operands. The first computes all four and leaves the
     /// others here (keyed by operand slots and part) for its siblings, within one run.
-    spline_grads: HashMap<(Vec<usize>, SplinePart), [Option<Vec<T>>; 4]>,
+    spline_grads: HashMap<SplineKey, [Option<Vec<T>>; 4]>,
     /// Likewise the spline's value and log-derivative, computed together.
     spline_values: HashMap<Vec<usize>, [Option<Vec<T>>; 2]>,
 }
+
+/// A spline op's operand slots and part: the siblings that share one computation.
+type SplineKey = (Vec<usize>, SplinePart);
 
 /// Buffers of one size the pool keeps between uses (see `Executor::recycle`).
 const POOL_PER_SIZE: usize = 64;
