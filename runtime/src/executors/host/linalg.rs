@@ -421,20 +421,9 @@ pub fn solve<T: Real>(a: &[T], n: usize, b: &[T], m: usize) -> Result<Vec<T>, Li
 mod tests {
     use super::*;
 
-    /// SplitMix64: deterministic test data without depending on the `rand` API.
-    struct Rng(u64);
+    use crate::host::test_rng::Rng;
+
     impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Uniform in [-1, 1).
-        fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        }
         fn vec<T: Real>(&mut self, len: usize) -> Vec<T> {
             (0..len).map(|_| T::of_f64(self.uniform())).collect()
         }

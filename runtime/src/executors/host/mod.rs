@@ -5,3 +5,5 @@ pub mod fused;
 pub mod linalg;
 pub mod shape_ops;
 pub mod spline;
+#[cfg(test)]
+mod test_rng;

@@ -697,22 +697,7 @@ fn zero_grads<T: Real>(g: &mut SplineGrads<T>) {
 mod tests {
     use super::*;
 
-    /// splitmix64: a tiny deterministic generator (no dependence on `rand`'s API).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Uniform in `[lo, hi)`.
-        fn range(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-        }
-    }
+    use crate::host::test_rng::Rng;
 
     /// Owned unnormalized parameters of one element (or of `D` elements, row-major).
     #[derive(Clone, Debug)]
