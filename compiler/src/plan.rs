@@ -891,10 +891,10 @@ pub fn single_op_kernel(ins: &Instr, instrs: &[Instr]) -> Option<FusedKernel> {
     } else {
         ins.shape.clone()
     };
+    // Elementwise ops of other ranks have operands of one shape (or scalars): one flat row.
     let (rows, cols) = match space.as_slice() {
         [r, c] => (*r, *c),
-        [n] => (1, *n),
-        _ => (1, 1),
+        s => (1, s.iter().product()),
     };
     Some(FusedKernel {
         rows,

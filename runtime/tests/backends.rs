@@ -8,7 +8,7 @@
 
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::eval_graph;
-use snfc_compiler::ir::{Graph, GraphBuilder, Unary};
+use snfc_compiler::ir::{Graph, GraphBuilder, Op, SplinePart, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
 use snfc_runtime::backend::{open, open_variant, Backend};
@@ -39,7 +39,7 @@ fn random_feeds(g: &Graph, rng: &mut Rng, lo: f64, hi: f64) -> Feeds<f64> {
     p.feeds()
         .into_iter()
         .map(|(_, name, shape)| {
-            let n = shape.iter().product::<usize>().max(1);
+            let n = shape.iter().product::<usize>();
             let v: Vec<f64> = (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect();
             (name, Arc::new(v))
         })
@@ -80,7 +80,9 @@ fn check_variant(
                 b.device()
             );
         }
-        let scale = wt.data.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+        // Relative to the output's largest value, or absolute near 1e-6 for an output that is
+        // zero in exact arithmetic (f32 rounding of ln 1, say).
+        let scale = wt.data.iter().fold(1e-2f64, |m, v| m.max(v.abs()));
         let err = gt
             .data
             .iter()
@@ -304,6 +306,176 @@ fn step_feeds(spec: &FlowSpec, batch: usize, seed: u64, eight_bit: bool) -> Feed
     f
 }
 
+/// Every tensor op of rank above 2 — reshape (also of a transposed view), permute, expand,
+/// reduce_sum, conv2d (C_in ≠ C_out, K = 1, 3, 5), its kernel gradient, flip_kernel, toeplitz,
+/// toeplitz_adjoint, multiplicity and a rank-4 elementwise product.
+fn tensor_ops(chosen: &Chosen) {
+    let mut rng = Rng::new(15);
+    for (ci, co, h, w, batch, k) in [(2, 3, 5, 4, 3, 3), (3, 2, 4, 4, 2, 1), (1, 2, 6, 5, 4, 5)] {
+        let mut b = GraphBuilder::new("conv");
+        let x = b.input("x", vec![ci, h, w, batch]);
+        let kern = b.param("k", vec![co, ci, k, k]);
+        let dy = b.input("dy", vec![co, h, w, batch]);
+        let y = b.add(Op::Conv2d, &[x, kern]);
+        let flipped = b.add(Op::FlipKernel, &[kern]);
+        // The input gradient of the conv: dy convolved with the flipped kernel.
+        let dx = b.add(Op::Conv2d, &[dy, flipped]);
+        let dk = b.add(Op::ConvKernelGrad { k }, &[dy, x]);
+        let m = b.add(Op::Multiplicity { h, w }, &[kern]);
+        let prod = b.mul(y, dy);
+        b.output("y", y);
+        b.output("dx", dx);
+        b.output("dk", dk);
+        b.output("flipped", flipped);
+        b.output("k_times_m", m);
+        b.output("y_dy", prod);
+        let g = b.finish();
+        check_graph(
+            chosen,
+            &g,
+            &mut rng,
+            -1.0,
+            1.0,
+            &format!("conv {ci}->{co} {h}x{w} k{k} b{batch}"),
+        );
+    }
+    // The dense operator of a C → C conv and its adjoint.
+    let (c, h, w) = (2, 3, 4);
+    let mut b = GraphBuilder::new("toeplitz");
+    let kern = b.param("k", vec![c, c, 3, 3]);
+    let n = c * h * w;
+    let gm = b.input("g", vec![n, n]);
+    let t = b.add(Op::Toeplitz { h, w }, &[kern]);
+    let adj = b.add(Op::ToeplitzAdjoint { h, w, k: 3 }, &[gm]);
+    let gt = b.transpose(gm);
+    let adj_t = b.add(Op::ToeplitzAdjoint { h, w, k: 3 }, &[gt]);
+    b.output("t", t);
+    b.output("adjoint", adj);
+    b.output("adjoint_of_transpose", adj_t);
+    let g = b.finish();
+    check_graph(chosen, &g, &mut rng, -1.0, 1.0, "toeplitz and adjoint");
+    // Shape ops of any rank, and reshapes of a transposed view.
+    let mut b = GraphBuilder::new("shapes");
+    let x = b.input("x", vec![3, 4, 2, 5]);
+    let v = b.input("v", vec![4, 5]);
+    let p = b.add(
+        Op::Permute {
+            perm: vec![2, 0, 3, 1],
+        },
+        &[x],
+    );
+    let e = b.add(
+        Op::Expand {
+            to: vec![3, 4, 2, 5],
+            axes: vec![0, 2],
+        },
+        &[v],
+    );
+    let prod = b.mul(x, e);
+    let r1 = b.add(Op::ReduceSum { axes: vec![1, 3] }, &[prod]);
+    let r2 = b.add(
+        Op::ReduceSum {
+            axes: vec![0, 1, 2, 3],
+        },
+        &[x],
+    );
+    let r3 = b.add(Op::ReduceSum { axes: vec![0] }, &[x]);
+    let m = b.input("m", vec![6, 7]);
+    let mt = b.transpose(m);
+    let flat = b.add(Op::Reshape { to: vec![7, 3, 2] }, &[mt]);
+    let back = b.add(Op::Reshape { to: vec![6, 7] }, &[flat]);
+    b.output("permuted", p);
+    b.output("expanded_product", prod);
+    b.output("sum_1_3", r1);
+    b.output("sum_all", r2);
+    b.output("sum_0", r3);
+    b.output("reshaped_transpose", flat);
+    b.output("reshaped_back", back);
+    let g = b.finish();
+    check_graph(chosen, &g, &mut rng, -1.0, 1.0, "shape ops");
+}
+
+/// The spline's value, log-det and every VJP, with inputs inside and beyond the tail bound.
+fn spline_ops(chosen: &Chosen) {
+    let mut rng = Rng::new(16);
+    for (bins, d, n) in [(5, 7, 9), (1, 3, 4), (8, 4, 33)] {
+        let bound = 3.0f64;
+        let mut b = GraphBuilder::new("spline");
+        let x = b.input("x", vec![d, n]);
+        let wd = b.param("widths", vec![d, bins]);
+        let ht = b.param("heights", vec![d, bins]);
+        let dv = b.param("derivatives", vec![d, bins - 1]);
+        let g = b.input("g", vec![d, n]);
+        let args = [x, wd, ht, dv];
+        for part in [SplinePart::Value, SplinePart::LogDet] {
+            let op = Op::Spline {
+                bins,
+                bound: bound.to_bits(),
+                part,
+            };
+            let v = b.add(op, &args);
+            b.output(&format!("{part:?}"), v);
+            for wrt in 0..4 {
+                if bins == 1 && wrt == 3 {
+                    continue;
+                }
+                let op = Op::SplineGrad {
+                    bins,
+                    bound: bound.to_bits(),
+                    part,
+                    wrt,
+                };
+                let v = b.add(op, &[x, wd, ht, dv, g]);
+                b.output(&format!("grad {part:?} wrt {wrt}"), v);
+            }
+        }
+        let graph = b.finish();
+        // x in [−4, 4): some inputs take the identity tails.
+        let feeds = random_feeds(&graph, &mut rng, -4.0, 4.0);
+        let what = format!("spline {bins} bins {d}x{n}");
+        check_plan(chosen, Plan::new(&graph), &feeds, &what);
+    }
+}
+
+/// A small image flow of every image layer (conv, spline, squeeze, a linear layer on the
+/// flattened image), self-normalizing and exact: whole steps at every optimization level.
+fn image_spec(gradient: &str) -> FlowSpec {
+    spec(&format!(
+        r#"{{"name": "tiny_cnn", "input": {{"shape": [1, 4, 4], "preprocess": "none"}},
+            "layers": [{{"type": "conv", "kernel_size": 3, "bias": true}},
+                       {{"type": "spline", "bins": 4, "tail_bound": 3}},
+                       {{"type": "squeeze"}},
+                       {{"type": "conv", "kernel_size": 3, "bias": true}},
+                       {{"type": "spline", "bins": 4, "tail_bound": 3}},
+                       {{"type": "conv", "kernel_size": 1, "bias": false}},
+                       {{"type": "linear", "bias": true}}],
+            "objective": {{"gradient": "{gradient}", "lambda": 1.0}},
+            "train": {{"batch_size": 6}}}}"#
+    ))
+}
+
+fn image_steps(chosen: &Chosen) {
+    for s in [image_spec("self_normalizing"), image_spec("exact")] {
+        let batch = 6;
+        let feeds = step_feeds(&s, batch, 17, false);
+        for level in [OptLevel::None, OptLevel::Substitution, OptLevel::Full] {
+            let c = compile_train(&s, batch, level).expect("the spec compiles");
+            check_plan(
+                chosen,
+                Plan::for_level(&c.step, level),
+                &feeds,
+                &format!("{} {:?} step at {level:?}", s.name, s.objective.gradient),
+            );
+        }
+        check_plan(
+            chosen,
+            Plan::new(&eval_graph(&s, batch)),
+            &feeds,
+            &format!("{} eval", s.name),
+        );
+    }
+}
+
 /// Whole training steps (every level of optimization), and the evaluation graph.
 fn training_steps(chosen: &Chosen) {
     for (s, batch, eight_bit) in [
@@ -330,13 +502,34 @@ fn training_steps(chosen: &Chosen) {
     }
 }
 
-/// Adam on the device equals Adam on the host over several steps.
+/// Adam on the device equals Adam on the host over several steps, for the FC flow and for the
+/// paper's 9-layer CNN (`specs/mnist_cnn9.json`): a few training steps on the device match the
+/// host.
 fn adam(chosen: &Chosen) {
-    let s = small_spec("self_normalizing");
-    let batch = 10;
-    let c = compile_train(&s, batch, OptLevel::Full).expect("the spec compiles");
+    // Adam divides by √v: an element whose gradient is rounding noise moves by up to the
+    // learning rate in either direction, so the CNN's updates agree only to 10% of the largest
+    // one (a wrong sign misses by 200%); its first-step gradients and its loss after the steps
+    // are compared at the strict tolerance.
+    for (s, batch, steps, tol) in [
+        (small_spec("self_normalizing"), 10, 3, TOL),
+        (
+            spec(include_str!("../../specs/mnist_cnn9.json")),
+            4,
+            3,
+            1e-3,
+        ),
+    ] {
+        train_like_host(chosen, &s, batch, steps, tol);
+    }
+}
+
+/// `steps` training steps (run + Adam) on the device and on the host in f64: the first step's
+/// loss and gradients and every parameter's total update agree.
+fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, tol: f64) {
+    let c = compile_train(s, batch, OptLevel::Full).expect("the spec compiles");
     let plan = Plan::new(&c.step);
-    let feeds = step_feeds(&s, batch, 9, false);
+    let eight_bit = s.input.preprocess != snfc_compiler::spec::Preprocess::None;
+    let feeds = step_feeds(s, batch, 9, eight_bit);
     let mut host: Box<dyn Backend<f64>> = open(&Chosen::Host, plan.clone()).expect("host");
     let mut dev: Box<dyn Backend<f32>> = open(chosen, plan).expect("device");
     for (name, v) in &feeds {
@@ -344,26 +537,66 @@ fn adam(chosen: &Chosen) {
         let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
         dev.set(name, &v32).expect("set");
     }
-    for step in 1..=3 {
+    let device = dev.device();
+    let close = |got: &[f32], want: &[f64], tol: f64, what: &str| {
+        let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            err / scale <= tol,
+            "{} on {device}: {what}: error {err:.3e} of {scale:.3e}",
+            s.name,
+        );
+    };
+    for step in 1..=steps {
         host.run().expect("run");
         dev.run().expect("run");
+        if step == 1 {
+            for (name, want) in host.outputs().expect("outputs") {
+                let got = dev.output(&name).expect("output");
+                close(&got.data, &want.data, TOL, &format!("first step, {name}"));
+            }
+        }
         let lr = 1e-3 * step as f64;
         host.adam_step(lr, [0.9, 0.999], 1e-8).expect("adam");
         dev.adam_step(lr, [0.9, 0.999], 1e-8).expect("adam");
     }
-    for name in Model::<f64>::init(&s, 0).values.keys() {
-        let want = host.fed(name).expect("param");
-        let got = dev.fed(name).expect("param");
-        let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-        let err = got
+    host.run().expect("run");
+    dev.run().expect("run");
+    let (want, got) = (
+        host.output("loss").expect("loss"),
+        dev.output("loss").expect("loss"),
+    );
+    close(
+        &got.data,
+        &want.data,
+        TOL,
+        &format!("loss after {steps} Adam steps"),
+    );
+    for name in Model::<f64>::init(s, 0).values.keys() {
+        let start = &feeds[name];
+        let want: Vec<f64> = host
+            .fed(name)
+            .expect("param")
             .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            err / scale <= TOL,
-            "adam on {}: {name} error {err:.3e} of {scale:.3e}",
-            dev.device()
+            .zip(start.iter())
+            .map(|(p, p0)| p - p0)
+            .collect();
+        let got: Vec<f32> = dev
+            .fed(name)
+            .expect("param")
+            .iter()
+            .zip(start.iter())
+            .map(|(p, p0)| (*p as f64 - p0) as f32)
+            .collect();
+        close(
+            &got,
+            &want,
+            tol,
+            &format!("update of {name} after {steps} Adam steps"),
         );
     }
 }
@@ -378,8 +611,11 @@ macro_rules! backend_suite {
                 fused_elementwise_ops => elementwise,
                 sums_and_fused_reduction_tails => reductions,
                 inverse_and_logdet => linalg,
+                tensor_ops_of_any_rank => tensor_ops,
+                spline_values_and_vjps => spline_ops,
+                image_flow_steps_and_eval => image_steps,
                 whole_training_steps_and_eval => training_steps,
-                adam_update => adam);
+                adam_update_fc_and_cnn => adam);
         }
     };
     (@tests $kind:expr; $($name:ident => $check:ident),*) => {

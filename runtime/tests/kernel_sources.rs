@@ -60,3 +60,35 @@ fn cuda_sources_of_a_small_plan() {
     assert_eq!(wgsl.len(), cuda.len());
     assert!(wgsl.iter().all(|k| k.source.contains("@compute")));
 }
+
+/// Every kernel kind of the image flows (gathers, convolutions, kernel gradients, splines)
+/// generates CUDA and WGSL without a device, for the paper's CNN in both gradient modes.
+#[test]
+fn cuda_and_wgsl_sources_of_the_cnn_plans() {
+    for text in [
+        include_str!("../../specs/mnist_cnn9.json"),
+        include_str!("../../specs/mnist_cnn9_exact.json"),
+    ] {
+        let spec = parse_spec(text).expect("spec");
+        let c = compile_train(&spec, 2, OptLevel::Full).expect("the spec compiles");
+        let plan = Plan::new(&c.step);
+        let cuda = plan_sources(&plan, Target::Cuda).expect("CUDA source");
+        let wgsl = plan_sources(&plan, Target::Wgsl).expect("WGSL source");
+        assert_eq!(wgsl.len(), cuda.len());
+        assert!(cuda
+            .iter()
+            .all(|k| k.source.contains("extern \"C\" __global__")));
+        assert!(wgsl.iter().all(|k| k.source.contains("@compute")));
+        let kinds: std::collections::BTreeSet<&str> = cuda
+            .iter()
+            .map(|k| k.name.split_once('_').map_or("", |(_, kind)| kind))
+            .collect();
+        for kind in ["gather", "conv2d", "conv_kernel_grad", "spline", "fused"] {
+            assert!(
+                kinds.contains(kind),
+                "{}: no {kind} kernel in {kinds:?}",
+                spec.name
+            );
+        }
+    }
+}

@@ -270,13 +270,24 @@ fn shape_rules_reject_what_does_not_fit() {
 }
 
 #[test]
-fn the_gpu_backends_refuse_ops_they_have_no_kernel_for() {
+fn the_gpu_backends_have_a_kernel_for_every_op_of_the_image_flows() {
     let mut b = GraphBuilder::new("conv");
     let x = b.input("x", vec![1, 4, 4, 2]);
     let k = b.param("k", vec![1, 1, 3, 3]);
     let y = b.add(Op::Conv2d, &[x, k]);
     b.output("y", y);
     let plan = snfc_compiler::plan::Plan::new(&b.finish());
-    let op = snfc_runtime::cube::unsupported_op(&plan).map(|o| o.to_string());
-    assert_eq!(op.as_deref(), Some("conv2d"));
+    assert_eq!(snfc_runtime::cube::unsupported_op(&plan), None);
+    for text in [
+        include_str!("../../specs/mnist_cnn9.json"),
+        include_str!("../../specs/mnist_cnn9_exact.json"),
+    ] {
+        let spec = snfc_compiler::spec::parse_spec(text).expect("spec");
+        let c =
+            snfc_compiler::compile::compile_train(&spec, 4, snfc_compiler::compile::OptLevel::Full)
+                .expect("compiles");
+        let plan = snfc_compiler::plan::Plan::new(&c.step);
+        let op = snfc_runtime::cube::unsupported_op(&plan).map(|o| o.to_string());
+        assert_eq!(op, None, "{}", spec.name);
+    }
 }

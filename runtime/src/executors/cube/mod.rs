@@ -3,22 +3,31 @@
 //!
 //! Every fused group and every remaining elementwise, broadcast or sum instruction becomes one
 //! specialization of the generic [`kernels::fused`] kernel; GEMMs run [`kernels::gemm`] with
-//! their epilogue; inverses and log-determinants (only in exact-gradient and evaluation plans,
+//! their epilogue; the ops that only move, repeat, sum or scale elements (permute, expand,
+//! reduce_sum, flip_kernel, toeplitz and its adjoint, multiplicity) run one
+//! [`tensor_kernels::gather`] kernel through an index table built from the shapes; convolutions,
+//! kernel gradients and splines have kernels of their own ([`tensor_kernels`]); inverses and
+//! log-determinants (only in exact-gradient and evaluation plans,
 //! O(D³) and rare) run on the host by LU and are copied back. Buffers follow the plan's static
 //! assignment; parameters and Adam moments stay resident on the device between steps.
 
+pub mod index_tables;
 pub mod kernels;
 pub mod probe;
 pub mod source;
+pub mod tensor_kernels;
 
 use crate::host::exec::{ExecError, Tensor};
 use crate::host::linalg;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use index_tables::IndexTable;
 use kernels::{Access, FusedProgram, GemmConfig, KOp, Mode, Store};
-use snfc_compiler::ir::{Op, Unary};
+use snfc_compiler::ir::{Op, SplinePart, Unary};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
 use std::collections::HashMap;
+use tensor_kernels as kernels_t;
+use tensor_kernels::{ConvConfig, GatherConfig, SplineConfig, SplineOut};
 
 /// Where a kernel argument lives at run time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +56,32 @@ enum Launch {
         args: Vec<Buf>,
         out: Buf,
     },
+    /// An index op through its table (`tables[table]`).
+    Gather {
+        config: GatherConfig,
+        table: usize,
+        input: Buf,
+        out: Buf,
+    },
+    Conv2d {
+        config: ConvConfig,
+        x: Buf,
+        kernel: Buf,
+        out: Buf,
+    },
+    /// Partial sums of a kernel gradient (a row sum follows).
+    KernelGradPartials {
+        config: ConvConfig,
+        dy: Buf,
+        x: Buf,
+        partials: Buf,
+    },
+    /// A spline value, log-det or VJP: operands x, widths, heights, derivatives, cotangent.
+    Spline {
+        config: SplineConfig,
+        args: [Buf; 5],
+        out: Buf,
+    },
     /// Inverse or log-determinant on the host (LU in f64).
     HostLinalg {
         slot: usize,
@@ -62,6 +97,8 @@ pub struct GpuProgram<R: Runtime> {
     launches: Vec<Launch>,
     buffers: Vec<Handle>,
     temps: Vec<Handle>,
+    /// Index tables of the gather launches: `ptr`, `idx`, weights (or `None`).
+    tables: Vec<(Handle, Handle, Option<Handle>)>,
     /// Fed tensors (inputs and parameters) and constants, by storage slot.
     leaves: HashMap<usize, Handle>,
     /// Adam moments per parameter name.
@@ -84,7 +121,23 @@ impl<R: Runtime> GpuProgram<R> {
     /// [`new`](Self::new), choosing whether GEMMs stage operands in shared memory (`false`
     /// for CPU adapters such as lavapipe).
     pub fn with_staging(client: ComputeClient<R>, plan: Plan, staged: bool) -> GpuProgram<R> {
-        let (launches, temps) = lower_plan(&plan, staged);
+        let Lowered {
+            launches,
+            temps,
+            tables,
+        } = lower_plan(&plan, staged);
+        let tables = tables
+            .iter()
+            .map(|t| {
+                (
+                    client.create_from_slice(u32::as_bytes(&t.ptr)),
+                    client.create_from_slice(u32::as_bytes(&t.idx)),
+                    t.weight
+                        .as_ref()
+                        .map(|w| client.create_from_slice(f32::as_bytes(w))),
+                )
+            })
+            .collect();
         let buffers = plan
             .buffers
             .sizes
@@ -104,6 +157,7 @@ impl<R: Runtime> GpuProgram<R> {
             launches,
             buffers,
             temps,
+            tables,
             leaves,
             moments: HashMap::new(),
             adam_t: 0,
@@ -141,7 +195,7 @@ impl<R: Runtime> GpuProgram<R> {
         for (s, ins) in self.plan.instrs.iter().enumerate() {
             if let Op::Input { name: n, shape } | Op::Param { name: n, shape } = &ins.op {
                 if n == name {
-                    if data.len() != numel(shape) {
+                    if data.len() != shape.iter().product::<usize>() {
                         return Err(ExecError::BadShape {
                             graph: self.plan.name.clone(),
                             kind: kind_of(&ins.op),
@@ -150,6 +204,8 @@ impl<R: Runtime> GpuProgram<R> {
                             shape: shape.clone(),
                         });
                     }
+                    // An empty tensor (a one-bin spline's derivatives) still binds a buffer.
+                    let data = if data.is_empty() { &[0.0][..] } else { data };
                     self.leaves
                         .insert(s, self.client.create_from_slice(f32::as_bytes(data)));
                 }
@@ -315,6 +371,94 @@ impl<R: Runtime> GpuProgram<R> {
                             config.clone(),
                         )
                     };
+                }
+                Launch::Gather {
+                    config,
+                    table,
+                    input,
+                    out,
+                } => {
+                    let (ptr, idx, weight) = self.tables[*table].clone();
+                    let x = self.handle(*input)?;
+                    let n_idx = idx.size() as usize / 4;
+                    let weight = weight.unwrap_or_else(|| idx.clone());
+                    let (count, dim) = grid_1d(config.outputs);
+                    kernels_t::gather::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        unsafe { ArrayArg::from_raw_parts(x, self.len_of(*input)) },
+                        unsafe { ArrayArg::from_raw_parts(ptr, config.outputs + 1) },
+                        unsafe { ArrayArg::from_raw_parts(idx, n_idx) },
+                        unsafe { ArrayArg::from_raw_parts(weight, n_idx) },
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
+                        config.clone(),
+                    );
+                }
+                Launch::Conv2d {
+                    config,
+                    x,
+                    kernel,
+                    out,
+                } => {
+                    let (count, dim) = grid_1d(config.co * config.h * config.w * config.b);
+                    kernels_t::conv2d::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*x)?, self.len_of(*x)) },
+                        unsafe {
+                            ArrayArg::from_raw_parts(self.handle(*kernel)?, self.len_of(*kernel))
+                        },
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
+                        config.clone(),
+                    );
+                }
+                Launch::KernelGradPartials {
+                    config,
+                    dy,
+                    x,
+                    partials,
+                } => {
+                    let units = config.co * config.ci * config.k * config.k * config.slices;
+                    let (count, dim) = grid_1d(units);
+                    kernels_t::conv_kernel_grad_partials::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*dy)?, self.len_of(*dy)) },
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*x)?, self.len_of(*x)) },
+                        unsafe {
+                            ArrayArg::from_raw_parts(
+                                self.handle(*partials)?,
+                                self.len_of(*partials),
+                            )
+                        },
+                        config.clone(),
+                    );
+                }
+                Launch::Spline { config, args, out } => {
+                    let units = match config.out {
+                        SplineOut::GradParam(3) => config.d * (config.bins - 1),
+                        SplineOut::GradParam(_) => config.d * config.bins,
+                        _ => config.d * config.n,
+                    };
+                    let (count, dim) = grid_1d(units);
+                    let arg = |b: Buf| -> Result<ArrayArg<R>, ExecError> {
+                        Ok(unsafe { ArrayArg::from_raw_parts(self.handle(b)?, self.len_of(b)) })
+                    };
+                    kernels_t::spline::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        arg(args[0])?,
+                        arg(args[1])?,
+                        arg(args[2])?,
+                        arg(args[3])?,
+                        arg(args[4])?,
+                        arg(*out)?,
+                        config.clone(),
+                    );
                 }
                 Launch::HostLinalg { slot, op, arg } => {
                     let x = self.read_buf(*arg)?;
@@ -485,7 +629,7 @@ impl<R: Runtime> GpuProgram<R> {
     /// The kernel specializations a plan launches, in order (for `--emit cuda,wgsl`).
     pub fn kernel_specs(plan: &Plan) -> Vec<source::KernelSpec> {
         lower_plan(plan, true)
-            .0
+            .launches
             .into_iter()
             .filter_map(|l| match l {
                 Launch::Fused {
@@ -496,48 +640,99 @@ impl<R: Runtime> GpuProgram<R> {
                 }),
                 Launch::Gemm { config, .. } => Some(source::KernelSpec::Gemm(config)),
                 Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
+                Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
+                Launch::Conv2d { config, .. } => Some(source::KernelSpec::Conv2d(config)),
+                Launch::KernelGradPartials { config, .. } => {
+                    Some(source::KernelSpec::KernelGradPartials(config))
+                }
+                Launch::Spline { config, .. } => Some(source::KernelSpec::Spline(config)),
                 Launch::HostLinalg { .. } => None,
             })
             .collect()
     }
 }
 
-/// The first op of `plan` that the GPU backends have no kernel for (the shape and convolution
-/// ops run on the host executor only, so far).
+/// The first op of `plan` that the GPU backends have no kernel for (none today: kept so that
+/// an op added to the IR without a kernel is refused by name rather than miscomputed).
 pub fn unsupported_op(plan: &Plan) -> Option<&Op> {
-    plan.instrs.iter().map(|i| &i.op).find(|op| {
-        matches!(
-            op,
-            Op::Reshape { .. }
-                | Op::Permute { .. }
-                | Op::ReduceSum { .. }
-                | Op::Expand { .. }
-                | Op::Conv2d
-                | Op::FlipKernel
-                | Op::ConvKernelGrad { .. }
-                | Op::Toeplitz { .. }
-                | Op::ToeplitzAdjoint { .. }
-                | Op::Multiplicity { .. }
-                | Op::Spline { .. }
-                | Op::SplineGrad { .. }
-        )
-    })
+    plan.instrs
+        .iter()
+        .filter(|i| i.group.is_none() && i.is_kernel())
+        .map(|i| &i.op)
+        .find(|op| {
+            !(op.is_elementwise()
+                || index_tables::is_index_op(op)
+                || matches!(
+                    op,
+                    Op::MatMul
+                        | Op::Inverse
+                        | Op::LogDet
+                        | Op::Sum { .. }
+                        | Op::Broadcast { .. }
+                        | Op::Reshape { .. }
+                        | Op::Conv2d
+                        | Op::ConvKernelGrad { .. }
+                        | Op::Spline { .. }
+                        | Op::SplineGrad { .. }
+                ))
+        })
 }
 
-/// Every launch of a plan, in order, and the sizes of the scratch buffers they use.
-fn lower_plan(plan: &Plan, staged: bool) -> (Vec<Launch>, Vec<usize>) {
-    let mut temps: Vec<usize> = Vec::new();
-    let mut launches = Vec::new();
+/// A plan lowered to launches: the launches in order, the sizes of their scratch buffers and
+/// the index tables of their gathers.
+struct Lowered {
+    launches: Vec<Launch>,
+    temps: Vec<usize>,
+    tables: Vec<IndexTable>,
+}
+
+impl Lowered {
+    fn temp(&mut self, len: usize) -> Buf {
+        self.temps.push(len);
+        Buf::Temp(self.temps.len() - 1)
+    }
+
+    /// `slot` in row-major layout: a transposed view is copied into a scratch buffer first.
+    fn contiguous(&mut self, plan: &Plan, slot: usize) -> Buf {
+        if !transposed(plan, slot) {
+            return Buf::Slot(slot);
+        }
+        let shape = &plan.instrs[slot].shape;
+        let (rows, cols) = (shape[0], shape[1]);
+        let t = self.temp(rows * cols);
+        self.launches.push(Launch::Fused {
+            program: FusedProgram {
+                mode: Mode::Elements,
+                rows,
+                cols,
+                ops: vec![KOp::Load(0, Access::ElemT)],
+                outputs: vec![(0, Store::Elem)],
+            },
+            inputs: vec![Buf::Slot(slot)],
+            outputs: vec![t],
+        });
+        t
+    }
+}
+
+/// Every launch of a plan, in order, the sizes of the scratch buffers and the index tables.
+fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
+    let mut low = Lowered {
+        launches: Vec::new(),
+        temps: Vec::new(),
+        tables: Vec::new(),
+    };
     for &i in &plan.order {
         let ins = &plan.instrs[i];
+        let operand_shape = |j: usize| plan.instrs[ins.args[j]].shape.clone();
         match (&ins.group, &ins.op) {
             (Some(group), _) => lower_fused(
                 plan,
                 ins,
                 &group.kernel,
                 &group.slots,
-                &mut temps,
-                &mut launches,
+                &mut low.temps,
+                &mut low.launches,
             ),
             (None, Op::MatMul) => {
                 let t = |s: usize| transposed(plan, s);
@@ -553,26 +748,166 @@ fn lower_plan(plan: &Plan, staged: bool) -> (Vec<Launch>, Vec<usize>) {
                         .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
                     staged,
                 };
-                launches.push(Launch::Gemm {
+                low.launches.push(Launch::Gemm {
                     config,
                     args: ins.args.iter().map(|a| Buf::Slot(*a)).collect(),
                     out: Buf::Slot(i),
                 });
             }
-            (None, Op::Inverse | Op::LogDet) => launches.push(Launch::HostLinalg {
+            (None, Op::Inverse | Op::LogDet) => low.launches.push(Launch::HostLinalg {
                 slot: i,
                 op: ins.op.clone(),
                 arg: Buf::Slot(ins.args[0]),
             }),
+            (None, Op::Reshape { .. }) => {
+                // A copy in row-major order (the plan gives the result a buffer of its own).
+                let input = low.contiguous(plan, ins.args[0]);
+                low.launches.push(Launch::Fused {
+                    program: FusedProgram {
+                        mode: Mode::Elements,
+                        rows: 1,
+                        cols: numel(&ins.shape),
+                        ops: vec![KOp::Load(0, Access::Elem)],
+                        outputs: vec![(0, Store::Elem)],
+                    },
+                    inputs: vec![input],
+                    outputs: vec![Buf::Slot(i)],
+                });
+            }
+            (None, Op::Conv2d) => {
+                let (xs, ks) = (operand_shape(0), operand_shape(1));
+                let config = ConvConfig {
+                    ci: xs[0],
+                    co: ks[0],
+                    h: xs[1],
+                    w: xs[2],
+                    b: xs[3],
+                    k: ks[2],
+                    slices: 1,
+                };
+                let (x, kernel) = (
+                    low.contiguous(plan, ins.args[0]),
+                    low.contiguous(plan, ins.args[1]),
+                );
+                low.launches.push(Launch::Conv2d {
+                    config,
+                    x,
+                    kernel,
+                    out: Buf::Slot(i),
+                });
+            }
+            (None, Op::ConvKernelGrad { k }) => {
+                let (dys, xs) = (operand_shape(0), operand_shape(1));
+                let positions = dys[1] * dys[2] * dys[3];
+                let elements = dys[0] * xs[0] * k * k;
+                // Enough units to fill a GPU, each summing at least a few hundred positions.
+                let slices = (16384 / elements).clamp(1, positions.div_ceil(256).max(1));
+                let config = ConvConfig {
+                    ci: xs[0],
+                    co: dys[0],
+                    h: dys[1],
+                    w: dys[2],
+                    b: dys[3],
+                    k: *k,
+                    slices,
+                };
+                let (dy, x) = (
+                    low.contiguous(plan, ins.args[0]),
+                    low.contiguous(plan, ins.args[1]),
+                );
+                let partials = low.temp(elements * slices);
+                low.launches.push(Launch::KernelGradPartials {
+                    config,
+                    dy,
+                    x,
+                    partials,
+                });
+                low.launches.push(Launch::Fused {
+                    program: FusedProgram {
+                        mode: Mode::Rows,
+                        rows: elements,
+                        cols: slices,
+                        ops: vec![KOp::Load(0, Access::Elem)],
+                        outputs: vec![(0, Store::LineSum)],
+                    },
+                    inputs: vec![partials],
+                    outputs: vec![Buf::Slot(i)],
+                });
+            }
+            (None, Op::Spline { bins, bound, part }) => {
+                let xs = operand_shape(0);
+                let config = SplineConfig {
+                    d: xs[0],
+                    n: xs[1],
+                    bins: *bins,
+                    bound: f32_bits(f64::from_bits(*bound)),
+                    out: match part {
+                        SplinePart::Value => SplineOut::Value,
+                        SplinePart::LogDet => SplineOut::LogDet,
+                    },
+                    of_value: true,
+                };
+                let a: Vec<Buf> = (0..4).map(|j| low.contiguous(plan, ins.args[j])).collect();
+                low.launches.push(Launch::Spline {
+                    config,
+                    // No cotangent: any bound buffer of the batch's size.
+                    args: [a[0], a[1], a[2], a[3], a[0]],
+                    out: Buf::Slot(i),
+                });
+            }
+            (
+                None,
+                Op::SplineGrad {
+                    bins,
+                    bound,
+                    part,
+                    wrt,
+                },
+            ) => {
+                let xs = operand_shape(0);
+                let config = SplineConfig {
+                    d: xs[0],
+                    n: xs[1],
+                    bins: *bins,
+                    bound: f32_bits(f64::from_bits(*bound)),
+                    out: if *wrt == 0 {
+                        SplineOut::GradX
+                    } else {
+                        SplineOut::GradParam(*wrt)
+                    },
+                    of_value: *part == SplinePart::Value,
+                };
+                let a: Vec<Buf> = (0..5).map(|j| low.contiguous(plan, ins.args[j])).collect();
+                low.launches.push(Launch::Spline {
+                    config,
+                    args: [a[0], a[1], a[2], a[3], a[4]],
+                    out: Buf::Slot(i),
+                });
+            }
+            (None, op) if index_tables::is_index_op(op) => {
+                let table =
+                    index_tables::table(op, &operand_shape(0)).expect("an index op has a table");
+                let input = low.contiguous(plan, ins.args[0]);
+                low.launches.push(Launch::Gather {
+                    config: GatherConfig {
+                        outputs: table.outputs(),
+                        weighted: table.weight.is_some(),
+                    },
+                    table: low.tables.len(),
+                    input,
+                    out: Buf::Slot(i),
+                });
+                low.tables.push(table);
+            }
             _ => {
                 if let Some(k) = snfc_compiler::plan::single_op_kernel(ins, &plan.instrs) {
-                    lower_fused(plan, ins, &k, &[i], &mut temps, &mut launches);
+                    lower_fused(plan, ins, &k, &[i], &mut low.temps, &mut low.launches);
                 }
                 // leaves and transposes: no kernel
             }
         }
     }
-    (launches, temps)
+    low
 }
 
 /// A launch's kind for profiles: the kernel and its shape.
@@ -595,6 +930,20 @@ fn launch_kind(l: &Launch) -> String {
             if g.a_t { "T" } else { "N" },
             if g.b_t { "T" } else { "N" }
         ),
+        Launch::Gather { config, .. } => format!(
+            "gather{} [{}]",
+            if config.weighted { " weighted" } else { "" },
+            config.outputs
+        ),
+        Launch::Conv2d { config: c, .. } => format!(
+            "conv2d {}->{} {}x{} k{} b{}",
+            c.ci, c.co, c.h, c.w, c.k, c.b
+        ),
+        Launch::KernelGradPartials { config: c, .. } => format!(
+            "conv kernel grad {}->{} {}x{} k{} ({} slices)",
+            c.ci, c.co, c.h, c.w, c.k, c.slices
+        ),
+        Launch::Spline { config: c, .. } => format!("spline {:?} [{} x {}]", c.out, c.d, c.n),
         Launch::HostLinalg { op, .. } => format!("{op} (host LU)"),
     }
 }

@@ -2,6 +2,7 @@
 //! without a device (`snfc compile --emit cuda,wgsl`).
 
 use super::kernels::{self, FusedProgram, GemmConfig};
+use super::tensor_kernels::{self, ConvConfig, GatherConfig, SplineConfig};
 use super::GpuProgram;
 use cubecl::cuda::{CudaCompiler, CudaRuntime};
 use cubecl::prelude::*;
@@ -105,6 +106,60 @@ pub fn sum_partials(n: usize, target: Target) -> Result<String, String> {
     compile(b.build(settings), target)
 }
 
+fn array_args(b: &mut KernelBuilder, inputs: usize) -> Vec<<Array<f32> as CubeType>::ExpandType> {
+    let arg = ArrayCompilationArg { inplace: None };
+    (0..inputs)
+        .map(|_| <Array<f32> as LaunchArg>::expand(&arg, b))
+        .collect()
+}
+
+fn settings(name: &str) -> KernelSettings {
+    KernelSettings::default()
+        .kernel_name(name)
+        .cube_dim(CubeDim::new_1d(256))
+}
+
+/// The source of one index-table gather.
+pub fn gather(g: &GatherConfig, target: Target) -> Result<String, String> {
+    let mut b = builder(target);
+    let arg = ArrayCompilationArg { inplace: None };
+    let input = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let ptr = <Array<u32> as LaunchArg>::expand(&arg, &mut b);
+    let idx = <Array<u32> as LaunchArg>::expand(&arg, &mut b);
+    let weight = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
+    tensor_kernels::gather::expand(&mut b.scope, input, ptr, idx, weight, out, g.clone());
+    compile(b.build(settings("gather")), target)
+}
+
+/// The source of one convolution (or, `partials`, kernel-gradient partial sums).
+pub fn conv(c: &ConvConfig, partials: bool, target: Target) -> Result<String, String> {
+    let mut b = builder(target);
+    let mut a = array_args(&mut b, 2).into_iter();
+    let (x, y) = (a.next().expect("two"), a.next().expect("two"));
+    let arg = ArrayCompilationArg { inplace: None };
+    let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
+    if partials {
+        tensor_kernels::conv_kernel_grad_partials::expand(&mut b.scope, x, y, out, c.clone());
+        compile(b.build(settings("conv_kernel_grad_partials")), target)
+    } else {
+        tensor_kernels::conv2d::expand(&mut b.scope, x, y, out, c.clone());
+        compile(b.build(settings("conv2d")), target)
+    }
+}
+
+/// The source of one spline launch.
+pub fn spline(c: &SplineConfig, target: Target) -> Result<String, String> {
+    let mut b = builder(target);
+    let mut a = array_args(&mut b, 5).into_iter();
+    let mut next = || a.next().expect("five");
+    let (x, w, h, d, g) = (next(), next(), next(), next(), next());
+    let arg = ArrayCompilationArg { inplace: None };
+    let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
+    tensor_kernels::spline::expand(&mut b.scope, x, w, h, d, g, out, c.clone());
+    compile(b.build(settings("spline")), target)
+}
+
 /// Every kernel a plan launches, in launch order, as `target` source.
 pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, String> {
     if let Some(op) = super::unsupported_op(plan) {
@@ -119,6 +174,10 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
             KernelSpec::Fused { program, inputs } => ("fused", fused(&program, inputs, target)?),
             KernelSpec::Gemm(g) => ("gemm", gemm(&g, target)?),
             KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n, target)?),
+            KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
+            KernelSpec::Conv2d(c) => ("conv2d", conv(&c, false, target)?),
+            KernelSpec::KernelGradPartials(c) => ("conv_kernel_grad", conv(&c, true, target)?),
+            KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
         };
         out.push(KernelSource {
             name: format!("k{k:03}_{kind}"),
@@ -137,4 +196,8 @@ pub enum KernelSpec {
     },
     Gemm(GemmConfig),
     SumPartials(usize),
+    Gather(GatherConfig),
+    Conv2d(ConvConfig),
+    KernelGradPartials(ConvConfig),
+    Spline(SplineConfig),
 }
