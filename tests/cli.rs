@@ -1169,3 +1169,108 @@ fn grad_takes_dequantization_noise_from_a_file() {
         "{err}"
     );
 }
+
+/// A spec with an image input takes `[B, C, H, W]` arrays in `grad` and `eval` (flattened in C
+/// order, so the same numbers as `[B, C·H·W]` give the same results), names the file and shape
+/// when neither fits, and its gradients on wgpu match the host.
+#[test]
+fn image_specs_take_bchw_arrays_and_their_gradients_match_on_wgpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = r#"{
+  "name": "tiny_image",
+  "input": {"shape": [1, 4, 4], "preprocess": "none"},
+  "layers": [
+    {"type": "conv", "kernel_size": 3, "bias": true},
+    {"type": "spline", "bins": 4, "tail_bound": 3},
+    {"type": "squeeze"},
+    {"type": "conv", "kernel_size": 1, "bias": true}
+  ],
+  "objective": {"gradient": "self_normalizing", "lambda": 1.0},
+  "train": {"batch_size": 3, "epochs": 1, "warmup_epochs": 0, "seed": 0}
+}
+"#;
+    let spec_path = dir.path().join("tiny_image.json");
+    std::fs::write(&spec_path, json).unwrap();
+    let spec = parse_spec(json).unwrap();
+    let mut model = Model::<f64>::init(&spec, 3);
+    let mut k = 0u64;
+    for info in model.params.clone() {
+        let v: Vec<f64> = model.values[&info.name]
+            .iter()
+            .map(|x| {
+                k += 1;
+                x + 0.05 * ((k as f64 * 0.7).sin())
+            })
+            .collect();
+        model.values.insert(info.name.clone(), Arc::new(v));
+    }
+    let params = dir.path().join("tiny_image.safetensors");
+    let meta = HashMap::from([("spec".to_string(), spec.to_json_pretty())]);
+    model.save(&params, &[], meta).unwrap();
+    let rows: Vec<f64> = (0..3 * 16)
+        .map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0)
+        .collect();
+    let bchw = dir.path().join("x_bchw.npy");
+    let flat = dir.path().join("x_flat.npy");
+    snfc_runtime::npy::write_npy_f64(&bchw, &[3, 1, 4, 4], &rows).unwrap();
+    snfc_runtime::npy::write_npy_f64(&flat, &[3, 16], &rows).unwrap();
+    let run = |input: &Path, out: &str, device: &str| {
+        grad_run(
+            &spec_path,
+            &params,
+            input,
+            &dir.path().join(out),
+            &["--device", device],
+        )
+    };
+    let a = run(&bchw, "a.safetensors", "host");
+    let b = run(&flat, "b.safetensors", "host");
+    assert_eq!(
+        a.tensors, b.tensors,
+        "[B, C, H, W] and [B, C·H·W] are the same batch"
+    );
+    assert!(a.tensors.contains_key("layers.0.weight_inv"));
+    let eval = |data: &Path| {
+        ok(snfc([
+            "eval",
+            p(&params),
+            "--spec",
+            p(&spec_path),
+            "--data",
+            p(data),
+            "--json",
+        ]))
+    };
+    assert_eq!(eval(&bchw), eval(&flat));
+    let wrong = dir.path().join("x_wrong.npy");
+    snfc_runtime::npy::write_npy_f64(&wrong, &[3, 1, 4, 5], &[0.5; 60]).unwrap();
+    let err = fails(snfc([
+        "grad",
+        p(&spec_path),
+        "--params",
+        p(&params),
+        "--input",
+        p(&wrong),
+        "-o",
+        p(&dir.path().join("w.safetensors")),
+    ]));
+    assert!(
+        err.contains("x_wrong.npy") && err.contains("[1, 4, 4]"),
+        "{err}"
+    );
+    if !wgpu_present() {
+        eprintln!("skipped the wgpu half: no wgpu adapter");
+        return;
+    }
+    let g = run(&bchw, "g.safetensors", "wgpu");
+    for (name, (_, _, want)) in &a.tensors {
+        let got = &g.tensors[name].2;
+        let scale = want.iter().fold(1e-2f64, |m, v| m.max(v.abs()));
+        let err = want
+            .iter()
+            .zip(got)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(err <= 1e-4 * scale, "{name}: {err:e} of {scale:e}");
+    }
+}

@@ -4,7 +4,7 @@
 //! `inverse` (`∂A = −Mᵀ G Mᵀ` for `M = A⁻¹`) and `logdet` (`∂A = g · A⁻ᵀ`). They are emitted
 //! exactly; the self-normalizing substitution is a later rewrite.
 
-use crate::ir::{Graph, GraphBuilder, Op, Unary};
+use crate::ir::{Graph, GraphBuilder, Op};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
 
@@ -109,21 +109,7 @@ fn vjp(
             b.mul(g, inv_t)
         }
         Op::Unary(u) => {
-            let d = match u {
-                Unary::Exp => n,
-                Unary::Log => b.unary(Unary::Recip, x),
-                Unary::Softplus => b.unary(Unary::Sigmoid, x),
-                Unary::Sigmoid => {
-                    let one = b.constant(1.0);
-                    let om = b.sub(one, n);
-                    b.mul(n, om)
-                }
-                Unary::Square => b.scale(x, 2.0),
-                Unary::Recip => {
-                    let sq = b.unary(Unary::Square, n);
-                    b.neg(sq)
-                }
-            };
+            let d = u.derivative(b, x, n);
             b.mul(g, d)
         }
         Op::Sum { axis } => {

@@ -41,6 +41,33 @@ impl Unary {
             Unary::Recip => "recip",
         }
     }
+
+    /// `dy/dx` as a graph, for `y = self(x)` (the node `y` may be reused): the one place an
+    /// elementwise function's derivative is written (autodiff multiplies it by the cotangent).
+    /// The function itself is evaluated by the runtime's `executors/elementwise.rs`, on the host
+    /// and in the GPU kernels alike.
+    pub fn derivative(
+        self,
+        b: &mut super::GraphBuilder,
+        x: super::NodeIndex,
+        y: super::NodeIndex,
+    ) -> super::NodeIndex {
+        match self {
+            Unary::Exp => y,
+            Unary::Log => b.unary(Unary::Recip, x),
+            Unary::Softplus => b.unary(Unary::Sigmoid, x),
+            Unary::Sigmoid => {
+                let one = b.constant(1.0);
+                let om = b.sub(one, y);
+                b.mul(y, om)
+            }
+            Unary::Square => b.scale(x, 2.0),
+            Unary::Recip => {
+                let sq = b.unary(Unary::Square, y);
+                b.neg(sq)
+            }
+        }
+    }
 }
 
 /// Which output of a rational-quadratic spline an op computes.
