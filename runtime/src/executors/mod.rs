@@ -3,4 +3,5 @@
 
 pub mod backend;
 pub mod cube;
+pub mod elementwise;
 pub mod host;

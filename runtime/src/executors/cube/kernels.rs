@@ -3,7 +3,9 @@
 //! a `comptime` op list (each fusion group of the plan becomes one kernel), a partial-sum
 //! finisher for whole-tensor reductions and the Adam update.
 
+use crate::executors::elementwise::gpu_unary;
 use cubecl::prelude::*;
+use snfc_compiler::ir::Unary;
 
 /// How a fused kernel reads one of its inputs at element `(r, c)` of its iteration space.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -30,12 +32,8 @@ pub enum KOp {
     Sub(usize, usize),
     Mul(usize, usize),
     Neg(usize),
-    Exp(usize),
-    Log(usize),
-    Softplus(usize),
-    Sigmoid(usize),
-    Square(usize),
-    Recip(usize),
+    /// An elementwise function (its formula: `executors/elementwise.rs`).
+    Unary(usize, Unary),
 }
 
 /// What a fused kernel does with an output register.
@@ -106,19 +104,7 @@ fn eval<F: Float>(
             KOp::Sub(a, b) => *regs.index(a) - *regs.index(b),
             KOp::Mul(a, b) => *regs.index(a) * *regs.index(b),
             KOp::Neg(a) => F::new(0.0) - *regs.index(a),
-            KOp::Exp(a) => F::exp(*regs.index(a)),
-            KOp::Log(a) => F::ln(*regs.index(a)),
-            KOp::Softplus(a) => {
-                // max(x, 0) + ln(1 + e^-|x|): no overflow for large |x|.
-                let x = *regs.index(a);
-                F::max(x, F::new(0.0)) + F::log1p(F::exp(F::new(0.0) - F::abs(x)))
-            }
-            KOp::Sigmoid(a) => {
-                let x = *regs.index(a);
-                F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - x))
-            }
-            KOp::Square(a) => *regs.index(a) * *regs.index(a),
-            KOp::Recip(a) => F::new(1.0) / *regs.index(a),
+            KOp::Unary(a, u) => gpu_unary::<F>(*regs.index(a), u),
         };
         regs.push(v);
     }

@@ -23,7 +23,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
 use kernels::{Access, FusedProgram, GemmConfig, KOp, Mode, Store};
-use snfc_compiler::ir::{Op, SplinePart, Unary};
+use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
 use std::collections::HashMap;
 use tensor_kernels as kernels_t;
@@ -1025,17 +1025,14 @@ fn lower_fused(
                 });
                 ops.len() - 1
             }
-            Op::Neg | Op::Unary(_) => {
+            Op::Neg => {
                 let a = arg(&mut ops, 0);
-                ops.push(match m.op {
-                    Op::Neg => KOp::Neg(a),
-                    Op::Unary(Unary::Exp) => KOp::Exp(a),
-                    Op::Unary(Unary::Log) => KOp::Log(a),
-                    Op::Unary(Unary::Softplus) => KOp::Softplus(a),
-                    Op::Unary(Unary::Sigmoid) => KOp::Sigmoid(a),
-                    Op::Unary(Unary::Square) => KOp::Square(a),
-                    _ => KOp::Recip(a),
-                });
+                ops.push(KOp::Neg(a));
+                ops.len() - 1
+            }
+            Op::Unary(u) => {
+                let a = arg(&mut ops, 0);
+                ops.push(KOp::Unary(a, *u));
                 ops.len() - 1
             }
             // Identities: the register is the operand's.

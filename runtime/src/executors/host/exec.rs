@@ -9,6 +9,7 @@ use super::fused::{self, Ext};
 use super::linalg::{self, MatRef, Real};
 use super::shape_ops;
 use super::spline::{Spline, SplineGrads, SplineParams};
+use crate::executors::elementwise::host_unary;
 use rayon::prelude::*;
 use snfc_compiler::ir::{Graph, Op, Shape, SplinePart, Unary};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
@@ -274,32 +275,6 @@ fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
                 }
             }
         });
-}
-
-/// Numerically stable elementwise functions.
-pub fn unary<T: Real>(u: Unary, x: T) -> T {
-    let one = T::one();
-    match u {
-        Unary::Exp => x.exp(),
-        Unary::Log => x.ln(),
-        Unary::Softplus => {
-            if x > T::zero() {
-                x + (-x).exp().ln_1p()
-            } else {
-                x.exp().ln_1p()
-            }
-        }
-        Unary::Sigmoid => {
-            if x >= T::zero() {
-                one / (one + (-x).exp())
-            } else {
-                let e = x.exp();
-                e / (one + e)
-            }
-        }
-        Unary::Square => x * x,
-        Unary::Recip => one / x,
-    }
 }
 
 impl<T: Real> Executor<T> {
@@ -671,7 +646,7 @@ impl<T: Real> Executor<T> {
                     Op::Neg => -x,
                     Op::Unary(Unary::Square) => x * x,
                     Op::Unary(Unary::Recip) => T::one() / x,
-                    Op::Unary(u) => unary(u, x),
+                    Op::Unary(u) => host_unary(u, x),
                     _ => x,
                 };
                 if ins.args.len() == 1 {
@@ -689,7 +664,7 @@ impl<T: Real> Executor<T> {
                         Op::Neg => map1(&mut out, &a, |x| -x),
                         Op::Unary(Unary::Square) => map1(&mut out, &a, |x| x * x),
                         Op::Unary(Unary::Recip) => map1(&mut out, &a, |x| T::one() / x),
-                        Op::Unary(u) => map1(&mut out, &a, |x| unary(u, x)),
+                        Op::Unary(u) => map1(&mut out, &a, |x| host_unary(u, x)),
                         _ => out.copy_from_slice(&a),
                     }
                     return Ok(out_value(out));

@@ -3,10 +3,10 @@
 //! time, with reductions accumulated on the fly. Intermediate values live in small per-thread
 //! registers (a chunk of a row each) instead of full buffers.
 
-use super::exec::unary;
 use super::linalg::Real;
+use crate::executors::elementwise::host_unary;
 use rayon::prelude::*;
-use snfc_compiler::ir::{Op, Unary};
+use snfc_compiler::ir::Op;
 use snfc_compiler::plan::{FusedKernel, Src};
 
 const CHUNK: usize = 256;
@@ -165,11 +165,9 @@ impl Runner<'_> {
                 }
                 Op::Neg => map(dst, read(m.args[0]), |x| -x),
                 Op::StopGrad => map(dst, read(m.args[0]), |x| x),
-                Op::Unary(Unary::Square) => map(dst, read(m.args[0]), |x| x * x),
-                Op::Unary(Unary::Recip) => map(dst, read(m.args[0]), |x| T::one() / x),
                 Op::Unary(u) => {
                     let u = *u;
-                    map(dst, read(m.args[0]), |x| unary(u, x))
+                    map(dst, read(m.args[0]), |x| host_unary(u, x))
                 }
                 Op::Broadcast { new_axis, .. } => {
                     let Src::Ext(k) = m.args[0] else {
