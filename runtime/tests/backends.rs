@@ -429,6 +429,18 @@ fn spline_ops(chosen: &Chosen) {
                 b.output(&format!("grad {part:?} wrt {wrt}"), v);
             }
         }
+        // Both cotangents in one pass.
+        let gl = b.input("gl", vec![d, n]);
+        for wrt in 0..if bins == 1 { 3 } else { 4 } {
+            let op = Op::SplineGrad {
+                bins,
+                bound: bound.to_bits(),
+                part: SplinePart::Both,
+                wrt,
+            };
+            let v = b.add(op, &[x, wd, ht, dv, g, gl]);
+            b.output(&format!("grad of both wrt {wrt}"), v);
+        }
         let graph = b.finish();
         // x in [−4, 4): some inputs take the identity tails.
         let feeds = random_feeds(&graph, &mut rng, -4.0, 4.0);

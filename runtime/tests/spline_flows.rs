@@ -67,6 +67,11 @@ fn exact_spline_flow_gradients_match_finite_differences() {
     // Some inputs lie beyond the bound: the identity branch is covered too.
     assert!(feeds["x"].iter().any(|v| v.abs() > 3.0));
     let step = compile_train(&spec, batch, OptLevel::Full).expect("the spec compiles");
+    // The optimizer merged the value's and the log-det's VJPs into one pass each
+    // (`spline-vjps-merge`): the comparison below checks the merged form.
+    let text = step.step.to_text();
+    assert!(text.contains("part=both"), "{text}");
+    assert!(!text.contains("part=value wrt") && !text.contains("part=logdet wrt"));
     let s = run(&step.step, &feeds);
     for (name, g) in outs.iter().filter(|(k, _)| k.starts_with("grad.")) {
         for (a, b) in s[name].iter().zip(g) {

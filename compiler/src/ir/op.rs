@@ -77,6 +77,10 @@ pub enum SplinePart {
     Value,
     /// `ln |s'(x)|`, elementwise.
     LogDet,
+    /// Only for [`Op::SplineGrad`]: the VJP of the value and of the log-det together, with a
+    /// cotangent for each (`g_y`, `g_l`) — one pass instead of two (the optimizer merges the sum
+    /// of the two VJPs into it).
+    Both,
 }
 
 impl SplinePart {
@@ -84,6 +88,7 @@ impl SplinePart {
         match self {
             SplinePart::Value => "value",
             SplinePart::LogDet => "logdet",
+            SplinePart::Both => "both",
         }
     }
 
@@ -91,7 +96,8 @@ impl SplinePart {
         match s {
             "value" => Ok(SplinePart::Value),
             "logdet" => Ok(SplinePart::LogDet),
-            _ => Err(format!("spline part {s:?}: value or logdet")),
+            "both" => Ok(SplinePart::Both),
+            _ => Err(format!("spline part {s:?}: value, logdet or both")),
         }
     }
 }
@@ -190,7 +196,8 @@ pub enum Op {
         part: SplinePart,
     },
     /// The vector-Jacobian product of [`Op::Spline`] (`part`) with respect to operand `wrt`:
-    /// `(x, widths, heights, derivatives, g [D, B]) →` the shape of operand `wrt`.
+    /// `(x, widths, heights, derivatives, g [D, B]) →` the shape of operand `wrt`; with
+    /// `part = both`, two cotangents `(…, g_y, g_l)`: the sum of the value's and the log-det's.
     SplineGrad {
         bins: usize,
         bound: u64,
@@ -233,6 +240,10 @@ impl Op {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0,
             Op::MatMul | Op::Add | Op::Sub | Op::Mul | Op::Conv2d | Op::ConvKernelGrad { .. } => 2,
             Op::Spline { .. } => 4,
+            Op::SplineGrad {
+                part: SplinePart::Both,
+                ..
+            } => 6,
             Op::SplineGrad { .. } => 5,
             _ => 1,
         }
@@ -372,11 +383,18 @@ impl Op {
                 }
                 match self {
                     Op::SplineGrad { wrt, .. } => {
-                        if ins[4] != *x || *wrt > 3 {
-                            return Err(format!("{self}: cotangent {:?} for x {x:?}", ins[4]));
+                        if ins[4..].iter().any(|g| g != x) || *wrt > 3 {
+                            return Err(format!(
+                                "{self}: cotangents {:?} for x {x:?}",
+                                &ins[4..]
+                            ));
                         }
                         Ok(ins[*wrt].clone())
                     }
+                    Op::Spline {
+                        part: SplinePart::Both,
+                        ..
+                    } => Err(format!("{self}: a spline value is its value or its log-det")),
                     _ => Ok(x.clone()),
                 }
             }

@@ -386,7 +386,12 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
                     let part = match get("part")? {
                         "value" => SplinePart::Value,
                         "logdet" => SplinePart::LogDet,
-                        p => return Err(format!("bad part={p:?} of {word}: value or logdet")),
+                        "both" if word == "spline_grad" => SplinePart::Both,
+                        p => {
+                            return Err(format!(
+                                "bad part={p:?} of {word}: value, logdet (or both, for spline_grad)"
+                            ))
+                        }
                     };
                     let bins = num("bins")?;
                     if word == "spline" {

@@ -1,6 +1,6 @@
 //! The IR as an egg language: an e-node is an [`Op`] and its operand e-classes.
 
-use crate::ir::{Graph, Op, Shape};
+use crate::ir::{Graph, Op, Shape, SplinePart};
 use egg::{Analysis, DidMerge, EGraph, FromOp, Id, Language};
 use std::fmt;
 
@@ -96,6 +96,10 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
         // A bin search and a rational function per element (about 40 operations); the
         // vector-Jacobian product about twice that.
         Op::Spline { .. } => 40.0 * numel(out),
+        Op::SplineGrad {
+            part: SplinePart::Both,
+            ..
+        } => 100.0 * numel(ins[0]),
         Op::SplineGrad { .. } => 80.0 * numel(ins[0]),
         Op::Sum { .. } => numel(ins[0]),
         _ => numel(out),

@@ -22,7 +22,7 @@ mod lang;
 pub use extract::{DagExtraction, PathExtraction};
 pub use lang::{op_cost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 
-use crate::ir::{Graph, GraphBuilder, Op, Region, Shape};
+use crate::ir::{Graph, GraphBuilder, Op, Region, Shape, SplinePart};
 use egg::{Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
@@ -456,6 +456,67 @@ impl Applier<TensorNode, ShapeAnalysis> for PairApplier {
     }
 }
 
+/// A spline identity, with placeholders that [`spline_rules`] fills in for each spline op of the
+/// graph and each operand: `{VALUE}`, `{LOGDET}` and `{BOTH}` are its `spline_grad` ops of one
+/// `wrt` for the value's cotangent, the log-det's, and both at once.
+pub const SPLINE: &[RuleSpec] = &[rule(
+    // The VJP is linear in the cotangents: the value's and the log-det's VJPs, summed, are one
+    // pass over the spline with both cotangents.
+    "spline-vjps-merge",
+    "(add ({VALUE} ?x ?w ?h ?d ?a) ({LOGDET} ?x ?w ?h ?d ?b))",
+    "({BOTH} ?x ?w ?h ?d ?a ?b)",
+)];
+
+/// `rules` instantiated for every spline of `g` (bins, bound) and every operand `wrt`.
+fn spline_rules(rules: &[RuleSpec], g: &Graph) -> Vec<TRewrite> {
+    let mut splines: Vec<(usize, u64)> = g
+        .nodes()
+        .into_iter()
+        .filter_map(|n| match g.node(n).op {
+            Op::Spline { bins, bound, .. } | Op::SplineGrad { bins, bound, .. } => {
+                Some((bins, bound))
+            }
+            _ => None,
+        })
+        .collect();
+    splines.sort();
+    splines.dedup();
+    let mut specs: Vec<(String, String, String)> = Vec::new();
+    for (bins, bound) in splines {
+        for wrt in 0..4 {
+            let op = |part| {
+                Op::SplineGrad {
+                    bins,
+                    bound,
+                    part,
+                    wrt,
+                }
+                .to_string()
+            };
+            for r in rules {
+                let fill = |p: &str| {
+                    p.replace("{VALUE}", &op(SplinePart::Value))
+                        .replace("{LOGDET}", &op(SplinePart::LogDet))
+                        .replace("{BOTH}", &op(SplinePart::Both))
+                };
+                specs.push((
+                    format!("{}[{}]", r.name, op(SplinePart::Both)),
+                    fill(r.lhs),
+                    fill(r.rhs),
+                ));
+            }
+        }
+    }
+    specs
+        .into_iter()
+        .map(|(name, lhs, rhs)| {
+            let (from, to) = (parse_pattern(&lhs, &name), parse_pattern(&rhs, &name));
+            Rewrite::new(name.clone(), from, to)
+                .unwrap_or_else(|e| panic!("snfc internal error: rule {name}: {e}"))
+        })
+        .collect()
+}
+
 /// One convolution of a graph, as the conv rules need it: its Toeplitz size, channels, kernel
 /// size and a batch size it is applied at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -883,6 +944,7 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
     let mut rules = compile_rules(ALGEBRA);
     rules.extend(conv_rules(CONV_OPERATOR, g));
     rules.extend(conv_rules(CONV_ADJOINT, g));
+    rules.extend(spline_rules(SPLINE, g));
     let order = g.nodes();
     let is_leaf = |n: NodeIndex| g.node(n).op.arity() == 0;
     // Roots: values used outside their region, and outputs.

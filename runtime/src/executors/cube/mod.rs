@@ -76,10 +76,11 @@ enum Launch {
         x: Buf,
         partials: Buf,
     },
-    /// A spline value, log-det or VJP: operands x, widths, heights, derivatives, cotangent.
+    /// A spline value, log-det or VJP: operands x, widths, heights, derivatives, and the
+    /// cotangents of the value and of the log-det.
     Spline {
         config: SplineConfig,
-        args: [Buf; 5],
+        args: [Buf; 6],
         out: Buf,
     },
     /// Inverse or log-determinant on the host (LU in f64).
@@ -456,6 +457,7 @@ impl<R: Runtime> GpuProgram<R> {
                         arg(args[2])?,
                         arg(args[3])?,
                         arg(args[4])?,
+                        arg(args[5])?,
                         arg(*out)?,
                         config.clone(),
                     );
@@ -843,15 +845,16 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                     bound: f32_bits(f64::from_bits(*bound)),
                     out: match part {
                         SplinePart::Value => SplineOut::Value,
-                        SplinePart::LogDet => SplineOut::LogDet,
+                        SplinePart::LogDet | SplinePart::Both => SplineOut::LogDet,
                     },
-                    of_value: true,
+                    g_y: false,
+                    g_l: false,
                 };
                 let a: Vec<Buf> = (0..4).map(|j| low.contiguous(plan, ins.args[j])).collect();
                 low.launches.push(Launch::Spline {
                     config,
-                    // No cotangent: any bound buffer of the batch's size.
-                    args: [a[0], a[1], a[2], a[3], a[0]],
+                    // No cotangents: any bound buffer of the batch's size.
+                    args: [a[0], a[1], a[2], a[3], a[0], a[0]],
                     out: Buf::Slot(i),
                 });
             }
@@ -875,12 +878,21 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                     } else {
                         SplineOut::GradParam(*wrt)
                     },
-                    of_value: *part == SplinePart::Value,
+                    g_y: *part != SplinePart::LogDet,
+                    g_l: *part != SplinePart::Value,
                 };
-                let a: Vec<Buf> = (0..5).map(|j| low.contiguous(plan, ins.args[j])).collect();
+                let a: Vec<Buf> = (0..ins.args.len())
+                    .map(|j| low.contiguous(plan, ins.args[j]))
+                    .collect();
+                // The cotangents in (g_y, g_l) order; an unread one binds x.
+                let (g_y, g_l) = match part {
+                    SplinePart::Value => (a[4], a[0]),
+                    SplinePart::LogDet => (a[0], a[4]),
+                    SplinePart::Both => (a[4], a[5]),
+                };
                 low.launches.push(Launch::Spline {
                     config,
-                    args: [a[0], a[1], a[2], a[3], a[4]],
+                    args: [a[0], a[1], a[2], a[3], g_y, g_l],
                     out: Buf::Slot(i),
                 });
             }

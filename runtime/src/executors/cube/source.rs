@@ -151,12 +151,12 @@ pub fn conv(c: &ConvConfig, partials: bool, target: Target) -> Result<String, St
 /// The source of one spline launch.
 pub fn spline(c: &SplineConfig, target: Target) -> Result<String, String> {
     let mut b = builder(target);
-    let mut a = array_args(&mut b, 5).into_iter();
-    let mut next = || a.next().expect("five");
-    let (x, w, h, d, g) = (next(), next(), next(), next(), next());
+    let mut a = array_args(&mut b, 6).into_iter();
+    let mut next = || a.next().expect("six");
+    let (x, w, h, d, gy, gl) = (next(), next(), next(), next(), next(), next());
     let arg = ArrayCompilationArg { inplace: None };
     let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    tensor_kernels::spline::expand(&mut b.scope, x, w, h, d, g, out, c.clone());
+    tensor_kernels::spline::expand(&mut b.scope, x, w, h, d, gy, gl, out, c.clone());
     compile(b.build(settings("spline")), target)
 }
 

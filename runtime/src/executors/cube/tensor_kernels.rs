@@ -149,7 +149,8 @@ pub enum SplineOut {
 }
 
 /// A spline launch: `d` elements, batch `n`, `bins` bins, tail bound `bound` (f32 bits), what
-/// it writes, and for gradients whether the cotangent is of the value (else of the log-det).
+/// it writes, and for gradients which cotangents it reads: of the value (`g_y`, the first
+/// cotangent array) and/or of the log-det (`g_l`, the second).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct SplineConfig {
     pub d: usize,
@@ -157,7 +158,8 @@ pub struct SplineConfig {
     pub bins: usize,
     pub bound: u32,
     pub out: SplineOut,
-    pub of_value: bool,
+    pub g_y: bool,
+    pub g_l: bool,
 }
 
 /// nflows' defaults, as the host spline (`host::spline`).
@@ -350,28 +352,51 @@ fn spline_element<F: Float>(
 }
 
 /// The spline (value or log-det) or one of its vector-Jacobian products. Operands: `x [D, N]`,
-/// widths and heights `[D, K]`, derivatives `[D, K−1]`, and (gradients only) the cotangent
-/// `[D, N]` of the value or of the per-element log-det.
+/// widths and heights `[D, K]`, derivatives `[D, K−1]`, and (gradients only) the cotangents
+/// `[D, N]` of the value and of the per-element log-det (an unread one binds any array).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn spline(
     x: &Array<f32>,
     widths: &Array<f32>,
     heights: &Array<f32>,
     derivs: &Array<f32>,
-    cotangent: &Array<f32>,
+    cot_y: &Array<f32>,
+    cot_l: &Array<f32>,
     out: &mut Array<f32>,
     #[comptime] c: SplineConfig,
 ) {
-    spline_body::<f32>(x, widths, heights, derivs, cotangent, out, c);
+    spline_body::<f32>(x, widths, heights, derivs, cot_y, cot_l, out, c);
+}
+
+/// The cotangents `(g_y, g_l)` of element `e`.
+#[cube]
+fn cotangents<F: Float>(
+    cot_y: &Array<F>,
+    cot_l: &Array<F>,
+    e: usize,
+    #[comptime] c: SplineConfig,
+) -> (F, F) {
+    let mut g_y = F::new(0.0);
+    let mut g_l = F::new(0.0);
+    if comptime![c.g_y] {
+        g_y = cot_y[e];
+    }
+    if comptime![c.g_l] {
+        g_l = cot_l[e];
+    }
+    (g_y, g_l)
 }
 
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn spline_body<F: Float>(
     x: &Array<F>,
     widths: &Array<F>,
     heights: &Array<F>,
     derivs: &Array<F>,
-    cotangent: &Array<F>,
+    cot_y: &Array<F>,
+    cot_l: &Array<F>,
     out: &mut Array<F>,
     #[comptime] c: SplineConfig,
 ) {
@@ -394,12 +419,7 @@ fn spline_body<F: Float>(
                 let mut acc = F::new(0.0);
                 for col in 0..n {
                     let e = row * n + col;
-                    let g = cotangent[e];
-                    let (g_y, g_l) = if comptime![c.of_value] {
-                        (g, F::new(0.0))
-                    } else {
-                        (F::new(0.0), g)
-                    };
+                    let (g_y, g_l) = cotangents::<F>(cot_y, cot_l, e, c.clone());
                     spline_element::<F>(
                         x[e], widths, heights, derivs, row, g_y, g_l, &mut r, kk, c.bound, true,
                     );
@@ -412,15 +432,7 @@ fn spline_body<F: Float>(
             if t < comptime![c.d * c.n] {
                 let row = t / n;
                 let grads = comptime![c.out == SplineOut::GradX];
-                let mut g_y = F::new(0.0);
-                let mut g_l = F::new(0.0);
-                if comptime![grads] {
-                    if comptime![c.of_value] {
-                        g_y = cotangent[t];
-                    } else {
-                        g_l = cotangent[t];
-                    }
-                }
+                let (g_y, g_l) = cotangents::<F>(cot_y, cot_l, t, c.clone());
                 spline_element::<F>(
                     x[t], widths, heights, derivs, row, g_y, g_l, &mut r, kk, c.bound, grads,
                 );

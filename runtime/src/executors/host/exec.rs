@@ -762,6 +762,7 @@ impl<T: Real> Executor<T> {
                 let slot = match part {
                     SplinePart::Value => 0,
                     SplinePart::LogDet => 1,
+                    SplinePart::Both => unreachable!("a spline value has one part (shape rule)"),
                 };
                 if let Some(done) = self
                     .spline_values
@@ -799,7 +800,7 @@ impl<T: Real> Executor<T> {
                 {
                     return Ok(value(done));
                 }
-                let args: Vec<Arc<Vec<T>>> = (0..5)
+                let args: Vec<Arc<Vec<T>>> = (0..ins.args.len())
                     .map(|k| {
                         let a = arg!(k).clone();
                         self.contiguous(&a)
@@ -812,6 +813,7 @@ impl<T: Real> Executor<T> {
                 let (g_y, g_l): (&[T], &[T]) = match part {
                     SplinePart::Value => (&args[4], &zeros),
                     SplinePart::LogDet => (&zeros, &args[4]),
+                    SplinePart::Both => (&args[4], &args[5]),
                 };
                 let mut g_x = vec![T::zero(); d * n];
                 let mut gw = vec![T::zero(); d * bins];
