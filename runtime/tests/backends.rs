@@ -384,6 +384,10 @@ fn tensor_ops(chosen: &Chosen) {
     let mt = b.transpose(m);
     let flat = b.add(Op::Reshape { to: vec![7, 3, 2] }, &[mt]);
     let back = b.add(Op::Reshape { to: vec![6, 7] }, &[flat]);
+    // Long sums (1,200 entries per output) take two gather passes.
+    let big = b.input("big", vec![2, 40, 30]);
+    let long_sum = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[big]);
+    b.output("long_sum", long_sum);
     b.output("permuted", p);
     b.output("expanded_product", prod);
     b.output("sum_1_3", r1);

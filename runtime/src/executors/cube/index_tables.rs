@@ -18,6 +18,41 @@ impl IndexTable {
         self.ptr.len() - 1
     }
 
+    /// Long sums in two passes, so that no unit walks more than `chunk` entries (a GPU has
+    /// thousands of units; one per output of a bias gradient would leave it idle): the first
+    /// table sums chunks of each output's entries into a scratch array, the second sums each
+    /// output's chunks. `None` when no output has more than `chunk` entries.
+    pub fn split(&self, chunk: usize) -> Option<(IndexTable, IndexTable)> {
+        let longest = (0..self.outputs())
+            .map(|o| (self.ptr[o + 1] - self.ptr[o]) as usize)
+            .max()
+            .unwrap_or(0);
+        if longest <= chunk {
+            return None;
+        }
+        let mut first = IndexTable {
+            ptr: vec![0],
+            idx: self.idx.clone(),
+            weight: self.weight.clone(),
+        };
+        let mut second = IndexTable {
+            ptr: vec![0],
+            idx: Vec::new(),
+            weight: None,
+        };
+        for o in 0..self.outputs() {
+            let (start, end) = (self.ptr[o] as usize, self.ptr[o + 1] as usize);
+            let mut at = start;
+            while at < end {
+                at = (at + chunk).min(end);
+                second.idx.push((first.ptr.len() - 1) as u32);
+                first.ptr.push(at as u32);
+            }
+            second.ptr.push(second.idx.len() as u32);
+        }
+        Some((first, second))
+    }
+
     /// One input element per output (a permutation or a repetition).
     fn gather(src: Vec<usize>) -> IndexTable {
         IndexTable {
@@ -211,6 +246,24 @@ mod tests {
 
     fn ramp(n: usize) -> Vec<f64> {
         (0..n).map(|i| ((i as f64 + 0.3) * 0.917).sin()).collect()
+    }
+
+    #[test]
+    fn split_sums_equal_the_one_pass_sums() {
+        let shape = [3, 50, 7];
+        let x = ramp(3 * 50 * 7);
+        for axes in [vec![1, 2], vec![0, 1, 2], vec![1]] {
+            let t = table(&Op::ReduceSum { axes: axes.clone() }, &shape).unwrap();
+            let want = apply(&t, &x);
+            let (first, second) = t.split(16).expect("rows longer than 16");
+            assert!((0..first.outputs()).all(|o| first.ptr[o + 1] - first.ptr[o] <= 16));
+            let got = apply(&second, &apply(&first, &x));
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{axes:?}");
+            }
+        }
+        let t = table(&Op::ReduceSum { axes: vec![0] }, &shape).unwrap();
+        assert!(t.split(16).is_none(), "rows of 3 need no split");
     }
 
     #[test]

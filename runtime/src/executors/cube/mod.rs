@@ -688,7 +688,24 @@ struct Lowered {
     tables: Vec<IndexTable>,
 }
 
+/// The most entries one unit of a gather sums; longer sums (a bias gradient over H·W·B
+/// positions) take two passes.
+const GATHER_CHUNK: usize = 256;
+
 impl Lowered {
+    fn gather(&mut self, table: IndexTable, input: Buf, out: Buf) {
+        self.launches.push(Launch::Gather {
+            config: GatherConfig {
+                outputs: table.outputs(),
+                weighted: table.weight.is_some(),
+            },
+            table: self.tables.len(),
+            input,
+            out,
+        });
+        self.tables.push(table);
+    }
+
     fn temp(&mut self, len: usize) -> Buf {
         self.temps.push(len);
         Buf::Temp(self.temps.len() - 1)
@@ -900,16 +917,14 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                 let table =
                     index_tables::table(op, &operand_shape(0)).expect("an index op has a table");
                 let input = low.contiguous(plan, ins.args[0]);
-                low.launches.push(Launch::Gather {
-                    config: GatherConfig {
-                        outputs: table.outputs(),
-                        weighted: table.weight.is_some(),
-                    },
-                    table: low.tables.len(),
-                    input,
-                    out: Buf::Slot(i),
-                });
-                low.tables.push(table);
+                match table.split(GATHER_CHUNK) {
+                    None => low.gather(table, input, Buf::Slot(i)),
+                    Some((first, second)) => {
+                        let partial = low.temp(first.outputs());
+                        low.gather(first, input, partial);
+                        low.gather(second, partial, Buf::Slot(i));
+                    }
+                }
             }
             _ => {
                 if let Some(k) = snfc_compiler::plan::single_op_kernel(ins, &plan.instrs) {
