@@ -37,7 +37,9 @@
 //! Activations are `[D, N]` matrices stored row-major with one column per example: element `d`
 //! of example `n` is at index `d·N + n`. Parameters are `[D, K]` (widths, heights) and
 //! `[D, K−1]` (derivatives), row-major, one row per element. The batch functions parallelise
-//! over the `D` rows (rayon); the knots of a row are computed once and reused for its `N` inputs.
+//! over the `D` rows (rayon); the knots of a row are computed once and reused for its `N` inputs,
+//! and the VJP sums its inputs' cotangents of the bin quantities (knots, slope, knot derivatives)
+//! per bin and runs the backward to the unnormalized parameters once per row (it is linear).
 //!
 //! Length mismatches are internal misuse (the compiler sizes every buffer) and panic with a
 //! message naming the offending argument.
@@ -121,24 +123,16 @@ fn c<T: Real>(v: f64) -> T {
     T::of_f64(v)
 }
 
-/// `ln(1 + eˣ)`, stable for large `|x|`.
+/// `(softplus(x), sigmoid(x)) = (ln(1 + eˣ), 1 / (1 + e⁻ˣ))`, stable for large `|x|`, from one
+/// exponential.
 #[inline]
-fn softplus<T: Real>(x: T) -> T {
+fn softplus_sigmoid<T: Real>(x: T) -> (T, T) {
     if x > T::zero() {
-        x + (-x).exp().ln_1p()
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-/// `1 / (1 + e⁻ˣ)`, stable for large `|x|`.
-#[inline]
-fn sigmoid<T: Real>(x: T) -> T {
-    if x >= T::zero() {
-        T::one() / (T::one() + (-x).exp())
+        let e = (-x).exp();
+        (x + e.ln_1p(), T::one() / (T::one() + e))
     } else {
         let e = x.exp();
-        e / (T::one() + e)
+        (e.ln_1p(), e / (T::one() + e))
     }
 }
 
@@ -170,169 +164,285 @@ fn knots_from_softmax<T: Real>(sm: &[T], min: f64, bound: T, out: &mut [T]) {
     out[k] = bound;
 }
 
-/// One element's spline with what the VJP needs.
+/// Rows per rayon job at least (a row is `N` inputs).
+const ROWS_PER_JOB: usize = 8;
+
+/// Up to this many bins the bin search is a branch-free count of the inner knots `≤ v` (the
+/// same index as a binary search, the knots being sorted); above it, a binary search.
+const LINEAR_SEARCH_MAX_BINS: usize = 16;
+
+/// Per-bin sums of the VJP's element cotangents, accumulated over a row's inputs (see
+/// [`BinC::vjp`]); the parameter backward then runs once per row on them ([`Row::finish`]).
+/// Seven are used, the eighth is padding.
+const ACC: usize = 8;
+
+/// The constants of one bin, computed once per row: `s = dy/dx`, `β = δ₀ + δ₁ − 2s`.
+#[derive(Clone, Copy, Debug, Default)]
+struct BinC<T> {
+    x0: T,
+    dx: T,
+    inv_dx: T,
+    y0: T,
+    dy: T,
+    s: T,
+    inv_s: T,
+    d0: T,
+    d1: T,
+    beta: T,
+    /// `2 ln s` (only in a row filled for the log-det, see [`Row::fill`]; else 0)
+    two_ln_s: T,
+}
+
+impl<T: Real> BinC<T> {
+    fn new(x0: T, x1: T, y0: T, y1: T, d0: T, d1: T) -> BinC<T> {
+        let (dx, dy) = (x1 - x0, y1 - y0);
+        let s = dy / dx;
+        BinC {
+            x0,
+            dx,
+            inv_dx: T::one() / dx,
+            y0,
+            dy,
+            s,
+            inv_s: T::one() / s,
+            d0,
+            d1,
+            beta: d0 + d1 - c::<T>(2.0) * s,
+            two_ln_s: T::zero(),
+        }
+    }
+
+    /// The position `ξ ∈ [0, 1]` of an inside `x` in the bin.
+    #[inline(always)]
+    fn xi(&self, x: T) -> T {
+        ((x - self.x0) * self.inv_dx).max(T::zero()).min(T::one())
+    }
+
+    /// `(y, P/den²)` at position `ξ`, with `ω = ξ(1 − ξ)`, `N = sξ² + δ₀ω`, `den = s + βω`,
+    /// `P = δ₁ξ² + 2sω + δ₀(1 − ξ)²`: `y = y0 + dy·N/den`, and `ln dy/dx = 2 ln s + ln(P/den²)`
+    /// ([`BinC::logdet`]).
+    #[inline(always)]
+    fn eval(&self, xi: T) -> (T, T) {
+        let (one, two) = (T::one(), c::<T>(2.0));
+        let xi1 = one - xi;
+        let omega = xi * xi1;
+        let n = self.s * xi * xi + self.d0 * omega;
+        let r = one / (self.s + self.beta * omega);
+        let p = self.d1 * xi * xi + two * self.s * omega + self.d0 * xi1 * xi1;
+        // den ≥ s/2 > 0 and P/den is moderate, so P·r·r neither overflows nor underflows.
+        (self.y0 + self.dy * n * r, p * r * r)
+    }
+
+    /// `ln dy/dx` from [`BinC::eval`]'s `P/den²`.
+    #[inline(always)]
+    fn logdet(&self, p_den2: T) -> T {
+        self.two_ln_s + p_den2.ln()
+    }
+
+    /// `(y, ln dy/dx)` at an inside `x`.
+    #[inline(always)]
+    fn forward(&self, x: T) -> (T, T) {
+        let (y, q) = self.eval(self.xi(x));
+        (y, self.logdet(q))
+    }
+
+    /// The VJP of `(y, ln dy/dx)` at an inside `x` with cotangents `(g_y, g_l)`: returns `g_x`
+    /// and the terms whose sums over the bin's inputs [`Row::finish`] turns into the knots'
+    /// cotangents: `[g_ξ, g_ξ·ξ, g_s, g_y·N/den, g_y, g_δ₀, g_δ₁, 0]`.
+    ///
+    /// `GY = false` / `GL = false` leave out the `g_y` / `g_l` terms: exact (up to the sign of
+    /// zeros) when that cotangent is zero, since every factor it multiplies is finite inside.
+    #[inline(always)]
+    fn vjp<const GY: bool, const GL: bool>(&self, x: T, g_y: T, g_l: T) -> (T, [T; ACC]) {
+        let mut acc = [T::zero(); ACC];
+        let (one, two) = (T::one(), c::<T>(2.0));
+        let (s, d0, d1, beta) = (self.s, self.d0, self.d1, self.beta);
+        let xi = self.xi(x);
+        let xi1 = one - xi;
+        let omega = xi * xi1;
+        let w1 = one - two * xi; // dω/dξ
+        let w2 = one - two * omega; // d den/ds
+        let n = s * xi * xi + d0 * omega;
+        let r = one / (s + beta * omega);
+        let q = n * r;
+        // y = y0 + dy·N/den,  l = 2 ln s + ln P − 2 ln den: the cotangents of N, den and P.
+        let a_n = if GY { g_y * self.dy * r } else { T::zero() };
+        let a_den = match (GY, GL) {
+            (true, true) => -(a_n * q) - two * g_l * r,
+            (true, false) => -(a_n * q),
+            (false, true) => -(two * g_l * r),
+            (false, false) => T::zero(),
+        };
+        let mut g_xi = a_den * beta * w1;
+        let mut g_s = a_den * w2;
+        let mut g_d0 = a_den * omega;
+        let mut g_d1 = a_den * omega;
+        if GY {
+            g_xi += a_n * (two * s * xi + d0 * w1);
+            g_s += a_n * xi * xi;
+            g_d0 += a_n * omega;
+            acc[3] = g_y * q;
+            acc[4] = g_y;
+        }
+        if GL {
+            let p = d1 * xi * xi + two * s * omega + d0 * xi1 * xi1;
+            let a_p = g_l / p;
+            g_xi += a_p * two * (d1 * xi + s * w1 - d0 * xi1);
+            g_s += a_p * two * omega + two * g_l * self.inv_s;
+            g_d0 += a_p * xi1 * xi1;
+            g_d1 += a_p * xi * xi;
+        }
+        acc[0] = g_xi;
+        acc[1] = g_xi * xi;
+        acc[2] = g_s;
+        acc[5] = g_d0;
+        acc[6] = g_d1;
+        (g_xi * self.inv_dx, acc)
+    }
+}
+
+/// One element's spline with what the VJP needs. Reusable: [`Row::fill`] overwrites it without
+/// allocating once its buffers have grown, so the batch functions keep one per rayon job.
+#[derive(Default)]
 struct Row<T> {
+    bound: T,
+    /// knots and knot derivatives, `K + 1` each
     xs: Vec<T>,
     ys: Vec<T>,
     ds: Vec<T>,
-    /// softmax of the unnormalized widths / heights
-    sw: Vec<T>,
-    sh: Vec<T>,
+    bins: Vec<BinC<T>>,
+    /// softmax of the unnormalized widths / heights (f64, for the parameter backward)
+    sw: Vec<f64>,
+    sh: Vec<f64>,
     /// sigmoid of the unnormalized derivatives (d softplus / dv)
-    sig: Vec<T>,
-    bound: T,
-}
-
-/// The quantities of one bin.
-#[derive(Clone, Copy)]
-struct Bin<T> {
-    x0: T,
-    dx: T,
-    y0: T,
-    dy: T,
-    d0: T,
-    d1: T,
-}
-
-/// Forward intermediates at a position `ξ` of a bin (`ω = ξ(1 − ξ)`, `β = δ₀ + δ₁ − 2s`,
-/// `N = sξ² + δ₀ω`, `den = s + βω`, `P = δ₁ξ² + 2sω + δ₀(1 − ξ)²`).
-#[derive(Clone, Copy)]
-struct Eval<T> {
-    s: T,
-    omega: T,
-    beta: T,
-    n: T,
-    den: T,
-    p: T,
-}
-
-impl<T: Real> Bin<T> {
-    fn eval(&self, xi: T) -> Eval<T> {
-        let one = T::one();
-        let two = c::<T>(2.0);
-        let s = self.dy / self.dx;
-        let omega = xi * (one - xi);
-        let beta = self.d0 + self.d1 - two * s;
-        let n = s * xi * xi + self.d0 * omega;
-        let den = s + beta * omega;
-        let p = self.d1 * xi * xi + two * s * omega + self.d0 * (one - xi) * (one - xi);
-        Eval {
-            s,
-            omega,
-            beta,
-            n,
-            den,
-            p,
-        }
-    }
-
-    /// `ln(dy/dx) = 2 ln s + ln P − 2 ln den`.
-    fn logdet(e: &Eval<T>) -> T {
-        let two = c::<T>(2.0);
-        two * e.s.ln() + e.p.ln() - two * e.den.ln()
-    }
+    sig: Vec<f64>,
+    /// per-bin VJP sums ([`BinC::vjp`])
+    acc: Vec<[T; ACC]>,
+    /// scratch: f64 inputs and knots, then the knots' cotangents
+    f64s: Vec<f64>,
 }
 
 impl<T: Real> Row<T> {
-    /// The row's knots. They are computed in `f64` and rounded once to `T`: in `f32`, the
-    /// cumulative sums scaled to `[−B, B]` would otherwise carry an error of several ulps of `B`
-    /// into every knot, which the bin-relative position `ξ` and the log-det amplify by
-    /// `1 / bin size`. (For `T = f64` this is exactly the nflows computation.)
-    fn new(spline: &Spline<T>, p: SplineParams<T>) -> Row<T> {
+    fn new(spline: &Spline<T>, p: SplineParams<T>, logdet: bool) -> Row<T> {
+        let mut r = Row::default();
+        r.fill(spline, p, logdet);
+        r
+    }
+
+    /// Overwrites the row with element `p`'s spline. The knots are computed in `f64` and
+    /// rounded once to `T`: in `f32`, the cumulative sums scaled to `[−B, B]` would otherwise
+    /// carry an error of several ulps of `B` into every knot, which the bin-relative position
+    /// `ξ` and the log-det amplify by `1 / bin size`. (For `T = f64` this is exactly the nflows
+    /// computation.) `logdet`: whether the row is for the forward or the inverse (log-dets need
+    /// `ln s` of each bin; the VJP does not).
+    fn fill(&mut self, spline: &Spline<T>, p: SplineParams<T>, logdet: bool) {
         let k = spline.bins;
         let bound = spline.tail_bound.as_f64();
-        let to64 = |v: &[T]| v.iter().map(|x| x.as_f64()).collect::<Vec<f64>>();
-        let to_t = |v: Vec<f64>| v.into_iter().map(T::of_f64).collect::<Vec<T>>();
-        let mut sw = vec![0.0; k];
-        let mut sh = vec![0.0; k];
-        softmax(&to64(p.widths), &mut sw);
-        softmax(&to64(p.heights), &mut sh);
-        let mut xs = vec![0.0; k + 1];
-        let mut ys = vec![0.0; k + 1];
-        knots_from_softmax(&sw, MIN_BIN_WIDTH, bound, &mut xs);
-        knots_from_softmax(&sh, MIN_BIN_HEIGHT, bound, &mut ys);
-        let mut ds = vec![1.0; k + 1];
-        let mut sig = vec![0.0; k.saturating_sub(1)];
+        self.bound = spline.tail_bound;
+        // scratch layout: [u (K) | xs (K + 1) | ys (K + 1) | ds (K + 1)]
+        let f = &mut self.f64s;
+        f.clear();
+        f.resize(4 * k + 3, 0.0);
+        let (u, rest) = f.split_at_mut(k);
+        let (xs, rest) = rest.split_at_mut(k + 1);
+        let (ys, ds) = rest.split_at_mut(k + 1);
+        self.sw.resize(k, 0.0);
+        self.sh.resize(k, 0.0);
+        for (o, v) in u.iter_mut().zip(p.widths) {
+            *o = v.as_f64();
+        }
+        softmax(u, &mut self.sw);
+        for (o, v) in u.iter_mut().zip(p.heights) {
+            *o = v.as_f64();
+        }
+        softmax(u, &mut self.sh);
+        knots_from_softmax(&self.sw, MIN_BIN_WIDTH, bound, xs);
+        knots_from_softmax(&self.sh, MIN_BIN_HEIGHT, bound, ys);
+        ds.fill(1.0);
+        self.sig.clear();
         for (j, v) in p.derivatives.iter().enumerate() {
             let v = v.as_f64();
-            ds[j + 1] = softplus(v) + MIN_DERIVATIVE;
-            sig[j] = sigmoid(v);
+            let (sp, sig) = softplus_sigmoid(v);
+            ds[j + 1] = sp + MIN_DERIVATIVE;
+            self.sig.push(sig);
         }
-        Row {
-            xs: to_t(xs),
-            ys: to_t(ys),
-            ds: to_t(ds),
-            sw: to_t(sw),
-            sh: to_t(sh),
-            sig: to_t(sig),
-            bound: spline.tail_bound,
+        let to_t = |out: &mut Vec<T>, v: &[f64]| {
+            out.clear();
+            out.extend(v.iter().map(|&x| T::of_f64(x)));
+        };
+        to_t(&mut self.xs, xs);
+        to_t(&mut self.ys, ys);
+        to_t(&mut self.ds, ds);
+        let (xs, ys, ds) = (&self.xs, &self.ys, &self.ds);
+        self.bins.clear();
+        self.bins.extend(
+            (0..k).map(|j| BinC::new(xs[j], xs[j + 1], ys[j], ys[j + 1], ds[j], ds[j + 1])),
+        );
+        if logdet {
+            for b in self.bins.iter_mut() {
+                b.two_ln_s = c::<T>(2.0) * b.s.ln();
+            }
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn inside(&self, v: T) -> bool {
         v > -self.bound && v < self.bound
     }
 
     fn k(&self) -> usize {
-        self.sw.len()
+        self.bins.len()
     }
 
     /// The bin of `v` among `knots` (the last knot `≤ v`, at most `K − 1`).
-    #[inline]
+    #[inline(always)]
     fn search(knots: &[T], v: T) -> usize {
         let k = knots.len() - 1;
-        knots[1..k].partition_point(|&t| t <= v)
-    }
-
-    fn bin(&self, k: usize) -> Bin<T> {
-        Bin {
-            x0: self.xs[k],
-            dx: self.xs[k + 1] - self.xs[k],
-            y0: self.ys[k],
-            dy: self.ys[k + 1] - self.ys[k],
-            d0: self.ds[k],
-            d1: self.ds[k + 1],
+        let inner = &knots[1..k];
+        if k <= LINEAR_SEARCH_MAX_BINS {
+            inner.iter().map(|&t| (t <= v) as usize).sum()
+        } else {
+            inner.partition_point(|&t| t <= v)
         }
     }
 
-    /// `(y, ln dy/dx)`; `x` must be inside.
-    fn forward_inside(&self, x: T) -> (T, T) {
-        let bin = self.bin(Self::search(&self.xs, x));
-        let xi = ((x - bin.x0) / bin.dx).max(T::zero()).min(T::one());
-        let e = bin.eval(xi);
-        (bin.y0 + bin.dy * e.n / e.den, Bin::logdet(&e))
-    }
-
+    #[inline(always)]
     fn forward(&self, x: T) -> (T, T) {
         if self.inside(x) {
-            self.forward_inside(x)
+            self.bins[Self::search(&self.xs, x)].forward(x)
         } else {
             (x, T::zero())
         }
     }
 
+    /// `forward` of a row's inputs `x` into `y`, `logdet`.
+    fn forward_row(&self, x: &[T], y: &mut [T], logdet: &mut [T]) {
+        for ((&x, y), l) in x.iter().zip(y).zip(logdet) {
+            (*y, *l) = self.forward(x);
+        }
+    }
+
     /// `(x, ln dx/dy)`; `y` must be inside.
+    #[inline(always)]
     fn inverse_inside(&self, y: T) -> (T, T) {
-        let bin = self.bin(Self::search(&self.ys, y));
+        let b = &self.bins[Self::search(&self.ys, y)];
         let two = c::<T>(2.0);
-        let s = bin.dy / bin.dx;
-        let eta = y - bin.y0;
-        let beta = bin.d0 + bin.d1 - two * s;
-        let a = bin.dy * (s - bin.d0) + eta * beta;
-        let b = bin.dy * bin.d0 - eta * beta;
+        let s = b.s;
+        let eta = y - b.y0;
+        let a = b.dy * (s - b.d0) + eta * b.beta;
+        let bq = b.dy * b.d0 - eta * b.beta;
         let cc = -s * eta;
-        let disc = (b * b - c::<T>(4.0) * a * cc).max(T::zero());
-        let denom = -b - disc.sqrt();
+        let disc = (bq * bq - c::<T>(4.0) * a * cc).max(T::zero());
+        let denom = -bq - disc.sqrt();
         let xi = if denom < T::zero() {
             (two * cc / denom).max(T::zero()).min(T::one())
         } else {
             T::zero()
         };
-        let e = bin.eval(xi);
-        (bin.x0 + xi * bin.dx, -Bin::logdet(&e))
+        (b.x0 + xi * b.dx, -b.logdet(b.eval(xi).1))
     }
 
+    #[inline(always)]
     fn inverse(&self, y: T) -> (T, T) {
         if self.inside(y) {
             self.inverse_inside(y)
@@ -341,86 +451,92 @@ impl<T: Real> Row<T> {
         }
     }
 
-    /// The VJP at an inside `x`: returns `g_x` and **adds** the parameter gradients into `g`.
-    fn vjp_inside(&self, x: T, g_y: T, g_l: T, g: &mut SplineGrads<T>) -> T {
-        let (one, two) = (T::one(), c::<T>(2.0));
-        let k = Self::search(&self.xs, x);
-        let bin = self.bin(k);
-        let xi = ((x - bin.x0) / bin.dx).max(T::zero()).min(T::one());
-        let Eval {
-            s,
-            omega,
-            beta,
-            n,
-            den,
-            p,
-        } = bin.eval(xi);
-        // y = y0 + dy·N/den,  l = 2 ln s + ln P − 2 ln den.
-        let inv_den = one / den;
-        let a_n = g_y * bin.dy * inv_den;
-        let a_den = -(g_y * bin.dy * n * inv_den * inv_den) - two * g_l * inv_den;
-        let a_p = g_l / p;
-        let w1 = one - two * xi; // dω/dξ
-        let g_xi = a_n * (two * s * xi + bin.d0 * w1)
-            + a_den * beta * w1
-            + a_p * (two * bin.d1 * xi + two * s * w1 - two * bin.d0 * (one - xi));
-        let g_s = a_n * xi * xi + a_den * (one - two * omega) + a_p * two * omega + two * g_l / s;
-        let g_d0 = (a_n + a_den) * omega + a_p * (one - xi) * (one - xi);
-        let g_d1 = a_den * omega + a_p * xi * xi;
-        // s = dy/dx, ξ = (x − x0)/dx, dx = x1 − x0, dy = y1 − y0.
-        let g_dy = g_y * n * inv_den + g_s / bin.dx;
-        let g_dx = -(g_s * s + g_xi * xi) / bin.dx;
-        let g_x = g_xi / bin.dx;
-        let g_x0 = -g_x - g_dx;
-        let g_x1 = g_dx;
-        let g_y0 = g_y - g_dy;
-        let g_y1 = g_dy;
-        let bound = self.bound;
-        cum_softmax_backward(&self.sw, MIN_BIN_WIDTH, bound, k, g_x0, g_x1, g.widths);
-        cum_softmax_backward(&self.sh, MIN_BIN_HEIGHT, bound, k, g_y0, g_y1, g.heights);
+    /// The VJP of a row's inputs `x` (cotangents `g_y`, and `g_l` of the same length): writes
+    /// `g_x` and accumulates the per-bin sums; returns whether any input was inside (if none,
+    /// the parameter gradients are exactly zero). See [`BinC::vjp`] for `GY`, `GL`.
+    fn vjp_row<const GY: bool, const GL: bool>(
+        &mut self,
+        x: &[T],
+        g_y: &[T],
+        g_l: &[T],
+        g_x: &mut [T],
+    ) -> bool {
+        let mut acc = std::mem::take(&mut self.acc);
+        acc.clear();
+        acc.resize(self.k(), [T::zero(); ACC]);
+        let mut any = false;
+        for (((gx, &v), &gy), &gl) in g_x.iter_mut().zip(x).zip(g_y).zip(g_l) {
+            *gx = if self.inside(v) {
+                any = true;
+                let j = Self::search(&self.xs, v);
+                let (g, terms) = self.bins[j].vjp::<GY, GL>(v, gy, gl);
+                for (a, t) in acc[j].iter_mut().zip(&terms) {
+                    *a += *t;
+                }
+                g
+            } else {
+                gy
+            };
+        }
+        self.acc = acc;
+        any
+    }
+
+    /// The parameter gradients from the per-bin sums of [`Row::vjp_row`], **overwriting**
+    /// `gw`, `gh`, `gd` (lengths `K`, `K`, `K − 1`). In `f64`: first the cotangents of the
+    /// knots `x_j`, `y_j` and knot derivatives `δ_j`, then their backward to the unnormalized
+    /// parameters (which is linear, so once per row is the sum of once per input).
+    fn finish(&mut self, gw: &mut [T], gh: &mut [T], gd: &mut [T]) {
+        let k = self.k();
+        let f = &mut self.f64s;
+        f.clear();
+        f.resize(3 * (k + 1), 0.0);
+        let (gx, rest) = f.split_at_mut(k + 1);
+        let (gy, gdk) = rest.split_at_mut(k + 1);
+        for (j, (b, a)) in self.bins.iter().zip(&self.acc).enumerate() {
+            let a = a.map(|v| v.as_f64());
+            let (s, inv_dx) = (b.s.as_f64(), b.inv_dx.as_f64());
+            // s = dy/dx, ξ = (x − x0)/dx, dx = x1 − x0, dy = y1 − y0.
+            let g_dx = -(s * a[2] + a[1]) * inv_dx;
+            gx[j] += -(a[0] * inv_dx) - g_dx;
+            gx[j + 1] += g_dx;
+            let g_dy = a[3] + a[2] * inv_dx;
+            gy[j] += a[4] - g_dy;
+            gy[j + 1] += g_dy;
+            gdk[j] += a[5];
+            gdk[j + 1] += a[6];
+        }
+        let bound = self.bound.as_f64();
+        cum_softmax_backward(&self.sw, MIN_BIN_WIDTH, bound, gx, gw);
+        cum_softmax_backward(&self.sh, MIN_BIN_HEIGHT, bound, gy, gh);
         // δ_j = softplus(v_{j−1}) + min for the inner knots 1 ≤ j ≤ K − 1.
-        let kk = self.k();
-        if k >= 1 {
-            g.derivatives[k - 1] += g_d0 * self.sig[k - 1];
+        for (o, (g, sig)) in gd.iter_mut().zip(gdk[1..k].iter().zip(&self.sig)) {
+            *o = T::of_f64(g * sig);
         }
-        if k + 1 < kk {
-            g.derivatives[k] += g_d1 * self.sig[k];
-        }
-        g_x
     }
 }
 
-/// Backward of knots `x_j = 2B·Σ_{i<j}(min + (1 − min·K)·softmax(u)_i) − B` (inner `j` only)
-/// for the cotangents `g_lo` of knot `k` and `g_hi` of knot `k + 1`; **adds** into `out` (the
-/// gradient of `u`).
-fn cum_softmax_backward<T: Real>(
-    sm: &[T],
-    min: f64,
-    bound: T,
-    k: usize,
-    g_lo: T,
-    g_hi: T,
-    out: &mut [T],
-) {
+/// Backward of knots `x_j = 2B·Σ_{i<j}(min + (1 − min·K)·softmax(u)_i) − B` for the cotangents
+/// `g_knots` of the `K + 1` knots (those of the pinned ends `x_0`, `x_K` are ignored);
+/// **overwrites** `out` with the gradient of `u`.
+fn cum_softmax_backward<T: Real>(sm: &[f64], min: f64, bound: f64, g_knots: &[f64], out: &mut [T]) {
     let kk = sm.len();
-    let span = bound + bound;
-    let scale = c::<T>(1.0 - min * kk as f64);
-    let lo = if k >= 1 { span * g_lo } else { T::zero() };
-    let hi = if k + 1 < kk { span * g_hi } else { T::zero() };
-    // gradient of the bin size i: Σ over the inner knots j > i that carry a cotangent.
-    let g_size = |i: usize| {
-        let mut v = T::zero();
-        if i < k {
-            v += lo;
+    let f = 2.0 * bound * (1.0 - min * kk as f64);
+    // gradient of the bin size i: f·Σ over the inner knots j > i, a suffix sum.
+    let mut suffix = 0.0;
+    let mut dot = 0.0;
+    for i in (0..kk).rev() {
+        dot += sm[i] * (f * suffix);
+        if i >= 1 {
+            suffix += g_knots[i];
         }
-        if i < k + 1 {
-            v += hi;
+    }
+    let mut suffix = 0.0;
+    for i in (0..kk).rev() {
+        out[i] = T::of_f64(sm[i] * (f * suffix - dot));
+        if i >= 1 {
+            suffix += g_knots[i];
         }
-        v * scale
-    };
-    let dot = (0..kk).map(|i| sm[i] * g_size(i)).sum::<T>();
-    for (i, o) in out.iter_mut().enumerate() {
-        *o += sm[i] * (g_size(i) - dot);
     }
 }
 
@@ -480,7 +596,7 @@ impl<T: Real> Spline<T> {
     #[track_caller]
     pub fn knots(&self, p: SplineParams<T>) -> Knots<T> {
         self.check_element(&p);
-        let r = Row::new(self, p);
+        let r = Row::new(self, p, false);
         Knots {
             xs: r.xs,
             ys: r.ys,
@@ -492,7 +608,7 @@ impl<T: Real> Spline<T> {
     #[track_caller]
     pub fn forward(&self, x: T, p: SplineParams<T>) -> (T, T) {
         self.check_element(&p);
-        Row::new(self, p).forward(x)
+        Row::new(self, p, true).forward(x)
     }
 
     /// One element: the inverse, `(x, ln|dx/dy|)`, from the analytic root of the bin's
@@ -500,7 +616,7 @@ impl<T: Real> Spline<T> {
     #[track_caller]
     pub fn inverse(&self, y: T, p: SplineParams<T>) -> (T, T) {
         self.check_element(&p);
-        Row::new(self, p).inverse(y)
+        Row::new(self, p, true).inverse(y)
     }
 
     /// One element: the vector-Jacobian product of `(y, ln|dy/dx|)` at `x` with cotangents
@@ -522,13 +638,14 @@ impl<T: Real> Spline<T> {
             g.heights.len(),
             g.derivatives.len()
         );
-        zero_grads(&mut g);
-        let row = Row::new(self, p);
-        if row.inside(x) {
-            row.vjp_inside(x, g_y, g_l, &mut g)
+        let mut row = Row::new(self, p, false);
+        let mut g_x = [T::zero()];
+        if row.vjp_row::<true, true>(&[x], &[g_y], &[g_l], &mut g_x) {
+            row.finish(g.widths, g.heights, g.derivatives);
         } else {
-            g_y
+            zero_grads(&mut g);
         }
+        g_x[0]
     }
 
     /// `[D, N]` batch forward: `y[d·N + n], logdet[d·N + n] = forward(x[d·N + n], row d)`
@@ -542,7 +659,7 @@ impl<T: Real> Spline<T> {
         y: &mut [T],
         logdet: &mut [T],
     ) {
-        self.batch_map(x, n, p, y, logdet, "forward_batch", Row::forward);
+        self.batch_map(x, n, p, y, logdet, "forward_batch", Row::forward_row);
     }
 
     /// `[D, N]` batch inverse: `x[d·N + n], logdet[d·N + n] = inverse(y[d·N + n], row d)`
@@ -556,12 +673,16 @@ impl<T: Real> Spline<T> {
         x: &mut [T],
         logdet: &mut [T],
     ) {
-        self.batch_map(y, n, p, x, logdet, "inverse_batch", Row::inverse);
+        self.batch_map(y, n, p, x, logdet, "inverse_batch", |r, y, x, l| {
+            for ((&y, x), l) in y.iter().zip(x).zip(l) {
+                (*x, *l) = r.inverse(y);
+            }
+        });
     }
 
     #[track_caller]
     #[allow(clippy::too_many_arguments)]
-    fn batch_map(
+    fn batch_map<F: Fn(&Row<T>, &[T], &mut [T], &mut [T]) + Sync>(
         &self,
         input: &[T],
         n: usize,
@@ -569,7 +690,7 @@ impl<T: Real> Spline<T> {
         out: &mut [T],
         logdet: &mut [T],
         what: &str,
-        f: fn(&Row<T>, T) -> (T, T),
+        f: F,
     ) {
         let d = self.check_rows(&p);
         assert!(
@@ -588,11 +709,10 @@ impl<T: Real> Spline<T> {
             .zip(logdet.par_chunks_mut(n))
             .zip(input.par_chunks(n))
             .enumerate()
-            .for_each(|(row, ((o, l), i))| {
-                let r = Row::new(self, p.row(row, self.bins));
-                for ((o, l), &v) in o.iter_mut().zip(l.iter_mut()).zip(i) {
-                    (*o, *l) = f(&r, v);
-                }
+            .with_min_len(ROWS_PER_JOB)
+            .for_each_init(Row::default, |r, (row, ((o, l), i))| {
+                r.fill(self, p.row(row, self.bins), true);
+                f(r, i, o, l);
             });
     }
 
@@ -658,28 +778,31 @@ impl<T: Real> Spline<T> {
         } else {
             gd.chunks_mut(k - 1).collect()
         };
+        // Leave out the terms of a cotangent that is all zero (see `BinC::vjp`): the executor
+        // asks for the value part (g_l = 0) and the log-det part (g_y = 0) separately.
+        let zero = |v: &[T]| v.iter().all(|&g| g == T::zero());
+        let g_l_zero = per_example && zero(g_l);
         g_x.par_chunks_mut(n)
             .zip(gw.par_chunks_mut(k))
             .zip(gh.par_chunks_mut(k))
             .zip(gd_rows.into_par_iter())
             .enumerate()
-            .for_each(|(row, (((gx, gw), gh), gd))| {
-                let r = Row::new(self, p.row(row, k));
-                let mut g = SplineGrads {
-                    widths: gw,
-                    heights: gh,
-                    derivatives: gd,
+            .with_min_len(ROWS_PER_JOB)
+            .for_each_init(Row::default, |r, (row, (((gx, gw), gh), gd))| {
+                r.fill(self, p.row(row, k), false);
+                let rows = row * n..(row + 1) * n;
+                let (x, g_y) = (&x[rows.clone()], &g_y[rows.clone()]);
+                let g_l = if per_example { g_l } else { &g_l[rows] };
+                let gl_zero = if per_example { g_l_zero } else { zero(g_l) };
+                let any = match (zero(g_y), gl_zero) {
+                    (false, false) => r.vjp_row::<true, true>(x, g_y, g_l, gx),
+                    (false, true) => r.vjp_row::<true, false>(x, g_y, g_l, gx),
+                    (true, false) => r.vjp_row::<false, true>(x, g_y, g_l, gx),
+                    (true, true) => r.vjp_row::<false, false>(x, g_y, g_l, gx),
                 };
-                let base = row * n;
-                for (j, gx) in gx.iter_mut().enumerate() {
-                    let v = x[base + j];
-                    let gy = g_y[base + j];
-                    let gl = if per_example { g_l[j] } else { g_l[base + j] };
-                    *gx = if r.inside(v) {
-                        r.vjp_inside(v, gy, gl, &mut g)
-                    } else {
-                        gy
-                    };
+                // (the gradients are already zero where no input was inside)
+                if any {
+                    r.finish(gw, gh, gd);
                 }
             });
     }
@@ -1227,6 +1350,110 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `vjp_batch` against the per-element `vjp` (which always takes the general path) when
+    /// `g_y` or `g_l` is all zero (the executor's two calls), with inputs out of bound and
+    /// rows all out of bound, and more bins than the linear bin search takes.
+    fn check_zero_cotangent_paths<T: Real>(seed: u64, tol: f64) {
+        let mut rng = Rng(seed);
+        let configs = CONFIGS.iter().copied().chain([(20, 4.0), (40, 2.0)]);
+        for (k, b) in configs {
+            let s = Spline::new(k, T::of_f64(b));
+            let (dd, n) = (5, 11);
+            let p = Owned::random(&mut rng, dd, k, 2.0);
+            let (w, h, d) = (conv::<T>(&p.w), conv::<T>(&p.h), conv::<T>(&p.d));
+            let p = SplineParams {
+                widths: &w,
+                heights: &h,
+                derivatives: &d,
+            };
+            let mut x: Vec<T> = (0..dd * n)
+                .map(|_| T::of_f64(rng.range(-1.3 * b, 1.3 * b)))
+                .collect();
+            let outside = [b, -b, 1e6, -1e30, f64::INFINITY, f64::NAN];
+            for (i, &v) in outside.iter().enumerate() {
+                x[3 * i] = T::of_f64(v);
+            }
+            // row 2 entirely out of bound
+            for (j, v) in x[2 * n..3 * n].iter_mut().enumerate() {
+                *v = T::of_f64(if j % 2 == 0 { 2.0 * b } else { -b });
+            }
+            let rand = |rng: &mut Rng, len: usize| -> Vec<T> {
+                (0..len).map(|_| T::of_f64(rng.uniform())).collect()
+            };
+            let gy = rand(&mut rng, dd * n);
+            let (gl_full, gl_col) = (rand(&mut rng, dd * n), rand(&mut rng, n));
+            let (zero_full, zero_col) = (vec![T::zero(); dd * n], vec![T::zero(); n]);
+            let cases: [(&[T], &[T]); 5] = [
+                (&gy, &zero_col),
+                (&gy, &zero_full),
+                (&zero_full, &gl_full),
+                (&zero_full, &gl_col),
+                (&zero_full, &zero_col),
+            ];
+            for (case, (gy, gl)) in cases.into_iter().enumerate() {
+                let ctx = format!("{} K={k} B={b} case {case}", T::NAME);
+                let mut gx = vec![T::zero(); dd * n];
+                let (mut gw, mut gh, mut gd) = (
+                    vec![T::nan(); dd * k],
+                    vec![T::nan(); dd * k],
+                    vec![T::nan(); dd * (k - 1)],
+                );
+                let grads = SplineGrads {
+                    widths: &mut gw,
+                    heights: &mut gh,
+                    derivatives: &mut gd,
+                };
+                s.vjp_batch(&x, n, p, gy, gl, &mut gx, grads);
+                for r in 0..dd {
+                    let row = p.row(r, k);
+                    let mut sum = vec![0f64; 3 * k - 1];
+                    for j in 0..n {
+                        let i = r * n + j;
+                        let g_l = if gl.len() == n { gl[j] } else { gl[i] };
+                        let mut g = vec![T::zero(); 3 * k - 1];
+                        let (g_w, rest) = g.split_at_mut(k);
+                        let (g_h, g_d) = rest.split_at_mut(k);
+                        let grads = SplineGrads {
+                            widths: g_w,
+                            heights: g_h,
+                            derivatives: g_d,
+                        };
+                        let want = s.vjp(x[i], row, gy[i], g_l, grads);
+                        assert_eq!(gx[i], want, "{ctx}: g_x at x = {}", x[i]);
+                        for (a, v) in sum.iter_mut().zip(&g) {
+                            *a += v.as_f64();
+                        }
+                    }
+                    let got = gw[r * k..(r + 1) * k]
+                        .iter()
+                        .chain(&gh[r * k..(r + 1) * k])
+                        .chain(&gd[r * (k - 1)..(r + 1) * (k - 1)]);
+                    let scale = sum.iter().fold(1f64, |m, v| m.max(v.abs()));
+                    for (a, want) in got.zip(&sum) {
+                        let a = a.as_f64();
+                        if r == 2 || case == 4 {
+                            assert_eq!(a, 0.0, "{ctx}: row {r}: gradient {a} not zero");
+                        }
+                        assert!(
+                            (a - want).abs() <= tol * scale,
+                            "{ctx}: row {r}: {a} vs {want} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn conv<T: Real>(v: &[f64]) -> Vec<T> {
+        v.iter().map(|&x| T::of_f64(x)).collect()
+    }
+
+    #[test]
+    fn batch_with_a_zero_cotangent_matches_per_element() {
+        check_zero_cotangent_paths::<f64>(8, 1e-12);
+        check_zero_cotangent_paths::<f32>(9, 1e-4);
     }
 
     #[test]
