@@ -810,7 +810,14 @@ impl<T: Real> Executor<T> {
                 let (d, n) = (x_shape[0], x_shape[1]);
                 let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
                 // The other part's cotangent is zero (a `[N]` g_l is broadcast over the rows).
-                let zeros = vec![T::zero(); if *part == SplinePart::Value { n } else { d * n }];
+                let zeros = vec![
+                    T::zero();
+                    match part {
+                        SplinePart::Value => n,
+                        SplinePart::LogDet => d * n,
+                        SplinePart::Both => 0,
+                    }
+                ];
                 let (g_y, g_l): (&[T], &[T]) = match part {
                     SplinePart::Value => (&args[4], &zeros),
                     SplinePart::LogDet => (&zeros, &args[4]),
