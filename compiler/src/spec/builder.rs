@@ -87,6 +87,17 @@ impl FlowSpecBuilder {
         self.layer(LayerSpec::Spline(super::SplineSpec { bins, tail_bound }))
     }
 
+    /// `times` copies of the layers `body` adds to a fresh builder, in place (the JSON form's
+    /// `{"type": "repeat", "times": n, "layers": [...]}`): e.g. Glow's steps,
+    /// `.repeat(32, |b| b.conv(1, false).spline(5, 10.0))`.
+    pub fn repeat(mut self, times: usize, body: impl FnOnce(Self) -> Self) -> Self {
+        let inner = body(FlowSpecBuilder::new(&self.name));
+        for _ in 0..times {
+            self.layers.extend(inner.layers.iter().cloned());
+        }
+        self
+    }
+
     /// Appends a squeeze (space-to-depth, `[C, H, W] → [4C, H/2, W/2]`).
     pub fn squeeze(self) -> Self {
         self.layer(LayerSpec::Squeeze(super::SqueezeSpec {}))
@@ -179,7 +190,7 @@ impl FlowSpecBuilder {
             objective: self.objective,
             train: self.train,
         };
-        merge_semantic(&mut errors, semantic_errors(&spec));
+        merge_semantic(&mut errors, semantic_errors(&spec, None));
         if errors.is_empty() {
             Ok(spec)
         } else {

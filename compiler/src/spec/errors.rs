@@ -110,11 +110,15 @@ impl std::error::Error for SpecErrors {}
 /// structural error (the value there is a placeholder, so a range error would be noise).
 pub(crate) fn merge_semantic(structural: &mut Vec<SpecError>, semantic: Vec<SpecError>) {
     let bad: Vec<String> = structural.iter().map(|e| e.pointer.clone()).collect();
-    structural.extend(
-        semantic
-            .into_iter()
-            .filter(|e| !bad.iter().any(|b| is_at_or_below(&e.pointer, b))),
-    );
+    for e in semantic {
+        // A layer of a `repeat` block is written once: report its problem once.
+        let seen = structural
+            .iter()
+            .any(|s| s.pointer == e.pointer && s.message == e.message);
+        if !seen && !bad.iter().any(|b| is_at_or_below(&e.pointer, b)) {
+            structural.push(e);
+        }
+    }
 }
 
 /// Whether JSON pointer `p` equals `ancestor` or lies below it.

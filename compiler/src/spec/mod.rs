@@ -354,14 +354,22 @@ impl Default for AdamSpec {
 pub fn parse_spec(text: &str) -> Result<FlowSpec, SpecErrors> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| SpecErrors::new(vec![SpecError::from_json(&e)]))?;
-    let (spec, structural) = walk::walk_flow(&value);
+    let walk::Walked {
+        spec,
+        errors: structural,
+        layer_paths,
+        layer_values,
+    } = walk::walk_flow(&value);
     let mut errors = structural;
-    let semantic = validate::semantic_errors(&spec);
+    let semantic = validate::semantic_errors(&spec, Some(&layer_paths));
     errors::merge_semantic(&mut errors, semantic);
     if !errors.is_empty() {
         return Err(SpecErrors::new(errors));
     }
-    // The walker and serde's derive must agree on every valid spec.
+    // The walker and serde's derive must agree on every valid spec (with `repeat` expanded:
+    // the spec is its expanded form from here on).
+    let mut value = value;
+    value["layers"] = serde_json::Value::Array(layer_values);
     match serde_json::from_value::<FlowSpec>(value) {
         Ok(serde_spec) => {
             debug_assert_eq!(serde_spec, spec, "spec walker and serde derive disagree");
@@ -423,7 +431,7 @@ impl FlowSpec {
 
     /// Semantic checks (ranges, non-empty lists, names); all problems are collected.
     pub fn validate(&self) -> Result<(), SpecErrors> {
-        let errors = validate::semantic_errors(self);
+        let errors = validate::semantic_errors(self, None);
         if errors.is_empty() {
             Ok(())
         } else {

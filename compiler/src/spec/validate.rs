@@ -4,8 +4,14 @@
 use super::errors::SpecError;
 use super::{FlowSpec, LayerShape, LayerSpec};
 
-/// All semantic problems of `spec`, in document order.
-pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
+/// All semantic problems of `spec`, in document order. `layer_paths` gives the JSON pointer each
+/// layer was written at (a layer of a `repeat` block is written once for all its copies);
+/// without, layer `i` is at `/layers/i`.
+pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -> Vec<SpecError> {
+    let at = |i: usize| match layer_paths.and_then(|p| p.get(i)) {
+        Some(p) => p.clone(),
+        None => format!("/layers/{i}"),
+    };
     let mut errors = Vec::new();
     let mut push = |pointer: String, message: String| errors.push(SpecError::new(pointer, message));
 
@@ -60,7 +66,7 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
             LayerSpec::Conv(c) => {
                 if c.kernel_size % 2 == 0 {
                     push(
-                        format!("/layers/{i}/kernel_size"),
+                        format!("{}/kernel_size", at(i)),
                         format!(
                             "kernel_size must be odd (stride 1, \"same\" zero padding), got {}",
                             c.kernel_size
@@ -70,7 +76,7 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
                 match shapes[i] {
                     LayerShape::Image { .. } => {}
                     s @ LayerShape::Flat(_) => push(
-                        format!("/layers/{i}"),
+                        at(i),
                         format!(
                             "conv needs an image input [C, H, W]; this layer's input is flat {s} \
                              (the input shape has rank {} or a linear layer came before)",
@@ -83,13 +89,13 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
                 // Bin sizes have a floor of 1e-3 of the interval: K·1e-3 must stay below 1.
                 if !(1..1000).contains(&sp.bins) {
                     push(
-                        format!("/layers/{i}/bins"),
+                        format!("{}/bins", at(i)),
                         format!("bins must be in 1..1000, got {}", sp.bins),
                     );
                 }
                 if !(sp.tail_bound.is_finite() && sp.tail_bound > 0.0) {
                     push(
-                        format!("/layers/{i}/tail_bound"),
+                        format!("{}/tail_bound", at(i)),
                         format!("tail_bound must be finite and > 0, got {}", sp.tail_bound),
                     );
                 }
@@ -97,11 +103,11 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
             LayerSpec::Squeeze(_) => match shapes[i] {
                 LayerShape::Image { h, w, .. } if h % 2 == 0 && w % 2 == 0 => {}
                 s @ LayerShape::Image { .. } => push(
-                    format!("/layers/{i}"),
+                    at(i),
                     format!("squeeze halves H and W: this layer's input {s} has an odd side"),
                 ),
                 s @ LayerShape::Flat(_) => push(
-                    format!("/layers/{i}"),
+                    at(i),
                     format!(
                         "squeeze needs an image input [C, H, W]; this layer's input is flat {s}"
                     ),
@@ -110,7 +116,7 @@ pub(crate) fn semantic_errors(spec: &FlowSpec) -> Vec<SpecError> {
             LayerSpec::SmoothLeakyRelu(s) => {
                 if !(s.alpha > 0.0 && s.alpha < 1.0) {
                     push(
-                        format!("/layers/{i}/alpha"),
+                        format!("{}/alpha", at(i)),
                         format!("alpha must be in (0, 1), got {}", s.alpha),
                     );
                 }
