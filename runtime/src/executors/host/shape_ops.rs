@@ -278,7 +278,9 @@ fn im2col<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, k: usize) ->
 }
 
 /// The direct convolutions run while `C_in·K·K` (the length of one output's dot product) is at
-/// most this; beyond it the im2col GEMM is faster.
+/// most this; beyond it the im2col GEMM is faster. (Measured with f32, B = 100 and 3 × 3 kernels
+/// on one Zen 4 core, noisily: direct is about 2× faster at C = 16 and 48 on 14 × 14; at C = 64
+/// on 7 × 7 the direct kernel adjoint is 1.4× slower, at C = 128 both directions are.)
 pub const DIRECT_MAX_TAPS: usize = 512;
 
 /// The geometry of a direct convolution over the zero-padded input.
