@@ -122,6 +122,24 @@ fn vjp(
             let to = b.shape(x).clone();
             b.add(Op::Reshape { to }, &[g])
         }
+        Op::Take { axis, index } => {
+            let size = b.shape(x)[*axis];
+            b.add(
+                Op::Embed {
+                    axis: *axis,
+                    index: *index,
+                    size,
+                },
+                &[g],
+            )
+        }
+        Op::Embed { axis, index, .. } => b.add(
+            Op::Take {
+                axis: *axis,
+                index: *index,
+            },
+            &[g],
+        ),
         Op::Permute { perm } => {
             let mut inverse = vec![0; perm.len()];
             for (i, &p) in perm.iter().enumerate() {

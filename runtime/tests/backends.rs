@@ -193,6 +193,13 @@ fn elementwise(chosen: &Chosen) {
     let xt = b.transpose(y);
     let yt = b.input("yt", vec![c, r]);
     let t9 = b.add2(xt, yt);
+    // Glow's coupling network: relu (and its derivative, step) and tanh.
+    let relu = b.unary(Unary::Relu, x);
+    let step = b.unary(Unary::Step, y);
+    let tanh = b.unary(Unary::Tanh, x);
+    let rs = b.mul(relu, step);
+    let glow = b.add2(rs, tanh);
+    b.output("glow_units", glow);
     b.output("out", t8);
     b.output("recip", rc);
     b.output("transposed_sum", t9);
@@ -453,14 +460,16 @@ fn spline_ops(chosen: &Chosen) {
     }
 }
 
-/// A small image flow of every image layer (conv, spline, squeeze, a linear layer on the
-/// flattened image), self-normalizing and exact: whole steps at every optimization level.
+/// A small image flow of every image layer (actnorm, conv, spline, squeeze, affine coupling, a
+/// linear layer on the flattened image), self-normalizing and exact: whole steps at every optimization level.
 fn image_spec(gradient: &str) -> FlowSpec {
     spec(&format!(
         r#"{{"name": "tiny_cnn", "input": {{"shape": [1, 4, 4], "preprocess": "none"}},
-            "layers": [{{"type": "conv", "kernel_size": 3, "bias": true}},
+            "layers": [{{"type": "actnorm"}},
+                       {{"type": "conv", "kernel_size": 3, "bias": true}},
                        {{"type": "spline", "bins": 4, "tail_bound": 3}},
                        {{"type": "squeeze"}},
+                       {{"type": "affine_coupling", "width": 3}},
                        {{"type": "conv", "kernel_size": 3, "bias": true}},
                        {{"type": "spline", "bins": 4, "tail_bound": 3}},
                        {{"type": "conv", "kernel_size": 1, "bias": false}},

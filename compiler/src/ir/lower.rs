@@ -33,6 +33,17 @@ pub enum ParamKind {
     SplineHeights,
     /// A spline's unnormalized inner-knot derivatives `[D, K−1]`.
     SplineDerivatives,
+    /// An actnorm's per-channel translation t `[C]`.
+    ActnormTranslation,
+    /// An actnorm's per-channel log-scale s `[C]` (y = (x − t)·exp(−s)).
+    ActnormLogScale,
+    /// Conv `k` (0, 1, 2) of a coupling network: its kernel `[out, in, K, K]`.
+    CouplingWeight(u8),
+    /// Conv `k` of a coupling network: its bias `[out]`.
+    CouplingBias(u8),
+    /// The per-channel log-scale of a coupling network's last conv `[C]` (applied as
+    /// exp(3·logs)).
+    CouplingLogs,
 }
 
 /// A trained tensor, named as in checkpoints.
@@ -48,12 +59,17 @@ pub struct ParamInfo {
 /// `layers.{i}.weight_inv` or `layers.{i}.bias`.
 pub fn param_name(layer: usize, kind: ParamKind) -> String {
     let suffix = match kind {
+        ParamKind::CouplingWeight(k) => return format!("layers.{layer}.net.{k}.weight"),
+        ParamKind::CouplingBias(k) => return format!("layers.{layer}.net.{k}.bias"),
+        ParamKind::CouplingLogs => return format!("layers.{layer}.net.2.logs"),
         ParamKind::Weight => "weight",
         ParamKind::WeightInv => "weight_inv",
         ParamKind::Bias => "bias",
         ParamKind::SplineWidths => "widths",
         ParamKind::SplineHeights => "heights",
         ParamKind::SplineDerivatives => "derivatives",
+        ParamKind::ActnormTranslation => "translation",
+        ParamKind::ActnormLogScale => "log_scale",
     };
     format!("layers.{layer}.{suffix}")
 }
@@ -65,6 +81,30 @@ pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
     let shapes = spec.layer_shapes();
     let mut out = Vec::new();
     for (i, layer) in spec.layers.iter().enumerate() {
+        if let LayerSpec::AffineCoupling(a) = layer {
+            let (c, _) = shapes[i].channels();
+            for (kind, shape) in coupling_params(c, a.width) {
+                out.push(ParamInfo {
+                    name: param_name(i, kind),
+                    shape,
+                    layer: i,
+                    kind,
+                });
+            }
+            continue;
+        }
+        if let LayerSpec::Actnorm(_) = layer {
+            let (c, _) = shapes[i].channels();
+            for kind in [ParamKind::ActnormTranslation, ParamKind::ActnormLogScale] {
+                out.push(ParamInfo {
+                    name: param_name(i, kind),
+                    shape: vec![c],
+                    layer: i,
+                    kind,
+                });
+            }
+            continue;
+        }
         if let LayerSpec::Spline(sp) = layer {
             let d = shapes[i].numel();
             for (kind, k) in [
@@ -105,6 +145,21 @@ pub fn parameters(spec: &FlowSpec) -> Vec<ParamInfo> {
     out
 }
 
+/// The parameters of a coupling on `c` channels with `width` hidden channels, in order:
+/// conv 3×3 `c/2 → width`, conv 1×1 `width → width`, conv 3×3 `width → c`, and the last conv's
+/// per-channel log-scale.
+pub fn coupling_params(c: usize, width: usize) -> Vec<(ParamKind, Shape)> {
+    vec![
+        (ParamKind::CouplingWeight(0), vec![width, c / 2, 3, 3]),
+        (ParamKind::CouplingBias(0), vec![width]),
+        (ParamKind::CouplingWeight(1), vec![width, width, 1, 1]),
+        (ParamKind::CouplingBias(1), vec![width]),
+        (ParamKind::CouplingWeight(2), vec![c, width, 3, 3]),
+        (ParamKind::CouplingBias(2), vec![c]),
+        (ParamKind::CouplingLogs, vec![c]),
+    ]
+}
+
 /// Names of the graph inputs fed each step.
 pub const INPUT_X: &str = "x";
 pub const INPUT_NOISE: &str = "noise";
@@ -124,7 +179,14 @@ struct Lowering<'a> {
     b: GraphBuilder,
     d: usize,
     batch: usize,
+    /// Actnorm layers compute their translation and log-scale from the batch (data-dependent
+    /// initialization) instead of reading their parameters, and record them in `init_outputs`.
+    actnorm_from_data: bool,
+    init_outputs: Vec<(String, NodeIndex)>,
 }
+
+/// The standard deviation floor of actnorm's data-dependent initialization: s = ln(std + ε).
+pub const ACTNORM_EPS: f64 = 1e-6;
 
 impl<'a> Lowering<'a> {
     fn new(spec: &'a FlowSpec, batch: usize, kind: &str) -> Self {
@@ -133,6 +195,8 @@ impl<'a> Lowering<'a> {
             b: GraphBuilder::new(&format!("{}.{kind}", spec.name)),
             d: spec.input.dim(),
             batch,
+            actnorm_from_data: false,
+            init_outputs: Vec::new(),
         }
     }
 
@@ -309,6 +373,143 @@ impl<'a> Lowering<'a> {
                     data_terms.push(b.sum(ld, Some(0)));
                     h = b.add(spline(SplinePart::Value), &operands);
                 }
+                LayerSpec::AffineCoupling(a) => {
+                    let (c, hh, ww) = shapes[i].image();
+                    let c2 = c / 2;
+                    let params: Vec<NodeIndex> = coupling_params(c, a.width)
+                        .into_iter()
+                        .map(|(kind, s)| b.param(&param_name(i, kind), s))
+                        .collect();
+                    // conv + per-channel bias on [C_in, H, W, B] → [C_out, H, W, B].
+                    let conv_bias = |b: &mut GraphBuilder, x, k, bias, cout: usize| {
+                        let y = b.add(Op::Conv2d, &[x, k]);
+                        let bb = b.add(
+                            Op::Expand {
+                                to: vec![cout, hh, ww, batch],
+                                axes: vec![1, 2, 3],
+                            },
+                            &[bias],
+                        );
+                        b.add2(y, bb)
+                    };
+                    let halves = b.add(
+                        Op::Reshape {
+                            to: vec![2, c2, hh, ww, batch],
+                        },
+                        &[h],
+                    );
+                    let x1 = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
+                    let x2 = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
+                    let a0 = conv_bias(b, x1, params[0], params[1], a.width);
+                    let r0 = b.unary(Unary::Relu, a0);
+                    let a1 = conv_bias(b, r0, params[2], params[3], a.width);
+                    let r1 = b.unary(Unary::Relu, a1);
+                    let a2 = conv_bias(b, r1, params[4], params[5], c);
+                    let logs3 = b.scale(params[6], 3.0);
+                    let gain = b.unary(Unary::Exp, logs3);
+                    let gain = b.add(
+                        Op::Expand {
+                            to: vec![c, hh, ww, batch],
+                            axes: vec![1, 2, 3],
+                        },
+                        &[gain],
+                    );
+                    let net = b.mul(a2, gain);
+                    // Even channels scale, odd channels shift.
+                    let pairs = b.add(
+                        Op::Reshape {
+                            to: vec![c2, 2, hh, ww, batch],
+                        },
+                        &[net],
+                    );
+                    let raw = b.add(Op::Take { axis: 1, index: 0 }, &[pairs]);
+                    let t = b.add(Op::Take { axis: 1, index: 1 }, &[pairs]);
+                    let half = b.scale(raw, 0.5);
+                    let th = b.unary(Unary::Tanh, half);
+                    let log_s = b.scale(th, 2.0);
+                    let s = b.unary(Unary::Exp, log_s);
+                    let scaled = b.mul(x2, s);
+                    let z2 = b.add2(scaled, t);
+                    let first = b.add(
+                        Op::Embed {
+                            axis: 0,
+                            index: 0,
+                            size: 2,
+                        },
+                        &[x1],
+                    );
+                    let second = b.add(
+                        Op::Embed {
+                            axis: 0,
+                            index: 1,
+                            size: 2,
+                        },
+                        &[z2],
+                    );
+                    let joined = b.add2(first, second);
+                    h = b.add(Op::Reshape { to: shape.clone() }, &[joined]);
+                    let ld = b.add(
+                        Op::ReduceSum {
+                            axes: vec![0, 1, 2],
+                        },
+                        &[log_s],
+                    );
+                    data_terms.push(ld);
+                }
+                LayerSpec::Actnorm(_) => {
+                    let (c, hw) = shapes[i].channels();
+                    let grid = vec![c, hw, batch];
+                    let per_channel = |b: &mut GraphBuilder, v: NodeIndex| {
+                        b.add(
+                            Op::Expand {
+                                to: grid.clone(),
+                                axes: vec![1, 2],
+                            },
+                            &[v],
+                        )
+                    };
+                    let x = b.add(Op::Reshape { to: grid.clone() }, &[h]);
+                    let (t, s) = if self.actnorm_from_data {
+                        // t = mean, s = ln(std + ε) per channel over the positions and batch.
+                        let n = (hw * batch) as f64;
+                        let sum = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[x]);
+                        let t = b.scale(sum, 1.0 / n);
+                        let tt = per_channel(b, t);
+                        let centered = b.sub(x, tt);
+                        let sq = b.unary(Unary::Square, centered);
+                        let ss = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[sq]);
+                        let var = b.scale(ss, 1.0 / n);
+                        // std = exp(½ ln var): 0 for a constant channel, which ε keeps finite.
+                        let log_var = b.unary(Unary::Log, var);
+                        let half = b.scale(log_var, 0.5);
+                        let std = b.unary(Unary::Exp, half);
+                        let eps = b.constant(ACTNORM_EPS);
+                        let std_eps = b.add2(std, eps);
+                        let s = b.unary(Unary::Log, std_eps);
+                        let out = &mut self.init_outputs;
+                        out.push((param_name(i, ParamKind::ActnormTranslation), t));
+                        out.push((param_name(i, ParamKind::ActnormLogScale), s));
+                        out.push((format!("layers.{i}.variance"), var));
+                        (t, s)
+                    } else {
+                        (
+                            b.param(&param_name(i, ParamKind::ActnormTranslation), vec![c]),
+                            b.param(&param_name(i, ParamKind::ActnormLogScale), vec![c]),
+                        )
+                    };
+                    let tt = per_channel(b, t);
+                    let centered = b.sub(x, tt);
+                    let neg_s = b.neg(s);
+                    let inv_scale = b.unary(Unary::Exp, neg_s);
+                    let ss = per_channel(b, inv_scale);
+                    let y = b.mul(centered, ss);
+                    h = b.add(Op::Reshape { to: shape.clone() }, &[y]);
+                    // log-det −H·W·Σ s, the same for every example (cheap: kept per example,
+                    // so it is part of the reported loss and of the evaluation graph).
+                    let total = b.add(Op::ReduceSum { axes: vec![0] }, &[s]);
+                    let ld = b.scale(total, -(hw as f64));
+                    data_terms.push(b.broadcast(ld, vec![batch], None));
+                }
                 LayerSpec::SmoothLeakyRelu(a) => {
                     let alpha = a.alpha;
                     // s(z) = αz + (1−α) softplus(z); ln s'(z) = ln(α + (1−α) σ(z))
@@ -428,6 +629,22 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
     // The training graph is a program of values: the stop_grad markers have done their job in
     // autodiff and become identities (so `W h_k` in the reconstruction is the forward product).
     autodiff::strip_stop_grad(&lw.b.finish())
+}
+
+/// The data-dependent initialization of a spec's actnorm layers on one batch: the f-flow
+/// forward, in which every actnorm layer computes its translation (the per-channel mean of its
+/// input) and log-scale (ln(std + ε)) from the batch and applies them, so later layers see
+/// normalized inputs. Outputs `layers.{i}.translation`, `layers.{i}.log_scale` and
+/// `layers.{i}.variance` for each actnorm layer `i` (none without actnorm layers).
+pub fn actnorm_init_graph(spec: &FlowSpec, batch: usize) -> Graph {
+    let mut lw = Lowering::new(spec, batch, "actnorm_init");
+    lw.actnorm_from_data = true;
+    let (h0, _) = lw.preprocess();
+    lw.flow(h0, false, false);
+    for (name, n) in std::mem::take(&mut lw.init_outputs) {
+        lw.b.output(&name, n);
+    }
+    lw.b.finish()
 }
 
 /// The evaluation graph: `logp_data` per example (`[B]`, exact ln p^f without Σ ln|det W|, which

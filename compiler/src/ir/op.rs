@@ -20,16 +20,24 @@ pub enum Unary {
     Sigmoid,
     Square,
     Recip,
+    /// max(x, 0)
+    Relu,
+    /// 1 for x > 0, else 0 (ReLU's derivative; its own derivative is 0).
+    Step,
+    Tanh,
 }
 
 impl Unary {
-    pub const ALL: [Unary; 6] = [
+    pub const ALL: [Unary; 9] = [
         Unary::Exp,
         Unary::Log,
         Unary::Softplus,
         Unary::Sigmoid,
         Unary::Square,
         Unary::Recip,
+        Unary::Relu,
+        Unary::Step,
+        Unary::Tanh,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +47,9 @@ impl Unary {
             Unary::Sigmoid => "sigmoid",
             Unary::Square => "square",
             Unary::Recip => "recip",
+            Unary::Relu => "relu",
+            Unary::Step => "step",
+            Unary::Tanh => "tanh",
         }
     }
 
@@ -65,6 +76,17 @@ impl Unary {
             Unary::Recip => {
                 let sq = b.unary(Unary::Square, y);
                 b.neg(sq)
+            }
+            Unary::Relu => b.unary(Unary::Step, x),
+            // Zero almost everywhere (a step has no useful gradient).
+            Unary::Step => {
+                let zero = b.constant(0.0);
+                b.mul(x, zero)
+            }
+            Unary::Tanh => {
+                let one = b.constant(1.0);
+                let sq = b.unary(Unary::Square, y);
+                b.sub(one, sq)
             }
         }
     }
@@ -203,6 +225,19 @@ pub enum Op {
         bound: u64,
         part: SplinePart,
         wrt: usize,
+    },
+    /// Element `index` along `axis`, the axis removed (`[…, n, …] → […, …]`): a slice of a
+    /// channel group (coupling halves, even/odd channels).
+    Take {
+        axis: usize,
+        index: usize,
+    },
+    /// The adjoint of [`Op::Take`]: a new axis `axis` of `size` holding the operand at `index`
+    /// and zeros elsewhere (so a concatenation is a sum of embeddings).
+    Embed {
+        axis: usize,
+        index: usize,
+        size: usize,
     },
     /// The adjoint of [`Op::Toeplitz`]: each kernel element sums the matrix entries it occupies
     /// (`[C·H·W, C·H·W] → [C, C, K, K]`).
@@ -398,6 +433,27 @@ impl Op {
                     _ => Ok(x.clone()),
                 }
             }
+            Op::Take { axis, index } => {
+                if *axis < ins[0].len() && *index < ins[0][*axis] {
+                    let mut s = ins[0].clone();
+                    s.remove(*axis);
+                    Ok(s)
+                } else {
+                    Err(format!("take index {index} of axis {axis} of {:?}", ins[0]))
+                }
+            }
+            Op::Embed { axis, index, size } => {
+                if *axis <= ins[0].len() && index < size {
+                    let mut s = ins[0].clone();
+                    s.insert(*axis, *size);
+                    Ok(s)
+                } else {
+                    Err(format!(
+                        "embed of {:?} at index {index} of a new axis {axis} of size {size}",
+                        ins[0]
+                    ))
+                }
+            }
             Op::Multiplicity { .. } => match ins[0].as_slice() {
                 [_, _, k, k2] if k == k2 => Ok(ins[0].clone()),
                 s => Err(format!("multiplicity of {s:?}: expected a kernel [O, I, K, K]")),
@@ -509,6 +565,8 @@ impl fmt::Display for Op {
             Op::StopGrad => write!(f, "stop_grad"),
             Op::Reshape { to } => write!(f, "reshape:{}", dims(to)),
             Op::Permute { perm } => write!(f, "permute:{}", list(perm)),
+            Op::Take { axis, index } => write!(f, "take:{axis}:{index}"),
+            Op::Embed { axis, index, size } => write!(f, "embed:{axis}:{index}:{size}"),
             Op::ReduceSum { axes } => write!(f, "reduce_sum:{}", list(axes)),
             Op::Expand { to, axes } => write!(f, "expand:{}:{}", list(axes), dims(to)),
             Op::Conv2d => write!(f, "conv2d"),
@@ -595,6 +653,29 @@ impl FromStr for Op {
             ("reduce_sum", Some(a)) => Op::ReduceSum {
                 axes: parse_list(a)?,
             },
+            ("take", Some(r)) | ("embed", Some(r)) => {
+                let v: Vec<usize> = r
+                    .split(':')
+                    .map(|x| x.parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("{s}: {e}"))?;
+                match (head, v.as_slice()) {
+                    ("take", [axis, index]) => Op::Take {
+                        axis: *axis,
+                        index: *index,
+                    },
+                    ("embed", [axis, index, size]) => Op::Embed {
+                        axis: *axis,
+                        index: *index,
+                        size: *size,
+                    },
+                    _ => {
+                        return Err(format!(
+                            "{s}: expected take:AXIS:INDEX or embed:AXIS:INDEX:SIZE"
+                        ))
+                    }
+                }
+            }
             ("expand", Some(r)) => {
                 let (a, d) = r
                     .split_once(':')
@@ -703,6 +784,15 @@ mod tests {
             Op::Permute {
                 perm: vec![0, 2, 4, 1, 3, 5],
             },
+            Op::Take { axis: 1, index: 0 },
+            Op::Embed {
+                axis: 0,
+                index: 1,
+                size: 2,
+            },
+            Op::Unary(Unary::Relu),
+            Op::Unary(Unary::Step),
+            Op::Unary(Unary::Tanh),
             Op::ReduceSum {
                 axes: vec![0, 1, 2],
             },

@@ -330,8 +330,8 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
             },
             rest,
         ),
-        "permute" | "reduce_sum" | "expand" | "conv_kernel_grad" | "toeplitz"
-        | "toeplitz_adjoint" | "multiplicity" | "spline" | "spline_grad" => {
+        "permute" | "take" | "embed" | "reduce_sum" | "expand" | "conv_kernel_grad"
+        | "toeplitz" | "toeplitz_adjoint" | "multiplicity" | "spline" | "spline_grad" => {
             let (attrs, rest) = attributes(rest);
             let get = |key: &str| -> Res<&str> {
                 attrs
@@ -360,6 +360,15 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
             let op = match word {
                 "permute" => Op::Permute {
                     perm: list("perm")?,
+                },
+                "take" => Op::Take {
+                    axis: num("axis")?,
+                    index: num("index")?,
+                },
+                "embed" => Op::Embed {
+                    axis: num("axis")?,
+                    index: num("index")?,
+                    size: num("size")?,
                 },
                 "reduce_sum" => Op::ReduceSum {
                     axes: list("axes")?,

@@ -37,6 +37,8 @@ pub(crate) fn op_text(op: &Op) -> String {
         } => format!("broadcast axis={a}"),
         Op::Reshape { .. } => "reshape".into(),
         Op::Permute { perm } => format!("permute perm={}", dotted(perm)),
+        Op::Take { axis, index } => format!("take axis={axis} index={index}"),
+        Op::Embed { axis, index, size } => format!("embed axis={axis} index={index} size={size}"),
         Op::ReduceSum { axes } => format!("reduce_sum axes={}", dotted(axes)),
         Op::Expand { axes, .. } => format!("expand axes={}", dotted(axes)),
         Op::ConvKernelGrad { k } => format!("conv_kernel_grad k={k}"),

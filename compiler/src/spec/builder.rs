@@ -103,6 +103,18 @@ impl FlowSpecBuilder {
         self.layer(LayerSpec::Squeeze(super::SqueezeSpec {}))
     }
 
+    /// A Glow affine coupling with a network of `width` hidden channels.
+    pub fn affine_coupling(self, width: usize) -> Self {
+        self.layer(LayerSpec::AffineCoupling(super::AffineCouplingSpec {
+            width,
+        }))
+    }
+
+    /// A Glow activation normalization, per channel (initialized from the first batch).
+    pub fn actnorm(self) -> Self {
+        self.layer(LayerSpec::Actnorm(super::ActnormSpec {}))
+    }
+
     /// Appends a smooth leaky ReLU with negative slope `alpha`.
     pub fn smooth_leaky_relu(self, alpha: f64) -> Self {
         self.layer(LayerSpec::SmoothLeakyRelu(SmoothLeakyReluSpec { alpha }))

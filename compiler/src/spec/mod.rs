@@ -112,7 +112,34 @@ pub enum LayerSpec {
     Squeeze(SqueezeSpec),
     /// The rational-quadratic spline activation with per-element parameters.
     Spline(SplineSpec),
+    /// Per-channel affine normalization `y = (x − t)·exp(−s)` (Glow), initialized from the
+    /// first training batch.
+    Actnorm(ActnormSpec),
+    /// Glow's affine coupling: a conv network of the first half of the channels scales and
+    /// shifts the second half.
+    AffineCoupling(AffineCouplingSpec),
 }
+
+/// Glow's affine coupling on an image `[C, H, W]` (C even): x1 = the first C/2 channels, x2 the
+/// rest; h = conv3×3(x1; `net.0`) → ReLU → conv1×1(`net.1`) → ReLU → conv3×3(`net.2`)·exp(3·
+/// `net.2.logs`) (per output channel, `C` of them; zero padding "same", each conv with a bias);
+/// log_s = 2·tanh(h[0::2] / 2), t = h[1::2]; output [x1, x2·exp(log_s) + t]; log-det Σ log_s.
+/// `net.2.*` start at zero, so a fresh coupling is the identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffineCouplingSpec {
+    /// Channels of the network's hidden layers (Glow: 512).
+    pub width: usize,
+}
+
+/// Glow's activation normalization: per channel (per element of a flat input),
+/// `y = (x − t)·exp(−s)` with `layers.{i}.translation` (t) and `layers.{i}.log_scale` (s), both
+/// `[C]`; log-det `−H·W·Σ s`. Data-dependent initialization: before the first training step,
+/// t and s are set from the first batch so that y has zero mean and unit standard deviation per
+/// channel (s = ln(std + 1e-6)).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActnormSpec {}
 
 /// A rational-quadratic spline activation (Durkan et al. 2019): `bins` bins on
 /// `[−tail_bound, tail_bound]`, identity (linear tails) outside, parameters per element of the
@@ -188,6 +215,15 @@ impl LayerShape {
         match self {
             LayerShape::Image { c, h, w } => c * h * w,
             LayerShape::Flat(d) => d,
+        }
+    }
+
+    /// `(channels, positions per channel)`: `(C, H·W)` of an image, `(D, 1)` of a flat vector
+    /// (each element its own channel), for per-channel layers such as actnorm.
+    pub fn channels(self) -> (usize, usize) {
+        match self {
+            LayerShape::Image { c, h, w } => (c, h * w),
+            LayerShape::Flat(d) => (d, 1),
         }
     }
 }

@@ -113,6 +113,25 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
                     ),
                 ),
             },
+            LayerSpec::Actnorm(_) => {}
+            LayerSpec::AffineCoupling(a) => {
+                if a.width == 0 {
+                    push(
+                        format!("{}/width", at(i)),
+                        "width must be at least 1".into(),
+                    );
+                }
+                match shapes[i] {
+                    LayerShape::Image { c, .. } if c % 2 == 0 => {}
+                    s => push(
+                        at(i),
+                        format!(
+                            "affine_coupling splits the channels in halves: it needs an image \
+                             input [C, H, W] with C even; this layer's input is {s}"
+                        ),
+                    ),
+                }
+            }
             LayerSpec::SmoothLeakyRelu(s) => {
                 if !(s.alpha > 0.0 && s.alpha < 1.0) {
                     push(

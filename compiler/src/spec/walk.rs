@@ -8,9 +8,9 @@ use serde_json::{Map, Value};
 
 use super::errors::{escape_token, SpecError};
 use super::{
-    AdamSpec, ConvSpec, FlowSpec, GradientMode, InputSpec, LayerSpec, LinearInit, LinearSpec,
-    ObjectiveSpec, OptimizerSpec, Preprocess, SmoothLeakyReluSpec, SplineSpec, SqueezeSpec,
-    TrainSpec, DEFAULT_LOGIT_ALPHA,
+    ActnormSpec, AdamSpec, AffineCouplingSpec, ConvSpec, FlowSpec, GradientMode, InputSpec,
+    LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
+    SmoothLeakyReluSpec, SplineSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
 };
 
 type Obj = Map<String, Value>;
@@ -30,6 +30,8 @@ const LAYER_TYPES: &[&str] = &[
     "conv",
     "squeeze",
     "spline",
+    "actnorm",
+    "affine_coupling",
     "repeat",
 ];
 const REPEAT_FIELDS: &[&str] = &["times", "layers"];
@@ -450,6 +452,25 @@ impl Walker {
             "squeeze" => {
                 self.unknown_fields(o, p, &[], &["type"]);
                 Some(LayerSpec::Squeeze(SqueezeSpec {}))
+            }
+            "actnorm" => {
+                self.unknown_fields(o, p, &[], &["type"]);
+                Some(LayerSpec::Actnorm(ActnormSpec {}))
+            }
+            "affine_coupling" => {
+                self.unknown_fields(o, p, &["width"], &["type"]);
+                let width = match o.get("width") {
+                    Some(v) => self.usize(v, &child(p, "width")).unwrap_or(1),
+                    None => {
+                        self.err(
+                            child(p, "width"),
+                            "missing field `width` (hidden channels of the coupling network, e.g. 512)"
+                                .into(),
+                        );
+                        1
+                    }
+                };
+                Some(LayerSpec::AffineCoupling(AffineCouplingSpec { width }))
             }
             other => {
                 let message = format!(

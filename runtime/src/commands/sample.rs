@@ -2,7 +2,7 @@
 //! Newton's method) or through the exact inverse (W⁻¹, by LU solves).
 
 use crate::host::linalg::{matmul, solve, LinalgError, MatRef, Real};
-use crate::host::shape_ops::{conv2d, permute, toeplitz};
+use crate::host::shape_ops::{conv2d, embed, permute, take, toeplitz};
 use crate::host::spline::{Spline, SplineParams};
 use crate::model::Model;
 use rand::RngExt;
@@ -36,6 +36,53 @@ pub fn slrelu_inverse(y: f64, alpha: f64) -> f64 {
         }
     }
     x
+}
+
+/// A coupling network's scale and shift `(log_s, t)`, each `[C/2, H, W, n]`, from its
+/// conditioning half `x1` `[C/2, H, W, n]` (the forward's formula, in f64; see
+/// `AffineCouplingSpec`).
+pub fn coupling_net(
+    param: &dyn Fn(ParamKind) -> Vec<f64>,
+    x1: &[f64],
+    (c, hh, ww, n): (usize, usize, usize, usize),
+    width: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let conv_bias = |x: &[f64], cin: usize, k: u8, cout: usize, kk: usize| {
+        let mut y = conv2d(
+            x,
+            &[cin, hh, ww, n],
+            &param(ParamKind::CouplingWeight(k)),
+            &[cout, cin, kk, kk],
+        );
+        let bias = param(ParamKind::CouplingBias(k));
+        let plane = hh * ww * n;
+        for (o, b) in bias.iter().enumerate() {
+            y[o * plane..(o + 1) * plane]
+                .iter_mut()
+                .for_each(|v| *v += b);
+        }
+        y
+    };
+    let relu = |mut v: Vec<f64>| {
+        v.iter_mut().for_each(|x| *x = x.max(0.0));
+        v
+    };
+    let h0 = relu(conv_bias(x1, c / 2, 0, width, 3));
+    let h1 = relu(conv_bias(&h0, width, 1, width, 1));
+    let mut net = conv_bias(&h1, width, 2, c, 3);
+    let logs = param(ParamKind::CouplingLogs);
+    let plane = hh * ww * n;
+    for (o, l) in logs.iter().enumerate() {
+        let g = (3.0 * l).exp();
+        net[o * plane..(o + 1) * plane]
+            .iter_mut()
+            .for_each(|v| *v *= g);
+    }
+    let shape = [c / 2, 2, hh, ww, n];
+    let raw = take(&net, &shape, 1, 0);
+    let t = take(&net, &shape, 1, 1);
+    let log_s = raw.iter().map(|r| 2.0 * (r / 2.0).tanh()).collect();
+    (log_s, t)
 }
 
 /// Map `z` (`[D, n]`, one column per sample) back to data space through the flow's inverse.
@@ -123,6 +170,38 @@ pub fn invert<T: Real>(
             }
             LayerSpec::SmoothLeakyRelu(a) => {
                 h.iter_mut().for_each(|v| *v = slrelu_inverse(*v, a.alpha));
+            }
+            LayerSpec::AffineCoupling(a) => {
+                // z = [x1, x2·exp(log_s(x1)) + t(x1)]  ⇒  x2 = (z2 − t)·exp(−log_s).
+                let (c, hh, ww) = shapes[i].image();
+                let halves = [2, c / 2, hh, ww, n];
+                let x1 = take(&h, &halves, 0, 0);
+                let z2 = take(&h, &halves, 0, 1);
+                let param = |kind| f64s(&param_name(i, kind));
+                let (log_s, t) = coupling_net(&param, &x1, (c, hh, ww, n), a.width);
+                let x2: Vec<f64> = z2
+                    .iter()
+                    .zip(&log_s)
+                    .zip(&t)
+                    .map(|((z, l), t)| (z - t) * (-l).exp())
+                    .collect();
+                let half = [c / 2, hh, ww, n];
+                h = embed(&x1, &half, 0, 0, 2);
+                let upper = embed(&x2, &half, 0, 1, 2);
+                h.iter_mut().zip(&upper).for_each(|(a, b)| *a += b);
+            }
+            LayerSpec::Actnorm(_) => {
+                // y = (x − t)·exp(−s)  ⇒  x = y·exp(s) + t, per channel.
+                let (c, hw) = shapes[i].channels();
+                let t = f64s(&param_name(i, ParamKind::ActnormTranslation));
+                let s = f64s(&param_name(i, ParamKind::ActnormLogScale));
+                let plane = hw * n;
+                for k in 0..c {
+                    let (scale, shift) = (s[k].exp(), t[k]);
+                    h[k * plane..(k + 1) * plane]
+                        .iter_mut()
+                        .for_each(|v| *v = *v * scale + shift);
+                }
             }
         }
     }

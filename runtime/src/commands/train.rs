@@ -8,6 +8,7 @@ use crate::cube::probe::Chosen;
 use crate::data::Dataset;
 use crate::eval::{evaluate, EvalResult};
 use crate::host::exec::ExecError;
+use crate::host::exec::{Executor, Program};
 use crate::host::linalg::Real;
 use crate::model::{Model, ModelError};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
-use snfc_compiler::ir::lower::{INPUT_NOISE, INPUT_X};
+use snfc_compiler::ir::lower::{actnorm_init_graph, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{FlowSpec, Preprocess};
 use std::collections::HashMap;
@@ -200,6 +201,69 @@ pub fn check_data(spec: &FlowSpec, data: &Dataset) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Whether a parameter of `kind` is set by the data-dependent initialization.
+fn is_data_initialized(kind: ParamKind) -> bool {
+    matches!(
+        kind,
+        ParamKind::ActnormTranslation | ParamKind::ActnormLogScale
+    )
+}
+
+/// The data-dependent initialization of `model` (its actnorm layers) on one batch `x` (`[D,
+/// batch]` columns, with its dequantization `noise` for 8-bit specs): each actnorm's translation
+/// and log-scale become the per-channel mean and ln(std + ε) of its input, in layer order (see
+/// `snfc_compiler::ir::lower::actnorm_init_graph`). Returns a warning for every channel that
+/// is constant on the batch (its scale is then 1/ε, never NaN).
+pub fn data_init<T: Real + 'static>(
+    model: &mut Model<T>,
+    x: &[T],
+    noise: Option<&[T]>,
+    batch: usize,
+) -> Result<Vec<String>, TrainError> {
+    let g = actnorm_init_graph(&model.spec, batch);
+    let mut feeds = model.values.clone();
+    feeds.insert(INPUT_X.to_string(), Arc::new(x.to_vec()));
+    if let Some(n) = noise {
+        feeds.insert(INPUT_NOISE.to_string(), Arc::new(n.to_vec()));
+    }
+    let mut warnings = Vec::new();
+    let outs = if g.outputs.is_empty() {
+        Vec::new()
+    } else {
+        Executor::<T>::new().run(&Program::new(&g), &feeds)?
+    };
+    for (name, t) in outs {
+        match name.strip_suffix(".variance") {
+            Some(layer) => {
+                for (c, v) in t.data.iter().enumerate() {
+                    // Zero (or NaN) variance: a constant channel.
+                    if v.as_f64().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                        warnings.push(format!(
+                            "{layer} (actnorm): channel {c} has variance {} on the first batch; \
+                             its scale starts at 1/{} (s = ln {})",
+                            v.as_f64(),
+                            ACTNORM_EPS,
+                            ACTNORM_EPS
+                        ));
+                    }
+                }
+            }
+            None => {
+                if let Some(k) = t.data.iter().position(|v| !v.as_f64().is_finite()) {
+                    return Err(TrainError::Setup(format!(
+                        "actnorm initialization: {name}[{k}] is {} (non-finite data in the \
+                         first batch?)",
+                        t.data[k].as_f64()
+                    )));
+                }
+                model.values.insert(name, Arc::new(t.data));
+            }
+        }
+    }
+    model.data_initialized = true;
+    Ok(warnings)
+}
+
 /// Train `spec` on `data` in precision `T`, writing `metrics.jsonl` and `checkpoint.safetensors`
 /// into `opts.out`.
 pub fn train<T: Real + 'static>(
@@ -288,6 +352,16 @@ pub fn train<T: Real + 'static>(
             if dequantize {
                 fill_uniform(&mut rng, &mut noise);
                 backend.set(INPUT_NOISE, &noise)?;
+            }
+            if !model.data_initialized {
+                // Actnorm's data-dependent initialization, on the first training batch.
+                let warnings = data_init(&mut model, &x, dequantize.then_some(&noise[..]), batch)?;
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                for p in model.params.iter().filter(|p| is_data_initialized(p.kind)) {
+                    backend.set(&p.name, &model.values[&p.name])?;
+                }
             }
             backend.run()?;
             total_steps += 1;

@@ -35,6 +35,15 @@ pub fn host_unary<T: Real>(u: Unary, x: T) -> T {
         }
         Unary::Square => x * x,
         Unary::Recip => one / x,
+        Unary::Relu => x.max(T::zero()),
+        Unary::Step => {
+            if x > T::zero() {
+                one
+            } else {
+                T::zero()
+            }
+        }
+        Unary::Tanh => x.tanh(),
     }
 }
 
@@ -48,5 +57,8 @@ pub fn gpu_unary<F: Float>(x: F, #[comptime] u: Unary) -> F {
         Unary::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - x)),
         Unary::Square => x * x,
         Unary::Recip => F::new(1.0) / x,
+        Unary::Relu => F::max(x, F::new(0.0)),
+        Unary::Step => select(x > F::new(0.0), F::new(1.0), F::new(0.0)),
+        Unary::Tanh => F::tanh(x),
     }
 }

@@ -37,7 +37,14 @@ pub struct Model<T> {
     pub spec: FlowSpec,
     pub params: Vec<ParamInfo>,
     pub values: Feeds<T>,
+    /// Whether the data-dependent initialization (actnorm) has run: false only for a fresh
+    /// model of a spec with actnorm layers. Saved in checkpoints (metadata
+    /// `data_initialized`), so evaluation or a resumed run never initializes again.
+    pub data_initialized: bool,
 }
+
+/// Metadata key of [`Model::data_initialized`].
+pub const DATA_INITIALIZED: &str = "data_initialized";
 
 impl<T: Real> Model<T> {
     /// Paper A.3: a linear layer's W = I + Xavier-normal noise with gain 0.01 (or exactly I) and
@@ -99,6 +106,24 @@ impl<T: Real> Model<T> {
                     let unit = (1.0 - crate::host::spline::MIN_DERIVATIVE).exp_m1().ln();
                     vec![unit; p.shape.iter().product()]
                 }
+                // Glow: the network's first convs N(0, 0.05²); its last conv, its log-scale and
+                // every bias zero, so a fresh coupling is the identity.
+                (ParamKind::CouplingWeight(k), _) if k < 2 => {
+                    let normal = Normal::new(0.0, 0.05).expect("finite std");
+                    (0..p.shape.iter().product::<usize>())
+                        .map(|_| rng.sample(normal))
+                        .collect()
+                }
+                (
+                    ParamKind::CouplingWeight(_)
+                    | ParamKind::CouplingBias(_)
+                    | ParamKind::CouplingLogs,
+                    _,
+                ) => vec![0.0; p.shape.iter().product()],
+                // The identity until the data-dependent initialization (`commands::train`).
+                (ParamKind::ActnormTranslation | ParamKind::ActnormLogScale, _) => {
+                    vec![0.0; p.shape.iter().product()]
+                }
             };
             values.insert(
                 p.name.clone(),
@@ -109,6 +134,10 @@ impl<T: Real> Model<T> {
             spec: spec.clone(),
             params,
             values,
+            data_initialized: !spec
+                .layers
+                .iter()
+                .any(|l| matches!(l, LayerSpec::Actnorm(_))),
         }
     }
 
@@ -131,6 +160,7 @@ impl<T: Real> Model<T> {
                     )
                 })
                 .collect(),
+            data_initialized: self.data_initialized,
         }
     }
 
@@ -144,6 +174,7 @@ impl<T: Real> Model<T> {
     ) -> Result<(), ModelError> {
         metadata.insert("spec".into(), self.spec.to_json_pretty());
         metadata.insert("format".into(), "snfc-params-v1".into());
+        metadata.insert(DATA_INITIALIZED.into(), self.data_initialized.to_string());
         let mut named: Vec<(String, Vec<usize>, Vec<T>)> = self
             .params
             .iter()
@@ -202,6 +233,9 @@ impl<T: Real> Model<T> {
                 spec,
                 params,
                 values,
+                // A file without the key holds whatever values it holds: never re-initialize.
+                data_initialized: metadata.get(DATA_INITIALIZED).map(String::as_str)
+                    != Some("false"),
             },
             metadata,
         ))

@@ -136,6 +136,8 @@ pub fn is_index_op(op: &Op) -> bool {
     matches!(
         op,
         Op::Permute { .. }
+            | Op::Take { .. }
+            | Op::Embed { .. }
             | Op::Expand { .. }
             | Op::ReduceSum { .. }
             | Op::FlipKernel
@@ -160,6 +162,26 @@ pub fn table(op: &Op, input: &[usize]) -> Option<IndexTable> {
                     })
                     .collect(),
             )
+        }
+        Op::Take { axis, index } => {
+            let (outer, n, inner) = (
+                input[..*axis].iter().product::<usize>(),
+                input[*axis],
+                input[axis + 1..].iter().product::<usize>(),
+            );
+            IndexTable::gather(
+                (0..outer * inner)
+                    .map(|k| (k / inner * n + index) * inner + k % inner)
+                    .collect(),
+            )
+        }
+        Op::Embed { axis, index, size } => {
+            let outer: usize = input[..*axis].iter().product();
+            let inner: usize = input[*axis..].iter().product();
+            let pairs: Vec<(usize, usize)> = (0..outer * inner)
+                .map(|k| ((k / inner * size + index) * inner + k % inner, k))
+                .collect();
+            IndexTable::from_pairs(outer * size * inner, &pairs)
         }
         Op::Expand { to, axes } => {
             let kept: Vec<usize> = (0..to.len()).filter(|a| !axes.contains(a)).collect();
@@ -273,6 +295,31 @@ mod tests {
         let perm = vec![2, 0, 3, 1];
         let t = table(&Op::Permute { perm: perm.clone() }, &shape).unwrap();
         assert_eq!(apply(&t, &x), shape_ops::permute(&x, &shape, &perm));
+        for axis in 0..4 {
+            let index = shape[axis] - 1;
+            let t = table(&Op::Take { axis, index }, &shape).unwrap();
+            let taken = shape_ops::take(&x, &shape, axis, index);
+            assert_eq!(apply(&t, &x), taken);
+            let mut rest = shape.to_vec();
+            rest.remove(axis);
+            let size = shape[axis];
+            let t = table(&Op::Embed { axis, index, size }, &rest).unwrap();
+            let back = shape_ops::embed(&taken, &rest, axis, index, size);
+            assert_eq!(apply(&t, &taken), back);
+            // Embedding what was taken restores those elements and zeros the rest.
+            let mut want = vec![0.0; x.len()];
+            let (outer, inner) = (
+                shape[..axis].iter().product::<usize>(),
+                shape[axis + 1..].iter().product::<usize>(),
+            );
+            for o in 0..outer {
+                for j in 0..inner {
+                    let k = (o * size + index) * inner + j;
+                    want[k] = x[k];
+                }
+            }
+            assert_eq!(back, want);
+        }
         for axes in [vec![0], vec![1, 3], vec![0, 1, 2, 3], vec![]] {
             let t = table(&Op::ReduceSum { axes: axes.clone() }, &shape).unwrap();
             let want = shape_ops::reduce_sum(&x, &shape, &axes);

@@ -726,6 +726,25 @@ impl<T: Real> Executor<T> {
                     transposed: false,
                 }
             }
+            Op::Take { axis, index } => {
+                let a = arg!(0).clone();
+                value(shape_ops::take(
+                    &self.contiguous(&a),
+                    &a.shape,
+                    *axis,
+                    *index,
+                ))
+            }
+            Op::Embed { axis, index, size } => {
+                let a = arg!(0).clone();
+                value(shape_ops::embed(
+                    &self.contiguous(&a),
+                    &a.shape,
+                    *axis,
+                    *index,
+                    *size,
+                ))
+            }
             Op::Permute { perm } => {
                 let a = arg!(0).clone();
                 value(shape_ops::permute(&self.contiguous(&a), &a.shape, perm))

@@ -233,6 +233,36 @@ pub fn reduce_sum<T: Real>(a: &[T], shape: &[usize], axes: &[usize]) -> Vec<T> {
     out
 }
 
+/// `(outer, n, inner)`: the sizes before `axis`, of `axis` and after it.
+fn around(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = shape[..axis].iter().product();
+    let inner = shape[axis + 1..].iter().product();
+    (outer, shape[axis], inner)
+}
+
+/// Element `index` along `axis` of `a` (shape `shape`), the axis removed.
+pub fn take<T: Real>(a: &[T], shape: &[usize], axis: usize, index: usize) -> Vec<T> {
+    let (outer, n, inner) = around(shape, axis);
+    let mut out = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        let start = (o * n + index) * inner;
+        out.extend_from_slice(&a[start..start + inner]);
+    }
+    out
+}
+
+/// `a` (shape `shape`) placed at `index` of a new axis `axis` of `size`, zeros elsewhere.
+pub fn embed<T: Real>(a: &[T], shape: &[usize], axis: usize, index: usize, size: usize) -> Vec<T> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis..].iter().product();
+    let mut out = vec![T::zero(); outer * size * inner];
+    for o in 0..outer {
+        let dst = (o * size + index) * inner;
+        out[dst..dst + inner].copy_from_slice(&a[o * inner..(o + 1) * inner]);
+    }
+    out
+}
+
 /// `k [O, I, K, K] → [I, O, K, K]`, both spatial axes reversed.
 pub fn flip_kernel<T: Real>(k: &[T], shape: &[usize]) -> Vec<T> {
     let (o, i, kk) = (shape[0], shape[1], shape[2]);
