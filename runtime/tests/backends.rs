@@ -460,8 +460,8 @@ fn spline_ops(chosen: &Chosen) {
     }
 }
 
-/// A small image flow of every image layer (actnorm, conv, spline, squeeze, affine coupling, a
-/// linear layer on the flattened image), self-normalizing and exact: whole steps at every optimization level.
+/// A small image flow of every image layer (actnorm, conv, spline, squeeze, affine coupling,
+/// split, a linear layer on the flattened image), self-normalizing and exact: whole steps at every optimization level.
 fn image_spec(gradient: &str) -> FlowSpec {
     spec(&format!(
         r#"{{"name": "tiny_cnn", "input": {{"shape": [1, 4, 4], "preprocess": "none"}},
@@ -470,6 +470,7 @@ fn image_spec(gradient: &str) -> FlowSpec {
                        {{"type": "spline", "bins": 4, "tail_bound": 3}},
                        {{"type": "squeeze"}},
                        {{"type": "affine_coupling", "width": 3}},
+                       {{"type": "split"}},
                        {{"type": "conv", "kernel_size": 3, "bias": true}},
                        {{"type": "spline", "bins": 4, "tail_bound": 3}},
                        {{"type": "conv", "kernel_size": 1, "bias": false}},

@@ -239,9 +239,8 @@ impl<'a> Lowering<'a> {
 
     /// The flow from `h0`: the f-flow, or with `inverse_model` the g-flow `R⁻¹ h + b`.
     fn flow(&mut self, h0: NodeIndex, inverse_model: bool, with_recon: bool) -> FlowTerms {
-        // Every layer's activations are the flat batch [D, B]; image layers reshape (a view).
-        let shape = self.batch_shape();
-        let d = self.d;
+        // Every layer's activations are the flat batch [D_i, B] (D_i its input's size: a split
+        // halves it); image layers reshape (a view).
         let batch = self.batch;
         let shapes = self.spec.layer_shapes();
         let mut h = h0;
@@ -251,6 +250,8 @@ impl<'a> Lowering<'a> {
         for (i, layer) in self.spec.layers.iter().enumerate() {
             let b = &mut self.b;
             b.set_region(Region::Layer(i));
+            let d = shapes[i].numel();
+            let shape = vec![d, batch];
             match layer {
                 LayerSpec::Linear(l) => {
                     let (w_name, r_name) = (
@@ -372,6 +373,23 @@ impl<'a> Lowering<'a> {
                     let ld = b.add(spline(SplinePart::LogDet), &operands);
                     data_terms.push(b.sum(ld, Some(0)));
                     h = b.add(spline(SplinePart::Value), &operands);
+                }
+                LayerSpec::Split(_) => {
+                    // The second half of the channels leaves the flow under N(0, I); the first
+                    // goes on. In the flat (c, h, w) order the halves are the two row blocks.
+                    let halves = b.add(
+                        Op::Reshape {
+                            to: vec![2, d / 2, batch],
+                        },
+                        &[h],
+                    );
+                    let out = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
+                    h = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
+                    let sq = b.unary(Unary::Square, out);
+                    let ss = b.sum(sq, Some(0));
+                    let half = b.scale(ss, -0.5);
+                    let c = b.constant(-0.25 * d as f64 * (2.0 * std::f64::consts::PI).ln());
+                    data_terms.push(b.add2(half, c));
                 }
                 LayerSpec::AffineCoupling(a) => {
                     let (c, hh, ww) = shapes[i].image();
@@ -526,7 +544,9 @@ impl<'a> Lowering<'a> {
                 }
             }
         }
-        // Base density: ln N(z) = −½‖z‖² − (D/2) ln 2π per example.
+        // Base density: ln N(z) = −½‖z‖² − (D/2) ln 2π per example, D what is left after the
+        // splits.
+        let d = shapes.last().map_or(self.d, |s| s.numel());
         let b = &mut self.b;
         b.set_region(Region::Loss);
         let z2 = b.unary(Unary::Square, h);

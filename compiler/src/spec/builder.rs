@@ -103,6 +103,11 @@ impl FlowSpecBuilder {
         self.layer(LayerSpec::Squeeze(super::SqueezeSpec {}))
     }
 
+    /// Factor out half of the channels (multiscale).
+    pub fn split(self) -> Self {
+        self.layer(LayerSpec::Split(super::SplitSpec {}))
+    }
+
     /// A Glow affine coupling with a network of `width` hidden channels.
     pub fn affine_coupling(self, width: usize) -> Self {
         self.layer(LayerSpec::AffineCoupling(super::AffineCouplingSpec {

@@ -118,7 +118,17 @@ pub enum LayerSpec {
     /// Glow's affine coupling: a conv network of the first half of the channels scales and
     /// shifts the second half.
     AffineCoupling(AffineCouplingSpec),
+    /// Multiscale: the second half of the channels leaves the flow, scored under N(0, I).
+    Split(SplitSpec),
 }
+
+/// Factor out half of an image's channels (Glow's multiscale architecture): `[C, H, W] →
+/// [C/2, H, W]`; the second half `[C/2, H, W]` is scored under N(0, I) and joins the latent
+/// (the latent of a flow with splits lists the final output first, then each factored half,
+/// from the last split to the first).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitSpec {}
 
 /// Glow's affine coupling on an image `[C, H, W]` (C even): x1 = the first C/2 channels, x2 the
 /// rest; h = conv3×3(x1; `net.0`) → ReLU → conv1×1(`net.1`) → ReLU → conv3×3(`net.2`)·exp(3·
@@ -449,6 +459,9 @@ impl FlowSpec {
             out.push(shape);
             shape = match (layer, shape) {
                 (LayerSpec::Linear(_), s) => LayerShape::Flat(s.numel()),
+                (LayerSpec::Split(_), LayerShape::Image { c, h, w }) if c % 2 == 0 => {
+                    LayerShape::Image { c: c / 2, h, w }
+                }
                 (LayerSpec::Squeeze(_), LayerShape::Image { c, h, w })
                     if h % 2 == 0 && w % 2 == 0 =>
                 {

@@ -114,6 +114,16 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
                 ),
             },
             LayerSpec::Actnorm(_) => {}
+            LayerSpec::Split(_) => match shapes[i] {
+                LayerShape::Image { c, .. } if c % 2 == 0 => {}
+                s => push(
+                    at(i),
+                    format!(
+                        "split factors out half of the channels: it needs an image input \
+                         [C, H, W] with C even; this layer's input is {s}"
+                    ),
+                ),
+            },
             LayerSpec::AffineCoupling(a) => {
                 if a.width == 0 {
                     push(

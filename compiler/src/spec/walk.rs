@@ -10,7 +10,7 @@ use super::errors::{escape_token, SpecError};
 use super::{
     ActnormSpec, AdamSpec, AffineCouplingSpec, ConvSpec, FlowSpec, GradientMode, InputSpec,
     LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
-    SmoothLeakyReluSpec, SplineSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
+    SmoothLeakyReluSpec, SplineSpec, SplitSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
 };
 
 type Obj = Map<String, Value>;
@@ -32,6 +32,7 @@ const LAYER_TYPES: &[&str] = &[
     "spline",
     "actnorm",
     "affine_coupling",
+    "split",
     "repeat",
 ];
 const REPEAT_FIELDS: &[&str] = &["times", "layers"];
@@ -456,6 +457,10 @@ impl Walker {
             "actnorm" => {
                 self.unknown_fields(o, p, &[], &["type"]);
                 Some(LayerSpec::Actnorm(ActnormSpec {}))
+            }
+            "split" => {
+                self.unknown_fields(o, p, &[], &["type"]);
+                Some(LayerSpec::Split(SplitSpec {}))
             }
             "affine_coupling" => {
                 self.unknown_fields(o, p, &["width"], &["type"]);

@@ -86,6 +86,8 @@ pub fn coupling_net(
 }
 
 /// Map `z` (`[D, n]`, one column per sample) back to data space through the flow's inverse.
+/// With splits, `z` lists the flow's final output first, then each factored half from the last
+/// split to the first (rows of the `[D, n]` matrix).
 pub fn invert<T: Real>(
     model: &Model<T>,
     z: &[f64],
@@ -93,12 +95,21 @@ pub fn invert<T: Real>(
     exact: bool,
 ) -> Result<Vec<f64>, LinalgError> {
     let spec = &model.spec;
-    let d = spec.input.dim();
     let shapes = spec.layer_shapes();
-    let mut h = z.to_vec();
+    let d_out = shapes.last().map_or(spec.input.dim(), |s| s.numel());
+    let mut h = z[..d_out * n].to_vec();
+    // Rows of `z` consumed so far.
+    let mut used = d_out;
     let f64s = |name: &str| -> Vec<f64> { model.get(name).iter().map(|v| v.as_f64()).collect() };
     for (i, layer) in spec.layers.iter().enumerate().rev() {
+        let d = shapes[i].numel();
         match layer {
+            LayerSpec::Split(_) => {
+                // The factored half comes back from the latent: rows [x1; x2].
+                let half = d / 2;
+                h.extend_from_slice(&z[used * n..(used + half) * n]);
+                used += half;
+            }
             LayerSpec::Linear(l) => {
                 if l.bias {
                     let b = model.get(&param_name(i, ParamKind::Bias));
