@@ -35,7 +35,16 @@ fn glow_specs_compile_without_inverses() {
         );
         assert!(c.egraph.iter().all(|p| p.stop_reason == "saturated"));
     }
+    // The exact baseline: one inverse per 1×1 conv, of its C × C matrix (4 × 4 and 8 × 8 at
+    // the two levels) rather than of the 784 × 784 / 392 × 392 Toeplitz matrix
+    // (`inverse-of-pointwise-conv`); the exact graph's log-dets likewise become H·W·ln|det W|.
     let exact = spec("mnist_glow_exact.json");
     let c = compile_train(&exact, 4, OptLevel::Full).expect("compiles");
     assert_eq!(op_counts(&c.step).inverse, 32, "one inverse per 1×1 conv");
+    for n in c.step.nodes() {
+        if c.step.node(n).op == snfc_compiler::ir::Op::Inverse {
+            let s = &c.step.node(n).shape;
+            assert!(s == &vec![4, 4] || s == &vec![8, 8], "an inverse of {s:?}");
+        }
+    }
 }

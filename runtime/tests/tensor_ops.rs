@@ -291,3 +291,43 @@ fn the_gpu_backends_have_a_kernel_for_every_op_of_the_image_flows() {
         assert_eq!(op, None, "{}", spec.name);
     }
 }
+
+/// The 1×1-conv identities the rewriter uses (`logdet-of-pointwise-conv`,
+/// `inverse-of-pointwise-conv`), both sides evaluated in f64: ln|det T(w)| = H·W·ln|det W| and
+/// T(w)⁻¹ = T(W⁻¹) for a kernel `[C, C, 1, 1]` on H × W maps.
+#[test]
+fn a_pointwise_conv_is_block_diagonal() {
+    let (c, h, w) = (3, 4, 5);
+    let mut b = GraphBuilder::new("pointwise");
+    let k = b.param("k", vec![c, c, 1, 1]);
+    let t = b.add(Op::Toeplitz { h, w }, &[k]);
+    let ld_dense = b.logdet(t);
+    let inv_dense = b.inverse(t);
+    let m = b.add(Op::Reshape { to: vec![c, c] }, &[k]);
+    let ld_small = b.logdet(m);
+    let hw = b.constant((h * w) as f64);
+    let ld_block = b.mul(hw, ld_small);
+    let inv_small = b.inverse(m);
+    let kk = b.add(
+        Op::Reshape {
+            to: vec![c, c, 1, 1],
+        },
+        &[inv_small],
+    );
+    let inv_block = b.add(Op::Toeplitz { h, w }, &[kk]);
+    b.output("ld_dense", ld_dense);
+    b.output("ld_block", ld_block);
+    b.output("inv_dense", inv_dense);
+    b.output("inv_block", inv_block);
+    let g = b.finish();
+    let mut rng = Rng::new(41);
+    let kv: Vec<f64> = (0..c * c)
+        .map(|i| if i % (c + 1) == 0 { 1.5 } else { 0.0 } + 0.4 * rng.normal())
+        .collect();
+    let feeds: Feeds<f64> = HashMap::from([("k".to_string(), Arc::new(kv))]);
+    let out = run(&g, &feeds);
+    assert!((out["ld_dense"][0] - out["ld_block"][0]).abs() < 1e-9);
+    for (a, b) in out["inv_dense"].iter().zip(&out["inv_block"]) {
+        assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+}

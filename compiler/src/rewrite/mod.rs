@@ -111,9 +111,11 @@ pub const CONV_SUBSTITUTION: &[PairRule] = &[PairRule {
 /// convolution of the graph: `{T}` its Toeplitz op (`toeplitz:HxW`), `{ADJ}` the adjoint
 /// (`toeplitz_adjoint:HxW:K`), `{IMG}` / `{FLAT}` the reshapes between the flat batch
 /// `[C·H·W, B]` and the image batch `[C, H, W, B]`, `{KG}` the kernel gradient
-/// (`conv_kernel_grad:K`), `{MULT}` the multiplicity (`multiplicity:HxW`). `flat` and `image`
-/// name the variables that must have those shapes (so the reshapes are well-formed), `kernel`
-/// the variables that must be this conv's kernel shape, `scalar` the scalar ones.
+/// (`conv_kernel_grad:K`), `{MULT}` the multiplicity (`multiplicity:HxW`), `{MAT}` / `{KER}`
+/// the reshapes between a 1×1 kernel `[C, C, 1, 1]` and its `C × C` matrix, `{HW}` the constant
+/// H·W. `flat` and `image` name the variables that must have those shapes (so the reshapes are
+/// well-formed), `kernel` the variables that must be this conv's kernel shape, `scalar` the
+/// scalar ones; a `pointwise` rule holds for 1×1 convolutions only.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvRule {
     pub name: &'static str,
@@ -123,6 +125,7 @@ pub struct ConvRule {
     pub image: &'static [&'static str],
     pub kernel: &'static [&'static str],
     pub scalar: &'static [&'static str],
+    pub pointwise: bool,
 }
 
 const fn conv_rule(name: &'static str, lhs: &'static str, rhs: &'static str) -> ConvRule {
@@ -134,6 +137,7 @@ const fn conv_rule(name: &'static str, lhs: &'static str, rhs: &'static str) -> 
         image: &[],
         kernel: &[],
         scalar: &[],
+        pointwise: false,
     }
 }
 
@@ -165,6 +169,32 @@ pub const CONV_OPERATOR: &[ConvRule] = &[
     ConvRule {
         flat: &["?x"],
         ..conv_rule("reshape-round-trip-flat", "({FLAT} ({IMG} ?x))", "?x")
+    },
+];
+
+/// The 1×1 convolution's Toeplitz matrix is block diagonal, I_{H·W} ⊗ W (in the (c, h, w)
+/// order, a permutation of it): ln|det T| = H·W·ln|det W| and T⁻¹ = T(W⁻¹) — C × C work, not
+/// (C·H·W)³ (Glow's invertible 1×1 convolution; the exact baseline's step and log-dets). With
+/// the algebra only (region by region): in the global substitution phase they would only grow
+/// the e-graph of a self-normalizing step, whose inverses the substitution removes anyway.
+pub const CONV_POINTWISE: &[ConvRule] = &[
+    ConvRule {
+        kernel: &["?K"],
+        pointwise: true,
+        ..conv_rule(
+            "logdet-of-pointwise-conv",
+            "(logdet ({T} ?K))",
+            "(mul {HW} (logdet ({MAT} ?K)))",
+        )
+    },
+    ConvRule {
+        kernel: &["?K"],
+        pointwise: true,
+        ..conv_rule(
+            "inverse-of-pointwise-conv",
+            "(inverse ({T} ?K))",
+            "({T} ({KER} (inverse ({MAT} ?K))))",
+        )
     },
 ];
 
@@ -542,6 +572,9 @@ impl ConvInstance {
             .replace("{FLAT}", &format!("reshape:{n}x{b}"))
             .replace("{KG}", &format!("conv_kernel_grad:{k}"))
             .replace("{MULT}", &format!("multiplicity:{h}x{w}"))
+            .replace("{MAT}", &format!("reshape:{c}x{c}"))
+            .replace("{KER}", &format!("reshape:{c}x{c}x1x1"))
+            .replace("{HW}", &format!("const:{:?}", (h * w) as f64))
     }
 }
 
@@ -577,7 +610,7 @@ fn conv_instances(g: &Graph) -> Vec<ConvInstance> {
 fn conv_rules(rules: &[ConvRule], g: &Graph) -> Vec<TRewrite> {
     let mut out = Vec::new();
     for inst in conv_instances(g) {
-        for r in rules {
+        for r in rules.iter().filter(|r| !r.pointwise || inst.k == 1) {
             let name = format!(
                 "{}[{}x{}x{}:{}:{}]",
                 r.name, inst.c, inst.h, inst.w, inst.k, inst.b
@@ -944,6 +977,7 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
     let mut rules = compile_rules(ALGEBRA);
     rules.extend(conv_rules(CONV_OPERATOR, g));
     rules.extend(conv_rules(CONV_ADJOINT, g));
+    rules.extend(conv_rules(CONV_POINTWISE, g));
     rules.extend(spline_rules(SPLINE, g));
     let order = g.nodes();
     let is_leaf = |n: NodeIndex| g.node(n).op.arity() == 0;

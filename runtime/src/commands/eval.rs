@@ -28,7 +28,8 @@ pub struct EvalResult {
 }
 
 /// Σ_k ln|det W_k| over the linear layers, and ln|det T(w_k)| of the dense Toeplitz matrix of
-/// each conv layer (one LU each, in f64 whatever the model's precision).
+/// each conv layer (one LU each, in f64 whatever the model's precision; for a 1×1 conv
+/// H·W·ln|det W| of its C × C matrix, since T(w) is block diagonal).
 pub fn logdet_sum<T: Real>(model: &Model<T>) -> f64 {
     let shapes = model.spec.layer_shapes();
     model
@@ -38,6 +39,9 @@ pub fn logdet_sum<T: Real>(model: &Model<T>) -> f64 {
         .map(|p| {
             let w: Vec<f64> = model.get(&p.name).iter().map(|v| v.as_f64()).collect();
             match shapes[p.layer] {
+                LayerShape::Image { c, h, w: width } if p.shape.len() == 4 && p.shape[2] == 1 => {
+                    (h * width) as f64 * slogdet(&w, c).1
+                }
                 LayerShape::Image { c, h, w: width } if p.shape.len() == 4 => {
                     let t = toeplitz(&w, &p.shape, h, width);
                     slogdet(&t, c * h * width).1

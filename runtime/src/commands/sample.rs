@@ -1,7 +1,7 @@
 //! Sampling: z ~ N(0, I) through the learned inverse g (R, and the activation inverted by
 //! Newton's method) or through the exact inverse (W⁻¹, by LU solves).
 
-use crate::host::linalg::{matmul, solve, LinalgError, MatRef, Real};
+use crate::host::linalg::{inverse, matmul, solve, LinalgError, MatRef, Real};
 use crate::host::shape_ops::{conv2d, embed, permute, take, toeplitz};
 use crate::host::spline::{Spline, SplineParams};
 use crate::model::Model;
@@ -147,7 +147,11 @@ pub fn invert<T: Real>(
                     }
                 }
                 let kshape = [ch, ch, c.kernel_size, c.kernel_size];
-                h = if exact {
+                h = if exact && c.kernel_size == 1 {
+                    // T(w)⁻¹ = T(W⁻¹) for a 1×1 conv: one C × C inverse, not a (C·H·W)² LU.
+                    let inv = inverse(&f64s(&param_name(i, ParamKind::Weight)), ch)?;
+                    conv2d(&h, &[ch, hh, ww, n], &inv, &kshape)
+                } else if exact {
                     // T(w)⁻¹ by LU (the h values are the flat [C·H·W, n] columns).
                     let t = toeplitz(&f64s(&param_name(i, ParamKind::Weight)), &kshape, hh, ww);
                     solve(&t, ch * hh * ww, &h, n)?
