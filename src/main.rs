@@ -73,7 +73,7 @@ enum Command {
         /// Output directory (default runs/<spec name>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// MNIST directory (IDX files) or a .npy file; default: the embedded 10,000 MNIST digits.
+        /// MNIST directory (IDX files), CIFAR-10 directory (data_batch_*.bin, test_batch.bin) or a .npy file; default: the embedded 10,000 MNIST digits.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Stop after this many optimizer steps.
@@ -98,7 +98,7 @@ enum Command {
     /// Exact negative log-likelihood of a checkpoint on the test split.
     Eval {
         checkpoint: PathBuf,
-        /// MNIST directory or a .npy file (evaluated whole); default: the embedded test split.
+        /// MNIST or CIFAR-10 directory, or a .npy file (evaluated whole); default: the embedded test split.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Override the spec stored in the checkpoint.
@@ -125,6 +125,9 @@ enum Command {
         exact_inverse: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Draw the latent from N(0, T²): T < 1 gives smoother, less varied samples.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
         #[arg(long)]
         spec: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "host")]
@@ -318,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             exact_inverse,
             seed,
+            temperature,
             spec,
             device,
         } => {
@@ -325,13 +329,16 @@ fn run(cli: Cli) -> Result<()> {
             if n == 0 {
                 bail!("-n must be at least 1");
             }
+            if !(temperature.is_finite() && temperature > 0.0) {
+                bail!("--temperature must be a positive number, got {temperature}");
+            }
             let spec = spec.as_deref().map(spec_from).transpose()?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
             let exact = exact_inverse || model.spec.objective.gradient == GradientMode::Exact;
             if exact && !exact_inverse {
                 eprintln!("spec `{}` was trained with the exact gradient (R is not trained): sampling with W⁻¹", model.spec.name);
             }
-            let rows = snfc_runtime::sample::sample(&model, n, seed, exact)?;
+            let rows = snfc_runtime::sample::sample_at(&model, n, seed, exact, temperature)?;
             let d = model.spec.input.dim();
             let image = snfc_runtime::sample::image_shape(&model.spec.input.shape);
             let is_npy = out.extension().is_some_and(|e| e == "npy");

@@ -356,3 +356,76 @@ fn png_grid_rgb_is_channel_major() {
     // overwriting an existing file works (rename over it)
     write_png_grid(&p, &img, 1, 3, 2, 2).unwrap();
 }
+
+/// A CIFAR-10 binary batch of `n` records: label `i % 10`, pixel `j` of record `i` =
+/// `(seed + 7i + j) % 256`.
+fn cifar_batch(path: &Path, n: usize, seed: usize) {
+    let mut bytes = Vec::new();
+    for i in 0..n {
+        bytes.push((i % 10) as u8);
+        bytes.extend((0..3072).map(|j| ((seed + 7 * i + j) % 256) as u8));
+    }
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn cifar10_binary_batches_load_in_order_with_a_validation_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    cifar_batch(&dir.path().join("data_batch_1.bin"), 30, 0);
+    cifar_batch(&dir.path().join("data_batch_2.bin"), 20, 100);
+    cifar_batch(&dir.path().join("test_batch.bin"), 10, 200);
+    let ds = snfc_runtime::data::load_data(Some(dir.path())).expect("CIFAR-10 loads");
+    assert_eq!((ds.name.as_str(), ds.dim), ("cifar10", 3072));
+    assert_eq!(ds.image_shape, Some([3, 32, 32]));
+    assert!(ds.discrete);
+    // 50 training images: the last tenth validates.
+    assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (45, 5, 10));
+    // Labels are dropped; pixels keep the file's (c, h, w) order; batches follow each other.
+    assert_eq!(ds.train.example(0)[..3], [0.0, 1.0, 2.0]);
+    assert_eq!(ds.train.example(30)[0], 100.0);
+    // Validation starts at training image 45: record 15 of the second batch.
+    assert_eq!(ds.valid.example(0)[0], (100 + 7 * 15) as f32);
+    assert_eq!(ds.test.example(1)[3071], ((200 + 7 + 3071) % 256) as f32);
+    // A spec over [3, 32, 32] 8-bit images trains on it.
+    let spec = snfc_compiler::spec::parse_spec(
+        r#"{"name": "c", "input": {"shape": [3, 32, 32], "preprocess": "dequantize_logit"},
+            "layers": [{"type": "squeeze"}, {"type": "actnorm"},
+                       {"type": "conv", "kernel_size": 1, "bias": false},
+                       {"type": "affine_coupling", "width": 4}],
+            "train": {"batch_size": 9}}"#,
+    )
+    .unwrap();
+    snfc_runtime::train::check_data(&spec, &ds).expect("shapes match");
+}
+
+#[test]
+fn bad_cifar10_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    cifar_batch(&dir.path().join("data_batch_1.bin"), 5, 0);
+    let err = snfc_runtime::data::load_data(Some(dir.path()))
+        .expect_err("no test batch")
+        .to_string();
+    assert!(err.contains("test_batch.bin"), "{err}");
+    cifar_batch(&dir.path().join("test_batch.bin"), 2, 0);
+    // Truncated: a record cut short.
+    let path = dir.path().join("data_batch_2.bin");
+    fs::write(&path, vec![1u8; 3073 + 100]).unwrap();
+    let err = snfc_runtime::data::load_data(Some(dir.path()))
+        .expect_err("truncated")
+        .to_string();
+    assert!(
+        err.contains("data_batch_2.bin") && err.contains("3073"),
+        "{err}"
+    );
+    // A CIFAR-100 file (two label bytes shift every record): a label out of range.
+    let mut bad = vec![0u8; 3073];
+    bad[0] = 57;
+    fs::write(&path, bad).unwrap();
+    let err = snfc_runtime::data::load_data(Some(dir.path()))
+        .expect_err("bad label")
+        .to_string();
+    assert!(
+        err.contains("data_batch_2.bin") && err.contains("label 57"),
+        "{err}"
+    );
+}

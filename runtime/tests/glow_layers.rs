@@ -422,3 +422,26 @@ fn pointwise_conv_log_det_and_exact_inverse_take_the_small_matrix() {
         assert!((a - b).abs() < 1e-10);
     }
 }
+
+#[test]
+fn temperature_scales_the_latent() {
+    // Through an actnorm (x = z·e^s + t), temperature T scales each sample's offset from t.
+    let s = image_spec(r#"[{"type": "actnorm"}]"#, "exact");
+    let mut rng = Rng::new(38);
+    let f = feeds(&s, 1, &mut rng);
+    let model = Model::<f64> {
+        values: f.clone(),
+        ..Model::init(&s, 0)
+    };
+    let one = snfc_runtime::sample::sample_at(&model, 4, 9, false, 1.0).unwrap();
+    let cold = snfc_runtime::sample::sample_at(&model, 4, 9, false, 0.25).unwrap();
+    assert_eq!(
+        one,
+        snfc_runtime::sample::sample(&model, 4, 9, false).unwrap()
+    );
+    let t = &f["layers.0.translation"];
+    for (i, (a, b)) in one.iter().zip(&cold).enumerate() {
+        let tc = t[i % 32 / 16];
+        assert!(((b - tc) - 0.25 * (a - tc)).abs() < 1e-12);
+    }
+}

@@ -234,3 +234,33 @@ fn small_npy_spec_trains_in_f64_and_lowers_nll() {
     let again = evaluate(&model, &data.valid, 100, 0).unwrap();
     assert!((again.nll_nats - best.nll_nats).abs() <= 1e-9 * best.nll_nats.abs().max(1.0));
 }
+
+/// `train.grad_clip_norm`: a bound far above the gradient norm changes nothing (bit for bit); a
+/// tiny one clips every step, so the parameters move differently (Adam's first step, lr ·
+/// m̂/√v̂, is invariant to a constant scale, but the ε and the changing scales are not) and
+/// the run still trains.
+#[test]
+fn gradient_clipping_by_global_norm() {
+    let data = embedded_mnist().expect("embedded MNIST");
+    let base = spec_file("mnist_fc2.json");
+    let run = |clip: Option<f64>, name: &str| {
+        let mut spec = base.clone();
+        spec.train.grad_clip_norm = clip;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join(name);
+        let summary = train::<f64>(&spec, &data, &options(out, 5)).expect("training");
+        let (model, _) = Model::<f64>::load(&summary.checkpoint, None).expect("loads");
+        (model, summary.best.expect("one epoch").nll_nats)
+    };
+    let (plain, _) = run(None, "plain");
+    let (loose, _) = run(Some(1e12), "loose");
+    let (tight, nll) = run(Some(1e-3), "tight");
+    for p in &plain.params {
+        assert_eq!(plain.get(&p.name), loose.get(&p.name), "{}", p.name);
+    }
+    assert!(plain
+        .params
+        .iter()
+        .any(|p| plain.get(&p.name) != tight.get(&p.name)));
+    assert!(nll.is_finite());
+}

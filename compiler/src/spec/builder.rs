@@ -177,6 +177,12 @@ impl FlowSpecBuilder {
         self
     }
 
+    /// Clip the gradient by its global norm to at most `norm` before each step.
+    pub fn grad_clip_norm(mut self, norm: f64) -> Self {
+        self.train.grad_clip_norm = Some(norm);
+        self
+    }
+
     /// Adam ε (default 1e-8).
     pub fn adam_eps(mut self, eps: f64) -> Self {
         self.train.optimizer.adam.eps = eps;

@@ -351,6 +351,10 @@ pub struct TrainSpec {
     pub seed: u64,
     /// The optimizer (default Adam with the paper's settings).
     pub optimizer: OptimizerSpec,
+    /// Clip the gradient by its global norm to at most this (> 0) before each optimizer step;
+    /// none by default (the reference code uses 10,000 for CIFAR Glow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip_norm: Option<f64>,
 }
 
 impl Default for TrainSpec {
@@ -361,6 +365,7 @@ impl Default for TrainSpec {
             warmup_epochs: 10,
             seed: 0,
             optimizer: OptimizerSpec::default(),
+            grad_clip_norm: None,
         }
     }
 }

@@ -174,6 +174,14 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
             "epochs must be at least 1, got 0".into(),
         );
     }
+    if let Some(c) = spec.train.grad_clip_norm {
+        if !(c.is_finite() && c > 0.0) {
+            push(
+                "/train/grad_clip_norm".into(),
+                format!("grad_clip_norm must be a positive number, got {c}"),
+            );
+        }
+    }
     // warmup_epochs may exceed epochs (the warmup then simply never completes).
 
     let adam = &train.optimizer.adam;

@@ -20,7 +20,14 @@ const INPUT_FIELDS: &[&str] = &["shape", "preprocess", "logit_alpha"];
 const LINEAR_FIELDS: &[&str] = &["bias", "init"];
 const SLRELU_FIELDS: &[&str] = &["alpha"];
 const OBJECTIVE_FIELDS: &[&str] = &["gradient", "lambda"];
-const TRAIN_FIELDS: &[&str] = &["batch_size", "epochs", "warmup_epochs", "seed", "optimizer"];
+const TRAIN_FIELDS: &[&str] = &[
+    "batch_size",
+    "epochs",
+    "warmup_epochs",
+    "seed",
+    "optimizer",
+    "grad_clip_norm",
+];
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
 
@@ -516,6 +523,9 @@ impl Walker {
             seed: self.optional(o, p, "seed", d.seed, Self::u64),
             optimizer: self.optional(o, p, "optimizer", d.optimizer, |w, v, p| {
                 Some(w.optimizer(v, p))
+            }),
+            grad_clip_norm: self.optional(o, p, "grad_clip_norm", None, |w, v, p| {
+                w.f64(v, p).map(Some)
             }),
         }
     }

@@ -106,7 +106,7 @@ pub fn bench_step<T: Real + 'static>(
         backend.sync()?;
         let t = Instant::now();
         backend.run()?;
-        backend.adam_step(1e-4, adam.betas, adam.eps)?;
+        backend.adam_step(1e-4, adam.betas, adam.eps, 1.0)?;
         backend.sync()?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());

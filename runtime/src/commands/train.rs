@@ -123,15 +123,17 @@ impl<T: Real> Adam<T> {
         outs: &[(String, crate::host::exec::Tensor<T>)],
         lr: f64,
     ) -> f64 {
-        self.update_values(&mut model.values, outs, lr)
+        self.update_values(&mut model.values, outs, lr, 1.0)
     }
 
-    /// [`update`](Self::update) on named parameter values.
+    /// [`update`](Self::update) on named parameter values, with every gradient multiplied by
+    /// `grad_scale` first (clipping by global norm).
     pub fn update_values(
         &mut self,
         values: &mut HashMap<String, Arc<Vec<T>>>,
         outs: &[(String, crate::host::exec::Tensor<T>)],
         lr: f64,
+        grad_scale: f64,
     ) -> f64 {
         self.t += 1;
         let mut loss = f64::NAN;
@@ -141,7 +143,7 @@ impl<T: Real> Adam<T> {
                     continue;
                 };
                 let param: &mut Vec<T> = Arc::make_mut(param);
-                self.step(param, &t.data, p, lr);
+                self.step(param, &t.data, p, lr, grad_scale);
             } else if name == "loss" {
                 loss = t.scalar().as_f64();
             }
@@ -149,7 +151,7 @@ impl<T: Real> Adam<T> {
         loss
     }
 
-    fn step(&mut self, param: &mut [T], grad: &[T], name: &str, lr: f64) {
+    fn step(&mut self, param: &mut [T], grad: &[T], name: &str, lr: f64, grad_scale: f64) {
         let (m, v) = self
             .state
             .entry(name.to_string())
@@ -166,14 +168,16 @@ impl<T: Real> Adam<T> {
             T::of_f64(self.eps),
         );
         let one = T::one();
+        let gs = T::of_f64(grad_scale);
         param
             .par_chunks_mut(4096)
             .zip(grad.par_chunks(4096))
             .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
             .for_each(|((p, g), (m, v))| {
                 for i in 0..p.len() {
-                    m[i] = b1 * m[i] + (one - b1) * g[i];
-                    v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
+                    let g = g[i] * gs;
+                    m[i] = b1 * m[i] + (one - b1) * g;
+                    v[i] = b2 * v[i] + (one - b2) * g * g;
                     p[i] -= step * m[i] / (v[i].sqrt() * c2s + eps);
                 }
             });
@@ -371,7 +375,20 @@ pub fn train<T: Real + 'static>(
                 adam_spec.lr
             };
             loss_sum += backend.output("loss")?.scalar().as_f64();
-            backend.adam_step(lr, adam_spec.betas, adam_spec.eps)?;
+            // Clipping by global norm (`train.grad_clip_norm`): every gradient scaled by
+            // min(1, clip / ‖g‖).
+            let grad_scale = match tr.grad_clip_norm {
+                Some(clip) => {
+                    let norm = backend.grad_norm()?;
+                    if !norm.is_finite() {
+                        1.0
+                    } else {
+                        (clip / norm).min(1.0)
+                    }
+                }
+                None => 1.0,
+            };
+            backend.adam_step(lr, adam_spec.betas, adam_spec.eps, grad_scale)?;
             steps += 1;
             let secs = started.elapsed().as_secs_f64();
             bar.set_message(format!(

@@ -11,7 +11,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 /// A plan loaded on a device.
-pub trait Backend<T> {
+pub trait Backend<T: Real> {
     /// The device, in words (`host`, `wgpu (llvmpipe …)`).
     fn device(&self) -> String;
     /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced.
@@ -24,7 +24,25 @@ pub trait Backend<T> {
     fn output(&mut self, name: &str) -> Result<Tensor<T>, ExecError>;
     /// One Adam step, where the parameters live, for every parameter with a `grad.<name>`
     /// output of the last run.
-    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError>;
+    /// Each gradient is multiplied by `grad_scale` first (1 unless clipping).
+    fn adam_step(
+        &mut self,
+        lr: f64,
+        betas: [f64; 2],
+        eps: f64,
+        grad_scale: f64,
+    ) -> Result<(), ExecError>;
+    /// The global norm ‖g‖₂ over every `grad.<name>` output of the last run (on a GPU the
+    /// gradients are read back, so it costs a transfer: only for clipping).
+    fn grad_norm(&mut self) -> Result<f64, ExecError> {
+        Ok(self
+            .outputs()?
+            .iter()
+            .filter(|(n, _)| n.starts_with("grad."))
+            .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
+            .sum::<f64>()
+            .sqrt())
+    }
     /// A fed tensor's current value (a parameter after updates).
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError>;
     /// Wait until the device is idle (for timing).
@@ -96,9 +114,15 @@ impl<T: Real> Backend<T> for HostBackend<T> {
             .map(|(_, t)| t.clone())
             .ok_or_else(|| missing(self.program.name(), "output", name))
     }
-    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
+    fn adam_step(
+        &mut self,
+        lr: f64,
+        betas: [f64; 2],
+        eps: f64,
+        grad_scale: f64,
+    ) -> Result<(), ExecError> {
         let adam = self.adam.get_or_insert_with(|| Adam::with(betas, eps));
-        adam.update_values(&mut self.feeds, &self.outs, lr);
+        adam.update_values(&mut self.feeds, &self.outs, lr, grad_scale);
         Ok(())
     }
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError> {
@@ -131,8 +155,14 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     fn output(&mut self, name: &str) -> Result<Tensor<f32>, ExecError> {
         self.0.output(name)
     }
-    fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
-        self.0.adam_step(lr, betas, eps)
+    fn adam_step(
+        &mut self,
+        lr: f64,
+        betas: [f64; 2],
+        eps: f64,
+        grad_scale: f64,
+    ) -> Result<(), ExecError> {
+        self.0.adam_step(lr, betas, eps, grad_scale)
     }
     fn fed(&mut self, name: &str) -> Result<Vec<f32>, ExecError> {
         self.0.fed(name)

@@ -445,13 +445,110 @@ pub fn load_npy_dataset(path: &Path) -> Result<Dataset, DataError> {
     })
 }
 
+/// One CIFAR-10 binary record: a label byte, then 3 × 32 × 32 pixel bytes (R, G, B planes,
+/// each row-major): the `[C, H, W]` C order the flows use.
+const CIFAR_RECORD: usize = 1 + CIFAR_DIM;
+const CIFAR_DIM: usize = 3 * 32 * 32;
+
+/// Whether `dir` holds CIFAR-10 in its binary format.
+fn is_cifar_dir(dir: &Path) -> bool {
+    dir.join("test_batch.bin").is_file() || dir.join("data_batch_1.bin").is_file()
+}
+
+/// The pixels of a CIFAR-10 binary file (labels dropped), checking its size.
+fn read_cifar_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "cannot read", e))?;
+    if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+        return Err(DataError::invalid(
+            path.display().to_string(),
+            format!(
+                "not a CIFAR-10 binary batch: {} bytes is not a positive multiple of the \
+                 {CIFAR_RECORD}-byte record (a label byte and 3×32×32 pixels)",
+                bytes.len()
+            ),
+        ));
+    }
+    let n = bytes.len() / CIFAR_RECORD;
+    let mut pixels = Vec::with_capacity(n * CIFAR_DIM);
+    for (i, rec) in bytes.chunks_exact(CIFAR_RECORD).enumerate() {
+        if rec[0] > 9 {
+            return Err(DataError::invalid(
+                path.display().to_string(),
+                format!(
+                    "record {i} has label {} (CIFAR-10 labels are 0..=9; is this CIFAR-100?)",
+                    rec[0]
+                ),
+            ));
+        }
+        pixels.extend_from_slice(&rec[1..]);
+    }
+    Ok(pixels)
+}
+
+/// CIFAR-10 from its binary distribution: `data_batch_*.bin` (in name order) for training and
+/// validation — the last 5,000 images validate when there are 50,000, else the last tenth (at
+/// least one) — and `test_batch.bin` for testing.
+pub fn load_cifar_dir(dir: &Path) -> Result<Dataset, DataError> {
+    let origin = dir.display().to_string();
+    let mut batches: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, "cannot list", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("data_batch_") && n.ends_with(".bin"))
+        })
+        .collect();
+    batches.sort();
+    if batches.is_empty() {
+        return Err(DataError::invalid(
+            origin,
+            "no CIFAR-10 training batch (data_batch_1.bin … data_batch_5.bin) found",
+        ));
+    }
+    let test_path = dir.join("test_batch.bin");
+    if !test_path.is_file() {
+        return Err(DataError::invalid(
+            origin,
+            "no CIFAR-10 test batch (test_batch.bin) found",
+        ));
+    }
+    let mut train = Vec::new();
+    for b in &batches {
+        train.extend(read_cifar_file(b)?);
+    }
+    let test = read_cifar_file(&test_path)?;
+    let n = train.len() / CIFAR_DIM;
+    if n < 2 {
+        return Err(DataError::invalid(
+            origin,
+            format!("{n} training image(s): need at least 2 for a training and a validation split"),
+        ));
+    }
+    let n_valid = if n >= 50_000 { 5_000 } else { (n / 10).max(1) };
+    let n_train = n - n_valid;
+    Ok(Dataset {
+        name: "cifar10".to_string(),
+        dim: CIFAR_DIM,
+        image_shape: Some([3, 32, 32]),
+        discrete: true,
+        train: Split::from_rows(&train, CIFAR_DIM, 0, n_train),
+        valid: Split::from_rows(&train, CIFAR_DIM, n_train, n),
+        test: Split::from_rows(&test, CIFAR_DIM, 0, test.len() / CIFAR_DIM),
+    })
+}
+
 /// Load the data set named on the command line: `None` -> embedded MNIST; a directory -> full
-/// MNIST in standard IDX files; a `.npy` file -> continuous data set.
+/// MNIST in standard IDX files, or CIFAR-10 in its binary format (`data_batch_*.bin`,
+/// `test_batch.bin`); a `.npy` file -> continuous data set.
 pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
     let Some(path) = arg else {
         return embedded_mnist();
     };
     if path.is_dir() {
+        if is_cifar_dir(path) {
+            return load_cifar_dir(path);
+        }
         return load_mnist_dir(path);
     }
     let is_npy = path

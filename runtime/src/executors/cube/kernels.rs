@@ -381,12 +381,13 @@ pub fn adam(
     v: &mut Array<f32>,
     step: f32,
     c2s: f32,
+    grad_scale: f32,
     #[comptime] b1: u32,
     #[comptime] b2: u32,
     #[comptime] eps: u32,
     #[comptime] n: usize,
 ) {
-    adam_body::<f32>(param, grad, m, v, step, c2s, b1, b2, eps, n);
+    adam_body::<f32>(param, grad, m, v, step, c2s, grad_scale, b1, b2, eps, n);
 }
 
 #[cube]
@@ -398,6 +399,7 @@ fn adam_body<F: Float>(
     v: &mut Array<F>,
     step: F,
     c2s: F,
+    grad_scale: F,
     #[comptime] b1: u32,
     #[comptime] b2: u32,
     #[comptime] eps: u32,
@@ -407,7 +409,7 @@ fn adam_body<F: Float>(
     if i < n {
         let b1 = F::new(comptime![f32::from_bits(b1)]);
         let b2 = F::new(comptime![f32::from_bits(b2)]);
-        let g = grad[i];
+        let g = grad[i] * grad_scale;
         let mi = b1 * m[i] + (F::new(1.0) - b1) * g;
         let vi = b2 * v[i] + (F::new(1.0) - b2) * g * g;
         m[i] = mi;

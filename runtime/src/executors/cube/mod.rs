@@ -560,7 +560,13 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// One Adam step on the device for every parameter with a `grad.<name>` output, with the
     /// gradients the last [`run`](Self::run) left in their buffers.
-    pub fn adam_step(&mut self, lr: f64, betas: [f64; 2], eps: f64) -> Result<(), ExecError> {
+    pub fn adam_step(
+        &mut self,
+        lr: f64,
+        betas: [f64; 2],
+        eps: f64,
+        grad_scale: f64,
+    ) -> Result<(), ExecError> {
         self.adam_t += 1;
         let t = self.adam_t;
         let c1 = 1.0 - betas[0].powi(t);
@@ -611,6 +617,7 @@ impl<R: Runtime> GpuProgram<R> {
                 unsafe { ArrayArg::from_raw_parts(v, n) },
                 step,
                 c2s,
+                grad_scale as f32,
                 f32_bits(betas[0]),
                 f32_bits(betas[1]),
                 f32_bits(eps),
