@@ -127,7 +127,7 @@ fn base_spec_parses() {
         LayerSpec::SmoothLeakyRelu(SmoothLeakyReluSpec { alpha: 0.3 })
     );
     assert_eq!(spec.objective.gradient, GradientMode::SelfNormalizing);
-    assert_eq!(spec.objective.lambda, 1.0);
+    assert_eq!(spec.objective.lambda.initial(), 1.0);
     assert_eq!(spec.train.batch_size, 100);
     assert_eq!(spec.train.epochs, 100);
     assert_eq!(spec.train.warmup_epochs, 10);
@@ -271,7 +271,7 @@ fn warmup_may_exceed_epochs() {
 #[test]
 fn integers_are_accepted_for_floats() {
     let spec = parse_spec(&with("/objective/lambda", json!(2))).expect("valid");
-    assert_eq!(spec.objective.lambda, 2.0);
+    assert_eq!(spec.objective.lambda.initial(), 2.0);
 }
 
 // ---------------------------------------------------------------- malformed JSON
@@ -592,6 +592,37 @@ fn epochs_zero() {
 }
 
 #[test]
+fn geco_lambda_fields_are_checked() {
+    let geco = |g: Value| with("/objective/lambda", json!({ "geco": g }));
+    parse_spec(&geco(json!({}))).expect("every GECO field has a default");
+    assert_only_error(
+        &geco(json!({"ema": 1.0})),
+        "/objective/lambda/geco/ema",
+        "ema must be in [0, 1), got 1",
+    );
+    assert_only_error(
+        &geco(json!({"lambda0": 0.0})),
+        "/objective/lambda/geco/lambda0",
+        "lambda0 must be > 0",
+    );
+    assert_error(
+        &geco(json!({"eta": 1e-3})),
+        "/objective/lambda/geco/eta",
+        "unknown field",
+    );
+    assert_error(
+        &with("/objective/lambda", json!({"gecko": {}})),
+        "/objective/lambda/gecko",
+        "unknown field",
+    );
+    assert_error(
+        &with("/objective/lambda", json!("big")),
+        "/objective/lambda",
+        "expected a number",
+    );
+}
+
+#[test]
 fn negative_lambda() {
     assert_only_error(
         &with("/objective/lambda", json!(-0.5)),
@@ -844,7 +875,7 @@ fn builder_validates() {
 #[test]
 fn validate_rejects_non_finite_values() {
     let mut spec = load_spec(&spec_path("mnist_fc2.json")).expect("valid");
-    spec.objective.lambda = f64::INFINITY;
+    spec.objective.lambda = snfc_compiler::spec::Lambda::Fixed(f64::INFINITY);
     spec.train.optimizer.adam.lr = f64::NAN;
     spec.train.optimizer.adam.betas[0] = f64::NAN;
     spec.layers[1] = LayerSpec::SmoothLeakyRelu(SmoothLeakyReluSpec { alpha: f64::NAN });

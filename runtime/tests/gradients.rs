@@ -320,7 +320,7 @@ fn check_exact_gradient_fd(spec: &FlowSpec, batch: usize, seed: u64) {
     // The reconstruction term differentiates with every h_k gradient-stopped (eq. 3), so the
     // function whose finite differences the gradient must match is J with the recon term's
     // h_k frozen at the unperturbed parameters: J(θ) − λ recon(θ) + λ recon(θ; h_k(θ₀)).
-    let lambda = spec.objective.lambda;
+    let lambda = spec.objective.lambda.initial();
     let frozen = linear_inputs(spec, &feeds, batch);
     let frozen_recon = |f: &Feeds<f64>| -> f64 {
         linear_layers(spec)

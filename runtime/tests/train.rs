@@ -264,3 +264,121 @@ fn gradient_clipping_by_global_norm() {
         .any(|p| plain.get(&p.name) != tight.get(&p.name)));
     assert!(nll.is_finite());
 }
+
+/// GECO (`objective.lambda = {"geco": …}`): the step takes one λ per self-normalizing layer
+/// and reports each layer's reconstruction error; fed λ₀ everywhere it is the fixed-λ step; in
+/// training λ follows λ ← λ·exp(lr·(EMA(recon) − κ)), is logged per layer in metrics.jsonl and
+/// saved in the checkpoint.
+#[test]
+fn geco_adapts_lambda_per_layer() {
+    use snfc_compiler::compile::compile_train;
+    use snfc_compiler::spec::{parse_spec, GecoSpec, Lambda};
+    use snfc_runtime::host::exec::{Executor, Feeds, Program};
+    use snfc_runtime::train::Geco;
+    use std::sync::Arc;
+    let text = |lambda: &str| {
+        format!(
+            r#"{{"name": "g", "input": {{"shape": [784], "preprocess": "dequantize_logit"}},
+                "layers": [{{"type": "linear"}}, {{"type": "smooth_leaky_relu"}}, {{"type": "linear"}}],
+                "objective": {{"lambda": {lambda}}},
+                "train": {{"batch_size": 50, "warmup_epochs": 0, "optimizer": {{"adam": {{"lr": 1e-3}}}}}}}}"#
+        )
+    };
+    let geco = parse_spec(&text(
+        r#"{"geco": {"lambda0": 2.0, "lr": 1e-3, "ema": 0.9}}"#,
+    ))
+    .unwrap();
+    let fixed = parse_spec(&text("2.0")).unwrap();
+    assert_eq!(
+        geco.objective.lambda,
+        Lambda::Geco {
+            geco: GecoSpec {
+                lambda0: 2.0,
+                lr: 1e-3,
+                ema: 0.9,
+                kappa: 0.0
+            }
+        }
+    );
+    // The spec round-trips through its JSON (checkpoints store it).
+    assert_eq!(parse_spec(&geco.to_json_pretty()).unwrap(), geco);
+    // One step: GECO fed λ₀ = the fixed-λ step.
+    let batch = 4;
+    let g = compile_train(&geco, batch, OptLevel::Full).unwrap().step;
+    let f = compile_train(&fixed, batch, OptLevel::Full).unwrap().step;
+    let model = Model::<f64>::init(&fixed, 1);
+    let mut feeds: Feeds<f64> = model.values.clone();
+    for (name, v) in &mut feeds {
+        if name.ends_with("weight_inv") {
+            *v = Arc::new(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, x)| x + 1e-3 * ((i % 7) as f64 - 3.0))
+                    .collect(),
+            );
+        }
+    }
+    feeds.insert(
+        "x".into(),
+        Arc::new((0..784 * batch).map(|i| (i * 37 % 256) as f64).collect()),
+    );
+    feeds.insert("noise".into(), Arc::new(vec![0.5; 784 * batch]));
+    let state = Geco::new(&geco).expect("GECO state");
+    assert_eq!(
+        state.lambda.keys().collect::<Vec<_>>(),
+        ["layers.0", "layers.2"]
+    );
+    for (name, v) in state.feeds() {
+        feeds.insert(name, Arc::new(vec![v]));
+    }
+    let run = |graph| -> std::collections::HashMap<String, Vec<f64>> {
+        Executor::<f64>::new()
+            .run(&Program::new(graph), &feeds)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.data))
+            .collect()
+    };
+    let (a, b) = (run(&g), run(&f));
+    for (name, v) in &b {
+        for (x, y) in v.iter().zip(&a[name]) {
+            assert!(
+                (x - y).abs() <= 1e-10 * (1.0 + x.abs()),
+                "{name}: {x} vs {y}"
+            );
+        }
+    }
+    let r0 = a["recon.layers.0"][0];
+    let r2 = a["recon.layers.2"][0];
+    assert!((r0 + r2 - b["recon"][0]).abs() < 1e-12 * (1.0 + b["recon"][0].abs()));
+    // The update rule, by hand.
+    let mut s = state.clone();
+    let gs = geco.objective.lambda.geco().unwrap();
+    let recon = std::collections::BTreeMap::from([
+        ("layers.0".to_string(), 0.4),
+        ("layers.2".to_string(), 0.2),
+    ]);
+    s.update(gs, &recon);
+    assert!((s.lambda["layers.0"] - 2.0 * (1e-3f64 * 0.4).exp()).abs() < 1e-12);
+    s.update(gs, &recon);
+    assert_eq!(s.ema["layers.2"], Some(0.2));
+    // Training: λ grows (κ = 0), is logged per layer and saved.
+    let data = embedded_mnist().expect("embedded MNIST");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("geco");
+    let summary = train::<f32>(&geco, &data, &options(out.clone(), 5)).expect("training");
+    let lines = metrics_lines(&out);
+    let logged = &lines[0]["lambda"];
+    for layer in ["layers.0", "layers.2"] {
+        let l = logged[layer]
+            .as_f64()
+            .unwrap_or_else(|| panic!("λ logged per layer: {}", lines[0]));
+        assert!(l > 2.0, "{layer}: λ {l}");
+    }
+    let (_, meta) = Model::<f64>::load(&summary.checkpoint, None).unwrap();
+    let saved: Geco = serde_json::from_str(&meta["geco"]).expect("GECO state saved");
+    assert_eq!(
+        saved.lambda["layers.0"],
+        logged["layers.0"].as_f64().unwrap()
+    );
+}

@@ -16,7 +16,7 @@
 use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use super::{Op, SplinePart};
 use crate::autodiff;
-use crate::spec::{FlowSpec, GradientMode, LayerShape, LayerSpec, Preprocess};
+use crate::spec::{FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec, Preprocess};
 use petgraph::stable_graph::NodeIndex;
 
 /// What a parameter is to its layer.
@@ -160,6 +160,16 @@ pub fn coupling_params(c: usize, width: usize) -> Vec<(ParamKind, Shape)> {
     ]
 }
 
+/// The graph input of layer `layer`'s GECO weight λ (a scalar fed each step).
+pub fn geco_lambda_input(layer: usize) -> String {
+    format!("lambda.layers.{layer}")
+}
+
+/// The graph output of layer `layer`'s mean reconstruction error (GECO specs).
+pub fn geco_recon_output(layer: usize) -> String {
+    format!("recon.layers.{layer}")
+}
+
 /// Names of the graph inputs fed each step.
 pub const INPUT_X: &str = "x";
 pub const INPUT_NOISE: &str = "noise";
@@ -172,6 +182,8 @@ struct FlowTerms {
     logdet_const: Option<NodeIndex>,
     /// Σ_k ‖R_k W_k h_k − h_k‖² per example (`[B]`), when asked for.
     recon: Option<NodeIndex>,
+    /// The same per layer: `(layer index, Σ‖·‖² per example)`, for GECO's per-layer λ.
+    recon_layers: Vec<(usize, NodeIndex)>,
 }
 
 struct Lowering<'a> {
@@ -247,6 +259,7 @@ impl<'a> Lowering<'a> {
         let mut data_terms: Vec<NodeIndex> = Vec::new();
         let mut const_terms: Vec<NodeIndex> = Vec::new();
         let mut recon_terms: Vec<NodeIndex> = Vec::new();
+        let mut recon_layers: Vec<(usize, NodeIndex)> = Vec::new();
         for (i, layer) in self.spec.layers.iter().enumerate() {
             let b = &mut self.b;
             b.set_region(Region::Layer(i));
@@ -267,7 +280,9 @@ impl<'a> Lowering<'a> {
                         let rwh = b.matmul(r, wh);
                         let e = b.sub(rwh, hs);
                         let e2 = b.unary(Unary::Square, e);
-                        recon_terms.push(b.sum(e2, Some(0)));
+                        let r = b.sum(e2, Some(0));
+                        recon_terms.push(r);
+                        recon_layers.push((i, r));
                     }
                     let z = if inverse_model {
                         let r_inv = b.inverse(r);
@@ -309,7 +324,9 @@ impl<'a> Lowering<'a> {
                         let rwh = conv(b, wh, r);
                         let e = b.sub(rwh, hs);
                         let e2 = b.unary(Unary::Square, e);
-                        recon_terms.push(b.sum(e2, Some(0)));
+                        let r = b.sum(e2, Some(0));
+                        recon_terms.push(r);
+                        recon_layers.push((i, r));
                     }
                     let z = if inverse_model {
                         // g⁻¹(h) = T(r)⁻¹ h: the exact inverse of the learned inverse conv.
@@ -561,6 +578,7 @@ impl<'a> Lowering<'a> {
             logp_data: logp,
             logdet_const: sum_all(b, const_terms),
             recon: sum_all(b, recon_terms),
+            recon_layers,
         }
     }
 }
@@ -594,10 +612,25 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
             let total = b.sum(r, None);
             b.scale(total, 1.0 / bsz)
         });
-        if let Some(r) = recon {
-            if spec.objective.lambda != 0.0 {
-                let lr = b.scale(r, spec.objective.lambda);
-                loss = b.add2(loss, lr);
+        match spec.objective.lambda {
+            Lambda::Fixed(lambda) => {
+                if let Some(r) = recon {
+                    if lambda != 0.0 {
+                        let lr = b.scale(r, lambda);
+                        loss = b.add2(loss, lr);
+                    }
+                }
+            }
+            // GECO: λ_k fed per step, and each layer's mean reconstruction error reported.
+            Lambda::Geco { .. } => {
+                for (k, r) in &f.recon_layers {
+                    let total = b.sum(*r, None);
+                    let mean = b.scale(total, 1.0 / bsz);
+                    b.output(&geco_recon_output(*k), mean);
+                    let lambda = b.input(&geco_lambda_input(*k), vec![]);
+                    let weighted = b.mul(lambda, mean);
+                    loss = b.add2(loss, weighted);
+                }
             }
         }
         let consts = sum_all(

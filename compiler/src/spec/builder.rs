@@ -129,7 +129,7 @@ impl FlowSpecBuilder {
     pub fn self_normalizing(mut self, lambda: f64) -> Self {
         self.objective = ObjectiveSpec {
             gradient: GradientMode::SelfNormalizing,
-            lambda,
+            lambda: super::Lambda::Fixed(lambda),
         };
         self
     }
@@ -142,7 +142,13 @@ impl FlowSpecBuilder {
 
     /// Reconstruction weight λ (default 1.0).
     pub fn lambda(mut self, lambda: f64) -> Self {
-        self.objective.lambda = lambda;
+        self.objective.lambda = super::Lambda::Fixed(lambda);
+        self
+    }
+
+    /// GECO: one λ per self-normalizing layer, adapted during training (see `GecoSpec`).
+    pub fn geco(mut self, geco: super::GecoSpec) -> Self {
+        self.objective.lambda = super::Lambda::Geco { geco };
         self
     }
 

@@ -313,15 +313,78 @@ impl Default for SmoothLeakyReluSpec {
 pub struct ObjectiveSpec {
     /// How the gradient of the log-likelihood is computed (default self-normalizing).
     pub gradient: GradientMode,
-    /// Weight of the reconstruction term; default 1.0, must be finite and ≥ 0.
-    pub lambda: f64,
+    /// Weight of the reconstruction term: a number (default 1.0, finite and ≥ 0) or GECO.
+    pub lambda: Lambda,
 }
 
 impl Default for ObjectiveSpec {
     fn default() -> Self {
         ObjectiveSpec {
             gradient: GradientMode::SelfNormalizing,
-            lambda: 1.0,
+            lambda: Lambda::Fixed(1.0),
+        }
+    }
+}
+
+/// The reconstruction weight λ: fixed, or adapted per layer by GECO.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Lambda {
+    Fixed(f64),
+    Geco { geco: GecoSpec },
+}
+
+impl Lambda {
+    /// λ at the start of training (the fixed value, or GECO's λ₀).
+    pub fn initial(&self) -> f64 {
+        match self {
+            Lambda::Fixed(v) => *v,
+            Lambda::Geco { geco } => geco.lambda0,
+        }
+    }
+
+    pub fn geco(&self) -> Option<&GecoSpec> {
+        match self {
+            Lambda::Geco { geco } => Some(geco),
+            Lambda::Fixed(_) => None,
+        }
+    }
+}
+
+/// GECO (paper A.5; Rezende & Viola 2018): one λ per self-normalizing layer, updated after each
+/// step from that layer's reconstruction error r: `EMA ← ema·EMA + (1 − ema)·r` (the first
+/// step sets EMA = r), `λ ← λ·exp(lr·(EMA − kappa))`. With `kappa` = 0 λ only grows, as in the
+/// reference code.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GecoSpec {
+    #[serde(default = "default_geco_lambda0")]
+    pub lambda0: f64,
+    #[serde(default = "default_geco_lr")]
+    pub lr: f64,
+    #[serde(default = "default_geco_ema")]
+    pub ema: f64,
+    #[serde(default)]
+    pub kappa: f64,
+}
+
+fn default_geco_lambda0() -> f64 {
+    1.0
+}
+fn default_geco_lr() -> f64 {
+    1e-3
+}
+fn default_geco_ema() -> f64 {
+    0.9
+}
+
+impl Default for GecoSpec {
+    fn default() -> Self {
+        GecoSpec {
+            lambda0: default_geco_lambda0(),
+            lr: default_geco_lr(),
+            ema: default_geco_ema(),
+            kappa: 0.0,
         }
     }
 }

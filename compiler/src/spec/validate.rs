@@ -2,7 +2,7 @@
 //! reported at the JSON pointer the offending value has in the spec's JSON form.
 
 use super::errors::SpecError;
-use super::{FlowSpec, LayerShape, LayerSpec};
+use super::{FlowSpec, Lambda, LayerShape, LayerSpec};
 
 /// All semantic problems of `spec`, in document order. `layer_paths` gives the JSON pointer each
 /// layer was written at (a layer of a `repeat` block is written once for all its copies);
@@ -153,12 +153,30 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
         }
     }
 
-    let lambda = spec.objective.lambda;
-    if !(lambda.is_finite() && lambda >= 0.0) {
-        push(
-            "/objective/lambda".into(),
-            format!("lambda must be finite and >= 0, got {lambda}"),
-        );
+    match spec.objective.lambda {
+        Lambda::Fixed(lambda) => {
+            if !(lambda.is_finite() && lambda >= 0.0) {
+                push(
+                    "/objective/lambda".into(),
+                    format!("lambda must be finite and >= 0, got {lambda}"),
+                );
+            }
+        }
+        Lambda::Geco { geco } => {
+            let p = "/objective/lambda/geco";
+            let mut check = |field: &str, v: f64, ok: bool, what: &str| {
+                if !(v.is_finite() && ok) {
+                    push(
+                        format!("{p}/{field}"),
+                        format!("{field} must be {what}, got {v}"),
+                    );
+                }
+            };
+            check("lambda0", geco.lambda0, geco.lambda0 > 0.0, "> 0");
+            check("lr", geco.lr, geco.lr >= 0.0, ">= 0");
+            check("ema", geco.ema, (0.0..1.0).contains(&geco.ema), "in [0, 1)");
+            check("kappa", geco.kappa, true, "finite");
+        }
     }
 
     let train = &spec.train;

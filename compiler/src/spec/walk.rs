@@ -8,8 +8,8 @@ use serde_json::{Map, Value};
 
 use super::errors::{escape_token, SpecError};
 use super::{
-    ActnormSpec, AdamSpec, AffineCouplingSpec, ConvSpec, FlowSpec, GradientMode, InputSpec,
-    LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
+    ActnormSpec, AdamSpec, AffineCouplingSpec, ConvSpec, FlowSpec, GecoSpec, GradientMode,
+    InputSpec, Lambda, LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
     SmoothLeakyReluSpec, SplineSpec, SplitSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
 };
 
@@ -506,8 +506,33 @@ impl Walker {
             gradient: self.optional(o, p, "gradient", d.gradient, |w, v, p| {
                 w.choice(v, p, "gradient mode", GRADIENT)
             }),
-            lambda: self.optional(o, p, "lambda", d.lambda, Self::f64),
+            lambda: self.optional(o, p, "lambda", d.lambda, Self::lambda),
         }
+    }
+
+    /// `lambda`: a number, or `{"geco": {"lambda0", "lr", "ema", "kappa"}}`.
+    fn lambda(&mut self, v: &Value, p: &str) -> Option<Lambda> {
+        if let Some(x) = v.as_f64() {
+            return Some(Lambda::Fixed(x));
+        }
+        let Some(o) = v.as_object() else {
+            self.type_err(p.to_string(), "a number or an object {\"geco\": {...}}", v);
+            return None;
+        };
+        self.unknown_fields(o, p, &["geco"], &[]);
+        let g = self.required(o, p, "geco")?;
+        let gp = child(p, "geco");
+        let go = self.object(g, &gp)?;
+        self.unknown_fields(go, &gp, &["lambda0", "lr", "ema", "kappa"], &[]);
+        let d = GecoSpec::default();
+        Some(Lambda::Geco {
+            geco: GecoSpec {
+                lambda0: self.optional(go, &gp, "lambda0", d.lambda0, Self::f64),
+                lr: self.optional(go, &gp, "lr", d.lr, Self::f64),
+                ema: self.optional(go, &gp, "ema", d.ema, Self::f64),
+                kappa: self.optional(go, &gp, "kappa", d.kappa, Self::f64),
+            },
+        })
     }
 
     fn train(&mut self, v: &Value, p: &str) -> TrainSpec {

@@ -88,6 +88,12 @@ pub fn bench_step<T: Real + 'static>(
     for (name, v) in &model.values {
         backend.set(name, v)?;
     }
+    for (name, v) in crate::train::Geco::new(spec)
+        .map(|g| g.feeds())
+        .unwrap_or_default()
+    {
+        backend.set(&name, &[T::of_f64(v)])?;
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut x = vec![T::zero(); d * batch];
     // 8-bit-like data in [0, 256).
@@ -118,6 +124,12 @@ pub fn bench_step<T: Real + 'static>(
         let mut feeds: Feeds<T> = model.values.clone();
         feeds.insert(INPUT_X.into(), Arc::new(x.clone()));
         feeds.insert(INPUT_NOISE.into(), Arc::new(noise.clone()));
+        for (name, v) in crate::train::Geco::new(spec)
+            .map(|g| g.feeds())
+            .unwrap_or_default()
+        {
+            feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
+        }
         exec.run(program, &feeds)?;
         exec.enable_profile();
         for _ in 0..steps {

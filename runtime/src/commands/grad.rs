@@ -49,6 +49,13 @@ pub fn gradients<T: Real + 'static>(
     };
     let mut feeds: Feeds<T> = model.values.clone();
     feeds.insert(INPUT_X.into(), Arc::new(columns(rows)));
+    // GECO specs: every layer's λ at its initial value.
+    for (name, v) in crate::train::Geco::new(spec)
+        .map(|g| g.feeds())
+        .unwrap_or_default()
+    {
+        feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
+    }
     if spec.input.preprocess == Preprocess::DequantizeLogit {
         let u = match noise {
             Noise::Seed(seed) => {

@@ -20,7 +20,8 @@ use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::{actnorm_init_graph, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X};
 use snfc_compiler::plan::Plan;
-use snfc_compiler::spec::{FlowSpec, Preprocess};
+use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,62 @@ pub struct EpochRecord {
     pub lr: f64,
     pub seconds: f64,
     pub examples_per_sec: f64,
+    /// GECO's λ per self-normalizing layer at the end of the epoch (GECO specs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<BTreeMap<String, f64>>,
+}
+
+/// GECO's state: λ and the EMA of the reconstruction error, per self-normalizing layer (by
+/// its `layers.{k}` name).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Geco {
+    pub lambda: BTreeMap<String, f64>,
+    pub ema: BTreeMap<String, Option<f64>>,
+}
+
+impl Geco {
+    /// λ₀ for every layer with a reconstruction term (none unless the spec uses GECO with the
+    /// self-normalizing gradient).
+    pub fn new(spec: &FlowSpec) -> Option<Geco> {
+        let g = spec.objective.lambda.geco()?;
+        if spec.objective.gradient != GradientMode::SelfNormalizing {
+            return None;
+        }
+        let layers: Vec<String> = spec
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l, LayerSpec::Linear(_) | LayerSpec::Conv(_)))
+            .map(|(k, _)| format!("layers.{k}"))
+            .collect();
+        Some(Geco {
+            lambda: layers.iter().map(|l| (l.clone(), g.lambda0)).collect(),
+            ema: layers.iter().map(|l| (l.clone(), None)).collect(),
+        })
+    }
+
+    /// The graph inputs λ_k and their values.
+    pub fn feeds(&self) -> Vec<(String, f64)> {
+        self.lambda
+            .iter()
+            .map(|(l, v)| (format!("lambda.{l}"), *v))
+            .collect()
+    }
+
+    /// One update from each layer's reconstruction error of the last step (`recon.layers.k`):
+    /// EMA ← ema·EMA + (1 − ema)·r, λ ← λ·exp(lr·(EMA − κ)).
+    pub fn update(&mut self, spec: &GecoSpec, recon: &BTreeMap<String, f64>) {
+        for (layer, lambda) in self.lambda.iter_mut() {
+            let Some(&r) = recon.get(layer) else { continue };
+            let ema = self.ema.entry(layer.clone()).or_insert(None);
+            let e = match *ema {
+                Some(e) => spec.ema * e + (1.0 - spec.ema) * r,
+                None => r,
+            };
+            *ema = Some(e);
+            *lambda *= (spec.lr * (e - spec.kappa)).exp();
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +365,12 @@ pub fn train<T: Real + 'static>(
     for (name, v) in &model.values {
         backend.set(name, v)?;
     }
+    let mut geco = Geco::new(spec);
+    if let Some(g) = &geco {
+        for (name, v) in g.feeds() {
+            backend.set(&name, &[T::of_f64(v)])?;
+        }
+    }
     let adam_spec = &tr.optimizer.adam;
     let warmup_steps = (tr.warmup_epochs * steps_per_epoch) as f64;
     let d = spec.input.dim();
@@ -375,6 +438,17 @@ pub fn train<T: Real + 'static>(
                 adam_spec.lr
             };
             loss_sum += backend.output("loss")?.scalar().as_f64();
+            if let (Some(g), Some(gs)) = (geco.as_mut(), spec.objective.lambda.geco()) {
+                let mut recon = BTreeMap::new();
+                for layer in g.lambda.keys() {
+                    let name = format!("recon.{layer}");
+                    recon.insert(layer.clone(), backend.output(&name)?.scalar().as_f64());
+                }
+                g.update(gs, &recon);
+                for (name, v) in g.feeds() {
+                    backend.set(&name, &[T::of_f64(v)])?;
+                }
+            }
             // Clipping by global norm (`train.grad_clip_norm`): every gradient scaled by
             // min(1, clip / ‖g‖).
             let grad_scale = match tr.grad_clip_norm {
@@ -417,6 +491,7 @@ pub fn train<T: Real + 'static>(
             lr,
             seconds: started.elapsed().as_secs_f64(),
             examples_per_sec: (steps * batch) as f64 / train_secs,
+            lambda: geco.as_ref().map(|g| g.lambda.clone()),
         };
         let line = serde_json::to_string(&record).unwrap_or_default();
         writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
@@ -435,12 +510,19 @@ pub fn train<T: Real + 'static>(
         let improved =
             best.as_ref().is_none_or(|b| val.nll_nats < b.nll_nats) && val.nll_nats.is_finite();
         if improved {
-            let meta = HashMap::from([
+            let mut meta = HashMap::from([
                 ("epoch".to_string(), epoch.to_string()),
                 ("steps".to_string(), total_steps.to_string()),
                 ("val_nll_nats".to_string(), val.nll_nats.to_string()),
                 ("dtype".to_string(), T::NAME.to_string()),
             ]);
+            if let Some(g) = &geco {
+                // GECO's λ and EMA per layer, so a resumed run continues them.
+                meta.insert(
+                    "geco".to_string(),
+                    serde_json::to_string(g).unwrap_or_default(),
+                );
+            }
             model.save(&checkpoint, &[], meta)?;
             best = Some(val);
             best_epoch = epoch;
