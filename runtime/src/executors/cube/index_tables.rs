@@ -3,6 +3,7 @@
 //! `Σ_{j ∈ ptr[o]..ptr[o+1]} input[idx[j]] · weight[j]`. Built once per plan on the host, from
 //! the shapes alone, and uploaded with the plan.
 
+use crate::host::shape_ops::{multiplicity, taps};
 use snfc_compiler::ir::Op;
 
 /// A compressed-row table: the input elements (and weights) each output sums.
@@ -105,26 +106,18 @@ fn coords(mut k: usize, shape: &[usize]) -> Vec<usize> {
 }
 
 /// Every `(matrix index, kernel index)` of the Toeplitz matrix of a `C → C`, K × K conv on
-/// `H × W` maps (flattened (c, h, w); matrix `[n, n]` row-major; kernel `[C, C, K, K]`).
+/// `H × W` maps (flattened (c, h, w); matrix `[n, n]` row-major; kernel `[C, C, K, K]`), from
+/// the host's tap walk.
 fn toeplitz_entries(c: usize, h: usize, w: usize, kk: usize) -> Vec<(usize, usize)> {
-    let (p, n) = (kk / 2, c * h * w);
+    let n = c * h * w;
     let mut out = Vec::new();
     for o in 0..c {
         for y in 0..h {
             for x in 0..w {
                 let row = (o * h + y) * w + x;
-                for i in 0..c {
-                    for u in 0..kk {
-                        for v in 0..kk {
-                            let (sy, sx) = (y + u, x + v);
-                            if sy < p || sy - p >= h || sx < p || sx - p >= w {
-                                continue;
-                            }
-                            let col = (i * h + sy - p) * w + sx - p;
-                            out.push((row * n + col, ((o * c + i) * kk + u) * kk + v));
-                        }
-                    }
-                }
+                taps(c, h, w, kk, y, x, |col, tap| {
+                    out.push((row * n + col, o * c * kk * kk + tap))
+                });
             }
         }
     }
@@ -235,15 +228,10 @@ pub fn table(op: &Op, input: &[usize]) -> Option<IndexTable> {
         }
         Op::Multiplicity { h, w } => {
             let kk = input[2];
-            let p = kk / 2;
-            let count = |n: usize, u: usize| n.saturating_sub(u.abs_diff(p)) as f32;
+            let m = multiplicity(*h, *w, kk);
             let n = numel(input);
             let mut t = IndexTable::gather((0..n).collect());
-            t.weight = Some(
-                (0..n)
-                    .map(|e| count(*h, e / kk % kk) * count(*w, e % kk))
-                    .collect(),
-            );
+            t.weight = Some((0..n).map(|e| m[e % (kk * kk)] as f32).collect());
             t
         }
         _ => return None,

@@ -327,6 +327,21 @@ struct Geom {
     pplane: usize,
 }
 
+/// `x [C_in, H, W, B]` padded for a K × K kernel, and the geometry of the direct loops over it.
+fn padded<T: Real>(x: &[T], ci: usize, h: usize, w: usize, b: usize, kk: usize) -> (Vec<T>, Geom) {
+    let p = kk / 2;
+    let g = Geom {
+        ci,
+        h,
+        wb: w * b,
+        b,
+        kk,
+        pwb: (w + 2 * p) * b,
+        pplane: (h + 2 * p) * (w + 2 * p) * b,
+    };
+    (pad(x, ci, h, w, b, p), g)
+}
+
 /// `x [C, H, W, B]` zero-padded by `p` on both spatial axes: `[C, H + 2p, (W + 2p)·B]`.
 fn pad<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, p: usize) -> Vec<T> {
     let (ph, pwb, wb) = (h + 2 * p, (w + 2 * p) * b, w * b);
@@ -514,17 +529,7 @@ fn conv2d_direct<T: Real>(
     fast: bool,
 ) -> Vec<T> {
     let (ci, h, w, b) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
-    let p = kk / 2;
-    let xp = pad(x, ci, h, w, b, p);
-    let g = Geom {
-        ci,
-        h,
-        wb: w * b,
-        b,
-        kk,
-        pwb: (w + 2 * p) * b,
-        pplane: (h + 2 * p) * (w + 2 * p) * b,
-    };
+    let (xp, g) = padded(x, ci, h, w, b, kk);
     let taps = ci * kk * kk;
     // Kernel blocks of OB output channels, tap-major: kp[block][tap][j].
     let blocks: Vec<(usize, usize)> = (0..co)
@@ -791,17 +796,7 @@ fn kgrad_direct<T: Real>(
     fast: bool,
 ) -> Vec<T> {
     let (co, h, w, b) = (dy_shape[0], dy_shape[1], dy_shape[2], dy_shape[3]);
-    let p = kk / 2;
-    let xp = pad(x, ci, h, w, b, p);
-    let g = Geom {
-        ci,
-        h,
-        wb: w * b,
-        b,
-        kk,
-        pwb: (w + 2 * p) * b,
-        pplane: (h + 2 * p) * (w + 2 * p) * b,
-    };
+    let (xp, g) = padded(x, ci, h, w, b, kk);
     let pairs = co * ci;
     let splits = (4 * rayon::current_num_threads())
         .div_ceil(pairs)
@@ -882,7 +877,7 @@ fn kgrad_gemm<T: Real>(dy: &[T], dy_shape: &[usize], x: &[T], ci: usize, k: usiz
 /// channel `i` and kernel offset `(u, v)` that lands inside the map, `f(column of the input
 /// pixel in the flat (c, h, w) order, index (i, u, v) within the output channel's kernel)`.
 /// The one walk [`toeplitz`] and [`toeplitz_adjoint`] share.
-fn taps(
+pub fn taps(
     c: usize,
     h: usize,
     w: usize,
