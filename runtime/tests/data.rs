@@ -429,3 +429,66 @@ fn bad_cifar10_files_are_named() {
         "{err}"
     );
 }
+
+/// `train.augment = "pad_crop"`: every augmented example is one of the nine crops of its
+/// reflect-padded image (reflect as PyTorch: index −1 reads 1), each crop occurs, and the spec
+/// option parses, round-trips and is refused for flat inputs.
+#[test]
+fn pad_crop_takes_crops_of_the_reflect_padded_image() {
+    use rand::SeedableRng;
+    let (c, h, w, batch) = (2, 4, 3, 200);
+    let image =
+        |b: usize| -> Vec<f64> { (0..c * h * w).map(|k| (k * 31 + b * 7) as f64).collect() };
+    let mut x = vec![0.0f64; c * h * w * batch];
+    for b in 0..batch {
+        for (k, v) in image(b).into_iter().enumerate() {
+            x[k * batch + b] = v;
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    snfc_runtime::batch::pad_crop(&mut x, [c, h, w], batch, &mut rng);
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        (if i < 0 {
+            -i
+        } else if i >= n {
+            2 * n - 2 - i
+        } else {
+            i
+        }) as usize
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for b in 0..batch {
+        let src = image(b);
+        let got: Vec<f64> = (0..c * h * w).map(|k| x[k * batch + b]).collect();
+        let offset = (0..3isize)
+            .flat_map(|dy| (0..3isize).map(move |dx| (dy, dx)))
+            .find(|&(dy, dx)| {
+                (0..c * h * w).all(|k| {
+                    let (ch, y, xx) = (k / (h * w), k / w % h, k % w);
+                    let sy = reflect(y as isize + dy - 1, h);
+                    let sx = reflect(xx as isize + dx - 1, w);
+                    got[k] == src[(ch * h + sy) * w + sx]
+                })
+            });
+        seen.insert(offset.unwrap_or_else(|| panic!("example {b} is no crop: {got:?}")));
+    }
+    assert_eq!(seen.len(), 9, "every offset occurs: {seen:?}");
+    // The spec option.
+    let text = |shape: &str| {
+        format!(
+            r#"{{"name": "a", "input": {{"shape": {shape}, "preprocess": "none"}},
+                "layers": [{{"type": "spline"}}], "train": {{"augment": "pad_crop"}}}}"#
+        )
+    };
+    let spec = snfc_compiler::spec::parse_spec(&text("[1, 4, 4]")).expect("valid");
+    assert_eq!(spec.train.augment, snfc_compiler::spec::Augment::PadCrop);
+    assert_eq!(
+        snfc_compiler::spec::parse_spec(&spec.to_json_pretty()).unwrap(),
+        spec
+    );
+    let err = snfc_compiler::spec::parse_spec(&text("[16]"))
+        .expect_err("flat input")
+        .to_string();
+    assert!(err.contains("/train/augment"), "{err}");
+}

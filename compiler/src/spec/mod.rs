@@ -418,6 +418,26 @@ pub struct TrainSpec {
     /// none by default (the reference code uses 10,000 for CIFAR Glow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_clip_norm: Option<f64>,
+    /// Augmentation of training batches (image inputs); none by default.
+    #[serde(default, skip_serializing_if = "Augment::is_none")]
+    pub augment: Augment,
+}
+
+/// Augmentation of the training batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augment {
+    #[default]
+    None,
+    /// The reference code's for Glow on MNIST: reflect-pad each image by 1 pixel, then crop it
+    /// back to its size at a random offset (0 to 2 in each direction).
+    PadCrop,
+}
+
+impl Augment {
+    pub fn is_none(&self) -> bool {
+        *self == Augment::None
+    }
 }
 
 impl Default for TrainSpec {
@@ -429,6 +449,7 @@ impl Default for TrainSpec {
             seed: 0,
             optimizer: OptimizerSpec::default(),
             grad_clip_norm: None,
+            augment: Augment::None,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! reported at the JSON pointer the offending value has in the spec's JSON form.
 
 use super::errors::SpecError;
-use super::{FlowSpec, Lambda, LayerShape, LayerSpec};
+use super::{Augment, FlowSpec, Lambda, LayerShape, LayerSpec};
 
 /// All semantic problems of `spec`, in document order. `layer_paths` gives the JSON pointer each
 /// layer was written at (a layer of a `repeat` block is written once for all its copies);
@@ -191,6 +191,17 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
             "/train/epochs".into(),
             "epochs must be at least 1, got 0".into(),
         );
+    }
+    if spec.train.augment == Augment::PadCrop {
+        match spec.input.shape.as_slice() {
+            [_, h, w] if *h >= 2 && *w >= 2 => {}
+            s => push(
+                "/train/augment".into(),
+                format!(
+                    "pad_crop needs an image input [C, H, W] with H, W >= 2; the input is {s:?}"
+                ),
+            ),
+        }
     }
     if let Some(c) = spec.train.grad_clip_norm {
         if !(c.is_finite() && c > 0.0) {

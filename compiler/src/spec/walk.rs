@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::errors::{escape_token, SpecError};
 use super::{
-    ActnormSpec, AdamSpec, AffineCouplingSpec, ConvSpec, FlowSpec, GecoSpec, GradientMode,
+    ActnormSpec, AdamSpec, AffineCouplingSpec, Augment, ConvSpec, FlowSpec, GecoSpec, GradientMode,
     InputSpec, Lambda, LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
     SmoothLeakyReluSpec, SplineSpec, SplitSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
 };
@@ -27,7 +27,9 @@ const TRAIN_FIELDS: &[&str] = &[
     "seed",
     "optimizer",
     "grad_clip_norm",
+    "augment",
 ];
+const AUGMENT: &[(&str, Augment)] = &[("none", Augment::None), ("pad_crop", Augment::PadCrop)];
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
 
@@ -551,6 +553,9 @@ impl Walker {
             }),
             grad_clip_norm: self.optional(o, p, "grad_clip_norm", None, |w, v, p| {
                 w.f64(v, p).map(Some)
+            }),
+            augment: self.optional(o, p, "augment", d.augment, |w, v, p| {
+                w.choice(v, p, "augmentation", AUGMENT)
             }),
         }
     }

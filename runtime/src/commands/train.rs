@@ -3,7 +3,7 @@
 //! best-validation checkpoint.
 
 use crate::backend::open;
-use crate::batch::{fill_columns, fill_uniform};
+use crate::batch::{fill_columns, fill_uniform, pad_crop};
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
 use crate::eval::{evaluate, EvalResult};
@@ -20,7 +20,7 @@ use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::{actnorm_init_graph, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X};
 use snfc_compiler::plan::Plan;
-use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
+use snfc_compiler::spec::{Augment, FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
@@ -415,6 +415,9 @@ pub fn train<T: Real + 'static>(
                 batch,
                 &mut x,
             );
+            if let (Augment::PadCrop, [c, h, w]) = (tr.augment, spec.input.shape.as_slice()) {
+                pad_crop(&mut x, [*c, *h, *w], batch, &mut rng);
+            }
             backend.set(INPUT_X, &x)?;
             if dequantize {
                 fill_uniform(&mut rng, &mut noise);

@@ -19,6 +19,43 @@ pub fn fill_columns<T: Real>(split: &Split, idx: &[usize], batch: usize, out: &m
     }
 }
 
+/// The reference code's augmentation for Glow on MNIST, in place on a `[C·H·W, batch]` batch of
+/// images `[C, H, W]`: each example is reflect-padded by one pixel (as PyTorch's `reflect`
+/// mode: index −1 reads 1, index H reads H − 2) and cropped back to H × W at a random offset
+/// (0, 1 or 2 in each direction; offset (1, 1) is the identity).
+pub fn pad_crop<T: Real>(x: &mut [T], [c, h, w]: [usize; 3], batch: usize, rng: &mut ChaCha8Rng) {
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let r = if i < 0 {
+            -i
+        } else if i >= n {
+            2 * n - 2 - i
+        } else {
+            i
+        };
+        r as usize
+    };
+    let mut image = vec![T::zero(); c * h * w];
+    for b in 0..batch {
+        let (dy, dx) = (
+            rng.random_range(0..3i32) as isize,
+            rng.random_range(0..3i32) as isize,
+        );
+        for (k, v) in image.iter_mut().enumerate() {
+            *v = x[k * batch + b];
+        }
+        for ch in 0..c {
+            for y in 0..h {
+                let sy = reflect(y as isize + dy - 1, h);
+                for xx in 0..w {
+                    let sx = reflect(xx as isize + dx - 1, w);
+                    x[((ch * h + y) * w + xx) * batch + b] = image[(ch * h + sy) * w + sx];
+                }
+            }
+        }
+    }
+}
+
 /// Uniform [0, 1) dequantization noise.
 pub fn fill_uniform<T: Real>(rng: &mut ChaCha8Rng, out: &mut [T]) {
     for o in out.iter_mut() {
