@@ -313,6 +313,11 @@ fn im2col<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, k: usize) ->
 /// on 7 × 7 the direct kernel adjoint is 1.4× slower, at C = 128 both directions are.)
 pub const DIRECT_MAX_TAPS: usize = 512;
 
+/// The direct loops also take kernels with more taps when they have at most this many output
+/// channels (a Glow coupling's last conv, 512 → C): im2col would write `C_in·K²·H·W·B` values
+/// (361 MB for 512 channels of 14 × 14 × 100) for a GEMM with a handful of rows.
+pub const DIRECT_MAX_OUT: usize = 16;
+
 /// The geometry of a direct convolution over the zero-padded input.
 #[derive(Clone, Copy)]
 struct Geom {
@@ -579,7 +584,7 @@ pub fn conv2d<T: Real>(x: &[T], x_shape: &[usize], k: &[T], k_shape: &[usize]) -
     if x.is_empty() || k.is_empty() {
         return vec![T::zero(); co * x_shape[1..].iter().product::<usize>()];
     }
-    if kk > 1 && ci * kk * kk <= DIRECT_MAX_TAPS {
+    if kk > 1 && (ci * kk * kk <= DIRECT_MAX_TAPS || co <= DIRECT_MAX_OUT) {
         conv2d_direct(x, x_shape, k, co, kk, avx2_fma())
     } else {
         conv2d_gemm(x, x_shape, k, co, kk)
@@ -843,7 +848,7 @@ pub fn conv_kernel_grad<T: Real>(
     if dy.is_empty() || x.is_empty() {
         return vec![T::zero(); co * ci * k * k];
     }
-    if k > 1 && ci * k * k <= DIRECT_MAX_TAPS {
+    if k > 1 && (ci * k * k <= DIRECT_MAX_TAPS || co <= DIRECT_MAX_OUT) {
         kgrad_direct(dy, dy_shape, x, ci, k, avx2_fma())
     } else {
         kgrad_gemm(dy, dy_shape, x, ci, k)
@@ -1121,7 +1126,10 @@ mod tests {
     /// (C_in, C_out, H, W, B, K): C_in ≠ C_out, K = 1, 3, 5 (also wider than the map), odd
     /// sizes, B = 1, rows shorter and longer than a register tile, output-channel blocks of 4
     /// with remainders 1, 2 and 3.
-    const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 13] = [
+    const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 15] = [
+        // Beyond DIRECT_MAX_TAPS with few outputs (a coupling's last conv): direct.
+        (60, 3, 4, 3, 5, 3),
+        (24, 2, 3, 3, 4, 5),
         (1, 1, 5, 7, 1, 3),
         (2, 3, 5, 4, 3, 3),
         (3, 2, 6, 5, 1, 5),
