@@ -1341,3 +1341,71 @@ fn a_small_glow_trains_evaluates_and_samples() {
         assert_eq!(png_size(&png).0, png_size(&png).1);
     }
 }
+
+/// The small Glow trains on wgpu as on the host — actnorm's initialization, the coupling's
+/// take/embed/relu/tanh kernels, GECO's per-layer λ and gradient clipping included: the
+/// same loss, validation NLL and λ after a few steps.
+#[test]
+fn a_small_glow_trains_on_wgpu_like_the_host() {
+    if !wgpu_present() {
+        eprintln!("skipped: no wgpu adapter");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tiny_glow_gpu.json");
+    std::fs::write(
+        &spec,
+        r#"{
+  "name": "tiny_glow_gpu",
+  "input": {"shape": [1, 28, 28], "preprocess": "dequantize_logit"},
+  "layers": [
+    {"type": "squeeze"},
+    {"type": "repeat", "times": 2, "layers": [
+      {"type": "actnorm"},
+      {"type": "conv", "kernel_size": 1, "bias": false},
+      {"type": "affine_coupling", "width": 4}]},
+    {"type": "split"},
+    {"type": "conv", "kernel_size": 3}
+  ],
+  "objective": {"gradient": "self_normalizing",
+                "lambda": {"geco": {"lambda0": 10.0, "lr": 1e-3, "ema": 0.9}}},
+  "train": {"batch_size": 50, "epochs": 1, "warmup_epochs": 0, "seed": 0,
+            "grad_clip_norm": 1000.0, "optimizer": {"adam": {"lr": 0.001}}}
+}"#,
+    )
+    .unwrap();
+    let mut records = Vec::new();
+    for device in ["host", "wgpu"] {
+        let run = dir.path().join(device);
+        ok(snfc([
+            "train",
+            p(&spec),
+            "--device",
+            device,
+            "--steps",
+            "4",
+            "--out",
+            p(&run),
+            "-q",
+        ]));
+        let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        records.push(serde_json::from_str::<serde_json::Value>(m.lines().next().unwrap()).unwrap());
+    }
+    let (host, gpu) = (&records[0], &records[1]);
+    for key in ["train_loss", "val_nll_nats"] {
+        let (a, b) = (host[key].as_f64().unwrap(), gpu[key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs(),
+            "{key}: host {a} vs wgpu {b}"
+        );
+    }
+    let lambdas = host["lambda"].as_object().expect("GECO λ logged");
+    assert_eq!(lambdas.len(), 3, "{lambdas:?}");
+    for (layer, a) in lambdas {
+        let (a, b) = (a.as_f64().unwrap(), gpu["lambda"][layer].as_f64().unwrap());
+        assert!(
+            a > 10.0 && (a - b).abs() <= 1e-3 * a,
+            "{layer}: λ host {a} vs wgpu {b}"
+        );
+    }
+}
