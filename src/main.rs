@@ -220,7 +220,31 @@ fn level(no_fusion: bool) -> OptLevel {
     }
 }
 
+/// Vulkan loaders print "error: XDG_RUNTIME_DIR is invalid or not set in the environment."
+/// while `--device auto` probes for a GPU, which reads like a failure of the run. Without a
+/// usable runtime directory, point them at a private one (created 0700 under the temporary
+/// directory). Called first in `main`, before any thread exists.
+fn ensure_runtime_dir() {
+    let usable = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+    if usable {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".to_string());
+    let dir = std::env::temp_dir().join(format!("snfc-runtime-{user}"));
+    #[cfg(unix)]
+    let made = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() || dir.is_dir()
+    };
+    #[cfg(not(unix))]
+    let made = std::fs::create_dir_all(&dir).is_ok();
+    if made {
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
 fn main() {
+    ensure_runtime_dir();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

@@ -1409,3 +1409,29 @@ fn a_small_glow_trains_on_wgpu_like_the_host() {
         );
     }
 }
+
+/// A first run without a runtime directory (`XDG_RUNTIME_DIR` unset, as over ssh) prints no
+/// Vulkan-loader error while `--device auto` probes for a GPU.
+#[test]
+fn auto_device_probe_prints_no_runtime_dir_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_snfc"))
+        .args([
+            "train",
+            "specs/mnist_fc2.json",
+            "--steps",
+            "1",
+            "--epochs",
+            "1",
+            "--out",
+            p(&dir.path().join("run")),
+            "--quiet",
+        ])
+        .env_remove("XDG_RUNTIME_DIR")
+        .current_dir(root())
+        .output()
+        .expect("running snfc");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
