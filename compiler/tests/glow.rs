@@ -48,3 +48,49 @@ fn glow_specs_compile_without_inverses() {
         }
     }
 }
+
+/// The Glow layers' shape requirements, at their edges: a coupling or a split needs an image
+/// with an even number of channels, a coupling a width of at least 1; each problem names the
+/// layer's JSON pointer.
+#[test]
+fn glow_layers_refuse_shapes_they_cannot_split() {
+    use snfc_compiler::spec::parse_spec;
+    let spec = |shape: &str, layers: &str| {
+        format!(
+            r#"{{"name": "e", "input": {{"shape": {shape}, "preprocess": "none"}},
+                "layers": {layers}}}"#
+        )
+    };
+    let err = |text: String| parse_spec(&text).expect_err("invalid").to_string();
+    let e = err(spec(
+        "[3, 4, 4]",
+        r#"[{"type": "affine_coupling", "width": 4}]"#,
+    ));
+    assert!(e.contains("/layers/0") && e.contains("C even"), "{e}");
+    let e = err(spec("[16]", r#"[{"type": "affine_coupling", "width": 4}]"#));
+    assert!(e.contains("/layers/0") && e.contains("[16]"), "{e}");
+    let e = err(spec(
+        "[2, 4, 4]",
+        r#"[{"type": "affine_coupling", "width": 0}]"#,
+    ));
+    assert!(e.contains("/layers/0/width"), "{e}");
+    let e = err(spec("[2, 4, 4]", r#"[{"type": "affine_coupling"}]"#));
+    assert!(
+        e.contains("/layers/0/width") && e.contains("missing"),
+        "{e}"
+    );
+    // Two splits of 2 channels: the second meets 1 channel.
+    let e = err(spec(
+        "[2, 4, 4]",
+        r#"[{"type": "split"}, {"type": "split"}]"#,
+    ));
+    assert!(e.contains("/layers/1") && e.contains("[1, 4, 4]"), "{e}");
+    let e = err(spec("[8]", r#"[{"type": "split"}]"#));
+    assert!(e.contains("/layers/0"), "{e}");
+    // The smallest legal coupling and split: 2 channels of 1 × 1.
+    parse_spec(&spec(
+        "[2, 1, 1]",
+        r#"[{"type": "affine_coupling", "width": 1}, {"type": "split"}]"#,
+    ))
+    .expect("2 × 1 × 1 splits");
+}

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 mod common;
-use common::{check_gradients_fd, run_f64 as run, Rng};
+use common::{check_gradients_fd, perturbed_feeds, run_f64 as run, Rng};
 
 fn spec(text: &str) -> FlowSpec {
     parse_spec(text).unwrap_or_else(|e| panic!("{e}"))
@@ -30,25 +30,7 @@ fn image_spec(layers: &str, gradient: &str) -> FlowSpec {
 
 /// Parameters away from their initialization, and a batch of shifted, scaled data.
 fn feeds(spec: &FlowSpec, batch: usize, rng: &mut Rng) -> Feeds<f64> {
-    let model = Model::<f64>::init(spec, 3);
-    let mut out = Feeds::new();
-    for p in &model.params {
-        let sd = if p.name.ends_with("weight") || p.name.ends_with("weight_inv") {
-            0.05
-        } else {
-            0.5
-        };
-        let v: Vec<f64> = model
-            .get(&p.name)
-            .iter()
-            .map(|x| x + sd * rng.normal())
-            .collect();
-        out.insert(p.name.clone(), Arc::new(v));
-    }
-    let d = spec.input.dim();
-    let x: Vec<f64> = (0..d * batch).map(|_| 1.5 + 2.0 * rng.normal()).collect();
-    out.insert("x".into(), Arc::new(x));
-    out
+    perturbed_feeds(spec, batch, rng, (0.05, 0.5), |r| 1.5 + 2.0 * r.normal())
 }
 
 const LN_2PI: f64 = 1.8378770664093453;
@@ -504,4 +486,38 @@ fn snf_glow_gradients_compose_the_closed_forms() {
         compared += 1;
     }
     assert!(compared >= 10, "{compared} gradients compared");
+}
+
+/// Actnorm on a flat input normalizes each element (its own channel): the density formula with
+/// H·W = 1, and the data-dependent initialization per element.
+#[test]
+fn actnorm_on_a_flat_input_is_per_element() {
+    let s = spec(
+        r#"{"name": "flat", "input": {"shape": [5], "preprocess": "none"},
+            "layers": [{"type": "actnorm"}], "objective": {"gradient": "exact"}}"#,
+    );
+    let batch = 4;
+    let mut rng = Rng::new(40);
+    let f = feeds(&s, batch, &mut rng);
+    assert_eq!(f["layers.0.log_scale"].len(), 5);
+    let out = run(&eval_graph(&s, batch), &f);
+    let (t, ls, x) = (
+        &f["layers.0.translation"],
+        &f["layers.0.log_scale"],
+        &f["x"],
+    );
+    for n in 0..batch {
+        let mut want = -2.5 * LN_2PI;
+        for k in 0..5 {
+            let z = (x[k * batch + n] - t[k]) * (-ls[k]).exp();
+            want -= 0.5 * z * z + ls[k];
+        }
+        assert!((out["logp_data"][n] - want).abs() < 1e-10);
+    }
+    let mut m = Model::<f64>::init(&s, 0);
+    data_init(&mut m, &x.to_vec(), None, batch).expect("init");
+    for k in 0..5 {
+        let mean = (0..batch).map(|n| x[k * batch + n]).sum::<f64>() / batch as f64;
+        assert!((m.get("layers.0.translation")[k] - mean).abs() < 1e-12);
+    }
 }

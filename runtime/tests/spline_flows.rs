@@ -8,10 +8,9 @@ use snfc_compiler::spec::{parse_spec, FlowSpec};
 use snfc_runtime::host::exec::Feeds;
 use snfc_runtime::model::Model;
 use snfc_runtime::sample::invert;
-use std::sync::Arc;
 
 mod common;
-use common::{check_gradients_fd, run_f64 as run, Rng};
+use common::{check_gradients_fd, perturbed_feeds, run_f64 as run, Rng};
 
 fn spec(text: &str) -> FlowSpec {
     parse_spec(text).unwrap_or_else(|e| panic!("{e}"))
@@ -19,25 +18,7 @@ fn spec(text: &str) -> FlowSpec {
 
 /// Parameters away from the identity, and a batch with inputs inside and beyond the bound.
 fn feeds(spec: &FlowSpec, batch: usize, rng: &mut Rng) -> Feeds<f64> {
-    let model = Model::<f64>::init(spec, 3);
-    let mut out = Feeds::new();
-    for p in &model.params {
-        let sd = if p.name.ends_with("weight") || p.name.ends_with("weight_inv") {
-            0.1
-        } else {
-            0.8
-        };
-        let v: Vec<f64> = model
-            .get(&p.name)
-            .iter()
-            .map(|x| x + sd * rng.normal())
-            .collect();
-        out.insert(p.name.clone(), Arc::new(v));
-    }
-    let d = spec.input.dim();
-    let x: Vec<f64> = (0..d * batch).map(|_| 2.0 * rng.normal()).collect();
-    out.insert("x".into(), Arc::new(x));
-    out
+    perturbed_feeds(spec, batch, rng, (0.1, 0.8), |r| 2.0 * r.normal())
 }
 
 #[test]

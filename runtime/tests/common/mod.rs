@@ -87,3 +87,32 @@ pub fn check_gradients_fd(graph: &Graph, feeds: &Feeds<f64>, tol: f64) -> Vec<(S
     }
     checked
 }
+
+/// Feeds for `spec`: its initial parameters (seed 3) plus normal noise — `weight_sd` on the
+/// `weight` / `weight_inv` kernels, `other_sd` on the rest — and a batch `x` of `value(rng)`.
+pub fn perturbed_feeds(
+    spec: &snfc_compiler::spec::FlowSpec,
+    batch: usize,
+    rng: &mut Rng,
+    (weight_sd, other_sd): (f64, f64),
+    value: impl Fn(&mut Rng) -> f64,
+) -> Feeds<f64> {
+    let model = snfc_runtime::model::Model::<f64>::init(spec, 3);
+    let mut out = Feeds::new();
+    for p in &model.params {
+        let sd = if p.name.ends_with("weight") || p.name.ends_with("weight_inv") {
+            weight_sd
+        } else {
+            other_sd
+        };
+        let v: Vec<f64> = model
+            .get(&p.name)
+            .iter()
+            .map(|x| x + sd * rng.normal())
+            .collect();
+        out.insert(p.name.clone(), Arc::new(v));
+    }
+    let x: Vec<f64> = (0..spec.input.dim() * batch).map(|_| value(rng)).collect();
+    out.insert("x".into(), Arc::new(x));
+    out
+}
