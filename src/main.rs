@@ -85,9 +85,15 @@ enum Command {
         device: Device,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
-        /// Overwrite an existing checkpoint in the output directory.
-        #[arg(long)]
+        /// Start over in an output directory that holds an earlier run; its checkpoints and
+        /// metrics are moved to OUT/previous-N, never deleted.
+        #[arg(long, conflicts_with = "resume")]
         force: bool,
+        /// Continue the run in the output directory from its last.safetensors (parameters, Adam
+        /// state, data order, RNG, λ, best NLL so far); --epochs may raise the target. Without
+        /// a last.safetensors the run starts from the beginning.
+        #[arg(long)]
+        resume: bool,
         /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
@@ -270,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             dtype,
             force,
+            resume,
             no_fusion,
             quiet,
         } => {
@@ -291,6 +298,7 @@ fn run(cli: Cli) -> Result<()> {
                     .unwrap_or(level(no_fusion)),
                 progress: !quiet,
                 force,
+                resume,
                 device: chosen,
                 plan: plan.map(|p| p.step),
             };

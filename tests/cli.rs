@@ -109,6 +109,10 @@ fn read_safetensors(path: &Path) -> SafeTensorsFile {
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                 .collect(),
+            "U32" => raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
             other => panic!("unexpected dtype {other}"),
         };
         assert_eq!(
@@ -750,7 +754,7 @@ fn train_eval_sample_round_trip() {
     let metrics_bytes = std::fs::read(&metrics).unwrap();
     let err = fails(snfc(train_args));
     assert!(err.contains("checkpoint.safetensors"), "{err}");
-    assert!(err.contains("--force"), "{err}");
+    assert!(err.contains("--force") && err.contains("--resume"), "{err}");
     assert_eq!(
         std::fs::read(&ckpt).unwrap(),
         ckpt_bytes,
@@ -1434,4 +1438,156 @@ fn auto_device_probe_prints_no_runtime_dir_error() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Surviving faults: SIGKILL at random moments and in the middle of a checkpoint write
+// ---------------------------------------------------------------------------------------------
+
+/// A run killed (SIGKILL) at several random moments, and aborted in the middle of a checkpoint
+/// write (after its temporary file, before the rename), then resumed each time with `--resume`,
+/// ends with checkpoints bit-identical to an uninterrupted run of the same seed, and the same
+/// metrics.
+#[test]
+fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("small.json");
+    std::fs::write(
+        &spec,
+        r#"{"name": "small", "input": {"shape": [6], "preprocess": "none"},
+            "layers": [{"type": "linear"}, {"type": "smooth_leaky_relu"}, {"type": "linear"}],
+            "train": {"batch_size": 10, "epochs": 300, "warmup_epochs": 3, "seed": 5,
+                      "optimizer": {"adam": {"lr": 3e-3}}}}"#,
+    )
+    .unwrap();
+    let data = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..300 * 6)
+        .map(|i| ((i * 7919 % 1000) as f64 / 500.0 - 1.0) * (1.0 + (i % 6) as f64))
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&data, &[300, 6], &rows).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--dtype",
+            "f64",
+            "--out",
+            p(out),
+            "-q",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = dir.path().join("whole");
+    let started = std::time::Instant::now();
+    ok(snfc(args(&whole)));
+    let run_ms = started.elapsed().as_millis() as u64;
+
+    let parts = dir.path().join("parts");
+    let mut resume = args(&parts);
+    resume.push("--resume".into());
+    // Crashes in the middle of a write of each checkpoint: the file keeps its previous content.
+    for target in ["last.safetensors:4", "checkpoint.safetensors:3"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_snfc"))
+            .args(&resume)
+            .env("SNFC_ABORT_BEFORE_RENAME", target)
+            .current_dir(root())
+            .output()
+            .expect("running snfc");
+        assert!(
+            !o.status.success(),
+            "{target}: the injected abort did not happen"
+        );
+        let last = read_safetensors(&parts.join("last.safetensors"));
+        assert!(
+            last.metadata["epoch"].parse::<usize>().unwrap() >= 3,
+            "{target}"
+        );
+    }
+    let stale = std::fs::read_dir(&parts)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")
+        })
+        .count();
+    assert!(stale >= 1, "the aborted writes left their temporary files");
+
+    // SIGKILL at pseudo-random moments, 10–40 % of an uninterrupted run's time after each
+    // start, five times; then the run finishes.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    for attempt in 0.. {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_snfc"))
+            .args(&resume)
+            .current_dir(root())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning snfc");
+        if attempt < 5 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let delay = run_ms / 10 + (state >> 33) % (run_ms * 3 / 10 + 1);
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
+        let finished = if attempt < 5 {
+            child.try_wait().unwrap()
+        } else {
+            Some(child.wait().unwrap())
+        };
+        if let Some(status) = finished {
+            assert!(status.success(), "resumed run failed: {status}");
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed before the run finished"
+    );
+
+    for file in ["last.safetensors", "checkpoint.safetensors"] {
+        let (a, b) = (
+            read_safetensors(&whole.join(file)),
+            read_safetensors(&parts.join(file)),
+        );
+        assert_eq!(
+            a.tensors.keys().collect::<Vec<_>>(),
+            b.tensors.keys().collect::<Vec<_>>()
+        );
+        for (name, (_, _, v)) in &a.tensors {
+            let w = &b.tensors[name].2;
+            assert!(
+                v.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{file}: `{name}` differs after {kills} kills"
+            );
+        }
+    }
+    let strip = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("seconds");
+                o.remove("examples_per_sec");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&whole), strip(&parts));
+    let leftovers: Vec<_> = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

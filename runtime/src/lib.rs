@@ -10,4 +10,4 @@ pub mod io;
 
 pub use commands::{bench, eval, grad, sample, train};
 pub use executors::{backend, cube, host};
-pub use io::{batch, data, image, model, npy};
+pub use io::{atomic, batch, data, image, model, npy};

@@ -27,6 +27,7 @@ fn options(out: PathBuf, steps: usize) -> TrainOptions {
         level: OptLevel::Full,
         progress: false,
         force: false,
+        resume: false,
         device: Chosen::Host,
         plan: None,
     }
@@ -123,7 +124,7 @@ fn short_mnist_run_lowers_validation_nll_and_writes_a_loadable_checkpoint() {
     let metrics_before = std::fs::read(out.join("metrics.jsonl")).unwrap();
     let err =
         train::<f32>(&spec, &data, &options(out.clone(), 1)).expect_err("must refuse to overwrite");
-    assert!(err.to_string().contains("already exists"), "{err}");
+    assert!(err.to_string().contains("already holds a run"), "{err}");
     assert_eq!(std::fs::read(&summary.checkpoint).unwrap(), before);
     assert_eq!(
         std::fs::read(out.join("metrics.jsonl")).unwrap(),
@@ -200,6 +201,7 @@ fn small_npy_spec_trains_in_f64_and_lowers_nll() {
         level: OptLevel::Full,
         progress: false,
         force: false,
+        resume: false,
         device: Chosen::Host,
         plan: None,
     };

@@ -9,13 +9,13 @@ use crate::host::shape_ops::toeplitz;
 use crate::model::Model;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use snfc_compiler::ir::lower::{eval_graph, ParamKind, INPUT_NOISE, INPUT_X};
 use snfc_compiler::spec::{LayerShape, Preprocess};
 use std::sync::Arc;
 
 /// Exact negative log-likelihood of a data split.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
     /// −mean ln p(x), nats per example, on the [0, 256)^D scale for 8-bit data.
     pub nll_nats: f64,

@@ -10,7 +10,7 @@ use crate::eval::{evaluate, EvalResult};
 use crate::host::exec::ExecError;
 use crate::host::exec::{Executor, Program};
 use crate::host::linalg::Real;
-use crate::model::{Model, ModelError};
+use crate::model::{tensor_values, Model, ModelError, RawTensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -38,6 +38,9 @@ pub enum TrainError {
     Compile(#[from] snfc_compiler::rewrite::RewriteError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A non-finite loss or gradient stopped the run.
+    #[error("{0}")]
+    Diverged(String),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -62,8 +65,11 @@ pub struct TrainOptions {
     pub seed: Option<u64>,
     pub level: OptLevel,
     pub progress: bool,
-    /// Overwrite an existing checkpoint in `out`.
+    /// Start over in an `out` that holds an earlier run (its files are moved to
+    /// `out/previous-N`).
     pub force: bool,
+    /// Continue the run in `out` from its `last.safetensors`.
+    pub resume: bool,
     /// Where the step runs.
     pub device: Chosen,
     /// A step plan compiled earlier (`plan.json`); compiled from the spec when `None`.
@@ -152,10 +158,18 @@ pub struct TrainSummary {
 
 /// Adam (Kingma & Ba) with bias correction; state per parameter.
 pub struct Adam<T> {
-    betas: [f64; 2],
-    eps: f64,
+    pub(crate) betas: [f64; 2],
+    pub(crate) eps: f64,
     t: i32,
     state: HashMap<String, (Vec<T>, Vec<T>)>,
+}
+
+/// What Adam carries from step to step: the steps taken and the moments (m, v) per
+/// parameter, as a resumed run needs them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdamState<T> {
+    pub t: i32,
+    pub moments: BTreeMap<String, (Vec<T>, Vec<T>)>,
 }
 
 impl<T: Real> Adam<T> {
@@ -170,6 +184,27 @@ impl<T: Real> Adam<T> {
             t: 0,
             state: HashMap::new(),
         }
+    }
+
+    /// The state a resumed run restores with [`restore`](Self::restore).
+    pub fn state(&self) -> AdamState<T> {
+        AdamState {
+            t: self.t,
+            moments: self
+                .state
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &AdamState<T>) {
+        self.t = state.t;
+        self.state = state
+            .moments
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
     }
 
     /// One update of every parameter that has a `grad.<name>` output, at learning rate `lr`;
@@ -325,8 +360,336 @@ pub fn data_init<T: Real + 'static>(
     Ok(warnings)
 }
 
-/// Train `spec` on `data` in precision `T`, writing `metrics.jsonl` and `checkpoint.safetensors`
-/// into `opts.out`.
+/// The best-validation checkpoint of a run directory.
+pub const BEST_CHECKPOINT: &str = "checkpoint.safetensors";
+/// The checkpoint written after every epoch, from which `--resume` continues.
+pub const LAST_CHECKPOINT: &str = "last.safetensors";
+/// One JSON line per epoch ([`EpochRecord`]).
+pub const METRICS: &str = "metrics.jsonl";
+
+/// Everything besides the parameters that a run carries from epoch to epoch; with the model
+/// it is `last.safetensors`.
+#[derive(Debug, Clone)]
+pub struct RunState<T> {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub total_steps: usize,
+    pub adam: AdamState<T>,
+    /// The data-order and noise generator.
+    pub rng: ChaCha8Rng,
+    /// The training split's order (each epoch shuffles it further).
+    pub order: Vec<usize>,
+    pub geco: Option<Geco>,
+    pub best: Option<EvalResult>,
+    pub best_epoch: usize,
+}
+
+/// `last.safetensors`' metadata `run` (JSON), besides the model's own keys.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct RunMeta {
+    epoch: usize,
+    total_steps: usize,
+    adam_t: i32,
+    /// The generator's key (hex), stream and position (decimal: a u128).
+    rng_seed: String,
+    rng_stream: u64,
+    rng_word_pos: String,
+    geco: Option<Geco>,
+    best: Option<EvalResult>,
+    best_epoch: usize,
+}
+
+const RUN_META: &str = "run";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Write `last.safetensors`: the parameters, Adam's moments (`adam.m.NAME`, `adam.v.NAME`),
+/// the data order (`order`, u32) and the rest of `state` as metadata.
+pub fn save_last<T: Real>(
+    path: &Path,
+    model: &Model<T>,
+    state: &RunState<T>,
+) -> Result<(), TrainError> {
+    let mut extra = Vec::new();
+    for (name, (m, v)) in &state.adam.moments {
+        extra.push(RawTensor::of(&format!("adam.m.{name}"), &[m.len()], m));
+        extra.push(RawTensor::of(&format!("adam.v.{name}"), &[v.len()], v));
+    }
+    let order: Vec<u32> = state.order.iter().map(|&i| i as u32).collect();
+    extra.push(RawTensor::of_u32("order", &order));
+    let meta = RunMeta {
+        epoch: state.epoch,
+        total_steps: state.total_steps,
+        adam_t: state.adam.t,
+        rng_seed: hex(&state.rng.get_seed()),
+        rng_stream: state.rng.get_stream(),
+        rng_word_pos: state.rng.get_word_pos().to_string(),
+        geco: state.geco.clone(),
+        best: state.best.clone(),
+        best_epoch: state.best_epoch,
+    };
+    let json = serde_json::to_string(&meta)
+        .map_err(|e| TrainError::Setup(format!("cannot encode the run state: {e}")))?;
+    let metadata = HashMap::from([
+        (RUN_META.to_string(), json),
+        ("dtype".to_string(), T::NAME.to_string()),
+        ("epoch".to_string(), state.epoch.to_string()),
+        ("steps".to_string(), state.total_steps.to_string()),
+    ]);
+    model.save(path, &extra, metadata)?;
+    Ok(())
+}
+
+/// Read `last.safetensors` back for a run of `spec` on a training split of `n_train`
+/// examples; every mismatch is an error naming the file and what differs.
+pub fn load_last<T: Real>(
+    path: &Path,
+    spec: &FlowSpec,
+    n_train: usize,
+) -> Result<(Model<T>, RunState<T>), TrainError> {
+    let bad = |message: String| TrainError::Setup(format!("{}: {message}", path.display()));
+    let (model, meta) = Model::<T>::load(path, None)?;
+    // The epoch count may grow between runs (that is what resuming is for); nothing else.
+    let same_spec = {
+        let (mut a, mut b) = (model.spec.clone(), spec.clone());
+        a.train.epochs = 0;
+        b.train.epochs = 0;
+        a == b
+    };
+    if !same_spec {
+        return Err(bad(format!(
+            "was written by a run of a different spec (`{}`); resume with the spec the run \
+             started with (it is stored in this file's metadata `spec`), or start over with --force",
+            model.spec.name
+        )));
+    }
+    match meta.get("dtype").map(String::as_str) {
+        Some(d) if d == T::NAME => {}
+        other => {
+            return Err(bad(format!(
+                "was written by a {} run; resume with --dtype {}",
+                other.unwrap_or("(unknown dtype)"),
+                other.unwrap_or("f32")
+            )))
+        }
+    }
+    let run: RunMeta = meta
+        .get(RUN_META)
+        .ok_or_else(|| {
+            bad(format!(
+                "has no metadata `{RUN_META}`: not a `last` checkpoint"
+            ))
+        })
+        .and_then(|j| {
+            serde_json::from_str(j)
+                .map_err(|e| bad(format!("metadata `{RUN_META}` is invalid: {e}")))
+        })?;
+    let seed = unhex(&run.rng_seed).ok_or_else(|| {
+        bad(format!(
+            "metadata `{RUN_META}`: rng_seed is not 64 hex digits"
+        ))
+    })?;
+    let word_pos: u128 = run
+        .rng_word_pos
+        .parse()
+        .map_err(|e| bad(format!("metadata `{RUN_META}`: rng_word_pos: {e}")))?;
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_stream(run.rng_stream);
+    rng.set_word_pos(word_pos);
+
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let mut moments = BTreeMap::new();
+    for p in &model.params {
+        let (m_name, v_name) = (format!("adam.m.{}", p.name), format!("adam.v.{}", p.name));
+        let (Ok(m), Ok(v)) = (st.tensor(&m_name), st.tensor(&v_name)) else {
+            continue;
+        };
+        let n = p.shape.iter().product::<usize>();
+        moments.insert(
+            p.name.clone(),
+            (
+                tensor_values(path, &m_name, &m, &[n])?,
+                tensor_values(path, &v_name, &v, &[n])?,
+            ),
+        );
+    }
+    if run.adam_t > 0 && moments.is_empty() && !model.params.is_empty() {
+        return Err(bad(format!(
+            "Adam took {} steps but no `adam.m.*` moments are stored",
+            run.adam_t
+        )));
+    }
+    let order_view = st
+        .tensor("order")
+        .map_err(|_| bad("has no tensor `order` (the data order)".into()))?;
+    if order_view.dtype() != safetensors::Dtype::U32 || order_view.shape().len() != 1 {
+        return Err(bad(format!(
+            "tensor `order` has dtype {:?} and shape {:?}; expected U32 [n]",
+            order_view.dtype(),
+            order_view.shape()
+        )));
+    }
+    let order: Vec<usize> = order_view
+        .data()
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    let mut seen = vec![false; n_train];
+    let permutation = order.len() == n_train
+        && order
+            .iter()
+            .all(|&i| i < n_train && !std::mem::replace(&mut seen[i], true));
+    if !permutation {
+        return Err(bad(format!(
+            "the run trained on {} examples, this training split has {n_train}; resume with \
+             the same --data",
+            order.len()
+        )));
+    }
+    Ok((
+        model,
+        RunState {
+            epoch: run.epoch,
+            total_steps: run.total_steps,
+            adam: AdamState {
+                t: run.adam_t,
+                moments,
+            },
+            rng,
+            order,
+            geco: run.geco,
+            best: run.best,
+            best_epoch: run.best_epoch,
+        },
+    ))
+}
+
+/// Keep the lines of `metrics.jsonl` up to epoch `epoch` (a run killed after writing an
+/// epoch's line but before its `last` checkpoint repeats that epoch) and drop a torn last line.
+fn truncate_metrics(path: &Path, epoch: usize) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("epoch")?.as_u64())
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept != text {
+        crate::atomic::write_atomically(path, kept.as_bytes())
+            .map_err(|e| TrainError::Setup(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The files of an earlier run in `out` (checkpoints, metrics).
+fn earlier_run_files(out: &Path) -> Vec<PathBuf> {
+    [BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS]
+        .iter()
+        .map(|f| out.join(f))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// `--force`: move an earlier run's files into `out/previous-N` (the first free N), so
+/// nothing is destroyed; returns that directory.
+fn keep_aside(out: &Path, files: &[PathBuf]) -> Result<PathBuf, TrainError> {
+    let dir = (1..)
+        .map(|n| out.join(format!("previous-{n}")))
+        .find(|d| !d.exists())
+        .unwrap_or_else(|| out.join("previous"));
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    for f in files {
+        if let Some(name) = f.file_name() {
+            std::fs::rename(f, dir.join(name)).map_err(io_err(f))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Remove temporary files that a run killed in the middle of a checkpoint write left behind.
+fn remove_stale_temporaries(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let ours = [BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS]
+            .iter()
+            .any(|f| name.starts_with(&format!(".{f}.tmp-")));
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// A non-finite loss or gradient: the error that stops the run, with where and why.
+fn diverged(
+    spec: &FlowSpec,
+    opts: &TrainOptions,
+    epoch: usize,
+    step: usize,
+    total: usize,
+    what: &str,
+) -> TrainError {
+    let lambda = match spec.objective.lambda.geco() {
+        Some(_) => "GECO λ".to_string(),
+        None => format!("λ = {}", spec.objective.lambda.initial()),
+    };
+    let cause = if spec.objective.gradient == GradientMode::SelfNormalizing {
+        format!(
+            "the self-normalizing layers' learned inverses may have drifted from W⁻¹: {lambda} \
+             (/objective/lambda) may be too small (the paper's Table 4 finds small λ unstable), \
+             or the learning rate /train/optimizer/adam/lr = {} too large",
+            spec.train.optimizer.adam.lr
+        )
+    } else {
+        format!(
+            "the learning rate /train/optimizer/adam/lr = {} may be too large (try warm-up or \
+             /train/grad_clip_norm)",
+            spec.train.optimizer.adam.lr
+        )
+    };
+    let kept = if earlier_run_files(&opts.out).is_empty() {
+        "nothing was saved".to_string()
+    } else {
+        format!(
+            "the checkpoints of the last good epoch in {} are intact",
+            opts.out.display()
+        )
+    };
+    TrainError::Diverged(format!(
+        "training diverged at epoch {epoch}, step {step} (step {total} of the run): {what}; \
+         {cause}; {kept}"
+    ))
+}
+
+/// Train `spec` on `data` in precision `T`, writing `metrics.jsonl`, the best-validation
+/// `checkpoint.safetensors` and, after every epoch, `last.safetensors` into `opts.out`
+/// (continued from there with `opts.resume`).
 pub fn train<T: Real + 'static>(
     spec: &FlowSpec,
     data: &Dataset,
@@ -342,13 +705,33 @@ pub fn train<T: Real + 'static>(
             data.train.n, data.name
         )));
     }
-    let checkpoint = opts.out.join("checkpoint.safetensors");
-    if checkpoint.exists() && !opts.force {
+    let checkpoint = opts.out.join(BEST_CHECKPOINT);
+    let last_path = opts.out.join(LAST_CHECKPOINT);
+    let metrics_path = opts.out.join(METRICS);
+    let earlier = earlier_run_files(&opts.out);
+    // `--resume` with no `last` checkpoint (a new directory, or a run killed in its first
+    // epoch) starts from the beginning.
+    let resume = opts.resume && last_path.exists();
+    if !opts.resume && !opts.force && !earlier.is_empty() {
         return Err(TrainError::Setup(format!(
-            "{} already exists; pass --force to overwrite it or choose another --out",
-            checkpoint.display()
+            "{} already holds a run ({}); pass --resume to continue it, or --force to start over \
+             (the earlier files are moved to {}/previous-N, not deleted)",
+            opts.out.display(),
+            earlier
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            opts.out.display()
         )));
     }
+    let seed = opts.seed.unwrap_or(tr.seed);
+    let resumed = if resume {
+        Some(load_last::<T>(&last_path, spec, data.train.n)?)
+    } else {
+        None
+    };
     // The step on its device first: a run that cannot start leaves the output directory alone.
     let plan = match &opts.plan {
         Some(p) => p.clone(),
@@ -356,17 +739,58 @@ pub fn train<T: Real + 'static>(
     };
     let mut backend = open::<T>(&opts.device, plan)?;
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    let metrics_path = opts.out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+    remove_stale_temporaries(&opts.out);
+    if !resume && !earlier.is_empty() {
+        let dir = keep_aside(&opts.out, &earlier)?;
+        eprintln!(
+            "{}: moved the earlier run's files to {}",
+            if opts.force {
+                "--force"
+            } else {
+                "--resume found no last.safetensors"
+            },
+            dir.display()
+        );
+    }
 
-    let seed = opts.seed.unwrap_or(tr.seed);
     let epochs = opts.epochs.unwrap_or(tr.epochs);
-    let mut model = Model::<T>::init(spec, seed);
+    let (mut model, mut state) = match resumed {
+        Some((model, state)) => {
+            truncate_metrics(&metrics_path, state.epoch)?;
+            backend.set_adam_state(&state.adam)?;
+            if opts.progress {
+                eprintln!(
+                    "resuming {} after epoch {} (step {})",
+                    last_path.display(),
+                    state.epoch,
+                    state.total_steps
+                );
+            }
+            (model, state)
+        }
+        None => (
+            Model::<T>::init(spec, seed),
+            RunState {
+                epoch: 0,
+                total_steps: 0,
+                adam: AdamState::default(),
+                rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_da7a),
+                order: (0..data.train.n).collect(),
+                geco: Geco::new(spec),
+                best: None,
+                best_epoch: 0,
+            },
+        ),
+    };
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io_err(&metrics_path))?;
     for (name, v) in &model.values {
         backend.set(name, v)?;
     }
-    let mut geco = Geco::new(spec);
-    if let Some(g) = &geco {
+    if let Some(g) = &state.geco {
         for (name, v) in g.feeds() {
             backend.set(&name, &[T::of_f64(v)])?;
         }
@@ -374,23 +798,22 @@ pub fn train<T: Real + 'static>(
     let adam_spec = &tr.optimizer.adam;
     let warmup_steps = (tr.warmup_epochs * steps_per_epoch) as f64;
     let d = spec.input.dim();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_da7a);
-    let mut order: Vec<usize> = (0..data.train.n).collect();
     let dequantize = spec.input.preprocess == Preprocess::DequantizeLogit;
     let mut x = vec![T::zero(); d * batch];
     let mut noise = vec![T::zero(); d * batch];
     let mut records = Vec::new();
-    let mut best: Option<EvalResult> = None;
-    let mut best_epoch = 0;
-    let mut total_steps = 0usize;
     let max_steps = opts.steps.unwrap_or(usize::MAX);
+    // On the host every gradient is checked for non-finite values each step (a scan of memory
+    // the step just wrote); a GPU checks only the loss, which the next step's loss catches.
+    let check_grads = backend.device() == "host";
 
-    for epoch in 1..=epochs {
-        if total_steps >= max_steps {
+    for epoch in state.epoch + 1..=epochs {
+        if state.total_steps >= max_steps {
             break;
         }
         let started = Instant::now();
-        order.shuffle(&mut rng);
+        let rng = &mut state.rng;
+        state.order.shuffle(rng);
         let bar = if opts.progress {
             ProgressBar::new(steps_per_epoch as u64)
         } else {
@@ -406,21 +829,21 @@ pub fn train<T: Real + 'static>(
         let mut steps = 0;
         let mut lr = adam_spec.lr;
         for s in 0..steps_per_epoch {
-            if total_steps >= max_steps {
+            if state.total_steps >= max_steps {
                 break;
             }
             fill_columns(
                 &data.train,
-                &order[s * batch..(s + 1) * batch],
+                &state.order[s * batch..(s + 1) * batch],
                 batch,
                 &mut x,
             );
             if let (Augment::PadCrop, [c, h, w]) = (tr.augment, spec.input.shape.as_slice()) {
-                pad_crop(&mut x, [*c, *h, *w], batch, &mut rng);
+                pad_crop(&mut x, [*c, *h, *w], batch, &mut state.rng);
             }
             backend.set(INPUT_X, &x)?;
             if dequantize {
-                fill_uniform(&mut rng, &mut noise);
+                fill_uniform(&mut state.rng, &mut noise);
                 backend.set(INPUT_NOISE, &noise)?;
             }
             if !model.data_initialized {
@@ -434,14 +857,27 @@ pub fn train<T: Real + 'static>(
                 }
             }
             backend.run()?;
-            total_steps += 1;
+            state.total_steps += 1;
             lr = if warmup_steps > 0.0 {
-                adam_spec.lr * (total_steps as f64 / warmup_steps).min(1.0)
+                adam_spec.lr * (state.total_steps as f64 / warmup_steps).min(1.0)
             } else {
                 adam_spec.lr
             };
-            loss_sum += backend.output("loss")?.scalar().as_f64();
-            if let (Some(g), Some(gs)) = (geco.as_mut(), spec.objective.lambda.geco()) {
+            let loss = backend.output("loss")?.scalar().as_f64();
+            if !loss.is_finite() {
+                bar.finish_and_clear();
+                let what = format!("the loss is {loss}");
+                return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
+            }
+            if check_grads {
+                if let Some(name) = backend.first_nonfinite_grad()? {
+                    bar.finish_and_clear();
+                    let what = format!("the gradient of `{name}` has a non-finite value");
+                    return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
+                }
+            }
+            loss_sum += loss;
+            if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {
                 let mut recon = BTreeMap::new();
                 for layer in g.lambda.keys() {
                     let name = format!("recon.{layer}");
@@ -458,10 +894,11 @@ pub fn train<T: Real + 'static>(
                 Some(clip) => {
                     let norm = backend.grad_norm()?;
                     if !norm.is_finite() {
-                        1.0
-                    } else {
-                        (clip / norm).min(1.0)
+                        bar.finish_and_clear();
+                        let what = format!("the gradient norm is {norm}");
+                        return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
                     }
+                    (clip / norm).min(1.0)
                 }
                 None => 1.0,
             };
@@ -481,12 +918,17 @@ pub fn train<T: Real + 'static>(
         let names: Vec<String> = model.values.keys().cloned().collect();
         for name in names {
             let v = backend.fed(&name)?;
+            if v.iter().any(|x| !x.as_f64().is_finite()) {
+                // Finite gradients, but an update overflowed: nothing of this epoch is saved.
+                let what = format!("parameter `{name}` became non-finite in an Adam update");
+                return Err(diverged(spec, opts, epoch, steps, state.total_steps, &what));
+            }
             model.values.insert(name, Arc::new(v));
         }
         let val = evaluate(&model.cast::<f64>(), &data.valid, batch.max(100), 0)?;
         let record = EpochRecord {
             epoch,
-            steps: total_steps,
+            steps: state.total_steps,
             train_loss: loss_sum / steps.max(1) as f64,
             val_nll_nats: val.nll_nats,
             val_bits_per_dim: val.bits_per_dim,
@@ -494,11 +936,12 @@ pub fn train<T: Real + 'static>(
             lr,
             seconds: started.elapsed().as_secs_f64(),
             examples_per_sec: (steps * batch) as f64 / train_secs,
-            lambda: geco.as_ref().map(|g| g.lambda.clone()),
+            lambda: state.geco.as_ref().map(|g| g.lambda.clone()),
         };
         let line = serde_json::to_string(&record).unwrap_or_default();
-        writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
-        metrics.flush().map_err(io_err(&metrics_path))?;
+        writeln!(metrics, "{line}")
+            .and_then(|()| metrics.sync_data())
+            .map_err(io_err(&metrics_path))?;
         if opts.progress {
             eprintln!(
                 "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}, {:.1} s, {:.0} examples/s",
@@ -510,32 +953,38 @@ pub fn train<T: Real + 'static>(
                 record.examples_per_sec
             );
         }
-        let improved =
-            best.as_ref().is_none_or(|b| val.nll_nats < b.nll_nats) && val.nll_nats.is_finite();
+        let improved = state
+            .best
+            .as_ref()
+            .is_none_or(|b| val.nll_nats < b.nll_nats)
+            && val.nll_nats.is_finite();
         if improved {
             let mut meta = HashMap::from([
                 ("epoch".to_string(), epoch.to_string()),
-                ("steps".to_string(), total_steps.to_string()),
+                ("steps".to_string(), state.total_steps.to_string()),
                 ("val_nll_nats".to_string(), val.nll_nats.to_string()),
                 ("dtype".to_string(), T::NAME.to_string()),
             ]);
-            if let Some(g) = &geco {
-                // GECO's λ and EMA per layer, so a resumed run continues them.
+            if let Some(g) = &state.geco {
+                // GECO's λ and EMA per layer, as they were at this epoch.
                 meta.insert(
                     "geco".to_string(),
                     serde_json::to_string(g).unwrap_or_default(),
                 );
             }
             model.save(&checkpoint, &[], meta)?;
-            best = Some(val);
-            best_epoch = epoch;
+            state.best = Some(val);
+            state.best_epoch = epoch;
         }
+        state.epoch = epoch;
+        state.adam = backend.adam_state()?;
+        save_last(&last_path, &model, &state)?;
         records.push(record);
     }
     Ok(TrainSummary {
         records,
-        best,
-        best_epoch,
+        best: state.best,
+        best_epoch: state.best_epoch,
         checkpoint,
     })
 }

@@ -5,7 +5,7 @@ use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::Real;
-use crate::train::Adam;
+use crate::train::{Adam, AdamState};
 use snfc_compiler::plan::Plan;
 use std::any::Any;
 use std::sync::Arc;
@@ -32,6 +32,10 @@ pub trait Backend<T: Real> {
         eps: f64,
         grad_scale: f64,
     ) -> Result<(), ExecError>;
+    /// Adam's step count and moments, read back from where they live (for `last.safetensors`).
+    fn adam_state(&mut self) -> Result<AdamState<T>, ExecError>;
+    /// Continue from a saved Adam state (a resumed run).
+    fn set_adam_state(&mut self, state: &AdamState<T>) -> Result<(), ExecError>;
     /// The global norm ‖g‖₂ over every `grad.<name>` output of the last run (on a GPU the
     /// gradients are read back, so it costs a transfer: only for clipping).
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
@@ -42,6 +46,15 @@ pub trait Backend<T: Real> {
             .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
             .sum::<f64>()
             .sqrt())
+    }
+    /// The first parameter whose gradient in the last run has a NaN or infinite value (the
+    /// divergence guard; on a GPU the gradients are read back).
+    fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
+        Ok(self
+            .outputs()?
+            .iter()
+            .find(|(n, t)| n.starts_with("grad.") && t.data.iter().any(|v| !v.as_f64().is_finite()))
+            .map(|(n, _)| n["grad.".len()..].to_string()))
     }
     /// A fed tensor's current value (a parameter after updates).
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError>;
@@ -122,7 +135,42 @@ impl<T: Real> Backend<T> for HostBackend<T> {
         grad_scale: f64,
     ) -> Result<(), ExecError> {
         let adam = self.adam.get_or_insert_with(|| Adam::with(betas, eps));
+        (adam.betas, adam.eps) = (betas, eps);
         adam.update_values(&mut self.feeds, &self.outs, lr, grad_scale);
+        Ok(())
+    }
+    fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
+        use rayon::prelude::*;
+        Ok(self
+            .outs
+            .iter()
+            .filter(|(n, _)| n.starts_with("grad."))
+            .find(|(_, t)| {
+                t.data
+                    .par_chunks(1 << 14)
+                    .any(|c| c.iter().any(|v| !v.as_f64().is_finite()))
+            })
+            .map(|(n, _)| n["grad.".len()..].to_string()))
+    }
+    fn grad_norm(&mut self) -> Result<f64, ExecError> {
+        // The outputs in place, without the trait default's copy.
+        Ok(self
+            .outs
+            .iter()
+            .filter(|(n, _)| n.starts_with("grad."))
+            .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
+            .sum::<f64>()
+            .sqrt())
+    }
+    fn adam_state(&mut self) -> Result<AdamState<T>, ExecError> {
+        Ok(self.adam.as_ref().map(Adam::state).unwrap_or_default())
+    }
+    fn set_adam_state(&mut self, state: &AdamState<T>) -> Result<(), ExecError> {
+        // betas and ε come with the next step.
+        let adam = self
+            .adam
+            .get_or_insert_with(|| Adam::with([0.9, 0.999], 1e-8));
+        adam.restore(state);
         Ok(())
     }
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError> {
@@ -163,6 +211,12 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
         grad_scale: f64,
     ) -> Result<(), ExecError> {
         self.0.adam_step(lr, betas, eps, grad_scale)
+    }
+    fn adam_state(&mut self) -> Result<AdamState<f32>, ExecError> {
+        self.0.adam_state()
+    }
+    fn set_adam_state(&mut self, state: &AdamState<f32>) -> Result<(), ExecError> {
+        self.0.set_adam_state(state)
     }
     fn fed(&mut self, name: &str) -> Result<Vec<f32>, ExecError> {
         self.0.fed(name)

@@ -4,9 +4,8 @@
 //! Every error names the file (or origin, for in-memory data) and what is wrong with it.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flate2::read::MultiGzDecoder;
 
@@ -570,34 +569,12 @@ pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
     }
 }
 
-/// Write `bytes` to `path` atomically: write a temporary file next to it, sync it, then rename
-/// it over the target, so a crash never leaves a partially written file at `path`.
+/// [`crate::atomic::write_atomically`], with its error as a [`DataError`].
 pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let file_name = path.file_name().ok_or_else(|| {
-        DataError::invalid(path.display().to_string(), "output path has no file name")
-    })?;
-    let tmp_name = format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)
-            .map_err(|e| DataError::io(path, format!("cannot create {}", tmp.display()), e))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| DataError::io(path, format!("cannot write {}", tmp.display()), e))?;
-        drop(f);
-        fs::rename(&tmp, path)
-            .map_err(|e| DataError::io(path, format!("cannot rename {} to it", tmp.display()), e))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::atomic::write_atomically(path, bytes).map_err(|e| {
+        let path = PathBuf::from(&e.path);
+        DataError::io(&path, format!("cannot {}", e.step), e.source)
+    })
 }
 
 #[cfg(test)]

@@ -141,6 +141,7 @@ impl<T: Real> Model<T> {
         }
     }
 
+    /// A parameter's values; a name the spec does not have is a bug in the caller.
     pub fn get(&self, name: &str) -> &[T] {
         &self.values[name]
     }
@@ -165,29 +166,26 @@ impl<T: Real> Model<T> {
     }
 
     /// Write the parameters (plus `extra` tensors, e.g. scalars) as safetensors with `metadata`,
-    /// through a temporary file and a rename so a crash never leaves a broken file.
+    /// atomically (a crash leaves the old file or the new one, never a broken one).
     pub fn save(
         &self,
         path: &Path,
-        extra: &[(String, Vec<usize>, Vec<T>)],
+        extra: &[RawTensor],
         mut metadata: HashMap<String, String>,
     ) -> Result<(), ModelError> {
         metadata.insert("spec".into(), self.spec.to_json_pretty());
         metadata.insert("format".into(), "snfc-params-v1".into());
         metadata.insert(DATA_INITIALIZED.into(), self.data_initialized.to_string());
-        let mut named: Vec<(String, Vec<usize>, Vec<T>)> = self
-            .params
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    p.shape.clone(),
-                    self.values[&p.name].to_vec(),
-                )
-            })
-            .collect();
-        named.extend(extra.iter().cloned());
-        write_safetensors(path, &named, metadata)
+        let mut tensors = Vec::with_capacity(self.params.len() + extra.len());
+        for p in &self.params {
+            let v = self
+                .values
+                .get(&p.name)
+                .ok_or_else(|| file_err(path, format!("no value for parameter `{}`", p.name)))?;
+            tensors.push(RawTensor::of(&p.name, &p.shape, v));
+        }
+        tensors.extend(extra.iter().cloned());
+        write_raw_safetensors(path, &tensors, metadata)
     }
 
     /// Load a parameter file. The spec comes from `spec` if given, else from the file's metadata.
@@ -281,49 +279,80 @@ pub fn tensor_values<T: Real>(
     })
 }
 
-/// Write named tensors (in `T`'s dtype) to a safetensors file via a temporary file and rename.
+/// Write named tensors (in `T`'s dtype) to a safetensors file atomically
+/// ([`crate::atomic::write_atomically`]).
 pub fn write_safetensors<T: Real>(
     path: &Path,
     named: &[(String, Vec<usize>, Vec<T>)],
     metadata: HashMap<String, String>,
 ) -> Result<(), ModelError> {
-    let (dtype, bytes): (Dtype, Vec<Vec<u8>>) = if T::NAME == "f32" {
-        (
-            Dtype::F32,
-            named
+    let raw = named
+        .iter()
+        .map(|(name, shape, v)| RawTensor::of(name, shape, v))
+        .collect::<Vec<_>>();
+    write_raw_safetensors(path, &raw, metadata)
+}
+
+/// One tensor to write: its name, dtype, shape and little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    /// Values in `T`'s dtype (F32 or F64).
+    pub fn of<T: Real>(name: &str, shape: &[usize], values: &[T]) -> RawTensor {
+        let (dtype, bytes) = if T::NAME == "f32" {
+            let b = values
                 .iter()
-                .map(|(_, _, v)| {
-                    v.iter()
-                        .flat_map(|x| (x.as_f64() as f32).to_le_bytes())
-                        .collect()
-                })
-                .collect(),
-        )
-    } else {
-        (
-            Dtype::F64,
-            named
+                .flat_map(|x| (x.as_f64() as f32).to_le_bytes())
+                .collect();
+            (Dtype::F32, b)
+        } else {
+            let b = values
                 .iter()
-                .map(|(_, _, v)| v.iter().flat_map(|x| x.as_f64().to_le_bytes()).collect())
-                .collect(),
-        )
-    };
-    let mut views = Vec::new();
-    for ((name, shape, _), b) in named.iter().zip(&bytes) {
-        let view = TensorView::new(dtype, shape.clone(), b)
-            .map_err(|e| file_err(path, format!("tensor `{name}`: {e}")))?;
-        views.push((name.clone(), view));
-    }
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| file_err(dir, format!("cannot create directory: {e}")))?;
+                .flat_map(|x| x.as_f64().to_le_bytes())
+                .collect();
+            (Dtype::F64, b)
+        };
+        RawTensor {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
         }
     }
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| file_err(path, format!("cannot rename {}: {e}", tmp.display())))?;
-    Ok(())
+
+    /// Unsigned 32-bit integers (U32).
+    pub fn of_u32(name: &str, values: &[u32]) -> RawTensor {
+        RawTensor {
+            name: name.to_string(),
+            dtype: Dtype::U32,
+            shape: vec![values.len()],
+            bytes: values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Write tensors of any dtype to a safetensors file atomically.
+pub fn write_raw_safetensors(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
+    let mut views = Vec::new();
+    for t in tensors {
+        let view = TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+            .map_err(|e| file_err(path, format!("tensor `{}`: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+    }
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| file_err(path, format!("cannot encode: {e}")))?;
+    crate::atomic::write_atomically(path, &bytes).map_err(|e| ModelError::File {
+        path: e.path,
+        message: format!("cannot {}: {}", e.step, e.source),
+    })
 }

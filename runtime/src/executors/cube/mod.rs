@@ -19,13 +19,14 @@ pub mod tensor_kernels;
 
 use crate::host::exec::{ExecError, Tensor};
 use crate::host::linalg;
+use crate::train::AdamState;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
 use kernels::{Access, FusedProgram, GemmConfig, KOp, Mode, Store};
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tensor_kernels as kernels_t;
 use tensor_kernels::{ConvConfig, GatherConfig, SplineConfig, SplineOut};
 
@@ -491,13 +492,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// A slot's value in its logical (row-major) layout.
     fn read_buf(&self, b: Buf) -> Result<Vec<f32>, ExecError> {
-        let h = self.handle(b)?;
-        let bytes = self.client.read_one(h).map_err(|e| ExecError::Device {
-            graph: self.plan.name.clone(),
-            message: format!("{e:?}"),
-        })?;
-        let len = self.len_of(b);
-        let data: Vec<f32> = f32::from_bytes(&bytes)[..len].to_vec();
+        let data = self.read_handle(self.handle(b)?, self.len_of(b))?;
         match b {
             Buf::Slot(s) if transposed(&self.plan, s) => {
                 let shape = &self.plan.instrs[s].shape;
@@ -625,6 +620,83 @@ impl<R: Runtime> GpuProgram<R> {
             );
         }
         Ok(())
+    }
+
+    /// Adam's step count and moments, read back from the device.
+    pub fn adam_state(&self) -> Result<AdamState<f32>, ExecError> {
+        let mut moments = BTreeMap::new();
+        for (name, (m, v)) in &self.moments {
+            let n = self.param_len(name)?;
+            moments.insert(
+                name.clone(),
+                (
+                    self.read_handle(m.clone(), n)?,
+                    self.read_handle(v.clone(), n)?,
+                ),
+            );
+        }
+        Ok(AdamState {
+            t: self.adam_t,
+            moments,
+        })
+    }
+
+    /// Continue from a saved Adam state: its moments are uploaded.
+    pub fn set_adam_state(&mut self, state: &AdamState<f32>) -> Result<(), ExecError> {
+        let mut moments = HashMap::new();
+        for (name, (m, v)) in &state.moments {
+            let n = self.param_len(name)?;
+            if m.len() != n || v.len() != n {
+                return Err(ExecError::Device {
+                    graph: self.plan.name.clone(),
+                    message: format!(
+                        "Adam moments of `{name}` have {} and {} values, the parameter {n}",
+                        m.len(),
+                        v.len()
+                    ),
+                });
+            }
+            moments.insert(
+                name.clone(),
+                (
+                    self.client.create_from_slice(f32::as_bytes(m)),
+                    self.client.create_from_slice(f32::as_bytes(v)),
+                ),
+            );
+        }
+        self.moments = moments;
+        self.adam_t = state.t;
+        Ok(())
+    }
+
+    /// The number of values of parameter `name`.
+    fn param_len(&self, name: &str) -> Result<usize, ExecError> {
+        self.plan
+            .instrs
+            .iter()
+            .find(|i| matches!(&i.op, Op::Param { name: n, .. } if n == name))
+            .map(|i| numel(&i.shape))
+            .ok_or_else(|| ExecError::Missing {
+                graph: self.plan.name.clone(),
+                kind: "param",
+                name: name.to_string(),
+            })
+    }
+
+    /// The first `len` f32 values of a device buffer.
+    fn read_handle(&self, h: Handle, len: usize) -> Result<Vec<f32>, ExecError> {
+        let bytes = self.client.read_one(h).map_err(|e| ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!("{e:?}"),
+        })?;
+        let values = f32::from_bytes(&bytes);
+        if values.len() < len {
+            return Err(ExecError::Device {
+                graph: self.plan.name.clone(),
+                message: format!("read back {} values from a buffer of {len}", values.len()),
+            });
+        }
+        Ok(values[..len].to_vec())
     }
 
     /// Wait for every launched kernel (for timing).
