@@ -94,6 +94,11 @@ enum Command {
         /// a last.safetensors the run starts from the beginning.
         #[arg(long)]
         resume: bool,
+        /// Every N steps, compute the exact gradient at the same parameters and batch and log
+        /// the angle (degrees) between it and the self-normalizing gradient, per layer and
+        /// mean (metrics.jsonl `grad_angle_deg`; the paper's Fig. 3).
+        #[arg(long, value_name = "N")]
+        angle_every: Option<usize>,
         /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
@@ -277,6 +282,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             force,
             resume,
+            angle_every,
             no_fusion,
             quiet,
         } => {
@@ -299,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
                 progress: !quiet,
                 force,
                 resume,
+                angle_every,
                 device: chosen,
                 plan: plan.map(|p| p.step),
             };

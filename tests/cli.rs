@@ -1591,3 +1591,139 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gradient angle (the paper's Fig. 3)
+// ---------------------------------------------------------------------------------------------
+
+/// The angle the library measures (`snfc_runtime::angle`, what `train --angle-every` logs)
+/// equals the angle between `snfc grad` of the self-normalizing spec and `snfc grad` of its
+/// exact twin, on a fixed batch and noise, per layer over W and b.
+#[test]
+fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
+    use snfc_runtime::angle::{angle_degrees, AngleProbe};
+    let dir = tempfile::tempdir().unwrap();
+    let data = snfc_runtime::data::embedded_mnist().unwrap();
+    let spec = snfc_compiler::spec::load_spec(&root().join("specs/mnist_fc2.json")).unwrap();
+    // Initial parameters with R moved off Wᵀ, so the two gradients differ measurably.
+    let mut model = Model::<f64>::init(&spec, 3);
+    for (name, v) in model.values.iter_mut() {
+        if name.ends_with("weight_inv") {
+            *v = Arc::new(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, x)| x + 2e-3 * ((i as f64 * 0.37).sin()))
+                    .collect(),
+            );
+        }
+    }
+    let params = dir.path().join("p.safetensors");
+    model.save(&params, &[], HashMap::new()).unwrap();
+    let batch = 8;
+    let rows: Vec<f64> = (0..batch)
+        .flat_map(|i| data.train.example(i).iter().map(|&v| v as f64))
+        .collect();
+    let input = dir.path().join("x.npy");
+    snfc_runtime::npy::write_npy_f64(&input, &[batch, 784], &rows).unwrap();
+    let grads = |spec_file: &str, out: &str| {
+        let out = dir.path().join(out);
+        ok(snfc([
+            "grad",
+            spec_file,
+            "--params",
+            p(&params),
+            "--input",
+            p(&input),
+            "--seed",
+            "11",
+            "--dtype",
+            "f64",
+            "--out",
+            p(&out),
+        ]));
+        read_safetensors(&out).tensors
+    };
+    let snf = grads("specs/mnist_fc2.json", "snf.safetensors");
+    let exact = grads("specs/mnist_fc2_exact.json", "exact.safetensors");
+    let from_grad_files = |layer: usize| {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for n in ["weight", "bias"] {
+            let name = format!("layers.{layer}.{n}");
+            a.extend(&snf[&name].2);
+            b.extend(&exact[&name].2);
+        }
+        angle_degrees(&a, &b)
+    };
+
+    // The library's measurement on the same batch and noise (`snfc grad --seed 11`).
+    let probe = AngleProbe::new(&spec, batch)
+        .unwrap()
+        .expect("a self-normalizing spec");
+    let mut feeds = model.values.clone();
+    let mut x = vec![0.0; 784 * batch];
+    for b in 0..batch {
+        for k in 0..784 {
+            x[k * batch + b] = rows[b * 784 + k];
+        }
+    }
+    feeds.insert("x".into(), Arc::new(x));
+    let mut noise = vec![0.0f64; 784 * batch];
+    snfc_runtime::batch::fill_uniform(
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11),
+        &mut noise,
+    );
+    feeds.insert("noise".into(), Arc::new(noise));
+    let angles = probe.measure(&feeds).unwrap();
+    assert_eq!(angles.keys().collect::<Vec<_>>(), ["layers.0", "layers.2"]);
+    for (layer, k) in [("layers.0", 0), ("layers.2", 2)] {
+        let (lib, files) = (angles[layer], from_grad_files(k));
+        assert!(files > 1e-3 && files < 90.0, "{layer}: {files}°");
+        assert!(
+            (lib - files).abs() <= 1e-9 * files,
+            "{layer}: {lib}° vs {files}°"
+        );
+    }
+
+    // `train --angle-every 2` logs them: two measurements in a 4-step epoch.
+    let out = dir.path().join("run");
+    ok(snfc([
+        "train",
+        "specs/mnist_fc2.json",
+        "--steps",
+        "4",
+        "--epochs",
+        "1",
+        "--angle-every",
+        "2",
+        "--device",
+        "host",
+        "--out",
+        p(&out),
+        "-q",
+    ]));
+    let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+    let a = &line["grad_angle_deg"];
+    assert_eq!(a["measurements"], 2, "{line}");
+    let mean = a["mean"].as_f64().unwrap();
+    let layers = a["layers"].as_object().unwrap();
+    assert_eq!(layers.len(), 2, "{a}");
+    let layer_mean = layers.values().map(|v| v.as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!(
+        (mean - layer_mean).abs() < 1e-9 && mean > 0.0 && mean < 90.0,
+        "{a}"
+    );
+    // An exact spec has nothing to compare.
+    let err = fails(snfc([
+        "train",
+        "specs/mnist_fc2_exact.json",
+        "--steps",
+        "1",
+        "--angle-every",
+        "1",
+        "--out",
+        p(&dir.path().join("exact")),
+        "-q",
+    ]));
+    assert!(err.contains("no self-normalizing layer"), "{err}");
+}

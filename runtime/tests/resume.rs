@@ -21,6 +21,7 @@ fn options(out: PathBuf, epochs: usize, resume: bool) -> TrainOptions {
         progress: false,
         force: false,
         resume,
+        angle_every: None,
         device: Chosen::Host,
         plan: None,
     }

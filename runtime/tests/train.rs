@@ -28,6 +28,7 @@ fn options(out: PathBuf, steps: usize) -> TrainOptions {
         progress: false,
         force: false,
         resume: false,
+        angle_every: None,
         device: Chosen::Host,
         plan: None,
     }
@@ -202,6 +203,7 @@ fn small_npy_spec_trains_in_f64_and_lowers_nll() {
         progress: false,
         force: false,
         resume: false,
+        angle_every: None,
         device: Chosen::Host,
         plan: None,
     };

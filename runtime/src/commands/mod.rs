@@ -2,6 +2,7 @@
 //! drives a compiled plan through the [`crate::executors`] and reads and writes through
 //! [`crate::io`].
 
+pub mod angle;
 pub mod bench;
 pub mod eval;
 pub mod grad;

@@ -2,6 +2,7 @@
 //! linear learning-rate warm-up, per-epoch exact validation NLL, metrics as JSON lines and the
 //! best-validation checkpoint.
 
+use crate::angle::{feeds_f64, AngleProbe, AngleStats};
 use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform, pad_crop};
 use crate::cube::probe::Chosen;
@@ -70,6 +71,9 @@ pub struct TrainOptions {
     pub force: bool,
     /// Continue the run in `out` from its `last.safetensors`.
     pub resume: bool,
+    /// Every this many steps, the angle between the self-normalizing and the exact gradient
+    /// per layer at the step's parameters and batch (`grad_angle_deg` in metrics.jsonl).
+    pub angle_every: Option<usize>,
     /// Where the step runs.
     pub device: Chosen,
     /// A step plan compiled earlier (`plan.json`); compiled from the spec when `None`.
@@ -93,6 +97,10 @@ pub struct EpochRecord {
     /// GECO's λ per self-normalizing layer at the end of the epoch (GECO specs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lambda: Option<BTreeMap<String, f64>>,
+    /// Angles between the self-normalizing and the exact gradient over the epoch's
+    /// measurements (`--angle-every`), in degrees.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_angle_deg: Option<AngleStats>,
 }
 
 /// GECO's state: λ and the EMA of the reconstruction error, per self-normalizing layer (by
@@ -806,6 +814,20 @@ pub fn train<T: Real + 'static>(
     // On the host every gradient is checked for non-finite values each step (a scan of memory
     // the step just wrote); a GPU checks only the loss, which the next step's loss catches.
     let check_grads = backend.device() == "host";
+    let probe = match opts.angle_every {
+        Some(0) => {
+            return Err(TrainError::Setup(
+                "--angle-every must be at least 1".to_string(),
+            ))
+        }
+        Some(_) => Some(AngleProbe::new(spec, batch)?.ok_or_else(|| {
+            TrainError::Setup(format!(
+                "--angle-every: spec `{}` has no self-normalizing layer to compare with the exact                  gradient",
+                spec.name
+            ))
+        })?),
+        None => None,
+    };
 
     for epoch in state.epoch + 1..=epochs {
         if state.total_steps >= max_steps {
@@ -828,6 +850,7 @@ pub fn train<T: Real + 'static>(
         let mut loss_sum = 0.0;
         let mut steps = 0;
         let mut lr = adam_spec.lr;
+        let mut angles = Vec::new();
         for s in 0..steps_per_epoch {
             if state.total_steps >= max_steps {
                 break;
@@ -854,6 +877,22 @@ pub fn train<T: Real + 'static>(
                 }
                 for p in model.params.iter().filter(|p| is_data_initialized(p.kind)) {
                     backend.set(&p.name, &model.values[&p.name])?;
+                }
+            }
+            if let (Some(probe), Some(every)) = (&probe, opts.angle_every) {
+                if (state.total_steps + 1).is_multiple_of(every) {
+                    let mut feeds: crate::host::exec::Feeds<T> = HashMap::new();
+                    for name in model.values.keys() {
+                        feeds.insert(name.clone(), Arc::new(backend.fed(name)?));
+                    }
+                    feeds.insert(INPUT_X.to_string(), Arc::new(x.clone()));
+                    if dequantize {
+                        feeds.insert(INPUT_NOISE.to_string(), Arc::new(noise.clone()));
+                    }
+                    for (name, v) in state.geco.iter().flat_map(Geco::feeds) {
+                        feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
+                    }
+                    angles.push(probe.measure(&feeds_f64(&feeds))?);
                 }
             }
             backend.run()?;
@@ -937,6 +976,7 @@ pub fn train<T: Real + 'static>(
             seconds: started.elapsed().as_secs_f64(),
             examples_per_sec: (steps * batch) as f64 / train_secs,
             lambda: state.geco.as_ref().map(|g| g.lambda.clone()),
+            grad_angle_deg: AngleStats::of(&angles),
         };
         let line = serde_json::to_string(&record).unwrap_or_default();
         writeln!(metrics, "{line}")
@@ -944,11 +984,16 @@ pub fn train<T: Real + 'static>(
             .map_err(io_err(&metrics_path))?;
         if opts.progress {
             eprintln!(
-                "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}, {:.1} s, {:.0} examples/s",
+                "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}{}, {:.1} s, {:.0} examples/s",
                 record.train_loss,
                 val.nll_nats,
                 val.bits_per_dim,
                 val.recon.map(|r| format!(", recon {r:.3e}")).unwrap_or_default(),
+                record
+                    .grad_angle_deg
+                    .as_ref()
+                    .map(|a| format!(", gradient angle {:.3}°", a.mean))
+                    .unwrap_or_default(),
                 record.seconds,
                 record.examples_per_sec
             );
