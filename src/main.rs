@@ -188,6 +188,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
+    /// Draw the curves of one or more runs into a PNG: validation NLL (nats, bits/dim) and
+    /// training loss against epoch, validation NLL against wall-clock time, and the
+    /// reconstruction error, λ and gradient angles where logged. One colour per run.
+    Plot {
+        /// Run directories (each with a metrics.jsonl), or metrics.jsonl files.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The PNG to write.
+        #[arg(short, long, default_value = "curves.png")]
+        out: PathBuf,
+    },
 }
 
 /// Pick the device and say which (on stderr).
@@ -428,6 +439,11 @@ fn run(cli: Cli) -> Result<()> {
                 Dtype::F32 => grad::<f32>(&spec, &args),
                 Dtype::F64 => grad::<f64>(&spec, &args),
             }
+        }
+        Command::Plot { runs, out } => {
+            let (w, h) = snfc_runtime::plot::plot_runs(&runs, &out)?;
+            println!("wrote {} ({w}×{h}, {} run(s))", out.display(), runs.len());
+            Ok(())
         }
         Command::Bench {
             spec,

@@ -1727,3 +1727,83 @@ fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
     ]));
     assert!(err.contains("no self-normalizing layer"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// plot
+// ---------------------------------------------------------------------------------------------
+
+/// `snfc plot` of two runs writes a PNG of the documented size (two 640×400 panels per row:
+/// four panels always, plus reconstruction, λ and angle when logged) with both runs' colours
+/// drawn; a directory without metrics is one clear error.
+#[test]
+fn plot_draws_runs_into_a_png_of_the_expected_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_run = |name: &str, with_extras: bool| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut text = String::new();
+        for e in 1..=12 {
+            let nll = 1500.0 - 400.0 * (e as f64).ln() + if with_extras { 5.0 } else { 0.0 };
+            let mut line = serde_json::json!({
+                "epoch": e, "steps": e * 80, "train_loss": nll - 50.0,
+                "val_nll_nats": nll, "val_bits_per_dim": nll / (784.0 * std::f64::consts::LN_2),
+                "lr": 1e-3, "seconds": 2.5, "examples_per_sec": 3000.0
+            });
+            if with_extras {
+                line["val_recon"] = serde_json::json!(30.0 / e as f64);
+                line["lambda"] =
+                    serde_json::json!({"layers.0": e as f64, "layers.2": 2.0 * e as f64});
+                line["grad_angle_deg"] = serde_json::json!({
+                    "mean": 1.0 / e as f64, "std": 0.1, "measurements": 4,
+                    "layers": {"layers.0": 1.0 / e as f64}
+                });
+            }
+            text.push_str(&format!("{line}\n"));
+        }
+        std::fs::write(d.join("metrics.jsonl"), text).unwrap();
+        d
+    };
+    let snf = write_run("snf", true);
+    let exact = write_run("exact", false);
+    let out = dir.path().join("curves.png");
+    let said = ok(snfc(["plot", p(&snf), p(&exact), "-o", p(&out)]));
+    assert!(said.contains("1280×1600"), "{said}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let mut reader = decoder.read_info().expect("a valid PNG");
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).expect("PNG data");
+    assert_eq!(
+        (info.width, info.height),
+        (1280, 1600),
+        "7 panels: 4 rows of 2"
+    );
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let count = |rgb: [u8; 3]| buf.chunks_exact(3).filter(|px| *px == rgb).count();
+    assert!(
+        count([31, 119, 180]) > 500,
+        "the first run's curves are drawn"
+    );
+    assert!(
+        count([214, 39, 40]) > 500,
+        "the second run's curves are drawn"
+    );
+
+    // One run without the optional curves: 4 panels, 2 rows.
+    let out2 = dir.path().join("one.png");
+    ok(snfc(["plot", p(&exact), "-o", p(&out2)]));
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out2).unwrap()))
+        .read_info()
+        .unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (1280, 800));
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = fails(snfc(["plot", p(&snf), p(&empty), "-o", p(&out)]));
+    assert!(
+        err.contains("empty/metrics.jsonl") && err.contains("cannot read"),
+        "{err}"
+    );
+    std::fs::write(empty.join("metrics.jsonl"), "{\"epoch\": 1}\n").unwrap();
+    let err = fails(snfc(["plot", p(&empty), "-o", p(&out)]));
+    assert!(err.contains("line 1") && err.contains("seconds"), "{err}");
+}

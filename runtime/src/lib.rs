@@ -8,6 +8,6 @@ pub mod commands;
 pub mod executors;
 pub mod io;
 
-pub use commands::{angle, bench, eval, grad, sample, train};
+pub use commands::{angle, bench, eval, grad, plot, sample, train};
 pub use executors::{backend, cube, host};
 pub use io::{atomic, batch, data, image, model, npy};

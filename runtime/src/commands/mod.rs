@@ -6,5 +6,6 @@ pub mod angle;
 pub mod bench;
 pub mod eval;
 pub mod grad;
+pub mod plot;
 pub mod sample;
 pub mod train;

@@ -1,0 +1,367 @@
+//! `snfc plot`: the curves of one or more runs (their `metrics.jsonl`) in one PNG — validation
+//! NLL in nats and bits/dim and the training loss against epoch, validation NLL against
+//! wall-clock time (the paper's Fig. 5: SNF and exact overlaid), and, when logged, the
+//! reconstruction error, GECO's λ and the gradient angle (Fig. 3). One colour per run, with a
+//! legend of run names.
+
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("{path}: {message}")]
+    Input { path: String, message: String },
+    #[error("{path}: cannot draw the plot: {message}")]
+    Draw { path: String, message: String },
+}
+
+/// Pixels of one panel; panels are laid out two per row.
+pub const PANEL: (u32, u32) = (640, 400);
+
+/// One run's curves, read from `DIR/metrics.jsonl`.
+#[derive(Debug, Clone)]
+pub struct RunCurves {
+    pub name: String,
+    pub epoch: Vec<f64>,
+    /// Seconds since the run started, at the end of each epoch.
+    pub wall: Vec<f64>,
+    pub val_nll: Vec<f64>,
+    pub val_bpd: Vec<f64>,
+    pub train_loss: Vec<f64>,
+    /// (epoch, value) where logged.
+    pub recon: Vec<(f64, f64)>,
+    pub lambda: Vec<(f64, f64)>,
+    pub angle: Vec<(f64, f64)>,
+}
+
+/// Read a run directory (or a `metrics.jsonl` file itself).
+pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
+    let file = if path.is_dir() {
+        path.join(crate::train::METRICS)
+    } else {
+        path.to_path_buf()
+    };
+    let bad = |message: String| PlotError::Input {
+        path: file.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let name = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(path)
+    }
+    .file_name()
+    .map(|n| n.to_string_lossy().to_string())
+    .unwrap_or_else(|| path.display().to_string());
+    let mut run = RunCurves {
+        name,
+        epoch: Vec::new(),
+        wall: Vec::new(),
+        val_nll: Vec::new(),
+        val_bpd: Vec::new(),
+        train_loss: Vec::new(),
+        recon: Vec::new(),
+        lambda: Vec::new(),
+        angle: Vec::new(),
+    };
+    let mut clock = 0.0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| bad(format!("line {}: not a JSON object: {e}", i + 1)))?;
+        let num = |key: &str| -> Result<f64, PlotError> {
+            v.get(key)
+                .and_then(serde_json::Value::as_f64)
+                .ok_or_else(|| bad(format!("line {}: no number `{key}`", i + 1)))
+        };
+        let epoch = num("epoch")?;
+        clock += num("seconds")?;
+        run.epoch.push(epoch);
+        run.wall.push(clock);
+        run.val_nll.push(num("val_nll_nats")?);
+        run.val_bpd.push(num("val_bits_per_dim")?);
+        run.train_loss.push(num("train_loss")?);
+        if let Some(r) = v.get("val_recon").and_then(serde_json::Value::as_f64) {
+            run.recon.push((epoch, r));
+        }
+        if let Some(l) = v.get("lambda").and_then(serde_json::Value::as_object) {
+            // The mean λ over the self-normalizing layers.
+            let vals: Vec<f64> = l.values().filter_map(serde_json::Value::as_f64).collect();
+            if !vals.is_empty() {
+                run.lambda
+                    .push((epoch, vals.iter().sum::<f64>() / vals.len() as f64));
+            }
+        }
+        if let Some(a) = v
+            .get("grad_angle_deg")
+            .and_then(|a| a.get("mean"))
+            .and_then(serde_json::Value::as_f64)
+        {
+            run.angle.push((epoch, a));
+        }
+    }
+    if run.epoch.is_empty() {
+        return Err(bad("has no epochs to plot".into()));
+    }
+    Ok(run)
+}
+
+/// One panel: a title, axis names and one (x, y) series per run.
+struct Panel {
+    title: &'static str,
+    x: &'static str,
+    y: &'static str,
+    series: Vec<Vec<(f64, f64)>>,
+    log_y: bool,
+}
+
+fn panels(runs: &[RunCurves]) -> Vec<Panel> {
+    let zip = |a: &[f64], b: &[f64]| a.iter().copied().zip(b.iter().copied()).collect::<Vec<_>>();
+    let mut out = vec![
+        Panel {
+            title: "Validation NLL",
+            x: "epoch",
+            y: "nats",
+            series: runs.iter().map(|r| zip(&r.epoch, &r.val_nll)).collect(),
+            log_y: false,
+        },
+        Panel {
+            title: "Validation NLL vs wall-clock time",
+            x: "seconds",
+            y: "nats",
+            series: runs.iter().map(|r| zip(&r.wall, &r.val_nll)).collect(),
+            log_y: false,
+        },
+        Panel {
+            title: "Validation NLL",
+            x: "epoch",
+            y: "bits/dim",
+            series: runs.iter().map(|r| zip(&r.epoch, &r.val_bpd)).collect(),
+            log_y: false,
+        },
+        Panel {
+            title: "Training loss",
+            x: "epoch",
+            y: "loss",
+            series: runs.iter().map(|r| zip(&r.epoch, &r.train_loss)).collect(),
+            log_y: false,
+        },
+    ];
+    let optional: [(
+        &'static str,
+        &'static str,
+        fn(&RunCurves) -> &Vec<(f64, f64)>,
+        bool,
+    ); 3] = [
+        (
+            "Reconstruction error (validation)",
+            "Σ‖RWh − h‖²",
+            |r| &r.recon,
+            true,
+        ),
+        ("GECO λ (mean over layers)", "λ", |r| &r.lambda, true),
+        (
+            "Gradient angle, SNF vs exact",
+            "degrees",
+            |r| &r.angle,
+            true,
+        ),
+    ];
+    for (title, y, get, log_y) in optional {
+        if runs.iter().any(|r| !get(r).is_empty()) {
+            out.push(Panel {
+                title,
+                x: "epoch",
+                y,
+                series: runs.iter().map(|r| get(r).clone()).collect(),
+                log_y,
+            });
+        }
+    }
+    out
+}
+
+/// The y range of a panel: from the smallest value to the largest after the first tenth of
+/// each series (the first epochs' NLL dwarfs the rest), padded by 5 %.
+fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
+    let finite = |v: f64| v.is_finite() && (!log_y || v > 0.0);
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.iter().map(|p| p.1))
+        .filter(|v| finite(*v))
+        .collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = series
+        .iter()
+        .flat_map(|s| s.iter().skip(s.len() / 10).map(|p| p.1))
+        .filter(|v| finite(*v))
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return None;
+    }
+    Some(if log_y {
+        let (a, b) = (lo.log10(), hi.log10().max(lo.log10() + 1e-3));
+        (
+            10f64.powf(a - 0.05 * (b - a)),
+            10f64.powf(b + 0.05 * (b - a)),
+        )
+    } else {
+        let pad = ((hi - lo) * 0.05).max(hi.abs().max(1e-12) * 1e-6);
+        (lo - pad, hi + pad)
+    })
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// The image size for `panels` panels.
+pub fn image_size(panels: usize) -> (u32, u32) {
+    (2 * PANEL.0, panels.div_ceil(2) as u32 * PANEL.1)
+}
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The embedded font always parses; a failure would only lose the text.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+/// Draw `runs` into a PNG at `out`; returns the image size.
+pub fn plot(runs: &[RunCurves], out: &Path) -> Result<(u32, u32), PlotError> {
+    register_font();
+    let draw_err = |e: String| PlotError::Draw {
+        path: out.display().to_string(),
+        message: e,
+    };
+    let panels = panels(runs);
+    let (w, h) = image_size(panels.len());
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let areas = root.split_evenly((panels.len().div_ceil(2), 2));
+        for (panel, area) in panels.iter().zip(&areas) {
+            draw_panel(panel, area, runs).map_err(|e| draw_err(e.to_string()))?;
+        }
+        root.present().map_err(|e| draw_err(e.to_string()))?;
+    }
+    let mut bytes = Vec::new();
+    let encoded = (|| -> Result<(), png::EncodingError> {
+        let mut enc = png::Encoder::new(&mut bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&rgb)?;
+        writer.finish()
+    })();
+    encoded.map_err(|e| draw_err(format!("PNG encoding failed: {e}")))?;
+    crate::atomic::write_atomically(out, &bytes).map_err(|e| PlotError::Draw {
+        path: e.path,
+        message: format!("cannot {}: {}", e.step, e.source),
+    })?;
+    Ok((w, h))
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn draw_panel(
+    panel: &Panel,
+    area: &Area,
+    runs: &[RunCurves],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let x_hi = panel
+        .series
+        .iter()
+        .flat_map(|s| s.iter().map(|p| p.0))
+        .fold(0.0f64, f64::max)
+        .max(1.0);
+    let x_lo = panel
+        .series
+        .iter()
+        .flat_map(|s| s.iter().map(|p| p.0))
+        .fold(f64::INFINITY, f64::min)
+        .min(x_hi - 1.0);
+    let Some((y_lo, y_hi)) = y_range(&panel.series, panel.log_y) else {
+        area.titled(panel.title, ("sans-serif", 18))?;
+        return Ok(());
+    };
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(panel.title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(70);
+    let series_of = |s: &Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        s.iter()
+            .copied()
+            .filter(|p| p.1.is_finite() && (!panel.log_y || p.1 > 0.0))
+            .collect()
+    };
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(panel.x)
+                .y_desc(panel.y)
+                .label_style(("sans-serif", 13))
+                .draw()?;
+            for (i, (s, run)) in panel.series.iter().zip(runs).enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let points = series_of(s);
+                if points.is_empty() {
+                    // Not logged by this run: no line and no legend entry.
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .label(run.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()?;
+        }};
+    }
+    if panel.log_y {
+        finish!(builder.build_cartesian_2d(x_lo..x_hi, (y_lo..y_hi).log_scale())?);
+    } else {
+        finish!(builder.build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?);
+    }
+    Ok(())
+}
+
+/// `snfc plot DIR…`: read every run and draw them.
+pub fn plot_runs(dirs: &[PathBuf], out: &Path) -> Result<(u32, u32), PlotError> {
+    if dirs.is_empty() {
+        return Err(PlotError::Input {
+            path: out.display().to_string(),
+            message: "no run directories to plot".into(),
+        });
+    }
+    let runs = dirs
+        .iter()
+        .map(|d| read_run(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    plot(&runs, out)
+}
