@@ -20,6 +20,15 @@ struct Cli {
     command: Command,
 }
 
+/// Which layer `bench --scaling` times.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum ScalingKind {
+    /// A D × D linear layer.
+    Fc,
+    /// A 3 × 3 convolution on C × S × S images.
+    Conv,
+}
+
 /// Where to run: `auto` picks CUDA, else a wgpu adapter that is a real GPU, else the host.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Device {
@@ -170,7 +179,24 @@ enum Command {
     },
     /// Time the training step: median step time, examples/s, GFLOP/s.
     Bench {
-        spec: PathBuf,
+        /// The spec to time (not with --scaling).
+        #[arg(required_unless_present = "scaling")]
+        spec: Option<PathBuf>,
+        /// Instead of a spec: time one self-normalizing layer against its exact counterpart
+        /// at each of --dims (batch 128, N(0, 1) data; the paper's Fig. 4), writing
+        /// scaling-KIND.json and a log-log scaling-KIND.png into --out.
+        #[arg(long, value_enum, conflicts_with = "spec")]
+        scaling: Option<ScalingKind>,
+        /// Input dimensions for --scaling (conv: C·S² with S of 32, 28, 16, 8 or 4).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "256,512,784,1024,2048,3072"
+        )]
+        dims: Vec<usize>,
+        /// Output directory for --scaling.
+        #[arg(short, long, default_value = "bench/scaling")]
+        out: PathBuf,
         #[arg(long, default_value_t = 30)]
         steps: usize,
         #[arg(long, default_value_t = 5)]
@@ -446,7 +472,72 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            spec,
+            scaling: Some(kind),
+            dims,
+            out,
+            steps,
+            warmup,
+            dtype,
+            device,
+            ..
+        } => {
+            let chosen = resolve_device(device)?;
+            if steps == 0 || dims.is_empty() {
+                bail!("--steps and --dims need at least one each");
+            }
+            let opts = snfc_runtime::bench::BenchOptions {
+                steps,
+                warmup,
+                level: OptLevel::Full,
+                profile: false,
+                device: chosen,
+                sampling: false,
+            };
+            let layer = match kind {
+                ScalingKind::Fc => snfc_runtime::bench::ScalingLayer::Fc,
+                ScalingKind::Conv => snfc_runtime::bench::ScalingLayer::Conv,
+            };
+            for &d in &dims {
+                snfc_runtime::bench::scaling_spec(layer, d, false).map_err(|e| anyhow!(e))?;
+            }
+            let name = format!("{kind:?}").to_lowercase();
+            println!(
+                "{:>6}  {:>14}  {:>12}  {:>12}  {:>7}",
+                "D", "shape", "SNF ms", "exact ms", "ratio"
+            );
+            let show = |r: &snfc_runtime::bench::ScalingRow| {
+                println!(
+                    "{:>6}  {:>14}  {:>12.3}  {:>12.3}  {:>6.2}×",
+                    r.dim,
+                    format!("{:?}", r.shape),
+                    r.snf_ms,
+                    r.exact_ms,
+                    r.ratio
+                )
+            };
+            let rows = match dtype {
+                Dtype::F32 => snfc_runtime::bench::scaling::<f32>(layer, &dims, &opts, show)?,
+                Dtype::F64 => snfc_runtime::bench::scaling::<f64>(layer, &dims, &opts, show)?,
+            };
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("{}: cannot create", out.display()))?;
+            let json = out.join(format!("scaling-{name}.json"));
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "layer": name, "batch": 128, "dtype": format!("{dtype:?}").to_lowercase(),
+                "steps": steps, "includes": snfc_runtime::bench::STEP_INCLUDES, "rows": rows
+            }))?;
+            snfc_runtime::atomic::write_atomically(&json, text.as_bytes())?;
+            let png = out.join(format!("scaling-{name}.png"));
+            snfc_runtime::plot::plot_scaling(
+                &rows,
+                &format!("One {name} layer: step time vs dimension (batch 128)"),
+                &png,
+            )?;
+            println!("wrote {} and {}", json.display(), png.display());
+            Ok(())
+        }
+        Command::Bench {
+            spec: Some(spec),
             steps,
             warmup,
             dtype,
@@ -454,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             json,
             device,
+            ..
         } => {
             let chosen = resolve_device(device)?;
             let spec = spec_from(&spec)?;
@@ -474,6 +566,7 @@ fn run(cli: Cli) -> Result<()> {
                     level: OptLevel::Full,
                     profile,
                     device: chosen.clone(),
+                    sampling: true,
                 };
                 let r = match dtype {
                     Dtype::F32 => snfc_runtime::bench::bench_step::<f32>(s, &opts)?,
@@ -500,6 +593,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench { spec: None, .. } => bail!("bench: give a SPEC or --scaling fc|conv"),
     }
 }
 

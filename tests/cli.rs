@@ -1807,3 +1807,62 @@ fn plot_draws_runs_into_a_png_of_the_expected_size() {
     let err = fails(snfc(["plot", p(&empty), "-o", p(&out)]));
     assert!(err.contains("line 1") && err.contains("seconds"), "{err}");
 }
+
+/// `bench --scaling` times one layer both ways per size and writes the JSON rows and a
+/// 640×400 log-log PNG; the ratio is exact / self-normalizing; a size a conv cannot take is
+/// refused before anything runs.
+#[test]
+fn bench_scaling_writes_rows_and_a_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scaling");
+    let text = ok(snfc([
+        "bench",
+        "--scaling",
+        "conv",
+        "--dims",
+        "64,128",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "host",
+        "-o",
+        p(&out),
+    ]));
+    assert!(text.contains("[2, 8, 8]"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("scaling-conv.json")).unwrap())
+            .unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (r, d) in rows.iter().zip([64, 128]) {
+        assert_eq!(r["dim"], d);
+        let (s, e) = (
+            r["snf_ms"].as_f64().unwrap(),
+            r["exact_ms"].as_f64().unwrap(),
+        );
+        assert!(s > 0.0 && e > 0.0);
+        assert!((r["ratio"].as_f64().unwrap() - e / s).abs() < 1e-9 * e / s);
+    }
+    assert!(json["includes"]
+        .as_str()
+        .unwrap()
+        .contains("loss read-back"));
+    let reader = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(out.join("scaling-conv.png")).unwrap(),
+    ))
+    .read_info()
+    .expect("a valid PNG");
+    assert_eq!((reader.info().width, reader.info().height), (640, 400));
+    let err = fails(snfc([
+        "bench",
+        "--scaling",
+        "conv",
+        "--dims",
+        "100",
+        "-o",
+        p(&out),
+    ]));
+    assert!(err.contains("100 is not C·S²"), "{err}");
+}

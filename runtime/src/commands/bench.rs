@@ -34,6 +34,8 @@ pub struct BenchResult {
     pub gflops: f64,
     pub gemm: usize,
     pub inverse: usize,
+    /// What each timed step did ([`STEP_INCLUDES`]).
+    pub includes: String,
     /// Kernel launches per step (after fusion).
     pub kernels: usize,
     /// Time per sample through the learned inverse and the exact one (host, f64).
@@ -59,7 +61,12 @@ pub struct BenchOptions {
     /// Time per op kind (host backend only).
     pub profile: bool,
     pub device: Chosen,
+    /// Also time sampling through the learned and the exact inverses.
+    pub sampling: bool,
 }
+
+/// What a timed step does: the same work as a step of `snfc train`.
+pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs),     forward and backward pass, loss read-back, Adam update of every parameter";
 
 /// Time `steps` whole training steps (the compiled graph: forward, loss and every gradient; then
 /// the Adam update of every parameter) after `warmup` untimed ones.
@@ -96,22 +103,35 @@ pub fn bench_step<T: Real + 'static>(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut x = vec![T::zero(); d * batch];
-    // 8-bit-like data in [0, 256).
-    fill_uniform(&mut rng, &mut x);
-    x.iter_mut()
-        .for_each(|v| *v = (*v * T::of_f64(256.0)).floor());
+    let dequantize = spec.input.preprocess == Preprocess::DequantizeLogit;
+    if dequantize {
+        // 8-bit-like data in [0, 256).
+        fill_uniform(&mut rng, &mut x);
+        x.iter_mut()
+            .for_each(|v| *v = (*v * T::of_f64(256.0)).floor());
+    } else {
+        // Continuous specs: N(0, 1) data, like the reference code's timing runs.
+        let normal = rand_distr::StandardNormal;
+        x.iter_mut()
+            .for_each(|v| *v = T::of_f64(rand::RngExt::sample::<f64, _>(&mut rng, normal)));
+    }
     let mut noise = vec![T::zero(); d * batch];
     fill_uniform(&mut rng, &mut noise);
-    backend.set(INPUT_X, &x)?;
-    if spec.input.preprocess == Preprocess::DequantizeLogit {
-        backend.set(INPUT_NOISE, &noise)?;
-    }
     let adam = &spec.train.optimizer.adam;
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         backend.sync()?;
         let t = Instant::now();
+        // A step as `train` runs it: upload the batch and fresh noise, run, read the loss
+        // back, update.
+        backend.set(INPUT_X, &x)?;
+        if dequantize {
+            fill_uniform(&mut rng, &mut noise);
+            backend.set(INPUT_NOISE, &noise)?;
+        }
         backend.run()?;
+        let loss = backend.output("loss")?.scalar().as_f64();
+        std::hint::black_box(loss);
         backend.adam_step(1e-4, adam.betas, adam.eps, 1.0)?;
         backend.sync()?;
         if i >= warmup {
@@ -152,7 +172,11 @@ pub fn bench_step<T: Real + 'static>(
             .map(|(k, t, n)| (k, t / steps as f64, n / steps))
             .collect();
     }
-    let sampling = sampling_time(spec, batch);
+    let sampling = if opts.sampling {
+        sampling_time(spec, batch)
+    } else {
+        None
+    };
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
     Ok(BenchResult {
@@ -170,6 +194,7 @@ pub fn bench_step<T: Real + 'static>(
         gflops: counts.flops / 1e9 / median,
         gemm: counts.gemm,
         inverse: counts.inverse,
+        includes: STEP_INCLUDES.to_string(),
         kernels: backend.kernels(),
         sampling,
         profile: profile_rows,
@@ -195,4 +220,89 @@ fn sampling_time(spec: &FlowSpec, n: usize) -> Option<SamplingTime> {
         learned_ms_per_sample: learned,
         exact_ms_per_sample: time(true)?,
     })
+}
+
+/// Which layer `snfc bench --scaling` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalingLayer {
+    /// A D × D linear layer on `[D]` inputs.
+    Fc,
+    /// A 3 × 3 conv on `[C, S, S]` images with C·S² = D.
+    Conv,
+}
+
+/// One size of the scaling benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingRow {
+    pub dim: usize,
+    pub shape: Vec<usize>,
+    pub snf_ms: f64,
+    pub exact_ms: f64,
+    /// exact / self-normalizing step time.
+    pub ratio: f64,
+}
+
+/// The image shape `[C, S, S]` for D values: the largest side S of 32, 28, 16, 8, 4 with
+/// S² dividing D.
+pub fn conv_shape(dim: usize) -> Option<Vec<usize>> {
+    [32, 28, 16, 8, 4]
+        .iter()
+        .find(|&&s| dim.is_multiple_of(s * s) && dim >= s * s)
+        .map(|&s| vec![dim / (s * s), s, s])
+}
+
+/// The one-layer spec the scaling benchmark times at `dim` (batch 128, N(0, 1) data).
+pub fn scaling_spec(layer: ScalingLayer, dim: usize, exact: bool) -> Result<FlowSpec, String> {
+    let (shape, layer_json) = match layer {
+        ScalingLayer::Fc => (vec![dim], r#"{"type": "linear"}"#),
+        ScalingLayer::Conv => (
+            conv_shape(dim).ok_or_else(|| {
+                format!("--scaling conv: {dim} is not C·S² for a side S of 32, 28, 16, 8 or 4")
+            })?,
+            r#"{"type": "conv", "kernel_size": 3}"#,
+        ),
+    };
+    let text = format!(
+        r#"{{"name": "scaling_{kind}_{dim}", "input": {{"shape": {shape:?}, "preprocess": "none"}},
+            "layers": [{layer_json}],
+            "objective": {{"gradient": "{gradient}", "lambda": 1.0}},
+            "train": {{"batch_size": 128}}}}"#,
+        kind = if layer == ScalingLayer::Fc {
+            "fc"
+        } else {
+            "conv"
+        },
+        gradient = if exact { "exact" } else { "self_normalizing" },
+    );
+    snfc_compiler::spec::parse_spec(&text).map_err(|e| e.to_string())
+}
+
+/// Time one self-normalizing layer against its exact counterpart at each of `dims`.
+pub fn scaling<T: Real + 'static>(
+    layer: ScalingLayer,
+    dims: &[usize],
+    opts: &BenchOptions,
+    mut progress: impl FnMut(&ScalingRow),
+) -> Result<Vec<ScalingRow>, ExecError> {
+    let mut rows = Vec::new();
+    for &dim in dims {
+        let spec_of = |exact| {
+            scaling_spec(layer, dim, exact).map_err(|message| ExecError::Device {
+                graph: "scaling".into(),
+                message,
+            })
+        };
+        let snf = bench_step::<T>(&spec_of(false)?, opts)?;
+        let exact = bench_step::<T>(&spec_of(true)?, opts)?;
+        let row = ScalingRow {
+            dim,
+            shape: spec_of(false)?.input.shape.clone(),
+            snf_ms: snf.median_step_ms,
+            exact_ms: exact.median_step_ms,
+            ratio: exact.median_step_ms / snf.median_step_ms,
+        };
+        progress(&row);
+        rows.push(row);
+    }
+    Ok(rows)
 }

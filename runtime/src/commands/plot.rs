@@ -365,3 +365,88 @@ pub fn plot_runs(dirs: &[PathBuf], out: &Path) -> Result<(u32, u32), PlotError> 
         .collect::<Result<Vec<_>, _>>()?;
     plot(&runs, out)
 }
+
+/// The scaling benchmark's log-log picture (the paper's Fig. 4): step time against input
+/// dimension, self-normalizing and exact.
+pub fn plot_scaling(
+    rows: &[crate::bench::ScalingRow],
+    title: &str,
+    out: &Path,
+) -> Result<(u32, u32), PlotError> {
+    register_font();
+    let draw_err = |e: String| PlotError::Draw {
+        path: out.display().to_string(),
+        message: e,
+    };
+    if rows.is_empty() {
+        return Err(draw_err("no sizes to plot".into()));
+    }
+    let (w, h) = PANEL;
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let draw = || -> Result<(), Box<dyn std::error::Error>> {
+            let xs = rows.iter().map(|r| r.dim as f64);
+            let (x_lo, x_hi) = (
+                xs.clone().fold(f64::INFINITY, f64::min) / 1.2,
+                xs.fold(0.0, f64::max) * 1.2,
+            );
+            let ys = rows.iter().flat_map(|r| [r.snf_ms, r.exact_ms]);
+            let (y_lo, y_hi) = (
+                ys.clone().fold(f64::INFINITY, f64::min) / 1.5,
+                ys.fold(0.0, f64::max) * 1.5,
+            );
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc("input dimension D")
+                .y_desc("ms per training step")
+                .label_style(("sans-serif", 13))
+                .draw()?;
+            let lines: [(&str, RGBColor, fn(&crate::bench::ScalingRow) -> f64); 2] = [
+                ("self-normalizing", COLORS[0], |r| r.snf_ms),
+                ("exact", COLORS[1], |r| r.exact_ms),
+            ];
+            for (name, color, get) in lines {
+                let pts: Vec<(f64, f64)> = rows.iter().map(|r| (r.dim as f64, get(r))).collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| draw_err(e.to_string()))?;
+    }
+    let mut bytes = Vec::new();
+    let encoded = (|| -> Result<(), png::EncodingError> {
+        let mut enc = png::Encoder::new(&mut bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&rgb)?;
+        writer.finish()
+    })();
+    encoded.map_err(|e| draw_err(format!("PNG encoding failed: {e}")))?;
+    crate::atomic::write_atomically(out, &bytes).map_err(|e| PlotError::Draw {
+        path: e.path,
+        message: format!("cannot {}: {}", e.step, e.source),
+    })?;
+    Ok((w, h))
+}
