@@ -59,6 +59,7 @@ enum Dtype {
 enum Command {
     /// Compile a spec and print or write what was compiled.
     Compile {
+        /// The flow spec (JSON) to compile.
         spec: PathBuf,
         /// Comma-separated: ir (exact training graph), ir-opt (the rewritten step), stats (JSON),
         /// plan (plan.json, which `snfc train` runs), plan-text (the plan, one line per kernel),
@@ -76,7 +77,9 @@ enum Command {
     /// Train a spec (or a compiled plan.json); writes OUT/metrics.jsonl and
     /// OUT/checkpoint.safetensors (best validation epoch).
     Train {
+        /// The flow spec (JSON), or a plan.json from `snfc compile --emit plan`.
         spec: PathBuf,
+        /// Epochs to train (default: the spec's /train/epochs); with --resume, the new target.
         #[arg(long)]
         epochs: Option<usize>,
         /// Output directory (default runs/<spec name>).
@@ -88,10 +91,13 @@ enum Command {
         /// Stop after this many optimizer steps.
         #[arg(long)]
         steps: Option<usize>,
+        /// Seed of the initialization, data order and noise (default: the spec's /train/seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Where the step runs: auto picks CUDA, else a real GPU through wgpu, else the host.
         #[arg(long, value_enum, default_value = "auto")]
         device: Device,
+        /// Precision of the step (the GPU backends run f32 only).
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
         /// Start over in an output directory that holds an earlier run; its checkpoints and
@@ -117,6 +123,7 @@ enum Command {
     },
     /// Exact negative log-likelihood of a checkpoint on the test split.
     Eval {
+        /// A checkpoint (.safetensors) written by `snfc train`.
         checkpoint: PathBuf,
         /// MNIST or CIFAR-10 directory, or a .npy file (evaluated whole); default: the embedded test split.
         #[arg(long)]
@@ -127,14 +134,18 @@ enum Command {
         /// Which split of an MNIST data set: test or valid.
         #[arg(long, default_value = "test")]
         split: String,
+        /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Evaluation runs on the host in f64 (exact log-determinants by LU).
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
     /// Draw samples: z ~ N(0, I) through the learned inverse (or the exact one).
     Sample {
+        /// A checkpoint (.safetensors) written by `snfc train`.
         checkpoint: PathBuf,
+        /// Number of samples.
         #[arg(short, default_value_t = 64)]
         n: usize,
         /// Output: .png grid for image specs, .npy otherwise (or when the name ends in .npy).
@@ -143,26 +154,33 @@ enum Command {
         /// Invert with W⁻¹ (LU) instead of the learned R.
         #[arg(long)]
         exact_inverse: bool,
+        /// Seed of the latent draw.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Draw the latent from N(0, T²): T < 1 gives smoother, less varied samples.
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
+        /// Override the spec stored in the checkpoint.
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// Sampling runs on the host in f64.
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
     /// One step's gradients for given parameters and batch, as safetensors.
     Grad {
+        /// The flow spec (JSON) whose step to run.
         spec: PathBuf,
+        /// Parameters (.safetensors, e.g. a checkpoint) with the names the spec implies.
         #[arg(long)]
         params: PathBuf,
         /// Batch as .npy, shape [B, D...] (one example per row).
         #[arg(long)]
         input: PathBuf,
+        /// Where to write the gradients, loss, nll and recon (.safetensors).
         #[arg(short, long)]
         out: PathBuf,
+        /// Precision of the step.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
         /// Seed of the dequantization noise (8-bit specs).
@@ -174,6 +192,7 @@ enum Command {
         /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
+        /// Where the step runs.
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
@@ -197,10 +216,13 @@ enum Command {
         /// Output directory for --scaling.
         #[arg(short, long, default_value = "bench/scaling")]
         out: PathBuf,
+        /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 30)]
         steps: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 5)]
         warmup: usize,
+        /// Precision of the step.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
         /// Also time the exact-gradient version of the spec.
@@ -209,8 +231,10 @@ enum Command {
         /// Print where a step's time goes, per op kind.
         #[arg(long)]
         profile: bool,
+        /// Print each result as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Where the step runs.
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
@@ -807,4 +831,29 @@ fn compile(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument of it says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(sub.get_name().to_string());
+            }
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{} {id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }
