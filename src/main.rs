@@ -192,6 +192,10 @@ enum Command {
         /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
+        /// The exact gradient of the same objective: every rewrite off, W⁻ᵀ from an LU where
+        /// the self-normalizing step uses Rᵀ (what `train --angle-every` compares against).
+        #[arg(long, conflicts_with = "no_fusion")]
+        exact: bool,
         /// Where the step runs.
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
@@ -472,6 +476,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             noise,
             no_fusion,
+            exact,
             device,
         } => {
             let chosen = resolve_device(device)?;
@@ -483,7 +488,11 @@ fn run(cli: Cli) -> Result<()> {
                 noise: noise.as_deref(),
                 out: &out,
                 seed,
-                level: level(no_fusion),
+                level: if exact {
+                    OptLevel::None
+                } else {
+                    level(no_fusion)
+                },
             };
             match dtype {
                 Dtype::F32 => grad::<f32>(&spec, &args),

@@ -1597,8 +1597,10 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 // ---------------------------------------------------------------------------------------------
 
 /// The angle the library measures (`snfc_runtime::angle`, what `train --angle-every` logs)
-/// equals the angle between `snfc grad` of the self-normalizing spec and `snfc grad` of its
-/// exact twin, on a fixed batch and noise, per layer over W and b.
+/// equals the angle between `snfc grad` and `snfc grad --exact` (every rewrite off) of the
+/// self-normalizing spec, on a fixed batch and noise, per layer over W and b; and `grad --exact`
+/// of the self-normalizing spec differs from `grad` of the exact-gradient spec, whose objective
+/// has no reconstruction term.
 #[test]
 fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
     use snfc_runtime::angle::{angle_degrees, AngleProbe};
@@ -1625,9 +1627,9 @@ fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
         .collect();
     let input = dir.path().join("x.npy");
     snfc_runtime::npy::write_npy_f64(&input, &[batch, 784], &rows).unwrap();
-    let grads = |spec_file: &str, out: &str| {
+    let grads = |spec_file: &str, out: &str, exact: bool| {
         let out = dir.path().join(out);
-        ok(snfc([
+        let mut args = vec![
             "grad",
             spec_file,
             "--params",
@@ -1640,11 +1642,25 @@ fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
             "f64",
             "--out",
             p(&out),
-        ]));
+        ];
+        if exact {
+            args.push("--exact");
+        }
+        ok(snfc(args));
         read_safetensors(&out).tensors
     };
-    let snf = grads("specs/mnist_fc2.json", "snf.safetensors");
-    let exact = grads("specs/mnist_fc2_exact.json", "exact.safetensors");
+    let snf = grads("specs/mnist_fc2.json", "snf.safetensors", false);
+    let exact = grads("specs/mnist_fc2.json", "exact.safetensors", true);
+    let exact_spec = grads(
+        "specs/mnist_fc2_exact.json",
+        "exact_spec.safetensors",
+        false,
+    );
+    let w = "layers.0.weight";
+    assert!(
+        exact[w].2.iter().zip(&exact_spec[w].2).any(|(a, b)| (a - b).abs() > 1e-9),
+        "grad --exact is the exact gradient of the self-normalizing objective, not the exact spec's"
+    );
     let from_grad_files = |layer: usize| {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for n in ["weight", "bias"] {
@@ -1713,6 +1729,20 @@ fn gradient_angle_matches_the_angle_between_snfc_grad_outputs() {
         (mean - layer_mean).abs() < 1e-9 && mean > 0.0 && mean < 90.0,
         "{a}"
     );
+    // grad --exact and --no-fusion are two different things.
+    let err = fails(snfc([
+        "grad",
+        "specs/mnist_fc2.json",
+        "--exact",
+        "--no-fusion",
+        "--params",
+        p(&params),
+        "--input",
+        p(&input),
+        "-o",
+        p(&dir.path().join("x.safetensors")),
+    ]));
+    assert!(err.contains("cannot be used with"), "{err}");
     // An exact spec has nothing to compare.
     let err = fails(snfc([
         "train",

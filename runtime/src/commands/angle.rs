@@ -1,7 +1,7 @@
 //! The angle between the self-normalizing gradient and the exact one (the paper's Fig. 3): at
-//! the same parameters and batch, the step of the spec as written and the step of the same spec
-//! with `"gradient": "exact"` (W⁻ᵀ from an LU instead of Rᵀ, no reconstruction term), per
-//! self-normalizing layer over the parameters both steps train (W and b).
+//! the same parameters and batch, the gradient of the spec's objective as the optimized step
+//! computes it (Rᵀ in place of W⁻ᵀ) and the exact gradient of the same objective (the training
+//! graph before any rewrite: W⁻ᵀ from an LU), per self-normalizing layer over W and b.
 
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::Real;
@@ -44,16 +44,14 @@ impl AngleProbe {
         if spec.objective.gradient != GradientMode::SelfNormalizing {
             return Ok(None);
         }
-        let mut exact_spec = spec.clone();
-        exact_spec.objective.gradient = GradientMode::Exact;
-        let exact_params = parameters(&exact_spec);
+        let params = parameters(spec);
         let mut layers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let inverse_layers: Vec<usize> = parameters(spec)
+        let inverse_layers: Vec<usize> = params
             .iter()
             .filter(|p| p.kind == ParamKind::WeightInv)
             .map(|p| p.layer)
             .collect();
-        for p in &exact_params {
+        for p in &params {
             if inverse_layers.contains(&p.layer)
                 && matches!(p.kind, ParamKind::Weight | ParamKind::Bias)
             {
@@ -66,12 +64,12 @@ impl AngleProbe {
         if layers.is_empty() {
             return Ok(None);
         }
-        let level = OptLevel::Full;
-        let snf = compile_train(spec, batch, level)?.step;
-        let exact = compile_train(&exact_spec, batch, level)?.step;
+        let snf = compile_train(spec, batch, OptLevel::Full)?.step;
+        // No rewrite at all: the exact gradient, inverses included.
+        let exact = compile_train(spec, batch, OptLevel::None)?.step;
         Ok(Some(AngleProbe {
-            snf: Program::from_plan(Plan::for_level(&snf, level)),
-            exact: Program::from_plan(Plan::for_level(&exact, level)),
+            snf: Program::from_plan(Plan::for_level(&snf, OptLevel::Full)),
+            exact: Program::from_plan(Plan::for_level(&exact, OptLevel::None)),
             layers,
         }))
     }
