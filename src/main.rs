@@ -117,6 +117,11 @@ enum Command {
         /// Run the graph with only the substitution rules: no algebraic optimization, no fusion.
         #[arg(long)]
         no_fusion: bool,
+        /// Train the same objective with its exact gradient (every rewrite off: W⁻ᵀ from an
+        /// LU each step, O(D³)): the control that separates the self-normalizing
+        /// approximation from the objective itself.
+        #[arg(long, conflicts_with = "no_fusion")]
+        exact: bool,
         /// No progress bar or per-epoch lines.
         #[arg(long, short)]
         quiet: bool,
@@ -349,12 +354,13 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             angle_every,
             no_fusion,
+            exact,
             quiet,
         } => {
             let chosen = resolve_device(device)?;
             let (spec, plan) = spec_or_plan(&spec)?;
-            if plan.is_some() && no_fusion {
-                bail!("--no-fusion: the plan was compiled already; compile the spec without fusion instead");
+            if plan.is_some() && (no_fusion || exact) {
+                bail!("--no-fusion/--exact: the plan was compiled already; train the spec instead");
             }
             let data = load_data(data.as_deref())?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
@@ -363,10 +369,13 @@ fn run(cli: Cli) -> Result<()> {
                 epochs,
                 steps,
                 seed,
-                level: plan
-                    .as_ref()
-                    .and_then(|p| level_of(&p.opt_level))
-                    .unwrap_or(level(no_fusion)),
+                level: if exact {
+                    OptLevel::None
+                } else {
+                    plan.as_ref()
+                        .and_then(|p| level_of(&p.opt_level))
+                        .unwrap_or(level(no_fusion))
+                },
                 progress: !quiet,
                 force,
                 resume,

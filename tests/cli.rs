@@ -1896,3 +1896,59 @@ fn bench_scaling_writes_rows_and_a_picture() {
     ]));
     assert!(err.contains("100 is not C·S²"), "{err}");
 }
+
+/// `train --exact` trains the same objective with its exact gradient: one step from the same
+/// initialization reports the same loss as the self-normalizing step up to the substitution
+/// R⁻¹ ≈ W in the reported value (same objective, same batch; 7e-5 apart here), but moves the
+/// weights differently (different gradient).
+#[test]
+fn train_exact_follows_the_same_objective_with_the_exact_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, exact: bool| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "train",
+            "specs/mnist_fc2.json",
+            "--steps",
+            "1",
+            "--epochs",
+            "1",
+            "--dtype",
+            "f64",
+            "--device",
+            "host",
+            "-q",
+            "--out",
+            p(&out),
+        ];
+        if exact {
+            args.push("--exact");
+        }
+        ok(snfc(args));
+        let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+        let ckpt = read_safetensors(&out.join("checkpoint.safetensors"));
+        (
+            line["train_loss"].as_f64().unwrap(),
+            ckpt.tensors["layers.0.weight"].2.clone(),
+        )
+    };
+    let (snf_loss, snf_w) = run("snf", false);
+    let (exact_loss, exact_w) = run("exact", true);
+    assert!(
+        (snf_loss - exact_loss).abs() <= 1e-3 * snf_loss.abs(),
+        "{snf_loss} vs {exact_loss}"
+    );
+    assert_ne!(snf_loss, exact_loss, "the exact step computes R⁻¹ itself");
+    assert!(
+        snf_w.iter().zip(&exact_w).any(|(a, b)| a != b),
+        "the gradients differ"
+    );
+    let err = fails(snfc([
+        "train",
+        "specs/mnist_fc2.json",
+        "--exact",
+        "--no-fusion",
+    ]));
+    assert!(err.contains("cannot be used with"), "{err}");
+}
