@@ -605,6 +605,32 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
         TOL,
         &format!("loss after {steps} Adam steps"),
     );
+    // Adam's state as a resumed run reads it back: the same step count and moments.
+    let (hs, ds) = (
+        host.adam_state().expect("state"),
+        dev.adam_state().expect("state"),
+    );
+    assert_eq!((hs.t, hs.moments.len()), (ds.t, ds.moments.len()));
+    for (name, (m, v)) in &hs.moments {
+        let (dm, dv) = &ds.moments[name];
+        close(dm, m, 1e-3, &format!("Adam m of {name}"));
+        close(dv, v, 1e-3, &format!("Adam v of {name}"));
+    }
+    // The divergence guard: finite gradients pass; a NaN in the batch is reported by both.
+    assert_eq!(host.first_nonfinite_grad().expect("check"), None);
+    assert_eq!(dev.first_nonfinite_grad().expect("check"), None);
+    let mut x = feeds["x"].to_vec();
+    x[0] = f64::NAN;
+    host.set("x", &x).expect("set");
+    dev.set("x", &x.iter().map(|v| *v as f32).collect::<Vec<_>>())
+        .expect("set");
+    host.run().expect("run");
+    dev.run().expect("run");
+    assert!(host.first_nonfinite_grad().expect("check").is_some());
+    assert!(
+        dev.first_nonfinite_grad().expect("check").is_some(),
+        "{device}"
+    );
     for name in Model::<f64>::init(s, 0).values.keys() {
         let start = &feeds[name];
         let want: Vec<f64> = host

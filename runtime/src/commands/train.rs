@@ -811,9 +811,6 @@ pub fn train<T: Real + 'static>(
     let mut noise = vec![T::zero(); d * batch];
     let mut records = Vec::new();
     let max_steps = opts.steps.unwrap_or(usize::MAX);
-    // On the host every gradient is checked for non-finite values each step (a scan of memory
-    // the step just wrote); a GPU checks only the loss, which the next step's loss catches.
-    let check_grads = backend.device() == "host";
     let probe = match opts.angle_every {
         Some(0) => {
             return Err(TrainError::Setup(
@@ -908,12 +905,12 @@ pub fn train<T: Real + 'static>(
                 let what = format!("the loss is {loss}");
                 return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
             }
-            if check_grads {
-                if let Some(name) = backend.first_nonfinite_grad()? {
-                    bar.finish_and_clear();
-                    let what = format!("the gradient of `{name}` has a non-finite value");
-                    return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
-                }
+            // Every step's gradients are checked (host: a scan of memory the step just wrote;
+            // GPU: a device-side sum of squares per gradient, partials read back).
+            if let Some(name) = backend.first_nonfinite_grad()? {
+                bar.finish_and_clear();
+                let what = format!("the gradient of `{name}` has a non-finite value");
+                return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
             }
             loss_sum += loss;
             if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {

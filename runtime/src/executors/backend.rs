@@ -36,8 +36,8 @@ pub trait Backend<T: Real> {
     fn adam_state(&mut self) -> Result<AdamState<T>, ExecError>;
     /// Continue from a saved Adam state (a resumed run).
     fn set_adam_state(&mut self, state: &AdamState<T>) -> Result<(), ExecError>;
-    /// The global norm ‖g‖₂ over every `grad.<name>` output of the last run (on a GPU the
-    /// gradients are read back, so it costs a transfer: only for clipping).
+    /// The global norm ‖g‖₂ over every `grad.<name>` output of the last run (on a GPU reduced
+    /// on the device; one partial sum per 256 values is read back).
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
         Ok(self
             .outputs()?
@@ -48,7 +48,7 @@ pub trait Backend<T: Real> {
             .sqrt())
     }
     /// The first parameter whose gradient in the last run has a NaN or infinite value (the
-    /// divergence guard; on a GPU the gradients are read back).
+    /// divergence guard; on a GPU from the device-side sums of squares).
     fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
         Ok(self
             .outputs()?
@@ -211,6 +211,20 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
         grad_scale: f64,
     ) -> Result<(), ExecError> {
         self.0.adam_step(lr, betas, eps, grad_scale)
+    }
+    fn grad_norm(&mut self) -> Result<f64, ExecError> {
+        let sums = self.0.grad_sum_squares()?;
+        Ok(sums.iter().map(|(_, s)| s).sum::<f64>().sqrt())
+    }
+    fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
+        // Σ g² is non-finite when any value is (or when a value's square overflows f32, a
+        // gradient beyond 1.8e19: diverging as well).
+        Ok(self
+            .0
+            .grad_sum_squares()?
+            .into_iter()
+            .find(|(_, s)| !s.is_finite())
+            .map(|(n, _)| n))
     }
     fn adam_state(&mut self) -> Result<AdamState<f32>, ExecError> {
         self.0.adam_state()

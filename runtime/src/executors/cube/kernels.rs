@@ -189,6 +189,29 @@ pub fn sum_partials(partials: &Array<f32>, out: &mut Array<f32>, #[comptime] n: 
     }
 }
 
+/// `partials[u] = Σ g[k]²` over the unit's chunk `k ∈ [u·chunk, (u+1)·chunk) ∩ [0, n)`: the
+/// first pass of a gradient's squared norm (a NaN or ∞ anywhere makes its partial non-finite).
+#[cube(launch)]
+pub fn sum_squares_partials(
+    g: &Array<f32>,
+    partials: &mut Array<f32>,
+    #[comptime] n: usize,
+    #[comptime] chunk: usize,
+) {
+    let start = ABSOLUTE_POS * chunk;
+    if start < n {
+        let mut acc = 0.0f32;
+        for j in 0..chunk {
+            let k = start + j;
+            if k < n {
+                let v = g[k];
+                acc += v * v;
+            }
+        }
+        partials[ABSOLUTE_POS] = acc;
+    }
+}
+
 /// A GEMM specialization: logical `A` is `m × k`, `B` is `k × n`; a `*_t` flag means the
 /// buffer holds the row-major transpose (a view, no copy was made).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]

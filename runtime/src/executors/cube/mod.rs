@@ -622,6 +622,49 @@ impl<R: Runtime> GpuProgram<R> {
         Ok(())
     }
 
+    /// Σ g² of every `grad.<name>` output of the last run, per parameter name, reduced on the
+    /// device to one partial per 256 values; only the partials are read back (summed in f64).
+    pub fn grad_sum_squares(&mut self) -> Result<Vec<(String, f64)>, ExecError> {
+        const CHUNK: usize = 256;
+        let grads: Vec<(String, usize)> = self
+            .plan
+            .outputs
+            .iter()
+            .filter_map(|(n, s)| n.strip_prefix("grad.").map(|p| (p.to_string(), *s)))
+            .collect();
+        let mut pending = Vec::with_capacity(grads.len());
+        for (name, slot) in grads {
+            let n = numel(&self.plan.instrs[slot].shape);
+            let units = n.div_ceil(CHUNK).max(1);
+            let partials = self.client.empty(units * 4);
+            if n > 0 {
+                let g = self.handle(Buf::Slot(slot))?;
+                let (count, dim) = grid_1d(units);
+                kernels::sum_squares_partials::launch::<R>(
+                    &self.client,
+                    count,
+                    dim,
+                    unsafe { ArrayArg::from_raw_parts(g, n) },
+                    unsafe { ArrayArg::from_raw_parts(partials.clone(), units) },
+                    n,
+                    CHUNK,
+                );
+            }
+            pending.push((name, partials, units, n));
+        }
+        pending
+            .into_iter()
+            .map(|(name, h, units, n)| {
+                let sum = if n == 0 {
+                    0.0
+                } else {
+                    self.read_handle(h, units)?.iter().map(|&v| v as f64).sum()
+                };
+                Ok((name, sum))
+            })
+            .collect()
+    }
+
     /// Adam's step count and moments, read back from the device.
     pub fn adam_state(&self) -> Result<AdamState<f32>, ExecError> {
         let mut moments = BTreeMap::new();
