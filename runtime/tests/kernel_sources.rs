@@ -83,7 +83,14 @@ fn cuda_and_wgsl_sources_of_the_cnn_plans() {
             .iter()
             .map(|k| k.name.split_once('_').map_or("", |(_, kind)| kind))
             .collect();
-        for kind in ["gather", "conv2d", "conv_kernel_grad", "spline", "fused"] {
+        // Convolutions are implicit GEMMs (the im2col matrix gathered tile by tile).
+        for kind in [
+            "gather",
+            "conv2d_gemm",
+            "conv_kernel_grad",
+            "spline",
+            "fused",
+        ] {
             assert!(
                 kinds.contains(kind),
                 "{}: no {kind} kernel in {kinds:?}",

@@ -109,6 +109,14 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
     Ok(run)
 }
 
+/// A panel drawn only when some run logged it: title, y axis, the series, log scale.
+type OptionalPanel = (
+    &'static str,
+    &'static str,
+    fn(&RunCurves) -> &Vec<(f64, f64)>,
+    bool,
+);
+
 /// One panel: a title, axis names and one (x, y) series per run.
 struct Panel {
     title: &'static str,
@@ -150,12 +158,7 @@ fn panels(runs: &[RunCurves]) -> Vec<Panel> {
             log_y: false,
         },
     ];
-    let optional: [(
-        &'static str,
-        &'static str,
-        fn(&RunCurves) -> &Vec<(f64, f64)>,
-        bool,
-    ); 3] = [
+    let optional: [OptionalPanel; 3] = [
         (
             "Reconstruction error (validation)",
             "Σ‖RWh − h‖²",
@@ -408,7 +411,8 @@ pub fn plot_scaling(
                 .y_desc("ms per training step")
                 .label_style(("sans-serif", 13))
                 .draw()?;
-            let lines: [(&str, RGBColor, fn(&crate::bench::ScalingRow) -> f64); 2] = [
+            type Line = (&'static str, RGBColor, fn(&crate::bench::ScalingRow) -> f64);
+            let lines: [Line; 2] = [
                 ("self-normalizing", COLORS[0], |r| r.snf_ms),
                 ("exact", COLORS[1], |r| r.exact_ms),
             ];

@@ -227,6 +227,42 @@ pub struct GemmConfig {
     /// straight from memory — faster on CPU adapters (lavapipe), where workgroup barriers are
     /// emulated and caches do the staging.
     pub staged: bool,
+    /// An implicit-GEMM convolution: `B` is not stored but gathered from the image (the
+    /// im2col matrix, never materialized); `None` for a plain GEMM.
+    pub im2col: Option<Im2col>,
+}
+
+/// The image behind an implicit GEMM's `B`: `x` is `[ci, h, w, b]` (batch last) and
+/// `B[(i·k + u)·k + v, (y·w + x)·b + bb] = x[i, y + u − k/2, x + v − k/2, bb]`, zero outside
+/// the image ("same" zero padding). With the kernel `[co, ci, k, k]` as `A` (`m = co`,
+/// `k = ci·k²`, `n = h·w·b`), `A·B` is the convolution `[co, h, w, b]`.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Im2col {
+    pub ci: usize,
+    pub h: usize,
+    pub w: usize,
+    pub b: usize,
+    pub k: usize,
+}
+
+/// One element of an implicit GEMM's `B` (see [`Im2col`]); `gk < ci·k²` and `gj < h·w·b`.
+#[cube]
+fn im2col_value<F: Float>(x: &Array<F>, gk: usize, gj: usize, #[comptime] c: Im2col) -> F {
+    let (h, w, bs, k) = comptime![(c.h, c.w, c.b, c.k)];
+    let p = comptime![c.k / 2];
+    let i = gk / (k * k);
+    let u = gk / k % k;
+    let v = gk % k;
+    let bb = gj % bs;
+    let xx = gj / bs % w;
+    let y = gj / (bs * w);
+    let sy = y + u;
+    let sx = xx + v;
+    let mut value = F::new(0.0);
+    if sy >= p && sy < h + p && sx >= p && sx < w + p {
+        value = x[((i * h + sy - p) * w + sx - p) * bs + bb];
+    }
+    value
 }
 
 /// Output tile of one cube (`TILE × TILE`), computed by `UNITS × UNITS` units holding
@@ -293,7 +329,14 @@ fn gemm_body<F: Float>(
                 av[r] = x;
                 let mut y = F::new(0.0);
                 if j < n {
-                    if comptime![g.b_t] {
+                    if comptime![g.im2col.is_some()] {
+                        y = im2col_value::<F>(
+                            b,
+                            p,
+                            j,
+                            comptime![g.im2col.clone().unwrap_or_default()],
+                        );
+                    } else if comptime![g.b_t] {
                         y = b[j * k + p];
                     } else {
                         y = b[p * n + j];
@@ -342,7 +385,14 @@ fn gemm_body<F: Float>(
             let (gk, gj) = (p + kk, col0 + j);
             let mut w = F::new(0.0);
             if gk < k && gj < n {
-                if comptime![g.b_t] {
+                if comptime![g.im2col.is_some()] {
+                    w = im2col_value::<F>(
+                        b,
+                        gk,
+                        gj,
+                        comptime![g.im2col.clone().unwrap_or_default()],
+                    );
+                } else if comptime![g.b_t] {
                     w = b[gj * k + gk];
                 } else {
                     w = b[gk * n + gj];

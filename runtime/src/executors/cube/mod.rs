@@ -64,12 +64,6 @@ enum Launch {
         input: Buf,
         out: Buf,
     },
-    Conv2d {
-        config: ConvConfig,
-        x: Buf,
-        kernel: Buf,
-        out: Buf,
-    },
     /// Partial sums of a kernel gradient (a row sum follows).
     KernelGradPartials {
         config: ConvConfig,
@@ -359,15 +353,20 @@ impl<R: Runtime> GpuProgram<R> {
                     } else {
                         config.m * config.k
                     };
+                    let b_len = match &config.im2col {
+                        Some(c) => c.ci * c.h * c.w * c.b,
+                        None => config.k * config.n,
+                    };
                     // SAFETY: every access is guarded by the matrix bounds (i < m, j < n,
-                    // p + kk < k) and the arrays have exactly the lengths given here.
+                    // p + kk < k; an im2col gather also by the image bounds) and the arrays
+                    // have exactly the lengths given here.
                     unsafe {
                         kernels::gemm::launch_unchecked::<R>(
                             &self.client,
                             count,
                             CubeDim::new_2d(units, units),
                             ArrayArg::from_raw_parts(a, config.m * config.k),
-                            ArrayArg::from_raw_parts(b, config.k * config.n),
+                            ArrayArg::from_raw_parts(b, b_len),
                             ArrayArg::from_raw_parts(c, c_len),
                             ArrayArg::from_raw_parts(o, config.m * config.n),
                             config.clone(),
@@ -393,25 +392,6 @@ impl<R: Runtime> GpuProgram<R> {
                         unsafe { ArrayArg::from_raw_parts(ptr, config.outputs + 1) },
                         unsafe { ArrayArg::from_raw_parts(idx, n_idx) },
                         unsafe { ArrayArg::from_raw_parts(weight, n_idx) },
-                        unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
-                        config.clone(),
-                    );
-                }
-                Launch::Conv2d {
-                    config,
-                    x,
-                    kernel,
-                    out,
-                } => {
-                    let (count, dim) = grid_1d(config.co * config.h * config.w * config.b);
-                    kernels_t::conv2d::launch::<R>(
-                        &self.client,
-                        count,
-                        dim,
-                        unsafe { ArrayArg::from_raw_parts(self.handle(*x)?, self.len_of(*x)) },
-                        unsafe {
-                            ArrayArg::from_raw_parts(self.handle(*kernel)?, self.len_of(*kernel))
-                        },
                         unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
                         config.clone(),
                     );
@@ -765,7 +745,6 @@ impl<R: Runtime> GpuProgram<R> {
                 Launch::Gemm { config, .. } => Some(source::KernelSpec::Gemm(config)),
                 Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
                 Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
-                Launch::Conv2d { config, .. } => Some(source::KernelSpec::Conv2d(config)),
                 Launch::KernelGradPartials { config, .. } => {
                     Some(source::KernelSpec::KernelGradPartials(config))
                 }
@@ -888,6 +867,7 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                         .epilogue
                         .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
                     staged,
+                    im2col: None,
                 };
                 low.launches.push(Launch::Gemm {
                     config,
@@ -930,10 +910,27 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                     low.contiguous(plan, ins.args[0]),
                     low.contiguous(plan, ins.args[1]),
                 );
-                low.launches.push(Launch::Conv2d {
-                    config,
-                    x,
-                    kernel,
+                // An implicit GEMM: kernel [co, ci·k²] times the im2col view of x, gathered
+                // tile by tile and never stored.
+                let gemm = GemmConfig {
+                    m: config.co,
+                    n: config.h * config.w * config.b,
+                    k: config.ci * config.k * config.k,
+                    a_t: false,
+                    b_t: false,
+                    epilogue: None,
+                    staged,
+                    im2col: Some(kernels::Im2col {
+                        ci: config.ci,
+                        h: config.h,
+                        w: config.w,
+                        b: config.b,
+                        k: config.k,
+                    }),
+                };
+                low.launches.push(Launch::Gemm {
+                    config: gemm,
+                    args: vec![kernel, x],
                     out: Buf::Slot(i),
                 });
             }
@@ -1070,6 +1067,13 @@ fn launch_kind(l: &Launch) -> String {
             program.ops.len()
         ),
         Launch::SumPartials { n, .. } => format!("sum of {n} partials"),
+        Launch::Gemm { config: g, .. } if g.im2col.is_some() => {
+            let c = g.im2col.clone().unwrap_or_default();
+            format!(
+                "conv2d as implicit gemm {}->{} {}x{} k{} b{}",
+                c.ci, g.m, c.h, c.w, c.k, c.b
+            )
+        }
         Launch::Gemm { config: g, .. } => format!(
             "gemm{} {}x{}x{} ({}{})",
             if g.epilogue.is_some() { "+acc" } else { "" },
@@ -1083,10 +1087,6 @@ fn launch_kind(l: &Launch) -> String {
             "gather{} [{}]",
             if config.weighted { " weighted" } else { "" },
             config.outputs
-        ),
-        Launch::Conv2d { config: c, .. } => format!(
-            "conv2d {}->{} {}x{} k{} b{}",
-            c.ci, c.co, c.h, c.w, c.k, c.b
         ),
         Launch::KernelGradPartials { config: c, .. } => format!(
             "conv kernel grad {}->{} {}x{} k{} ({} slices)",

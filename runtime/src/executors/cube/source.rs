@@ -132,20 +132,15 @@ pub fn gather(g: &GatherConfig, target: Target) -> Result<String, String> {
     compile(b.build(settings("gather")), target)
 }
 
-/// The source of one convolution (or, `partials`, kernel-gradient partial sums).
-pub fn conv(c: &ConvConfig, partials: bool, target: Target) -> Result<String, String> {
+/// The source of one conv kernel-gradient partial-sum launch.
+pub fn conv_kernel_grad(c: &ConvConfig, target: Target) -> Result<String, String> {
     let mut b = builder(target);
     let mut a = array_args(&mut b, 2).into_iter();
     let (x, y) = (a.next().expect("two"), a.next().expect("two"));
     let arg = ArrayCompilationArg { inplace: None };
     let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    if partials {
-        tensor_kernels::conv_kernel_grad_partials::expand(&mut b.scope, x, y, out, c.clone());
-        compile(b.build(settings("conv_kernel_grad_partials")), target)
-    } else {
-        tensor_kernels::conv2d::expand(&mut b.scope, x, y, out, c.clone());
-        compile(b.build(settings("conv2d")), target)
-    }
+    tensor_kernels::conv_kernel_grad_partials::expand(&mut b.scope, x, y, out, c.clone());
+    compile(b.build(settings("conv_kernel_grad_partials")), target)
 }
 
 /// The source of one spline launch.
@@ -172,11 +167,13 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
     {
         let (kind, src) = match launch {
             KernelSpec::Fused { program, inputs } => ("fused", fused(&program, inputs, target)?),
+            KernelSpec::Gemm(g) if g.im2col.is_some() => ("conv2d_gemm", gemm(&g, target)?),
             KernelSpec::Gemm(g) => ("gemm", gemm(&g, target)?),
             KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n, target)?),
             KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
-            KernelSpec::Conv2d(c) => ("conv2d", conv(&c, false, target)?),
-            KernelSpec::KernelGradPartials(c) => ("conv_kernel_grad", conv(&c, true, target)?),
+            KernelSpec::KernelGradPartials(c) => {
+                ("conv_kernel_grad", conv_kernel_grad(&c, target)?)
+            }
             KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
         };
         out.push(KernelSource {
@@ -197,7 +194,6 @@ pub enum KernelSpec {
     Gemm(GemmConfig),
     SumPartials(usize),
     Gather(GatherConfig),
-    Conv2d(ConvConfig),
     KernelGradPartials(ConvConfig),
     Spline(SplineConfig),
 }

@@ -56,42 +56,6 @@ pub struct ConvConfig {
     pub slices: usize,
 }
 
-/// `out [co, h, w, b] = conv2d(x, kernel)`: one unit per output element; consecutive units
-/// walk the batch, so their loads are contiguous.
-#[cube(launch)]
-pub fn conv2d(
-    x: &Array<f32>,
-    kernel: &Array<f32>,
-    out: &mut Array<f32>,
-    #[comptime] c: ConvConfig,
-) {
-    let t = ABSOLUTE_POS;
-    let (ci, h, w, b, k) = comptime![(c.ci, c.h, c.w, c.b, c.k)];
-    let p = comptime![c.k / 2];
-    if t < comptime![c.co * c.h * c.w * c.b] {
-        let bb = t % b;
-        let xx = t / b % w;
-        let y = t / (b * w) % h;
-        let o = t / (b * w * h);
-        let mut acc = 0.0f32;
-        for i in 0..ci {
-            for u in 0..k {
-                let sy = y + u;
-                if sy >= p && sy < h + p {
-                    for v in 0..k {
-                        let sx = xx + v;
-                        if sx >= p && sx < w + p {
-                            acc += kernel[((o * ci + i) * k + u) * k + v]
-                                * x[((i * h + sy - p) * w + sx - p) * b + bb];
-                        }
-                    }
-                }
-            }
-        }
-        out[t] = acc;
-    }
-}
-
 /// Partial sums of the kernel gradient `Σ_{y,x,b} dy[o,y,x,b]·x[i,y+u−p,x+v−p,b]`: unit
 /// `e·slices + s` sums slice `s` of the positions for kernel element `e`; a row sum of the
 /// `[co·ci·k·k, slices]` partials finishes it.
