@@ -155,7 +155,8 @@ fn panels(runs: &[RunCurves]) -> Vec<Panel> {
             x: "epoch",
             y: "loss",
             series: runs.iter().map(|r| zip(&r.epoch, &r.train_loss)).collect(),
-            log_y: false,
+            // The loss includes λ·recon, which a GECO λ can grow by orders of magnitude.
+            log_y: runs.iter().all(|r| r.train_loss.iter().all(|v| *v > 0.0)),
         },
     ];
     let optional: [OptionalPanel; 3] = [
@@ -187,8 +188,9 @@ fn panels(runs: &[RunCurves]) -> Vec<Panel> {
     out
 }
 
-/// The y range of a panel: from the smallest value to the largest after the first tenth of
-/// each series (the first epochs' NLL dwarfs the rest), padded by 5 %.
+/// The y range of a panel: from the smallest value to the 97th percentile of the values after
+/// the first tenth of each series (the first epochs' NLL dwarfs the rest, and one run that
+/// blows up must not flatten the others), padded by 5 %.
 fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
     let finite = |v: f64| v.is_finite() && (!log_y || v > 0.0);
     let all: Vec<f64> = series
@@ -197,11 +199,18 @@ fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
         .filter(|v| finite(*v))
         .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = series
+    let mut later: Vec<f64> = series
         .iter()
         .flat_map(|s| s.iter().skip(s.len() / 10).map(|p| p.1))
         .filter(|v| finite(*v))
-        .fold(f64::NEG_INFINITY, f64::max);
+        .collect();
+    later.sort_by(|a, b| a.total_cmp(b));
+    // A log axis shows outliers without flattening the rest: keep its maximum.
+    let q = if log_y { 1.0 } else { 0.97 };
+    let hi = match later.len() {
+        0 => f64::NEG_INFINITY,
+        n => later[((n - 1) as f64 * q).round() as usize],
+    };
     if !lo.is_finite() || !hi.is_finite() {
         return None;
     }
@@ -227,6 +236,22 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
 ];
+
+/// Axis numbers that stay short: plain with at most two decimals in [0.01, 10⁵), else in
+/// scientific notation.
+fn short_number(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if !(1e-2..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
 
 /// The image size for `panels` panels.
 pub fn image_size(panels: usize) -> (u32, u32) {
@@ -322,6 +347,8 @@ fn draw_panel(
                 .configure_mesh()
                 .x_desc(panel.x)
                 .y_desc(panel.y)
+                .x_label_formatter(&|v| short_number(*v))
+                .y_label_formatter(&|v| short_number(*v))
                 .label_style(("sans-serif", 13))
                 .draw()?;
             for (i, (s, run)) in panel.series.iter().zip(runs).enumerate() {
@@ -409,6 +436,8 @@ pub fn plot_scaling(
                 .configure_mesh()
                 .x_desc("input dimension D")
                 .y_desc("ms per training step")
+                .x_label_formatter(&|v| short_number(*v))
+                .y_label_formatter(&|v| short_number(*v))
                 .label_style(("sans-serif", 13))
                 .draw()?;
             type Line = (&'static str, RGBColor, fn(&crate::bench::ScalingRow) -> f64);
@@ -453,4 +482,28 @@ pub fn plot_scaling(
         message: format!("cannot {}: {}", e.step, e.source),
     })?;
     Ok((w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_numbers_stay_short() {
+        assert_eq!(short_number(0.0), "0");
+        assert_eq!(short_number(2.5), "2.5");
+        assert_eq!(short_number(1088.3), "1088");
+        assert_eq!(short_number(1.5e27), "1.5e27");
+        assert_eq!(short_number(0.001), "1.0e-3");
+    }
+
+    #[test]
+    fn one_exploding_series_does_not_set_the_range() {
+        let calm: Vec<(f64, f64)> = (0..100).map(|i| (i as f64, 1000.0 - i as f64)).collect();
+        let wild: Vec<(f64, f64)> = (0..100)
+            .map(|i| (i as f64, if i > 97 { 1e27 } else { 990.0 - i as f64 }))
+            .collect();
+        let (lo, hi) = y_range(&[calm, wild], false).unwrap();
+        assert!(lo < 900.0 && hi < 1100.0, "{lo} {hi}");
+    }
 }
