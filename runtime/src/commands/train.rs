@@ -658,16 +658,27 @@ fn remove_stale_temporaries(out: &Path) {
 fn diverged(
     spec: &FlowSpec,
     opts: &TrainOptions,
-    epoch: usize,
-    step: usize,
-    total: usize,
+    geco: Option<&Geco>,
+    (epoch, step, total): (usize, usize, usize),
     what: &str,
 ) -> TrainError {
     let lambda = match spec.objective.lambda.geco() {
         Some(_) => "GECO λ".to_string(),
         None => format!("λ = {}", spec.objective.lambda.initial()),
     };
-    let cause = if spec.objective.gradient == GradientMode::SelfNormalizing {
+    // GECO's multiplicative update has no ceiling: a λ grown huge is the likelier cause.
+    let grown = geco.and_then(|g| {
+        g.lambda
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .filter(|(_, v)| **v > 1e6 || !v.is_finite())
+    });
+    let cause = if let Some((layer, v)) = grown {
+        format!(
+            "GECO's λ for {layer} has grown to {v:.3e}, so the reconstruction term swamps the              loss: the reconstruction error stayed above κ = {} (/objective/lambda/geco/kappa)              and λ ← λ·exp(lr·(EMA − κ)) grew without bound; raise κ or lower              /objective/lambda/geco/lr",
+            spec.objective.lambda.geco().map(|g| g.kappa).unwrap_or(0.0)
+        )
+    } else if spec.objective.gradient == GradientMode::SelfNormalizing {
         format!(
             "the self-normalizing layers' learned inverses may have drifted from W⁻¹: {lambda} \
              (/objective/lambda) may be too small (the paper's Table 4 finds small λ unstable), \
@@ -903,14 +914,26 @@ pub fn train<T: Real + 'static>(
             if !loss.is_finite() {
                 bar.finish_and_clear();
                 let what = format!("the loss is {loss}");
-                return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
+                return Err(diverged(
+                    spec,
+                    opts,
+                    state.geco.as_ref(),
+                    (epoch, s + 1, state.total_steps),
+                    &what,
+                ));
             }
             // Every step's gradients are checked (host: a scan of memory the step just wrote;
             // GPU: a device-side sum of squares per gradient, partials read back).
             if let Some(name) = backend.first_nonfinite_grad()? {
                 bar.finish_and_clear();
                 let what = format!("the gradient of `{name}` has a non-finite value");
-                return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
+                return Err(diverged(
+                    spec,
+                    opts,
+                    state.geco.as_ref(),
+                    (epoch, s + 1, state.total_steps),
+                    &what,
+                ));
             }
             loss_sum += loss;
             if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {
@@ -932,7 +955,13 @@ pub fn train<T: Real + 'static>(
                     if !norm.is_finite() {
                         bar.finish_and_clear();
                         let what = format!("the gradient norm is {norm}");
-                        return Err(diverged(spec, opts, epoch, s + 1, state.total_steps, &what));
+                        return Err(diverged(
+                            spec,
+                            opts,
+                            state.geco.as_ref(),
+                            (epoch, s + 1, state.total_steps),
+                            &what,
+                        ));
                     }
                     (clip / norm).min(1.0)
                 }
@@ -957,7 +986,13 @@ pub fn train<T: Real + 'static>(
             if v.iter().any(|x| !x.as_f64().is_finite()) {
                 // Finite gradients, but an update overflowed: nothing of this epoch is saved.
                 let what = format!("parameter `{name}` became non-finite in an Adam update");
-                return Err(diverged(spec, opts, epoch, steps, state.total_steps, &what));
+                return Err(diverged(
+                    spec,
+                    opts,
+                    state.geco.as_ref(),
+                    (epoch, steps, state.total_steps),
+                    &what,
+                ));
             }
             model.values.insert(name, Arc::new(v));
         }
@@ -1029,4 +1064,74 @@ pub fn train<T: Real + 'static>(
         best_epoch: state.best_epoch,
         checkpoint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(out: PathBuf) -> TrainOptions {
+        TrainOptions {
+            out,
+            epochs: None,
+            steps: None,
+            seed: None,
+            level: OptLevel::Full,
+            progress: false,
+            force: false,
+            resume: false,
+            angle_every: None,
+            device: Chosen::Host,
+            plan: None,
+        }
+    }
+
+    /// The divergence message names the likely cause: a small fixed λ, or a GECO λ that grew
+    /// without bound.
+    #[test]
+    fn divergence_names_the_likely_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = |lambda: &str| {
+            format!(
+                r#"{{"name": "d", "input": {{"shape": [4], "preprocess": "none"}},
+                    "layers": [{{"type": "linear"}}], "objective": {{"lambda": {lambda}}}}}"#
+            )
+        };
+        let fixed = snfc_compiler::spec::parse_spec(&text("0.01")).unwrap();
+        let e = diverged(
+            &fixed,
+            &opts(dir.path().join("r")),
+            None,
+            (3, 7, 167),
+            "the loss is NaN",
+        );
+        let m = e.to_string();
+        assert!(
+            m.contains("epoch 3, step 7 (step 167") && m.contains("λ = 0.01"),
+            "{m}"
+        );
+        assert!(
+            m.contains("Table 4") && m.contains("nothing was saved"),
+            "{m}"
+        );
+
+        let spec = snfc_compiler::spec::parse_spec(&text(
+            r#"{"geco": {"lambda0": 1.0, "lr": 1e-3, "ema": 0.9, "kappa": 5.0}}"#,
+        ))
+        .unwrap();
+        let mut geco = Geco::new(&spec).unwrap();
+        geco.lambda.insert("layers.0".into(), 2.5e20);
+        let m = diverged(
+            &spec,
+            &opts(dir.path().join("r")),
+            Some(&geco),
+            (77, 62, 6142),
+            "x",
+        )
+        .to_string();
+        assert!(
+            m.contains("layers.0 has grown to 2.500e20") && m.contains("κ = 5"),
+            "{m}"
+        );
+    }
 }
