@@ -8,7 +8,7 @@ use snfc_compiler::rewrite::op_counts;
 use snfc_compiler::spec::{load_spec, FlowSpec, GradientMode};
 use snfc_runtime::cube::probe::{choose, Chosen, DeviceKind};
 use snfc_runtime::cube::source::Target;
-use snfc_runtime::data::{load_data, load_npy_dataset, Split};
+use snfc_runtime::data::{load_data, Split};
 use snfc_runtime::host::linalg::Real;
 use snfc_runtime::model::{write_safetensors, Model};
 use std::path::{Path, PathBuf};
@@ -451,6 +451,15 @@ fn run(cli: Cli) -> Result<()> {
             if exact && !exact_inverse {
                 eprintln!("spec `{}` was trained with the exact gradient (R is not trained): sampling with W⁻¹", model.spec.name);
             }
+            let limit = snfc_compiler::spec::MAX_TENSOR_ELEMENTS;
+            if n.checked_mul(model.spec.input.dim())
+                .is_none_or(|v| v > limit)
+            {
+                bail!(
+                    "-n {n}: {n} samples of {} values exceed the largest tensor snfc allocates ({limit} values)",
+                    model.spec.input.dim()
+                );
+            }
             let rows = snfc_runtime::sample::sample_at(&model, n, seed, exact, temperature)?;
             let d = model.spec.input.dim();
             let image = snfc_runtime::sample::image_shape(&model.spec.input.shape);
@@ -642,13 +651,17 @@ fn run(cli: Cli) -> Result<()> {
 fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split> {
     if let Some(p) = data {
         if p.extension().is_some_and(|e| e == "npy") {
-            // A .npy file is evaluated whole.
-            let ds = load_npy_dataset(p)?;
-            let mut all = ds.train.clone();
-            for s in [&ds.valid, &ds.test] {
-                all.values.extend_from_slice(&s.values);
-                all.n += s.n;
-            }
+            // A .npy file is evaluated whole: any number of rows, no split.
+            let all = snfc_runtime::data::load_npy_examples(p)?;
+            let ds = snfc_runtime::data::Dataset {
+                name: p.display().to_string(),
+                dim: all.dim,
+                image_shape: None,
+                discrete: false,
+                train: all.clone(),
+                valid: all.take(0),
+                test: all.take(0),
+            };
             snfc_runtime::train::check_data(spec, &ds)?;
             return Ok(all);
         }
@@ -679,6 +692,17 @@ fn grad<T: Real + 'static>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
     } = *args;
     let (model, _) = Model::<T>::load(params, Some(spec))?;
     let (shape, values) = snfc_runtime::npy::read_npy(input)?;
+    if let Some(k) = values
+        .iter()
+        .position(|v| !T::of_f64(*v).as_f64().is_finite())
+    {
+        bail!(
+            "{}: value [{k}] = {} is not finite in {} (pass --dtype f64 for values beyond f32's range)",
+            input.display(),
+            values[k],
+            T::NAME
+        );
+    }
     let d = spec.input.dim();
     let batch = shape.first().copied().unwrap_or(0);
     let per: usize = shape.iter().skip(1).product();
@@ -770,6 +794,9 @@ fn compile(
     let batch = batch.unwrap_or(spec.train.batch_size);
     if batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    if let Err(e) = spec.check_batch(batch) {
+        bail!("--batch {batch}: {e}");
     }
     let c = compile_train(&spec, batch, OptLevel::Full)
         .with_context(|| format!("compiling {}", spec_path.display()))?;

@@ -165,11 +165,18 @@ impl TrainPlan {
     }
 
     /// Parse and check a plan file's text: the format, the spec (as a spec file is checked),
-    /// the step plan, and that the plan reads exactly the spec's parameters and batch.
+    /// the step plan, and that the plan reads exactly the spec's parameters and batch. Every
+    /// error starts with the JSON path of the offending spot.
     pub fn parse(text: &str) -> Result<TrainPlan, String> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        match value.get("snfc_plan").and_then(|v| v.as_u64()) {
+        let Some(obj) = value.as_object() else {
+            return Err(
+                "/: expected a JSON object (a plan from `snfc compile --emit plan`)".into(),
+            );
+        };
+        let field = |key: &str| obj.get(key).ok_or_else(|| format!("/{key}: missing"));
+        match obj.get("snfc_plan").and_then(|v| v.as_u64()) {
             Some(v) if v == PLAN_FORMAT as u64 => {}
             Some(v) => {
                 return Err(format!(
@@ -178,28 +185,52 @@ impl TrainPlan {
             }
             None => return Err("/snfc_plan: missing or not a number".into()),
         }
-        let spec_text = value
-            .get("spec")
-            .map(|s| s.to_string())
-            .ok_or("/spec: missing")?;
-        crate::spec::parse_spec(&spec_text).map_err(|e| format!("/spec: {e}"))?;
-        let plan: TrainPlan = serde_json::from_value(value).map_err(|e| format!("{e}"))?;
-        if level_of(&plan.opt_level).is_none() {
-            return Err(format!(
-                "/opt_level: `{}`; expected none, substitution or full",
-                plan.opt_level
-            ));
-        }
+        let spec = crate::spec::parse_spec(&field("spec")?.to_string())
+            .map_err(|e| format!("/spec: {e}"))?;
+        let batch = field("batch")?;
+        let batch = batch
+            .as_u64()
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|b| *b > 0)
+            .ok_or_else(|| format!("/batch: expected a positive integer, got {batch}"))?;
+        let opt_level = field("opt_level")?;
+        let opt_level = opt_level
+            .as_str()
+            .filter(|l| level_of(l).is_some())
+            .ok_or_else(|| {
+                format!("/opt_level: {opt_level}; expected \"none\", \"substitution\" or \"full\"")
+            })?
+            .to_string();
+        let step = plan_from_json(field("step")?, "/step")?;
+        let plan = TrainPlan {
+            snfc_plan: PLAN_FORMAT,
+            spec,
+            batch,
+            opt_level,
+            step,
+        };
+        plan.spec
+            .check_batch(plan.batch)
+            .map_err(|e| format!("/batch: {e}"))?;
         plan.step.validate("/step")?;
         let want: BTreeMap<String, Shape> = crate::ir::lower::parameters(&plan.spec)
             .into_iter()
             .map(|p| (p.name, p.shape))
             .collect();
         let d = plan.spec.input.dim();
+        let geco = plan.spec.objective.lambda.geco().is_some();
+        let is_lambda = |name: &str| {
+            geco && (0..plan.spec.layers.len())
+                .any(|k| crate::ir::lower::geco_lambda_input(k) == name)
+        };
         for (kind, name, shape) in plan.step.feeds() {
+            use crate::ir::lower::{INPUT_NOISE, INPUT_X};
             let expected = match kind {
                 "param" => want.get(&name).cloned(),
-                _ => Some(vec![d, plan.batch]),
+                _ if name == INPUT_X || name == INPUT_NOISE => Some(vec![d, plan.batch]),
+                // A GECO layer's λ, a scalar fed each step.
+                _ if is_lambda(&name) => Some(vec![]),
+                _ => None,
             };
             match expected {
                 Some(e) if e == shape => {}
@@ -210,7 +241,8 @@ impl TrainPlan {
                 }
                 None => {
                     return Err(format!(
-                        "/step: param `{name}` is not a parameter of spec `{}`",
+                        "/step: {kind} `{name}` is not a {} of spec `{}`",
+                        if kind == "param" { "parameter" } else { "graph input" },
                         plan.spec.name
                     ))
                 }
@@ -229,6 +261,72 @@ impl TrainPlan {
 
 pub fn numel(shape: &Shape) -> usize {
     shape.iter().product::<usize>().max(1)
+}
+
+/// The exact product of `shape` (0 for a shape with an empty axis), `None` if it overflows.
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// A shape read from a file, at `path`: an error unless its size is at most
+/// [`crate::spec::MAX_TENSOR_ELEMENTS`] (so no size computed from it overflows).
+fn check_size(shape: &[usize], path: &str) -> Result<(), String> {
+    match elements(shape) {
+        Some(n) if n <= crate::spec::MAX_TENSOR_ELEMENTS => Ok(()),
+        _ => Err(format!(
+            "{path}: shape {shape:?} has more than 2^40 elements (the most any tensor may have)"
+        )),
+    }
+}
+
+/// The shapes an op carries itself (besides its operands'), checked with [`check_size`], and
+/// the sizes its shape inference multiplies, so that [`Op::infer_shape`] cannot overflow.
+fn check_op_sizes(op: &Op, ins: &[Shape], path: &str) -> Result<(), String> {
+    match op {
+        Op::Input { shape, .. } | Op::Param { shape, .. } => check_size(shape, path),
+        Op::Broadcast { to, .. } | Op::Reshape { to } | Op::Expand { to, .. } => {
+            check_size(to, path)
+        }
+        Op::Toeplitz { h, w } => {
+            let c = ins.first().and_then(|s| s.first()).copied().unwrap_or(1);
+            let n = c
+                .checked_mul(*h)
+                .and_then(|n| n.checked_mul(*w))
+                .unwrap_or(usize::MAX);
+            check_size(&[n, n], path)
+        }
+        Op::ToeplitzAdjoint { h, w, .. } | Op::Multiplicity { h, w } => check_size(&[*h, *w], path),
+        _ => Ok(()),
+    }
+}
+
+/// A plan's JSON, field by field, so that an error names the instruction (or list entry) it
+/// is in rather than only what serde expected.
+fn plan_from_json(v: &serde_json::Value, at: &str) -> Result<Plan, String> {
+    fn part<T: serde::de::DeserializeOwned>(
+        v: &serde_json::Value,
+        path: &str,
+    ) -> Result<T, String> {
+        T::deserialize(v).map_err(|e| format!("{path}: {e}"))
+    }
+    let Some(obj) = v.as_object() else {
+        return Err(format!("{at}: expected an object"));
+    };
+    let field = |key: &str| obj.get(key).ok_or_else(|| format!("{at}/{key}: missing"));
+    let instrs = field("instrs")?
+        .as_array()
+        .ok_or_else(|| format!("{at}/instrs: expected an array"))?
+        .iter()
+        .enumerate()
+        .map(|(i, ins)| part(ins, &format!("{at}/instrs/{i}")))
+        .collect::<Result<Vec<Instr>, String>>()?;
+    Ok(Plan {
+        name: part(field("name")?, &format!("{at}/name"))?,
+        instrs,
+        order: part(field("order")?, &format!("{at}/order"))?,
+        outputs: part(field("outputs")?, &format!("{at}/outputs"))?,
+        buffers: part(field("buffers")?, &format!("{at}/buffers"))?,
+    })
 }
 
 pub fn level_name(level: OptLevel) -> &'static str {
@@ -455,11 +553,21 @@ impl Plan {
                 Err(format!("{path}: slot {s} out of range (the plan has {n})"))
             }
         };
+        // Sizes first: every check below multiplies them.
+        for (i, ins) in self.instrs.iter().enumerate() {
+            check_size(&ins.shape, &format!("{at}/instrs/{i}/shape"))?;
+        }
         for (i, ins) in self.instrs.iter().enumerate() {
             let here = format!("{at}/instrs/{i}");
             for (k, a) in ins.args.iter().enumerate() {
                 slot_ok(*a, format!("{here}/args/{k}"))?;
             }
+            let shapes: Vec<Shape> = ins
+                .args
+                .iter()
+                .map(|a| self.instrs[*a].shape.clone())
+                .collect();
+            check_op_sizes(&ins.op, &shapes, &format!("{here}/op"))?;
             for (k, r) in ins.release.iter().enumerate() {
                 slot_ok(*r, format!("{here}/release/{k}"))?;
             }
@@ -513,7 +621,9 @@ impl Plan {
                 .map_err(|e| format!("{e} (output `{name}`)"))?;
         }
         // The order must run every live instruction once, each after what it reads.
+        // A released value is gone (the executors recycle its buffer): nothing reads it later.
         let mut defined = vec![false; n];
+        let mut released = vec![false; n];
         let mut ran = vec![false; n];
         for (k, &i) in self.order.iter().enumerate() {
             let here = format!("{at}/order/{k}");
@@ -529,11 +639,17 @@ impl Plan {
                         "{here}: instruction {i} reads slot {a} before it is computed"
                     ));
                 }
+                if released[*a] {
+                    return Err(format!(
+                        "{here}: instruction {i} reads slot {a} after an earlier instruction released it"
+                    ));
+                }
             }
             match &ins.group {
                 Some(gr) => gr.slots.iter().for_each(|s| defined[*s] = true),
                 None => defined[i] = true,
             }
+            ins.release.iter().for_each(|r| released[*r] = true);
         }
         if let Some(i) = (0..n).find(|i| !self.instrs[*i].skip && !ran[*i]) {
             return Err(format!("{at}/order: instruction {i} never runs"));
@@ -543,22 +659,41 @@ impl Plan {
                 "{at}/outputs: `{name}` (slot {s}) is never computed"
             ));
         }
+        if let Some((name, s)) = self.outputs.iter().find(|(_, s)| released[*s]) {
+            return Err(format!(
+                "{at}/outputs: `{name}` (slot {s}) is released before the step ends"
+            ));
+        }
         if self.buffers.of_slot.len() != n {
             return Err(format!(
                 "{at}/buffers/of_slot: {} entries for {n} instructions",
                 self.buffers.of_slot.len()
             ));
         }
+        // Each buffer exactly as large as the largest value it holds: the backends allocate
+        // these sizes, so a file cannot make them allocate more than the step needs.
+        let mut largest: Vec<Option<usize>> = vec![None; self.buffers.sizes.len()];
         for (s, b) in self.buffers.of_slot.iter().enumerate() {
             if let Some(b) = b {
-                let size = self.buffers.sizes.get(*b).ok_or_else(|| {
+                let most = largest.get_mut(*b).ok_or_else(|| {
                     format!("{at}/buffers/of_slot/{s}: buffer {b} does not exist")
                 })?;
-                if *size < numel(&self.instrs[s].shape) {
+                let len = numel(&self.instrs[s].shape);
+                *most = Some(most.map_or(len, |m| m.max(len)));
+            }
+        }
+        for (b, (size, most)) in self.buffers.sizes.iter().zip(&largest).enumerate() {
+            match most {
+                Some(m) if m == size => {}
+                Some(m) => {
                     return Err(format!(
-                        "{at}/buffers/of_slot/{s}: buffer {b} holds {size} elements, the value {}",
-                        numel(&self.instrs[s].shape)
-                    ));
+                        "{at}/buffers/sizes/{b}: buffer {b} holds {size} elements, but its largest value has {m}"
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "{at}/buffers/sizes/{b}: buffer {b} holds no value"
+                    ))
                 }
             }
         }
@@ -606,23 +741,56 @@ fn validate_group(gr: &Group, ins: &Instr, instrs: &[Instr], at: &str) -> Result
             }
         }
     }
-    let space = k.rows * k.cols;
-    for (j, e) in ins.args.iter().enumerate() {
-        let len = numel(&instrs[*e].shape);
-        let broadcast_src = k
-            .members
-            .iter()
-            .any(|m| matches!(m.op, Op::Broadcast { .. }) && m.args.first() == Some(&Src::Ext(j)));
-        if len != 1 && len != space && !broadcast_src {
-            return Err(format!(
-                "{at}: external input {j} (slot {e}) has {len} elements; the group iterates over {} × {}",
+    let space = k
+        .rows
+        .checked_mul(k.cols)
+        .filter(|n| *n <= crate::spec::MAX_TENSOR_ELEMENTS)
+        .ok_or_else(|| {
+            format!(
+                "{at}/kernel: {} × {} is more than 2^40 elements",
                 k.rows, k.cols
-            ));
+            )
+        })?;
+    // What the kernel reads from each external input and writes to each output must fit them
+    // (the host kernel writes its outputs through raw pointers).
+    for (m, mem) in k.members.iter().enumerate() {
+        for (j, a) in mem.args.iter().enumerate() {
+            let Src::Ext(e) = a else { continue };
+            let slot = ins.args[*e];
+            let len = elements(&instrs[slot].shape).unwrap_or(usize::MAX);
+            let (ok, want) = match &mem.op {
+                Op::Broadcast { new_axis: None, .. } => (len == 1, "1".to_string()),
+                Op::Broadcast {
+                    new_axis: Some(0), ..
+                } => (len == k.cols, format!("{} (the columns)", k.cols)),
+                Op::Broadcast { .. } => (len == k.rows, format!("{} (the rows)", k.rows)),
+                _ => (
+                    len == 1 || len == space,
+                    format!("1 or {} × {}", k.rows, k.cols),
+                ),
+            };
+            if !ok {
+                return Err(format!(
+                    "{at}/kernel/members/{m}/args/{j}: external input {e} (slot {slot}) has {len} elements; expected {want}"
+                ));
+            }
         }
     }
     for (j, (m, shape)) in k.outputs.iter().enumerate() {
         if *m >= k.members.len() {
             return Err(format!("{at}/kernel/outputs/{j}: member {m} out of range"));
+        }
+        let want = match k.members[*m].op {
+            Op::Sum { axis: None } => 1,
+            Op::Sum { axis: Some(0) } => k.cols,
+            Op::Sum { axis: Some(_) } => k.rows,
+            _ => space,
+        };
+        if elements(shape) != Some(want) {
+            return Err(format!(
+                "{at}/kernel/outputs/{j}: shape {shape:?}, but member {m} ({}) gives {want} elements",
+                k.members[*m].op
+            ));
         }
         let s = gr.slots[j];
         if s >= instrs.len() || instrs[s].shape != *shape {
@@ -985,6 +1153,93 @@ mod tests {
         assert!(TrainPlan::parse(&v.to_string())
             .unwrap_err()
             .contains("format 99"));
+    }
+
+    /// The stricter checks of files (sizes, releases, group bounds, exact buffer sizes) accept
+    /// every plan the compiler makes: each spec of specs/ at every optimization level.
+    #[test]
+    fn every_example_spec_compiles_to_a_plan_that_validates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("specs/")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        names.sort();
+        assert!(names.len() >= 5, "{names:?}");
+        for path in names {
+            let spec = crate::spec::load_spec(&path).expect("example spec");
+            for level in [OptLevel::None, OptLevel::Full] {
+                let tp = TrainPlan::compile(&spec, 2, level).expect("compiles");
+                let back = TrainPlan::parse(&tp.to_json())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(back, tp);
+            }
+        }
+    }
+
+    /// Corruptions that would make an executor read or write out of bounds, or allocate
+    /// without limit, are errors naming the spot.
+    #[test]
+    fn corrupt_sizes_releases_and_groups_are_rejected() {
+        let tp = TrainPlan::compile(&fc2(), 4, OptLevel::Full).expect("the spec compiles");
+        let v: serde_json::Value = serde_json::from_str(&tp.to_json()).expect("json");
+        let err = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = v.clone();
+            edit(&mut v);
+            TrainPlan::parse(&v.to_string()).unwrap_err()
+        };
+        let e =
+            err(&|v| v["step"]["instrs"][0]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]));
+        assert!(
+            e.starts_with("/step/instrs/0/shape:") && e.contains("2^40"),
+            "{e}"
+        );
+        let e = err(&|v| v["batch"] = serde_json::json!(-1));
+        assert!(e.starts_with("/batch:"), "{e}");
+        let e = err(&|v| v["step"]["instrs"][3]["op"] = serde_json::json!("Frobnicate"));
+        assert!(
+            e.starts_with("/step/instrs/3:") && e.contains("Frobnicate"),
+            "{e}"
+        );
+        let e = err(&|v| v["step"]["buffers"]["sizes"][0] = serde_json::json!(1u64 << 50));
+        assert!(e.starts_with("/step/buffers/sizes/0:"), "{e}");
+        // A value released by the first instruction that reads it, though later ones read it too.
+        let p = &tp.step;
+        let (reader, slot) = p
+            .order
+            .iter()
+            .flat_map(|&i| p.instrs[i].args.iter().map(move |&a| (i, a)))
+            .find(|&(i, a)| {
+                let later = p.order.iter().skip_while(|&&j| j != i).skip(1);
+                later.clone().any(|&j| p.instrs[j].args.contains(&a))
+            })
+            .expect("a value read twice");
+        let e = err(&|v| {
+            v["step"]["instrs"][reader]["release"] = serde_json::json!([slot]);
+        });
+        assert!(
+            e.contains("after an earlier instruction released it"),
+            "{e}"
+        );
+        // A fused group that claims a smaller output than its iteration space.
+        let g = p
+            .instrs
+            .iter()
+            .position(|i| {
+                i.group.as_ref().is_some_and(|g| {
+                    let k = &g.kernel;
+                    k.rows * k.cols > 1 && !matches!(k.members[k.outputs[0].0].op, Op::Sum { .. })
+                })
+            })
+            .expect("an elementwise group");
+        let e = err(&|v| {
+            v["step"]["instrs"][g]["group"]["kernel"]["outputs"][0][1] = serde_json::json!([1]);
+        });
+        assert!(
+            e.starts_with(&format!("/step/instrs/{g}/group/kernel/outputs/0:")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use snfc_runtime::train::{save_last, AdamState, RunState};
 use std::time::Instant;
 
 fn main() {
-    let path = std::env::args().nth(1).unwrap_or("specs/mnist_fc2.json".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or("specs/mnist_fc2.json".into());
     let spec = load_spec(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{e}"));
     let model = Model::<f32>::init(&spec, 0);
     let moments = model

@@ -57,6 +57,11 @@ pub struct FlowSpec {
     pub train: TrainSpec,
 }
 
+/// The most elements any tensor of a training step may have (a parameter, a batch of
+/// activations, a coupling network's hidden maps): 2^40, 8 TiB in f64 — beyond any machine,
+/// and small enough that no size, byte count or FLOP count computed from shapes overflows.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 40;
+
 /// Default α of the logit transform.
 pub const DEFAULT_LOGIT_ALPHA: f64 = 1e-6;
 
@@ -221,9 +226,11 @@ impl LayerShape {
         }
     }
 
+    /// Elements of one example (saturating: [`FlowSpec::validate`] rejects a spec whose sizes
+    /// overflow, but it computes them first).
     pub fn numel(self) -> usize {
         match self {
-            LayerShape::Image { c, h, w } => c * h * w,
+            LayerShape::Image { c, h, w } => c.saturating_mul(h).saturating_mul(w),
             LayerShape::Flat(d) => d,
         }
     }
@@ -232,7 +239,7 @@ impl LayerShape {
     /// (each element its own channel), for per-channel layers such as actnorm.
     pub fn channels(self) -> (usize, usize) {
         match self {
-            LayerShape::Image { c, h, w } => (c, h * w),
+            LayerShape::Image { c, h, w } => (c, h.saturating_mul(w)),
             LayerShape::Flat(d) => (d, 1),
         }
     }
@@ -555,7 +562,7 @@ impl FlowSpec {
                     if h % 2 == 0 && w % 2 == 0 =>
                 {
                     LayerShape::Image {
-                        c: 4 * c,
+                        c: c.saturating_mul(4),
                         h: h / 2,
                         w: w / 2,
                     }
@@ -575,6 +582,13 @@ impl FlowSpec {
         } else {
             Err(SpecErrors::new(errors))
         }
+    }
+
+    /// Whether a training step of `batch` examples (a batch size given on the command line
+    /// rather than the spec's `/train/batch_size`) keeps every tensor within
+    /// [`MAX_TENSOR_ELEMENTS`]; the error says which activations would not.
+    pub fn check_batch(&self, batch: usize) -> Result<(), String> {
+        validate::batch_fits(self, &self.layer_shapes(), batch)
     }
 
     /// Pretty JSON of the spec (all defaults written out); round-trips through [`parse_spec`].

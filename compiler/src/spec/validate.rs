@@ -2,7 +2,7 @@
 //! reported at the JSON pointer the offending value has in the spec's JSON form.
 
 use super::errors::SpecError;
-use super::{Augment, FlowSpec, Lambda, LayerShape, LayerSpec};
+use super::{Augment, FlowSpec, Lambda, LayerShape, LayerSpec, MAX_TENSOR_ELEMENTS};
 
 /// All semantic problems of `spec`, in document order. `layer_paths` gives the JSON pointer each
 /// layer was written at (a layer of a `repeat` block is written once for all its copies);
@@ -153,6 +153,30 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
         }
     }
 
+    // Sizes only once the shapes themselves are sound (an overflowing input shape is reported
+    // above, and every size computed from it would be noise).
+    let input_ok = input
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_some();
+    if input_ok {
+        for (i, what, shape) in layer_tensors(spec, &shapes) {
+            if elements(&shape).is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+                push(
+                    at(i),
+                    format!(
+                        "this layer's {what} {shape:?} has more than 2^40 elements \
+                         (the most any tensor may have)"
+                    ),
+                );
+            }
+        }
+        if let Err(message) = batch_fits(spec, &shapes, spec.train.batch_size) {
+            push("/train/batch_size".into(), message);
+        }
+    }
+
     match spec.objective.lambda {
         Lambda::Fixed(lambda) => {
             if !(lambda.is_finite() && lambda >= 0.0) {
@@ -237,4 +261,117 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
     }
 
     errors
+}
+
+/// The product of `shape`, `None` if it overflows.
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Each layer's parameters whose size depends on the spec's numbers (weights, spline and
+/// coupling parameters), as `(layer, what, shape)`; layers whose input does not fit them (a
+/// conv on a flat input) are skipped: that is reported elsewhere.
+fn layer_tensors(spec: &FlowSpec, shapes: &[LayerShape]) -> Vec<(usize, &'static str, Vec<usize>)> {
+    let mut out = Vec::new();
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let s = shapes[i];
+        match (layer, s) {
+            (LayerSpec::Linear(_), _) => out.push((i, "weight", vec![s.numel(), s.numel()])),
+            (LayerSpec::Conv(c), LayerShape::Image { c: ch, .. }) => {
+                out.push((i, "kernel", vec![ch, ch, c.kernel_size, c.kernel_size]))
+            }
+            (LayerSpec::Spline(sp), _) => out.push((i, "spline widths", vec![s.numel(), sp.bins])),
+            (LayerSpec::AffineCoupling(a), LayerShape::Image { c, .. }) => {
+                out.push((i, "first coupling kernel", vec![a.width, c / 2, 3, 3]));
+                out.push((i, "second coupling kernel", vec![a.width, a.width, 1, 1]));
+                out.push((i, "last coupling kernel", vec![c, a.width, 3, 3]));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether a training step of `batch` examples keeps every batch of activations (the input,
+/// each coupling network's hidden maps) within [`MAX_TENSOR_ELEMENTS`].
+pub(crate) fn batch_fits(
+    spec: &FlowSpec,
+    shapes: &[LayerShape],
+    batch: usize,
+) -> Result<(), String> {
+    let mut widest = spec.input.dim();
+    for (layer, s) in spec.layers.iter().zip(shapes) {
+        if let (LayerSpec::AffineCoupling(a), LayerShape::Image { h, w, .. }) = (layer, s) {
+            widest = widest.max(a.width.saturating_mul(*h).saturating_mul(*w));
+        }
+    }
+    match widest.checked_mul(batch) {
+        Some(n) if n <= MAX_TENSOR_ELEMENTS => Ok(()),
+        _ => Err(format!(
+            "a batch of {batch} examples makes activations of {widest} × {batch} values, more \
+             than 2^40 elements (the most any tensor may have)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::parse_spec;
+
+    fn errors(json: &str) -> Vec<(String, String)> {
+        match parse_spec(json) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .errors
+                .into_iter()
+                .map(|e| (e.pointer, e.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tensors_beyond_2_pow_40_elements_are_refused_where_they_are_written() {
+        let e = errors(
+            r#"{"name": "x", "input": {"shape": [100000, 100000], "preprocess": "none"},
+                "layers": [{"type": "smooth_leaky_relu"}, {"type": "linear"}]}"#,
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, "/layers/1");
+        assert!(e[0].1.contains("[10000000000, 10000000000]"), "{e:?}");
+        let e = errors(
+            r#"{"name": "x", "input": {"shape": [784], "preprocess": "none"},
+                "layers": [{"type": "linear"}], "train": {"batch_size": 10000000000}}"#,
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].0, "/train/batch_size");
+        // A coupling's hidden maps count against the batch too.
+        let e = errors(
+            r#"{"name": "x", "input": {"shape": [2, 1024, 1024], "preprocess": "none"},
+                "layers": [{"type": "affine_coupling", "width": 20000}]}"#,
+        );
+        assert!(e.iter().any(|(p, _)| p == "/train/batch_size"), "{e:?}");
+    }
+
+    #[test]
+    fn overflowing_image_shapes_are_errors_not_panics() {
+        for json in [
+            r#"{"name": "x", "input": {"shape": [4294967296, 4294967296, 2], "preprocess": "none"}, "layers": [{"type": "linear"}]}"#,
+            r#"{"name": "x", "input": {"shape": [4611686018427387904, 2, 2], "preprocess": "none"}, "layers": [{"type": "squeeze"}, {"type": "linear"}]}"#,
+            r#"{"name": "x", "input": {"shape": [2, 8, 8], "preprocess": "none"}, "layers": [{"type": "conv", "kernel_size": 4294967297}]}"#,
+        ] {
+            let e = errors(json);
+            assert!(!e.is_empty(), "{json}");
+        }
+    }
+
+    #[test]
+    fn a_batch_given_apart_from_the_spec_is_checked_the_same_way() {
+        let spec = parse_spec(
+            r#"{"name": "x", "input": {"shape": [784], "preprocess": "none"}, "layers": [{"type": "linear"}]}"#,
+        )
+        .unwrap();
+        assert!(spec.check_batch(100).is_ok());
+        let e = spec.check_batch(1 << 40).unwrap_err();
+        assert!(e.contains("784 × 1099511627776"), "{e}");
+    }
 }

@@ -384,6 +384,11 @@ impl Walker {
         }
         let body_paths = self.layer_paths.split_off(paths);
         let body_values = self.layer_values.split_off(values);
+        // An empty body adds nothing, however many times (and looping `times` times over
+        // nothing would hang on a huge count).
+        if body.is_empty() {
+            return;
+        }
         let times = times.unwrap_or(1).max(1);
         let total = times
             .checked_mul(body.len())
@@ -620,6 +625,17 @@ mod tests {
         assert_eq!(edit_distance("biass", "bias"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn an_empty_repeat_of_any_count_is_one_error_at_once() {
+        let json = r#"{"name": "x", "input": {"shape": [4], "preprocess": "none"},
+            "layers": [{"type": "linear"},
+                       {"type": "repeat", "times": 18446744073709551615, "layers": []}]}"#;
+        let start = std::time::Instant::now();
+        let e = crate::spec::parse_spec(json).unwrap_err();
+        assert!(start.elapsed().as_secs() < 5, "took {:?}", start.elapsed());
+        assert!(e.has("/layers/1/layers"), "{e}");
     }
 
     #[test]

@@ -42,17 +42,15 @@ pub enum TrainError {
     /// A non-finite loss or gradient stopped the run.
     #[error("{0}")]
     Diverged(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    // Not named `source`: thiserror would chain it, and the OS error would print twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
+    move |error| TrainError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 

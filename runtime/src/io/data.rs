@@ -12,13 +12,13 @@ use flate2::read::MultiGzDecoder;
 /// Errors from loading or writing data files. Every message starts with the path or origin.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// An I/O operation on `path` failed.
-    #[error("{path}: {context}: {source}")]
+    /// An I/O operation on `path` failed. The I/O error is part of the message, not a
+    /// `source`: error reporters that print the chain would print it twice.
+    #[error("{path}: {context}: {error}")]
     Io {
         path: String,
         context: String,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The contents of `origin` (a path or a description of in-memory data) are invalid.
     #[error("{origin}: {message}")]
@@ -26,11 +26,11 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: &Path, context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(path: &Path, context: impl Into<String>, error: io::Error) -> Self {
         DataError::Io {
             path: path.display().to_string(),
             context: context.into(),
-            source,
+            error,
         }
     }
 
@@ -57,21 +57,66 @@ pub struct Images {
     pub pixels: Vec<u8>,
 }
 
-/// Decompress `bytes` if they start with the gzip magic bytes (1f 8b); otherwise return them as is.
-fn maybe_gunzip<'a>(
-    bytes: &'a [u8],
-    origin: &str,
-) -> Result<std::borrow::Cow<'a, [u8]>, DataError> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        MultiGzDecoder::new(bytes)
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                DataError::invalid(origin, format!("gzip data is corrupt or truncated: {e}"))
-            })?;
-        Ok(std::borrow::Cow::Owned(out))
+/// An IDX file's contents: decompressed if they were gzip-compressed.
+struct Idx<'a> {
+    data: std::borrow::Cow<'a, [u8]>,
+    /// Decompression stopped one byte past the size the header declares: the file holds more.
+    cut: bool,
+}
+
+/// The size of the body an IDX header of `magic` declares (the product of its dimensions),
+/// when `head` holds the whole header with that magic; `None` otherwise (or on overflow).
+fn declared_body(head: &[u8], magic: u32) -> Option<usize> {
+    let dims = (magic & 0xff) as usize;
+    if head.len() < 4 + 4 * dims || be_u32(head, 0) != magic {
+        return None;
+    }
+    (0..dims).try_fold(1usize, |acc, k| {
+        acc.checked_mul(be_u32(head, 4 + 4 * k) as usize)
+    })
+}
+
+/// Decompress `bytes` if they start with the gzip magic bytes (1f 8b); otherwise return them as
+/// is. Decompression stops one byte past what the header (of `magic`) declares, so a corrupt
+/// or hostile stream cannot make it allocate more than the file claims to hold.
+fn maybe_gunzip<'a>(bytes: &'a [u8], origin: &str, magic: u32) -> Result<Idx<'a>, DataError> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(Idx {
+            data: std::borrow::Cow::Borrowed(bytes),
+            cut: false,
+        });
+    }
+    let corrupt = |e: io::Error| {
+        DataError::invalid(origin, format!("gzip data is corrupt or truncated: {e}"))
+    };
+    let header_len = 4 + 4 * (magic & 0xff) as u64;
+    let mut decoder = MultiGzDecoder::new(bytes);
+    let mut out = Vec::new();
+    (&mut decoder)
+        .take(header_len)
+        .read_to_end(&mut out)
+        .map_err(corrupt)?;
+    // A header that is short or of another kind is reported by the caller; nothing after it
+    // is needed for that.
+    let body = declared_body(&out, magic).unwrap_or(0);
+    let limit = (body as u64).saturating_add(1);
+    (&mut decoder)
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(corrupt)?;
+    let cut = out.len() as u64 == header_len + limit;
+    Ok(Idx {
+        data: std::borrow::Cow::Owned(out),
+        cut,
+    })
+}
+
+/// "found N" for a body of `len` bytes, or "found more" when decompression stopped early.
+fn found(len: usize, cut: bool) -> String {
+    if cut {
+        format!("found more than {}", len - 1)
     } else {
-        Ok(std::borrow::Cow::Borrowed(bytes))
+        format!("found {len}")
     }
 }
 
@@ -135,7 +180,7 @@ fn check_idx_header(
 /// Parse an IDX image file (magic 0x00000803), gzip-compressed or raw. `origin` names the data
 /// in error messages (usually the file path).
 pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<Images, DataError> {
-    let data = maybe_gunzip(bytes, origin)?;
+    let Idx { data, cut } = maybe_gunzip(bytes, origin, IDX_IMAGES_MAGIC)?;
     check_idx_header(&data, origin, IDX_IMAGES_MAGIC, "images")?;
     let n = be_u32(&data, 4) as usize;
     let rows = be_u32(&data, 8) as usize;
@@ -160,8 +205,8 @@ pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<Images, DataError>
         return Err(DataError::invalid(
             origin,
             format!(
-                "expected {expected} pixel bytes after the header ({n} images of {rows}x{cols}), found {}",
-                body.len()
+                "expected {expected} pixel bytes after the header ({n} images of {rows}x{cols}), {}",
+                found(body.len(), cut)
             ),
         ));
     }
@@ -175,7 +220,7 @@ pub fn parse_idx_images(bytes: &[u8], origin: &str) -> Result<Images, DataError>
 
 /// Parse an IDX label file (magic 0x00000801), gzip-compressed or raw.
 pub fn parse_idx_labels(bytes: &[u8], origin: &str) -> Result<Vec<u8>, DataError> {
-    let data = maybe_gunzip(bytes, origin)?;
+    let Idx { data, cut } = maybe_gunzip(bytes, origin, IDX_LABELS_MAGIC)?;
     check_idx_header(&data, origin, IDX_LABELS_MAGIC, "labels")?;
     let n = be_u32(&data, 4) as usize;
     let body = &data[8..];
@@ -183,8 +228,8 @@ pub fn parse_idx_labels(bytes: &[u8], origin: &str) -> Result<Vec<u8>, DataError
         return Err(DataError::invalid(
             origin,
             format!(
-                "expected {n} label bytes after the header, found {}",
-                body.len()
+                "expected {n} label bytes after the header, {}",
+                found(body.len(), cut)
             ),
         ));
     }
@@ -287,13 +332,14 @@ pub fn embedded_mnist() -> Result<Dataset, DataError> {
 }
 
 /// Find the first existing file among `names` in `dir`, or an error listing what was looked for.
-fn find_one(dir: &Path, names: &[&str], what: &str) -> Result<PathBuf, DataError> {
+fn find_one<S: AsRef<str>>(dir: &Path, names: &[S], what: &str) -> Result<PathBuf, DataError> {
     for name in names {
-        let p = dir.join(name);
+        let p = dir.join(name.as_ref());
         if p.is_file() {
             return Ok(p);
         }
     }
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
     Err(DataError::invalid(
         dir.display().to_string(),
         format!(
@@ -317,6 +363,8 @@ fn mnist_valid_count(n: usize) -> usize {
 /// `t10k-images-idx3-ubyte[.gz]`, or the `train-images.idx3-ubyte` naming variant).
 /// train = first 50,000 training images, validation = last 10,000, test = t10k.
 /// For a training file with fewer than 60,000 images, validation = last 1/6 (at least 1).
+/// The labels are not used, but label files next to the images must count as many labels as
+/// there are images (a mismatch means files of different data sets, or a broken download).
 pub fn load_mnist_dir(dir: &Path) -> Result<Dataset, DataError> {
     if !dir.is_dir() {
         return Err(DataError::invalid(
@@ -326,29 +374,90 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Dataset, DataError> {
     }
     let train_path = find_one(
         dir,
-        &[
-            "train-images-idx3-ubyte",
-            "train-images-idx3-ubyte.gz",
-            "train-images.idx3-ubyte",
-            "train-images.idx3-ubyte.gz",
-        ],
+        &mnist_names("train", "images", "idx3"),
         "training images",
     )?;
-    let test_path = find_one(
-        dir,
-        &[
-            "t10k-images-idx3-ubyte",
-            "t10k-images-idx3-ubyte.gz",
-            "t10k-images.idx3-ubyte",
-            "t10k-images.idx3-ubyte.gz",
-        ],
-        "test images",
-    )?;
-    let train = read_idx_images(&train_path)?;
-    let test = read_idx_images(&test_path)?;
+    let test_path = find_one(dir, &mnist_names("t10k", "images", "idx3"), "test images")?;
+    let labels = |prefix: &str| -> Result<Option<(Vec<u8>, String)>, DataError> {
+        match find_one(dir, &mnist_names(prefix, "labels", "idx1"), "labels") {
+            Ok(p) => Ok(Some((read_file(&p)?, p.display().to_string()))),
+            Err(_) => Ok(None),
+        }
+    };
+    let (train_labels, test_labels) = (labels("train")?, labels("t10k")?);
+    let (train, test) = (read_file(&train_path)?, read_file(&test_path)?);
+    let (train_origin, test_origin) = (
+        train_path.display().to_string(),
+        test_path.display().to_string(),
+    );
+    fn file(l: &Option<(Vec<u8>, String)>) -> Option<IdxFile<'_>> {
+        l.as_ref().map(|(bytes, origin)| IdxFile { bytes, origin })
+    }
+    mnist_from_files(&MnistFiles {
+        train_images: IdxFile {
+            bytes: &train,
+            origin: &train_origin,
+        },
+        test_images: IdxFile {
+            bytes: &test,
+            origin: &test_origin,
+        },
+        train_labels: file(&train_labels),
+        test_labels: file(&test_labels),
+    })
+}
+
+/// The four spellings of an MNIST file name: `{prefix}-{what}-{idx}-ubyte` and
+/// `{prefix}-{what}.{idx}-ubyte`, each raw or `.gz`.
+fn mnist_names(prefix: &str, what: &str, idx: &str) -> [String; 4] {
+    [
+        format!("{prefix}-{what}-{idx}-ubyte"),
+        format!("{prefix}-{what}-{idx}-ubyte.gz"),
+        format!("{prefix}-{what}.{idx}-ubyte"),
+        format!("{prefix}-{what}.{idx}-ubyte.gz"),
+    ]
+}
+
+/// The bytes of one IDX file and the name errors give it.
+#[derive(Debug, Clone, Copy)]
+pub struct IdxFile<'a> {
+    pub bytes: &'a [u8],
+    pub origin: &'a str,
+}
+
+/// The files of an MNIST directory, read.
+#[derive(Debug, Clone, Copy)]
+pub struct MnistFiles<'a> {
+    pub train_images: IdxFile<'a>,
+    pub test_images: IdxFile<'a>,
+    pub train_labels: Option<IdxFile<'a>>,
+    pub test_labels: Option<IdxFile<'a>>,
+}
+
+/// [`load_mnist_dir`] of files already read.
+pub fn mnist_from_files(files: &MnistFiles) -> Result<Dataset, DataError> {
+    let train = parse_idx_images(files.train_images.bytes, files.train_images.origin)?;
+    let test = parse_idx_images(files.test_images.bytes, files.test_images.origin)?;
+    for (labels, images, file) in [
+        (files.train_labels, &train, files.train_images),
+        (files.test_labels, &test, files.test_images),
+    ] {
+        let Some(l) = labels else { continue };
+        let n = parse_idx_labels(l.bytes, l.origin)?.len();
+        if n != images.n {
+            return Err(DataError::invalid(
+                l.origin,
+                format!(
+                    "has {n} labels, but {} has {} images (files of different data sets?)",
+                    file.origin, images.n
+                ),
+            ));
+        }
+    }
+    let train_origin = files.train_images.origin;
     if train.n < 2 {
         return Err(DataError::invalid(
-            train_path.display().to_string(),
+            train_origin,
             format!(
                 "has {} images; need at least 2 (one for training, one for validation)",
                 train.n
@@ -357,20 +466,16 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Dataset, DataError> {
     }
     if test.n == 0 {
         return Err(DataError::invalid(
-            test_path.display().to_string(),
+            files.test_images.origin,
             "has no images; need at least 1 test image",
         ));
     }
     if (test.rows, test.cols) != (train.rows, train.cols) {
         return Err(DataError::invalid(
-            test_path.display().to_string(),
+            files.test_images.origin,
             format!(
-                "test images are {}x{} but training images ({}) are {}x{}",
-                test.rows,
-                test.cols,
-                train_path.display(),
-                train.rows,
-                train.cols
+                "test images are {}x{} but training images ({train_origin}) are {}x{}",
+                test.rows, test.cols, train.rows, train.cols
             ),
         ));
     }
@@ -392,56 +497,86 @@ pub fn load_mnist_dir(dir: &Path) -> Result<Dataset, DataError> {
 /// converted). dim = product of the trailing axes; splits 80% / 10% / 10% in file order, each
 /// at least one example.
 pub fn load_npy_dataset(path: &Path) -> Result<Dataset, DataError> {
-    let origin = path.display().to_string();
-    let (shape, values) = crate::npy::read_npy(path)?;
+    let bytes = fs::read(path).map_err(|e| DataError::io(path, "cannot read npy file", e))?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "npy".to_string());
+    npy_dataset(&bytes, &path.display().to_string(), &name)
+}
+
+/// [`load_npy_dataset`] of a file's bytes; `origin` names the file in errors, `name` the data
+/// set.
+pub fn npy_dataset(bytes: &[u8], origin: &str, name: &str) -> Result<Dataset, DataError> {
+    let all = npy_examples(bytes, origin)?;
+    let n = all.n;
+    if n < 3 {
+        return Err(DataError::invalid(
+            origin,
+            format!("array has {n} examples; need at least 3 for train/validation/test splits"),
+        ));
+    }
+    let n_valid = (n / 10).max(1);
+    let n_test = (n / 10).max(1);
+    let n_train = n - n_valid - n_test;
+    let dim = all.dim;
+    Ok(Dataset {
+        name: name.to_string(),
+        dim,
+        image_shape: None,
+        discrete: false,
+        train: Split::from_rows(&all.values, dim, 0, n_train),
+        valid: Split::from_rows(&all.values, dim, n_train, n_train + n_valid),
+        test: Split::from_rows(&all.values, dim, n_train + n_valid, n),
+    })
+}
+
+/// Every example of a `.npy` array of shape `[N, ...]` (N ≥ 1) as one split: what `snfc eval
+/// --data FILE.npy` evaluates (no train/validation/test split, so any N ≥ 1 will do).
+pub fn load_npy_examples(path: &Path) -> Result<Split, DataError> {
+    let bytes = fs::read(path).map_err(|e| DataError::io(path, "cannot read npy file", e))?;
+    npy_examples(&bytes, &path.display().to_string())
+}
+
+/// [`load_npy_examples`] of a file's bytes; `origin` names the file in errors.
+pub fn npy_examples(bytes: &[u8], origin: &str) -> Result<Split, DataError> {
+    let (shape, values) = crate::npy::parse_npy(bytes, origin)?;
     let Some((&n, rest)) = shape.split_first() else {
         return Err(DataError::invalid(
             origin,
             "array is 0-dimensional; expected shape [N, ...] with one example per row",
         ));
     };
-    let dim: usize = rest.iter().product();
+    // With N = 0 the trailing axes are not bounded by the file's size: multiply with care.
+    let dim = rest
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| DataError::invalid(origin, format!("array shape {shape:?} is too large")))?;
     if dim == 0 {
         return Err(DataError::invalid(
             origin,
             format!("array shape {shape:?} has an empty example dimension"),
         ));
     }
-    if n < 3 {
+    if n == 0 {
         return Err(DataError::invalid(
             origin,
-            format!(
-                "array has {n} examples (shape {shape:?}); need at least 3 for train/validation/test splits"
-            ),
+            format!("array has no examples (shape {shape:?})"),
         ));
     }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    // Examples are kept in f32: a finite f64 beyond its range would become infinite.
+    if let Some(i) = values.iter().position(|&v| !(v as f32).is_finite()) {
         return Err(DataError::invalid(
             origin,
             format!(
-                "non-finite value {} at example {}, component {}",
+                "value {:?} at example {}, component {} is beyond the range of float32",
                 values[i],
                 i / dim,
                 i % dim
             ),
         ));
     }
-    let n_valid = (n / 10).max(1);
-    let n_test = (n / 10).max(1);
-    let n_train = n - n_valid - n_test;
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "npy".to_string());
-    Ok(Dataset {
-        name,
-        dim,
-        image_shape: None,
-        discrete: false,
-        train: Split::from_rows(&values, dim, 0, n_train),
-        valid: Split::from_rows(&values, dim, n_train, n_train + n_valid),
-        test: Split::from_rows(&values, dim, n_train + n_valid, n),
-    })
+    Ok(Split::from_rows(&values, dim, 0, n))
 }
 
 /// One CIFAR-10 binary record: a label byte, then 3 × 32 × 32 pixel bytes (R, G, B planes,
@@ -457,9 +592,15 @@ fn is_cifar_dir(dir: &Path) -> bool {
 /// The pixels of a CIFAR-10 binary file (labels dropped), checking its size.
 fn read_cifar_file(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "cannot read", e))?;
-    if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+    parse_cifar_batch(&bytes, &path.display().to_string())
+}
+
+/// The pixels of a CIFAR-10 binary batch's bytes (labels dropped), checking its size and
+/// labels; `origin` names the file in errors.
+pub fn parse_cifar_batch(bytes: &[u8], origin: &str) -> Result<Vec<u8>, DataError> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
         return Err(DataError::invalid(
-            path.display().to_string(),
+            origin,
             format!(
                 "not a CIFAR-10 binary batch: {} bytes is not a positive multiple of the \
                  {CIFAR_RECORD}-byte record (a label byte and 3×32×32 pixels)",
@@ -472,7 +613,7 @@ fn read_cifar_file(path: &Path) -> Result<Vec<u8>, DataError> {
     for (i, rec) in bytes.chunks_exact(CIFAR_RECORD).enumerate() {
         if rec[0] > 9 {
             return Err(DataError::invalid(
-                path.display().to_string(),
+                origin,
                 format!(
                     "record {i} has label {} (CIFAR-10 labels are 0..=9; is this CIFAR-100?)",
                     rec[0]
@@ -640,6 +781,82 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.starts_with("bad.gz: gzip"), "{msg}");
+    }
+
+    #[test]
+    fn gzip_stops_at_the_declared_size() {
+        use std::io::Write;
+        let gz = |b: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(b).unwrap();
+            e.finish().unwrap()
+        };
+        // 1 MB of pixels behind a header that declares one 2x2 image: not all decompressed.
+        let file = gz(&idx_images(1, 2, 2, &vec![0; 1 << 20]));
+        let msg = parse_idx_images(&file, "big.gz").unwrap_err().to_string();
+        assert!(msg.contains("found more than 4"), "{msg}");
+        let file = gz(&idx_images(2, 2, 2, &[5; 8]));
+        assert_eq!(parse_idx_images(&file, "ok.gz").unwrap().pixels, vec![5; 8]);
+    }
+
+    #[test]
+    fn label_files_must_count_the_images() {
+        let train = idx_images(6, 2, 2, &[0; 24]);
+        let test = idx_images(1, 2, 2, &[0; 4]);
+        let mut labels = IDX_LABELS_MAGIC.to_be_bytes().to_vec();
+        labels.extend_from_slice(&5u32.to_be_bytes());
+        labels.extend_from_slice(&[1; 5]);
+        let f = |bytes, origin| IdxFile { bytes, origin };
+        let files = MnistFiles {
+            train_images: f(&train, "train-images"),
+            test_images: f(&test, "t10k-images"),
+            train_labels: Some(f(&labels, "train-labels")),
+            test_labels: None,
+        };
+        let msg = mnist_from_files(&files).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "train-labels: has 5 labels, but train-images has 6 images (files of different data sets?)"
+        );
+        let ds = mnist_from_files(&MnistFiles {
+            train_labels: None,
+            ..files
+        })
+        .unwrap();
+        assert_eq!((ds.train.n, ds.valid.n, ds.test.n), (5, 1, 1));
+    }
+
+    #[test]
+    fn npy_examples_take_any_count_and_check_f32_range() {
+        let npy = |shape: &str, vals: &[f64]| {
+            let mut h = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape}, }}");
+            while !(10 + h.len() + 1).is_multiple_of(64) {
+                h.push(' ');
+            }
+            h.push('\n');
+            let mut v = b"\x93NUMPY\x01\x00".to_vec();
+            v.extend_from_slice(&(h.len() as u16).to_le_bytes());
+            v.extend_from_slice(h.as_bytes());
+            v.extend(vals.iter().flat_map(|x| x.to_le_bytes()));
+            v
+        };
+        let one = npy_examples(&npy("(1, 2)", &[0.5, 1.5]), "one.npy").unwrap();
+        assert_eq!((one.n, one.dim, one.values), (1, 2, vec![0.5, 1.5]));
+        let msg = npy_dataset(&npy("(1, 2)", &[0.5, 1.5]), "one.npy", "one")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("at least 3"), "{msg}");
+        let msg = npy_examples(&npy("(2, 2)", &[0.5, 1.5, 1e300, 0.0]), "r.npy")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("example 1, component 0") && msg.contains("float32"),
+            "{msg}"
+        );
+        let msg = npy_examples(&npy("(0, 3)", &[]), "e.npy")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("no examples"), "{msg}");
     }
 
     #[test]

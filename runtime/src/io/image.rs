@@ -132,13 +132,20 @@ mod tests {
     }
 
     #[test]
-    fn missing_directory_is_an_error_and_leaves_nothing() {
+    fn missing_directories_are_created_and_a_file_in_the_way_is_an_error() {
+        // Atomic writes create missing parent directories (`crate::atomic`).
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("no/such/dir/grid.png");
+        write_png_grid(&p, &[0; 4], 1, 1, 2, 2).unwrap();
+        assert!(p.is_file());
+        // A file where a directory should be: an error naming it, and nothing written.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("file"), b"x").unwrap();
+        let p = d.path().join("file/grid.png");
         let msg = write_png_grid(&p, &[0; 4], 1, 1, 2, 2)
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("grid.png"), "{msg}");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        assert!(msg.contains("file"), "{msg}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }

@@ -194,9 +194,18 @@ impl<T: Real> Model<T> {
         spec: Option<&FlowSpec>,
     ) -> Result<(Model<T>, HashMap<String, String>), ModelError> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes)
+        Self::from_bytes(&bytes, path, spec)
+    }
+
+    /// [`Model::load`] of a file's bytes; `path` names the file in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        spec: Option<&FlowSpec>,
+    ) -> Result<(Model<T>, HashMap<String, String>), ModelError> {
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
+        let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let spec = match spec {
@@ -240,7 +249,8 @@ impl<T: Real> Model<T> {
     }
 }
 
-/// The values of a safetensors tensor as `T`, checking its shape (f32 or f64 stored).
+/// The values of a safetensors tensor as `T`, checking its shape (f32 or f64 stored) and that
+/// every value is finite (in `T`: an f64 beyond f32's range is an error when loading as f32).
 pub fn tensor_values<T: Real>(
     path: &Path,
     name: &str,
@@ -257,7 +267,7 @@ pub fn tensor_values<T: Real>(
         ));
     }
     let d = t.data();
-    Ok(match t.dtype() {
+    let values: Vec<T> = match t.dtype() {
         Dtype::F32 => d
             .chunks_exact(4)
             .map(|c| T::of_f64(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
@@ -276,7 +286,28 @@ pub fn tensor_values<T: Real>(
                 format!("tensor `{name}` has dtype {other:?}; expected F32 or F64"),
             ))
         }
-    })
+    };
+    // A NaN or infinite parameter (a diverged run, a corrupt file) would only show up later as
+    // NaN losses or samples, far from its cause.
+    if let Some(i) = values.iter().position(|v| !v.as_f64().is_finite()) {
+        let stored = match t.dtype() {
+            Dtype::F32 => f64::from(f32::from_le_bytes([
+                d[4 * i],
+                d[4 * i + 1],
+                d[4 * i + 2],
+                d[4 * i + 3],
+            ])),
+            _ => f64::from_le_bytes(d[8 * i..8 * i + 8].try_into().unwrap_or([0; 8])),
+        };
+        return Err(file_err(
+            path,
+            format!(
+                "tensor `{name}` has the value {stored:?} at flat index {i}, which is not finite in {}",
+                T::NAME
+            ),
+        ));
+    }
+    Ok(values)
 }
 
 /// Write named tensors (in `T`'s dtype) to a safetensors file atomically
@@ -355,4 +386,69 @@ pub fn write_raw_safetensors(
         path: e.path,
         message: format!("cannot {}: {}", e.step, e.source),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> FlowSpec {
+        parse_spec(
+            r#"{"name": "s", "input": {"shape": [2], "preprocess": "none"}, "layers": [{"type": "linear"}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn file_with(spec: &FlowSpec, bias: RawTensor) -> Vec<u8> {
+        let m = Model::<f64>::init(spec, 0);
+        let views = m
+            .params
+            .iter()
+            .map(|p| {
+                if p.name == bias.name {
+                    bias.clone()
+                } else {
+                    RawTensor::of(&p.name, &p.shape, &m.values[&p.name])
+                }
+            })
+            .collect::<Vec<_>>();
+        let views = views
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>();
+        let meta = HashMap::from([("spec".to_string(), spec.to_json_pretty())]);
+        safetensors::serialize(views, Some(meta)).unwrap()
+    }
+
+    #[test]
+    fn non_finite_parameters_are_refused_with_their_name_and_index() {
+        let spec = small();
+        let path = Path::new("p.safetensors");
+        let nan = file_with(
+            &spec,
+            RawTensor::of("layers.0.bias", &[2], &[0.0, f64::NAN]),
+        );
+        let msg = Model::<f64>::from_bytes(&nan, path, None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.safetensors: tensor `layers.0.bias` has the value NaN at flat index 1, which is not finite in f64"
+        );
+        // Finite in f64, infinite in f32: fine as f64, refused as f32.
+        let big = file_with(&spec, RawTensor::of("layers.0.bias", &[2], &[1e300, 0.0]));
+        assert!(Model::<f64>::from_bytes(&big, path, None).is_ok());
+        let msg = Model::<f32>::from_bytes(&big, path, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("1e300") && msg.contains("not finite in f32"),
+            "{msg}"
+        );
+    }
 }
