@@ -288,16 +288,24 @@ pub fn plot(runs: &[RunCurves], out: &Path) -> Result<(u32, u32), PlotError> {
         }
         root.present().map_err(|e| draw_err(e.to_string()))?;
     }
+    write_png(&rgb, (w, h), out)
+}
+
+/// Encode an RGB buffer as PNG and write it atomically; returns the size.
+fn write_png(rgb: &[u8], (w, h): (u32, u32), out: &Path) -> Result<(u32, u32), PlotError> {
     let mut bytes = Vec::new();
     let encoded = (|| -> Result<(), png::EncodingError> {
         let mut enc = png::Encoder::new(&mut bytes, w, h);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header()?;
-        writer.write_image_data(&rgb)?;
+        writer.write_image_data(rgb)?;
         writer.finish()
     })();
-    encoded.map_err(|e| draw_err(format!("PNG encoding failed: {e}")))?;
+    encoded.map_err(|e| PlotError::Draw {
+        path: out.display().to_string(),
+        message: format!("PNG encoding failed: {e}"),
+    })?;
     crate::atomic::write_atomically(out, &bytes).map_err(|e| PlotError::Draw {
         path: e.path,
         message: format!("cannot {}: {}", e.step, e.source),
@@ -467,21 +475,7 @@ pub fn plot_scaling(
         };
         draw().map_err(|e| draw_err(e.to_string()))?;
     }
-    let mut bytes = Vec::new();
-    let encoded = (|| -> Result<(), png::EncodingError> {
-        let mut enc = png::Encoder::new(&mut bytes, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header()?;
-        writer.write_image_data(&rgb)?;
-        writer.finish()
-    })();
-    encoded.map_err(|e| draw_err(format!("PNG encoding failed: {e}")))?;
-    crate::atomic::write_atomically(out, &bytes).map_err(|e| PlotError::Draw {
-        path: e.path,
-        message: format!("cannot {}: {}", e.step, e.source),
-    })?;
-    Ok((w, h))
+    write_png(&rgb, (w, h), out)
 }
 
 #[cfg(test)]
