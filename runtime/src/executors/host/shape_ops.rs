@@ -285,7 +285,7 @@ pub fn flip_kernel<T: Real>(k: &[T], shape: &[usize]) -> Vec<T> {
 fn im2col<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, k: usize) -> Vec<T> {
     let p = k / 2;
     let cols = h * w * b;
-    let mut out = vec![T::zero(); c * k * k * cols];
+    let mut out = scratch_zeroed(c * k * k * cols);
     out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
         let (ch, u, v) = (row / (k * k), row / k % k, row % k);
         for y in 0..h {
@@ -347,10 +347,47 @@ fn padded<T: Real>(x: &[T], ci: usize, h: usize, w: usize, b: usize, kk: usize) 
     (pad(x, ci, h, w, b, p), g)
 }
 
+/// Scratch buffers (padded images, im2col matrices) kept between calls of the same shape: a
+/// training step convolves the same shapes every time, and a fresh allocation of tens of MB is
+/// page-faulted in again on every call. At most [`SCRATCH_KEPT`] are kept, of any type.
+static SCRATCH: std::sync::Mutex<Vec<(std::any::TypeId, usize, Box<dyn std::any::Any + Send>)>> =
+    std::sync::Mutex::new(Vec::new());
+const SCRATCH_KEPT: usize = 8;
+
+/// A zeroed buffer of `len` values, reused from [`SCRATCH`] when one of that size is there.
+fn scratch_zeroed<T: Real>(len: usize) -> Vec<T> {
+    let kept = SCRATCH.lock().ok().and_then(|mut kept| {
+        let i = kept
+            .iter()
+            .position(|(t, l, _)| *t == std::any::TypeId::of::<T>() && *l == len)?;
+        Some(kept.swap_remove(i).2)
+    });
+    match kept.and_then(|b| b.downcast::<Vec<T>>().ok()) {
+        Some(mut v) => {
+            v.par_chunks_mut(1 << 16).for_each(|c| c.fill(T::zero()));
+            *v
+        }
+        None => vec![T::zero(); len],
+    }
+}
+
+/// Keep a scratch buffer for the next call of its size.
+fn give_back<T: Real>(v: Vec<T>) {
+    if v.len() < PAR_MIN {
+        return;
+    }
+    if let Ok(mut kept) = SCRATCH.lock() {
+        if kept.len() >= SCRATCH_KEPT {
+            kept.remove(0);
+        }
+        kept.push((std::any::TypeId::of::<T>(), v.len(), Box::new(v)));
+    }
+}
+
 /// `x [C, H, W, B]` zero-padded by `p` on both spatial axes: `[C, H + 2p, (W + 2p)·B]`.
 fn pad<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, p: usize) -> Vec<T> {
     let (ph, pwb, wb) = (h + 2 * p, (w + 2 * p) * b, w * b);
-    let mut out = vec![T::zero(); c * ph * pwb];
+    let mut out = scratch_zeroed(c * ph * pwb);
     let copy = |(ch, dst): (usize, &mut [T])| {
         for y in 0..h {
             let src = &x[(ch * h + y) * wb..][..wb];
@@ -574,6 +611,7 @@ fn conv2d_direct<T: Real>(
             _ => conv_row_dispatch::<T, 1>(fast, &g, &xp, kp, y, &mut rows),
         }
     });
+    give_back(xp);
     out
 }
 
@@ -596,13 +634,8 @@ fn conv2d_gemm<T: Real>(x: &[T], x_shape: &[usize], k: &[T], co: usize, kk: usiz
     let (ci, h, w, b) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
     let (n, rows) = (h * w * b, ci * kk * kk);
     let mut out = vec![T::zero(); co * n];
-    let cols;
-    let cols_ref = if kk == 1 {
-        MatRef::row_major(x, rows, n)
-    } else {
-        cols = im2col(x, ci, h, w, b, kk);
-        MatRef::row_major(&cols, rows, n)
-    };
+    let cols = (kk > 1).then(|| im2col(x, ci, h, w, b, kk));
+    let cols_ref = MatRef::row_major(cols.as_deref().unwrap_or(x), rows, n);
     matmul(
         MatRef::row_major(k, co, rows),
         cols_ref,
@@ -611,6 +644,9 @@ fn conv2d_gemm<T: Real>(x: &[T], x_shape: &[usize], k: &[T], co: usize, kk: usiz
         T::zero(),
         false,
     );
+    if let Some(cols) = cols {
+        give_back(cols);
+    }
     out
 }
 
@@ -820,6 +856,7 @@ fn kgrad_direct<T: Real>(
             let ys = s * per..((s + 1) * per).min(h);
             kgrad_pair(fast, &g, dy, &xp, o, i, ys, dst);
         });
+    give_back(xp);
     if splits == 1 {
         return partial;
     }
@@ -860,13 +897,8 @@ fn kgrad_gemm<T: Real>(dy: &[T], dy_shape: &[usize], x: &[T], ci: usize, k: usiz
     let (co, h, w, b) = (dy_shape[0], dy_shape[1], dy_shape[2], dy_shape[3]);
     let (n, rows) = (h * w * b, ci * k * k);
     let mut out = vec![T::zero(); co * rows];
-    let cols;
-    let cols_ref = if k == 1 {
-        MatRef::row_major(x, rows, n)
-    } else {
-        cols = im2col(x, ci, h, w, b, k);
-        MatRef::row_major(&cols, rows, n)
-    };
+    let cols = (k > 1).then(|| im2col(x, ci, h, w, b, k));
+    let cols_ref = MatRef::row_major(cols.as_deref().unwrap_or(x), rows, n);
     matmul(
         MatRef::row_major(dy, co, n),
         cols_ref.t(),
@@ -875,6 +907,9 @@ fn kgrad_gemm<T: Real>(dy: &[T], dy_shape: &[usize], x: &[T], ci: usize, k: usiz
         T::zero(),
         false,
     );
+    if let Some(cols) = cols {
+        give_back(cols);
+    }
     out
 }
 
@@ -1144,6 +1179,28 @@ mod tests {
         (2, 1, 1, 9, 4, 3),
         (1, 3, 6, 2, 9, 5),
     ];
+
+    /// A reused scratch buffer comes back zeroed, and only as its own type and size.
+    #[test]
+    fn scratch_buffers_come_back_zeroed() {
+        let n = PAR_MIN * 3 + 5;
+        give_back(vec![7.0f64; n]);
+        give_back(vec![9.0f32; n]);
+        let a: Vec<f64> = scratch_zeroed(n);
+        let b: Vec<f32> = scratch_zeroed(n);
+        let c: Vec<f64> = scratch_zeroed(n);
+        assert_eq!(a.len(), n);
+        assert!(a.iter().all(|&v| v == 0.0) && b.iter().all(|&v| v == 0.0));
+        assert!(c.iter().all(|&v| v == 0.0) && c.len() == n);
+        // A padded image after a call that left other values in a buffer of its size.
+        let (ci, h, w, bsz) = (4, 16, 16, 64);
+        let pad_len = ci * 18 * 18 * bsz;
+        give_back(vec![3.0f64; pad_len]);
+        let x = vec![1.0f64; ci * h * w * bsz];
+        let p = pad(&x, ci, h, w, bsz, 1);
+        assert_eq!(p.iter().filter(|&&v| v == 1.0).count(), x.len());
+        assert_eq!(p.iter().filter(|&&v| v == 0.0).count(), pad_len - x.len());
+    }
 
     #[test]
     fn conv_paths_match_naive() {
