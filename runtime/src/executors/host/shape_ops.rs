@@ -350,8 +350,9 @@ fn padded<T: Real>(x: &[T], ci: usize, h: usize, w: usize, b: usize, kk: usize) 
 /// Scratch buffers (padded images, im2col matrices) kept between calls of the same shape: a
 /// training step convolves the same shapes every time, and a fresh allocation of tens of MB is
 /// page-faulted in again on every call. At most [`SCRATCH_KEPT`] are kept, of any type.
-static SCRATCH: std::sync::Mutex<Vec<(std::any::TypeId, usize, Box<dyn std::any::Any + Send>)>> =
-    std::sync::Mutex::new(Vec::new());
+static SCRATCH: std::sync::Mutex<Vec<ScratchBuffer>> = std::sync::Mutex::new(Vec::new());
+/// A kept buffer: its element type, its length and the `Vec` itself.
+type ScratchBuffer = (std::any::TypeId, usize, Box<dyn std::any::Any + Send>);
 const SCRATCH_KEPT: usize = 8;
 
 /// A zeroed buffer of `len` values, reused from [`SCRATCH`] when one of that size is there.
