@@ -292,11 +292,12 @@ pub fn scaling<T: Real + 'static>(
                 message,
             })
         };
-        let snf = bench_step::<T>(&spec_of(false)?, opts)?;
+        let snf_spec = spec_of(false)?;
+        let snf = bench_step::<T>(&snf_spec, opts)?;
         let exact = bench_step::<T>(&spec_of(true)?, opts)?;
         let row = ScalingRow {
             dim,
-            shape: spec_of(false)?.input.shape.clone(),
+            shape: snf_spec.input.shape.clone(),
             snf_ms: snf.median_step_ms,
             exact_ms: exact.median_step_ms,
             ratio: exact.median_step_ms / snf.median_step_ms,

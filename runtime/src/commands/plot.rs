@@ -13,6 +13,9 @@ pub enum PlotError {
     Input { path: String, message: String },
     #[error("{path}: cannot draw the plot: {message}")]
     Draw { path: String, message: String },
+    /// Encoding or writing the PNG failed (the error names the file).
+    #[error(transparent)]
+    Write(#[from] crate::data::DataError),
 }
 
 /// Pixels of one panel; panels are laid out two per row.
@@ -291,25 +294,9 @@ pub fn plot(runs: &[RunCurves], out: &Path) -> Result<(u32, u32), PlotError> {
     write_png(&rgb, (w, h), out)
 }
 
-/// Encode an RGB buffer as PNG and write it atomically; returns the size.
+/// Write an RGB buffer as PNG; returns the size.
 fn write_png(rgb: &[u8], (w, h): (u32, u32), out: &Path) -> Result<(u32, u32), PlotError> {
-    let mut bytes = Vec::new();
-    let encoded = (|| -> Result<(), png::EncodingError> {
-        let mut enc = png::Encoder::new(&mut bytes, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header()?;
-        writer.write_image_data(rgb)?;
-        writer.finish()
-    })();
-    encoded.map_err(|e| PlotError::Draw {
-        path: out.display().to_string(),
-        message: format!("PNG encoding failed: {e}"),
-    })?;
-    crate::atomic::write_atomically(out, &bytes).map_err(|e| PlotError::Draw {
-        path: e.path,
-        message: format!("cannot {}: {}", e.step, e.source),
-    })?;
+    crate::image::write_png(out, rgb, (w, h), 3)?;
     Ok((w, h))
 }
 

@@ -468,7 +468,9 @@ pub fn load_last<T: Real>(
     n_train: usize,
 ) -> Result<(Model<T>, RunState<T>), TrainError> {
     let bad = |message: String| TrainError::Setup(format!("{}: {message}", path.display()));
-    let (model, meta) = Model::<T>::load(path, None)?;
+    // One read: the model and Adam's moments come from the same bytes.
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let (model, meta) = Model::<T>::from_bytes(&bytes, path, None)?;
     // The epoch count may grow between runs (that is what resuming is for); nothing else.
     let same_spec = {
         let (mut a, mut b) = (model.spec.clone(), spec.clone());
@@ -517,7 +519,6 @@ pub fn load_last<T: Real>(
     rng.set_stream(run.rng_stream);
     rng.set_word_pos(word_pos);
 
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut moments = BTreeMap::new();
@@ -909,22 +910,26 @@ pub fn train<T: Real + 'static>(
                 adam_spec.lr
             };
             let loss = backend.output("loss")?.scalar().as_f64();
-            if !loss.is_finite() {
+            // With clipping (`train.grad_clip_norm`) the global norm is one reduction over
+            // every gradient, and a finite norm means finite gradients; without it the
+            // gradients are checked for non-finite values (host: a scan of memory the step
+            // just wrote; GPU: device-side sums of squares, partials read back).
+            let norm = match tr.grad_clip_norm {
+                Some(_) => Some(backend.grad_norm()?),
+                None => None,
+            };
+            let problem = if !loss.is_finite() {
+                Some(format!("the loss is {loss}"))
+            } else if norm.is_some_and(f64::is_finite) {
+                None
+            } else {
+                backend
+                    .first_nonfinite_grad()?
+                    .map(|name| format!("the gradient of `{name}` has a non-finite value"))
+                    .or_else(|| norm.map(|n| format!("the gradient norm is {n}")))
+            };
+            if let Some(what) = problem {
                 bar.finish_and_clear();
-                let what = format!("the loss is {loss}");
-                return Err(diverged(
-                    spec,
-                    opts,
-                    state.geco.as_ref(),
-                    (epoch, s + 1, state.total_steps),
-                    &what,
-                ));
-            }
-            // Every step's gradients are checked (host: a scan of memory the step just wrote;
-            // GPU: a device-side sum of squares per gradient, partials read back).
-            if let Some(name) = backend.first_nonfinite_grad()? {
-                bar.finish_and_clear();
-                let what = format!("the gradient of `{name}` has a non-finite value");
                 return Err(diverged(
                     spec,
                     opts,
@@ -945,25 +950,10 @@ pub fn train<T: Real + 'static>(
                     backend.set(&name, &[T::of_f64(v)])?;
                 }
             }
-            // Clipping by global norm (`train.grad_clip_norm`): every gradient scaled by
-            // min(1, clip / ‖g‖).
-            let grad_scale = match tr.grad_clip_norm {
-                Some(clip) => {
-                    let norm = backend.grad_norm()?;
-                    if !norm.is_finite() {
-                        bar.finish_and_clear();
-                        let what = format!("the gradient norm is {norm}");
-                        return Err(diverged(
-                            spec,
-                            opts,
-                            state.geco.as_ref(),
-                            (epoch, s + 1, state.total_steps),
-                            &what,
-                        ));
-                    }
-                    (clip / norm).min(1.0)
-                }
-                None => 1.0,
+            // Clipping by global norm: every gradient scaled by min(1, clip / ‖g‖).
+            let grad_scale = match (tr.grad_clip_norm, norm) {
+                (Some(clip), Some(norm)) => (clip / norm).min(1.0),
+                _ => 1.0,
             };
             backend.adam_step(lr, adam_spec.betas, adam_spec.eps, grad_scale)?;
             steps += 1;

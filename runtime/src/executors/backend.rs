@@ -39,13 +39,7 @@ pub trait Backend<T: Real> {
     /// The global norm ‖g‖₂ over every `grad.<name>` output of the last run (on a GPU reduced
     /// on the device; one partial sum per 256 values is read back).
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
-        Ok(self
-            .outputs()?
-            .iter()
-            .filter(|(n, _)| n.starts_with("grad."))
-            .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
-            .sum::<f64>()
-            .sqrt())
+        Ok(grad_norm_of(&self.outputs()?))
     }
     /// The first parameter whose gradient in the last run has a NaN or infinite value (the
     /// divergence guard; on a GPU from the device-side sums of squares).
@@ -69,6 +63,15 @@ pub trait Backend<T: Real> {
     fn profile(&self) -> Vec<(String, f64, usize)> {
         Vec::new()
     }
+}
+
+/// ‖g‖₂ over the `grad.<name>` tensors of a run's outputs.
+fn grad_norm_of<T: Real>(outs: &[(String, Tensor<T>)]) -> f64 {
+    outs.iter()
+        .filter(|(n, _)| n.starts_with("grad."))
+        .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The host executor behind [`Backend`].
@@ -154,13 +157,7 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     }
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
         // The outputs in place, without the trait default's copy.
-        Ok(self
-            .outs
-            .iter()
-            .filter(|(n, _)| n.starts_with("grad."))
-            .flat_map(|(_, t)| t.data.iter().map(|v| v.as_f64() * v.as_f64()))
-            .sum::<f64>()
-            .sqrt())
+        Ok(grad_norm_of(&self.outs))
     }
     fn adam_state(&mut self) -> Result<AdamState<T>, ExecError> {
         Ok(self.adam.as_ref().map(Adam::state).unwrap_or_default())

@@ -88,9 +88,20 @@ pub fn write_png_grid(
         }
     }
 
+    write_png(path, &canvas, (w32, h32), channels)
+}
+
+/// Encode 8-bit pixels (`channels` 1 = grayscale, 3 = RGB, row-major) as PNG and write them
+/// atomically.
+pub fn write_png(
+    path: &Path,
+    pixels: &[u8],
+    (width, height): (u32, u32),
+    channels: usize,
+) -> Result<(), DataError> {
     let mut bytes = Vec::new();
     let encoded = (|| -> Result<(), png::EncodingError> {
-        let mut enc = png::Encoder::new(&mut bytes, w32, h32);
+        let mut enc = png::Encoder::new(&mut bytes, width, height);
         enc.set_color(if channels == 1 {
             png::ColorType::Grayscale
         } else {
@@ -98,10 +109,15 @@ pub fn write_png_grid(
         });
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header()?;
-        writer.write_image_data(&canvas)?;
+        writer.write_image_data(pixels)?;
         writer.finish()
     })();
-    encoded.map_err(|e| DataError::invalid(&origin, format!("PNG encoding failed: {e}")))?;
+    encoded.map_err(|e| {
+        DataError::invalid(
+            path.display().to_string(),
+            format!("PNG encoding failed: {e}"),
+        )
+    })?;
     write_file_atomically(path, &bytes)
 }
 

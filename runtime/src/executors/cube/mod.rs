@@ -554,12 +554,9 @@ impl<R: Runtime> GpuProgram<R> {
             .filter_map(|(n, s)| n.strip_prefix("grad.").map(|p| (p.to_string(), *s)))
             .collect();
         for (param, gslot) in grads {
-            let pslot = self
-                .plan
-                .instrs
-                .iter()
-                .position(|i| matches!(&i.op, Op::Param { name, .. } if *name == param));
-            let Some(pslot) = pslot else { continue };
+            let Some(pslot) = self.param_slot(&param) else {
+                continue;
+            };
             if transposed(&self.plan, gslot) {
                 return Err(ExecError::Device {
                     graph: self.plan.name.clone(),
@@ -692,13 +689,18 @@ impl<R: Runtime> GpuProgram<R> {
         Ok(())
     }
 
-    /// The number of values of parameter `name`.
-    fn param_len(&self, name: &str) -> Result<usize, ExecError> {
+    /// The plan slot of parameter `name`.
+    fn param_slot(&self, name: &str) -> Option<usize> {
         self.plan
             .instrs
             .iter()
-            .find(|i| matches!(&i.op, Op::Param { name: n, .. } if n == name))
-            .map(|i| numel(&i.shape))
+            .position(|i| matches!(&i.op, Op::Param { name: n, .. } if n == name))
+    }
+
+    /// The number of values of parameter `name`.
+    fn param_len(&self, name: &str) -> Result<usize, ExecError> {
+        self.param_slot(name)
+            .map(|s| numel(&self.plan.instrs[s].shape))
             .ok_or_else(|| ExecError::Missing {
                 graph: self.plan.name.clone(),
                 kind: "param",
