@@ -47,6 +47,56 @@ pub fn host_unary<T: Real>(u: Unary, x: T) -> T {
     }
 }
 
+/// `$body` with `$f` bound to `|x| host_unary(u, x)` for the `u` that `$u` holds, fixed in each
+/// match arm: every function gets its own loop, inlined and vectorized (`step` as a blend),
+/// instead of one loop that dispatches per element (an unpredictable `x > 0` branch made `step`
+/// 5× slower than `relu` on a 40 MB tensor).
+macro_rules! with_unary {
+    ($u:expr, |$f:ident| $body:expr) => {{
+        use snfc_compiler::ir::Unary as U;
+        use $crate::executors::elementwise::host_unary;
+        match $u {
+            U::Exp => {
+                let $f = |x| host_unary(U::Exp, x);
+                $body
+            }
+            U::Log => {
+                let $f = |x| host_unary(U::Log, x);
+                $body
+            }
+            U::Softplus => {
+                let $f = |x| host_unary(U::Softplus, x);
+                $body
+            }
+            U::Sigmoid => {
+                let $f = |x| host_unary(U::Sigmoid, x);
+                $body
+            }
+            U::Square => {
+                let $f = |x| host_unary(U::Square, x);
+                $body
+            }
+            U::Recip => {
+                let $f = |x| host_unary(U::Recip, x);
+                $body
+            }
+            U::Relu => {
+                let $f = |x| host_unary(U::Relu, x);
+                $body
+            }
+            U::Step => {
+                let $f = |x| host_unary(U::Step, x);
+                $body
+            }
+            U::Tanh => {
+                let $f = |x| host_unary(U::Tanh, x);
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_unary;
+
 /// `u(x)` in a CubeCL kernel (`u` is known when the kernel is compiled).
 #[cube]
 pub fn gpu_unary<F: Float>(x: F, #[comptime] u: Unary) -> F {

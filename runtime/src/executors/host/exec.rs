@@ -9,9 +9,9 @@ use super::fused::{self, Ext};
 use super::linalg::{self, MatRef, Real};
 use super::shape_ops;
 use super::spline::{Spline, SplineGrads, SplineParams};
-use crate::executors::elementwise::host_unary;
+use crate::executors::elementwise::with_unary;
 use rayon::prelude::*;
-use snfc_compiler::ir::{Graph, Op, Shape, SplinePart, Unary};
+use snfc_compiler::ir::{Graph, Op, Shape, SplinePart};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -442,8 +442,17 @@ impl<T: Real> Executor<T> {
             }
         }
         let mut out = Vec::with_capacity(p.outputs.len());
-        for (name, slot) in &p.outputs {
-            let v = vals[*slot].clone().expect("output computed");
+        for (k, (name, slot)) in p.outputs.iter().enumerate() {
+            // The last output of a slot takes its value, so a buffer nothing else holds is
+            // handed out as it is: cloning it copied every gradient (75 MB per step for one
+            // 3072-wide layer's W and R).
+            let last_use = !p.outputs[k + 1..].iter().any(|(_, s)| s == slot);
+            let v = if last_use {
+                vals[*slot].take()
+            } else {
+                vals[*slot].clone()
+            }
+            .expect("output computed");
             let data = self.contiguous(&v);
             let data = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
             out.push((
@@ -642,18 +651,14 @@ impl<T: Real> Executor<T> {
                     Op::Sub => x - y,
                     _ => x * y,
                 };
-                let f1 = |x: T| match ins.op {
-                    Op::Neg => -x,
-                    Op::Unary(Unary::Square) => x * x,
-                    Op::Unary(Unary::Recip) => T::one() / x,
-                    Op::Unary(u) => host_unary(u, x),
-                    _ => x,
-                };
                 if ins.args.len() == 1 {
                     if let Some(mut buf) = take_donor(donors, ins.args[0], numel, layout_t) {
                         match ins.op {
                             Op::Neg => buf.iter_mut().for_each(|x| *x = -*x),
-                            _ => zip_inplace(&mut buf, &[T::zero()], |x, _| f1(x)),
+                            Op::Unary(u) => {
+                                with_unary!(u, |f| zip_inplace(&mut buf, &[T::zero()], |x, _| f(x)))
+                            }
+                            _ => {}
                         }
                         return Ok(out_value(buf));
                     }
@@ -662,9 +667,7 @@ impl<T: Real> Executor<T> {
                     let mut out = self.alloc(numel);
                     match ins.op {
                         Op::Neg => map1(&mut out, &a, |x| -x),
-                        Op::Unary(Unary::Square) => map1(&mut out, &a, |x| x * x),
-                        Op::Unary(Unary::Recip) => map1(&mut out, &a, |x| T::one() / x),
-                        Op::Unary(u) => map1(&mut out, &a, |x| host_unary(u, x)),
+                        Op::Unary(u) => with_unary!(u, |f| map1(&mut out, &a, f)),
                         _ => out.copy_from_slice(&a),
                     }
                     return Ok(out_value(out));

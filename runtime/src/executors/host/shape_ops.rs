@@ -6,11 +6,13 @@
 //! internal error.
 //!
 //! `permute` and `expand` are one strided gather that copies (or fills) whole contiguous inner
-//! runs; `reduce_sum` walks coalesced axes. `conv2d` and `conv_kernel_grad` run a direct
-//! convolution when the kernel is small (`C_in·K·K` up to [`DIRECT_MAX_TAPS`]): because the
-//! batch axis is innermost, every kernel tap is a shifted contiguous run of a zero-padded copy
-//! of the input, and a register tile of outputs accumulates over all taps. Larger kernels run
-//! one GEMM over the im2col matrix; 1 × 1 kernels one GEMM with no im2col at all.
+//! runs; `reduce_sum` walks coalesced axes. `conv2d` and `conv_kernel_grad` take one of three
+//! forms ([`conv_form`]) by their channel counts: with few channels on both sides a direct
+//! convolution (the batch axis is innermost, so every kernel tap is a shifted contiguous run of a
+//! zero-padded copy of the input, and a register tile of outputs accumulates over all taps);
+//! with few input channels one GEMM over the im2col matrix; with few output channels one GEMM
+//! of the per-tap kernels with the input, whose products are added shifted into place. 1 × 1
+//! kernels are one GEMM with no im2col at all.
 
 use super::linalg::{matmul, MatRef, Real};
 use rayon::prelude::*;
@@ -307,16 +309,40 @@ fn im2col<T: Real>(x: &[T], c: usize, h: usize, w: usize, b: usize, k: usize) ->
     out
 }
 
-/// The direct convolutions run while `C_in·K·K` (the length of one output's dot product) is at
-/// most this; beyond it the im2col GEMM is faster. (Measured with f32, B = 100 and 3 × 3 kernels
-/// on one Zen 4 core, noisily: direct is about 2× faster at C = 16 and 48 on 14 × 14; at C = 64
-/// on 7 × 7 the direct kernel adjoint is 1.4× slower, at C = 128 both directions are.)
-pub const DIRECT_MAX_TAPS: usize = 512;
+/// How a K × K convolution (K > 1) runs on the host, chosen from its channel counts. Every form
+/// computes the same sums; they differ in which operand a GEMM reads and what extra memory they
+/// write (measured with `cargo run --release -p snfc-runtime --example conv_speed`, f32, B = 100,
+/// on the shapes of mnist_glow's couplings and mnist_cnn9's convs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvForm {
+    /// Direct register-tiled loops: both channel counts small (the CNN's 1–48 channels), where a
+    /// GEMM would have too few rows or too short a reduction to run at its rate.
+    Direct,
+    /// A GEMM over the im2col matrix (`C_in·K²` rows): few input channels, many outputs (a
+    /// coupling's first conv, 2 → 512), or many of both.
+    Im2col,
+    /// A GEMM of the `C_out·K²` per-tap kernels with the input itself, then each tap's plane
+    /// added shifted into place: few output channels, many inputs (a coupling's last conv,
+    /// 512 → C), where im2col would write `C_in·K²·H·W·B` values (361 MB for 512 channels of
+    /// 14 × 14 × 100) for a GEMM with a handful of rows.
+    Taps,
+}
 
-/// The direct loops also take kernels with more taps when they have at most this many output
-/// channels (a Glow coupling's last conv, 512 → C): im2col would write `C_in·K²·H·W·B` values
-/// (361 MB for 512 channels of 14 × 14 × 100) for a GEMM with a handful of rows.
-pub const DIRECT_MAX_OUT: usize = 16;
+/// Channel count from which a side of a convolution feeds a GEMM well (below it on both sides
+/// the direct loops win: about 2× at C = 16 and 48 on 14 × 14; at C = 64 on 7 × 7 the direct
+/// kernel adjoint is already 1.4× slower).
+pub const GEMM_MIN_CHANNELS: usize = 64;
+
+/// The form of a `C_in → C_out`, K × K convolution (its kernel adjoint uses the same).
+pub fn conv_form(ci: usize, co: usize, kk: usize) -> ConvForm {
+    if kk == 1 || (co >= GEMM_MIN_CHANNELS && ci <= co) {
+        ConvForm::Im2col
+    } else if ci >= GEMM_MIN_CHANNELS {
+        ConvForm::Taps
+    } else {
+        ConvForm::Direct
+    }
+}
 
 /// The geometry of a direct convolution over the zero-padded input.
 #[derive(Clone, Copy)]
@@ -623,11 +649,72 @@ pub fn conv2d<T: Real>(x: &[T], x_shape: &[usize], k: &[T], k_shape: &[usize]) -
     if x.is_empty() || k.is_empty() {
         return vec![T::zero(); co * x_shape[1..].iter().product::<usize>()];
     }
-    if kk > 1 && (ci * kk * kk <= DIRECT_MAX_TAPS || co <= DIRECT_MAX_OUT) {
-        conv2d_direct(x, x_shape, k, co, kk, avx2_fma())
-    } else {
-        conv2d_gemm(x, x_shape, k, co, kk)
+    match conv_form(ci, co, kk) {
+        ConvForm::Direct => conv2d_direct(x, x_shape, k, co, kk, avx2_fma()),
+        ConvForm::Im2col => conv2d_gemm(x, x_shape, k, co, kk),
+        ConvForm::Taps => conv2d_taps(x, x_shape, k, co, kk),
     }
+}
+
+/// The columns `[x0, x1)` of an output row that tap offset `v` (of a K × K kernel, padding
+/// `p`) reads from the input row, and the input column of `x0`: `0 ≤ x + v − p < W`.
+fn tap_columns(w: usize, p: usize, v: usize) -> Option<(usize, usize, usize)> {
+    let x0 = p.saturating_sub(v);
+    let x1 = (w + p).saturating_sub(v).min(w);
+    (x0 < x1).then(|| (x0, x1, x0 + v - p))
+}
+
+/// [`conv2d`] as one GEMM `k' [C_out·K², C_in] × x [C_in, H·W·B]` (every tap's kernel against
+/// every input pixel; `x` is read as it is), then `out[o, y, x] = Σ_{u,v} P[(o, u, v), y + u − p,
+/// x + v − p]`: each tap's plane added shifted into place, a contiguous run per row.
+fn conv2d_taps<T: Real>(x: &[T], x_shape: &[usize], k: &[T], co: usize, kk: usize) -> Vec<T> {
+    let (ci, h, w, b) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
+    let (n, t, p, wb) = (h * w * b, kk * kk, kk / 2, w * b);
+    // kt[(o, tap), i] = k[o, i, tap]
+    let mut kt = vec![T::zero(); co * t * ci];
+    for o in 0..co {
+        for i in 0..ci {
+            for tap in 0..t {
+                kt[(o * t + tap) * ci + i] = k[(o * ci + i) * t + tap];
+            }
+        }
+    }
+    let mut prod = scratch_zeroed(co * t * n);
+    matmul(
+        MatRef::row_major(&kt, co * t, ci),
+        MatRef::row_major(x, ci, n),
+        &mut prod,
+        T::one(),
+        T::zero(),
+        false,
+    );
+    let mut out = vec![T::zero(); co * n];
+    let add_taps = |(row, dst): (usize, &mut [T])| {
+        let (o, y) = (row / h, row % h);
+        for u in 0..kk {
+            let sy = y + u;
+            if sy < p || sy - p >= h {
+                continue;
+            }
+            for v in 0..kk {
+                let Some((x0, x1, sx0)) = tap_columns(w, p, v) else {
+                    continue;
+                };
+                let plane = (o * t + u * kk + v) * n + (sy - p) * wb;
+                let src = &prod[plane + sx0 * b..plane + (sx0 + x1 - x0) * b];
+                for (d, s) in dst[x0 * b..x1 * b].iter_mut().zip(src) {
+                    *d += *s;
+                }
+            }
+        }
+    };
+    if out.len() < PAR_MIN {
+        out.chunks_mut(wb).enumerate().for_each(add_taps);
+    } else {
+        out.par_chunks_mut(wb).enumerate().for_each(add_taps);
+    }
+    give_back(prod);
+    out
 }
 
 /// [`conv2d`] as one GEMM over the im2col matrix (over `x` itself for a 1 × 1 kernel).
@@ -886,11 +973,60 @@ pub fn conv_kernel_grad<T: Real>(
     if dy.is_empty() || x.is_empty() {
         return vec![T::zero(); co * ci * k * k];
     }
-    if k > 1 && (ci * k * k <= DIRECT_MAX_TAPS || co <= DIRECT_MAX_OUT) {
-        kgrad_direct(dy, dy_shape, x, ci, k, avx2_fma())
-    } else {
-        kgrad_gemm(dy, dy_shape, x, ci, k)
+    match conv_form(ci, co, k) {
+        ConvForm::Direct => kgrad_direct(dy, dy_shape, x, ci, k, avx2_fma()),
+        ConvForm::Im2col => kgrad_gemm(dy, dy_shape, x, ci, k),
+        ConvForm::Taps => kgrad_taps(dy, dy_shape, x, ci, k),
     }
+}
+
+/// [`conv_kernel_grad`] as one GEMM of the `K²` shifted copies of `dy`, stacked as
+/// `D [C_out·K², H·W·B]` with `D[(o, u, v), y, x] = dy[o, y − u + p, x − v + p]` (zero outside),
+/// with `xᵀ`: `g[o, i, u, v] = Σ D[(o, u, v), ·] · x[i, ·]`. `D` is small when `C_out` is.
+fn kgrad_taps<T: Real>(dy: &[T], dy_shape: &[usize], x: &[T], ci: usize, kk: usize) -> Vec<T> {
+    let (co, h, w, b) = (dy_shape[0], dy_shape[1], dy_shape[2], dy_shape[3]);
+    let (n, t, p, wb) = (h * w * b, kk * kk, kk / 2, w * b);
+    let mut shifted = scratch_zeroed(co * t * n);
+    let shift = |(r, dst): (usize, &mut [T])| {
+        let (o, u, v) = (r / t, r / kk % kk, r % kk);
+        // The input column of x' is x' + p − v: the same run as a forward tap at 2p − v.
+        let Some((x0, x1, sx0)) = tap_columns(w, p, kk - 1 - v) else {
+            return;
+        };
+        for y in 0..h {
+            let sy = y + p;
+            if sy < u || sy - u >= h {
+                continue;
+            }
+            let src = (o * h + sy - u) * wb;
+            dst[y * wb + x0 * b..y * wb + x1 * b]
+                .copy_from_slice(&dy[src + sx0 * b..src + (sx0 + x1 - x0) * b]);
+        }
+    };
+    if shifted.len() < PAR_MIN {
+        shifted.chunks_mut(n).enumerate().for_each(shift);
+    } else {
+        shifted.par_chunks_mut(n).enumerate().for_each(shift);
+    }
+    let mut g = vec![T::zero(); co * t * ci];
+    matmul(
+        MatRef::row_major(&shifted, co * t, n),
+        MatRef::row_major(x, ci, n).t(),
+        &mut g,
+        T::one(),
+        T::zero(),
+        false,
+    );
+    give_back(shifted);
+    let mut out = vec![T::zero(); co * ci * t];
+    for o in 0..co {
+        for tap in 0..t {
+            for i in 0..ci {
+                out[(o * ci + i) * t + tap] = g[(o * t + tap) * ci + i];
+            }
+        }
+    }
+    out
 }
 
 /// [`conv_kernel_grad`] as one GEMM with the im2col matrix (with `x` itself for 1 × 1).
@@ -1162,9 +1298,12 @@ mod tests {
     /// (C_in, C_out, H, W, B, K): C_in ≠ C_out, K = 1, 3, 5 (also wider than the map), odd
     /// sizes, B = 1, rows shorter and longer than a register tile, output-channel blocks of 4
     /// with remainders 1, 2 and 3.
-    const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 15] = [
-        // Beyond DIRECT_MAX_TAPS with few outputs (a coupling's last conv): direct.
-        (60, 3, 4, 3, 5, 3),
+    const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 17] = [
+        // Many inputs, few outputs (a coupling's last conv): the tap-product GEMM; and the
+        // reverse (its first conv, and that conv's adjoint): im2col.
+        (70, 3, 4, 3, 5, 3),
+        (3, 66, 5, 4, 3, 3),
+        (65, 2, 2, 6, 3, 5),
         (24, 2, 3, 3, 4, 5),
         (1, 1, 5, 7, 1, 3),
         (2, 3, 5, 4, 3, 3),
@@ -1214,6 +1353,7 @@ mod tests {
             let what = format!("conv2d {xs:?} * {:?}", [co, ci, kk, kk]);
             assert_close(&conv2d(&x, &xs, &k, &[co, ci, kk, kk]), &want, 1e-12, &what);
             assert_close(&conv2d_gemm(&x, &xs, &k, co, kk), &want, 1e-12, &what);
+            assert_close(&conv2d_taps(&x, &xs, &k, co, kk), &want, 1e-12, &what);
             if kk > 1 {
                 for fast in [false, avx2_fma()] {
                     let got = conv2d_direct(&x, &xs, &k, co, kk, fast);
@@ -1249,6 +1389,7 @@ mod tests {
                 &what,
             );
             assert_close(&kgrad_gemm(&dy, &ys, &x, ci, kk), &want, 1e-12, &what);
+            assert_close(&kgrad_taps(&dy, &ys, &x, ci, kk), &want, 1e-12, &what);
             if kk > 1 {
                 for fast in [false, avx2_fma()] {
                     let got = kgrad_direct(&dy, &ys, &x, ci, kk, fast);
