@@ -430,6 +430,17 @@ pub fn save_last<T: Real>(
     model: &Model<T>,
     state: &RunState<T>,
 ) -> Result<(), TrainError> {
+    let bytes = last_bytes(path, model, state)?;
+    crate::atomic::write_atomically(path, &bytes).map_err(crate::model::write_error)?;
+    Ok(())
+}
+
+/// The bytes of [`save_last`]'s file (`path` names it in errors).
+pub fn last_bytes<T: Real>(
+    path: &Path,
+    model: &Model<T>,
+    state: &RunState<T>,
+) -> Result<Vec<u8>, TrainError> {
     let mut extra = Vec::new();
     for (name, (m, v)) in &state.adam.moments {
         extra.push(RawTensor::of(&format!("adam.m.{name}"), &[m.len()], m));
@@ -456,8 +467,7 @@ pub fn save_last<T: Real>(
         ("epoch".to_string(), state.epoch.to_string()),
         ("steps".to_string(), state.total_steps.to_string()),
     ]);
-    model.save(path, &extra, metadata)?;
-    Ok(())
+    Ok(model.to_bytes(path, &extra, metadata)?)
 }
 
 /// Read `last.safetensors` back for a run of `spec` on a training split of `n_train`
@@ -820,6 +830,7 @@ pub fn train<T: Real + 'static>(
     let mut x = vec![T::zero(); d * batch];
     let mut noise = vec![T::zero(); d * batch];
     let mut records = Vec::new();
+    let mut writer = crate::atomic::BackgroundWriter::new();
     let max_steps = opts.steps.unwrap_or(usize::MAX);
     let probe = match opts.angle_every {
         Some(0) => {
@@ -1018,6 +1029,7 @@ pub fn train<T: Real + 'static>(
                 record.examples_per_sec
             );
         }
+        let mut files = Vec::new();
         let improved = state
             .best
             .as_ref()
@@ -1037,15 +1049,19 @@ pub fn train<T: Real + 'static>(
                     serde_json::to_string(g).unwrap_or_default(),
                 );
             }
-            model.save(&checkpoint, &[], meta)?;
+            files.push((checkpoint.clone(), model.to_bytes(&checkpoint, &[], meta)?));
             state.best = Some(val);
             state.best_epoch = epoch;
         }
         state.epoch = epoch;
         state.adam = backend.adam_state()?;
-        save_last(&last_path, &model, &state)?;
+        files.push((last_path.clone(), last_bytes(&last_path, &model, &state)?));
+        // The disk work (tens of ms with fsync) overlaps the next epoch; the previous epoch's
+        // files are complete before these start, and before any return (the writer's drop).
+        writer.submit(files).map_err(crate::model::write_error)?;
         records.push(record);
     }
+    writer.wait().map_err(crate::model::write_error)?;
     Ok(TrainSummary {
         records,
         best: state.best,

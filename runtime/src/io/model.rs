@@ -171,8 +171,20 @@ impl<T: Real> Model<T> {
         &self,
         path: &Path,
         extra: &[RawTensor],
-        mut metadata: HashMap<String, String>,
+        metadata: HashMap<String, String>,
     ) -> Result<(), ModelError> {
+        let bytes = self.to_bytes(path, extra, metadata)?;
+        write_bytes_atomically(path, &bytes)
+    }
+
+    /// The safetensors bytes [`Model::save`] writes (`path` names the file in errors): what
+    /// a caller hands to a [`crate::atomic::BackgroundWriter`].
+    pub fn to_bytes(
+        &self,
+        path: &Path,
+        extra: &[RawTensor],
+        mut metadata: HashMap<String, String>,
+    ) -> Result<Vec<u8>, ModelError> {
         metadata.insert("spec".into(), self.spec.to_json_pretty());
         metadata.insert("format".into(), "snfc-params-v1".into());
         metadata.insert(DATA_INITIALIZED.into(), self.data_initialized.to_string());
@@ -185,7 +197,7 @@ impl<T: Real> Model<T> {
             tensors.push(RawTensor::of(&p.name, &p.shape, v));
         }
         tensors.extend(extra.iter().cloned());
-        write_raw_safetensors(path, &tensors, metadata)
+        raw_safetensors_bytes(path, &tensors, metadata)
     }
 
     /// Load a parameter file. The spec comes from `spec` if given, else from the file's metadata.
@@ -374,18 +386,36 @@ pub fn write_raw_safetensors(
     tensors: &[RawTensor],
     metadata: HashMap<String, String>,
 ) -> Result<(), ModelError> {
+    let bytes = raw_safetensors_bytes(path, tensors, metadata)?;
+    write_bytes_atomically(path, &bytes)
+}
+
+/// `tensors` with `metadata` encoded as safetensors (`path` names the file in errors).
+pub fn raw_safetensors_bytes(
+    path: &Path,
+    tensors: &[RawTensor],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
     let mut views = Vec::new();
     for t in tensors {
         let view = TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
             .map_err(|e| file_err(path, format!("tensor `{}`: {e}", t.name)))?;
         views.push((t.name.clone(), view));
     }
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| file_err(path, format!("cannot encode: {e}")))?;
-    crate::atomic::write_atomically(path, &bytes).map_err(|e| ModelError::File {
+    safetensors::serialize(views, Some(metadata))
+        .map_err(|e| file_err(path, format!("cannot encode: {e}")))
+}
+
+/// A failed atomic write as a [`ModelError`] naming the file and the step that failed.
+pub fn write_error(e: crate::atomic::WriteError) -> ModelError {
+    ModelError::File {
         path: e.path,
         message: format!("cannot {}: {}", e.step, e.source),
-    })
+    }
+}
+
+fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    crate::atomic::write_atomically(path, bytes).map_err(write_error)
 }
 
 #[cfg(test)]
