@@ -80,13 +80,19 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
                 .and_then(serde_json::Value::as_f64)
                 .ok_or_else(|| bad(format!("line {}: no number `{key}`", i + 1)))
         };
+        // `null` is how JSON writes a non-finite value (an epoch whose NLL overflowed): a gap
+        // in the curve, not a broken file.
+        let value_or_gap = |key: &str| match v.get(key) {
+            Some(serde_json::Value::Null) => Ok(f64::NAN),
+            _ => num(key),
+        };
         let epoch = num("epoch")?;
         clock += num("seconds")?;
         run.epoch.push(epoch);
         run.wall.push(clock);
-        run.val_nll.push(num("val_nll_nats")?);
-        run.val_bpd.push(num("val_bits_per_dim")?);
-        run.train_loss.push(num("train_loss")?);
+        run.val_nll.push(value_or_gap("val_nll_nats")?);
+        run.val_bpd.push(value_or_gap("val_bits_per_dim")?);
+        run.train_loss.push(value_or_gap("train_loss")?);
         if let Some(r) = v.get("val_recon").and_then(serde_json::Value::as_f64) {
             run.recon.push((epoch, r));
         }
@@ -476,6 +482,30 @@ mod tests {
         assert_eq!(short_number(1088.3), "1088");
         assert_eq!(short_number(1.5e27), "1.5e27");
         assert_eq!(short_number(0.001), "1.0e-3");
+    }
+
+    /// A non-finite epoch (written as `null`) is a gap; a missing or non-numeric field is an
+    /// error naming the line.
+    #[test]
+    fn null_values_are_gaps_and_missing_ones_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("metrics.jsonl");
+        let line = |e: usize, nll: &str| {
+            format!(
+                "{{\"epoch\": {e}, \"seconds\": 1.0, \"val_nll_nats\": {nll}, \
+                 \"val_bits_per_dim\": {nll}, \"train_loss\": {nll}}}\n"
+            )
+        };
+        std::fs::write(&f, line(1, "900.0") + &line(2, "null") + &line(3, "880.0")).unwrap();
+        let run = read_run(&f).unwrap();
+        assert_eq!(run.epoch, [1.0, 2.0, 3.0]);
+        assert!(run.val_nll[1].is_nan() && run.val_nll[2] == 880.0);
+        let out = dir.path().join("c.png");
+        plot(&[run], &out).unwrap();
+        assert!(out.exists());
+        std::fs::write(&f, line(1, "900.0") + "{\"epoch\": 2, \"seconds\": 1.0}\n").unwrap();
+        let e = read_run(&f).unwrap_err().to_string();
+        assert!(e.contains("line 2: no number `val_nll_nats`"), "{e}");
     }
 
     #[test]
