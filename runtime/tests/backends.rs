@@ -318,7 +318,16 @@ fn step_feeds(spec: &FlowSpec, batch: usize, seed: u64, eight_bit: bool) -> Feed
 /// toeplitz_adjoint, multiplicity and a rank-4 elementwise product.
 fn tensor_ops(chosen: &Chosen) {
     let mut rng = Rng::new(15);
-    for (ci, co, h, w, batch, k) in [(2, 3, 5, 4, 3, 3), (3, 2, 4, 4, 2, 1), (1, 2, 6, 5, 4, 5)] {
+    // The last two have enough pixels (h·w·batch ≥ 1024) that the GPU kernel gradient splits
+    // them across cube layers (2 and 6 slices, neither a multiple of the staged depth) and
+    // more than one 64-row tile of output channels.
+    for (ci, co, h, w, batch, k) in [
+        (2, 3, 5, 4, 3, 3),
+        (3, 2, 4, 4, 2, 1),
+        (1, 2, 6, 5, 4, 5),
+        (3, 70, 8, 7, 25, 3),
+        (5, 2, 9, 9, 40, 1),
+    ] {
         let mut b = GraphBuilder::new("conv");
         let x = b.input("x", vec![ci, h, w, batch]);
         let kern = b.param("k", vec![co, ci, k, k]);

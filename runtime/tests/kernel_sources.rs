@@ -19,8 +19,9 @@ fn small_plan() -> Plan {
     Plan::new(&c.step)
 }
 
-/// CubeCL places and declares shared arrays in hash-map order: drop their size comments and
-/// offsets and sort the declarations so the snapshot depends only on the kernel.
+/// CubeCL places and declares shared arrays and mutable locals in hash-map order: drop the
+/// arrays' size comments and offsets and sort each run of declarations so the snapshot depends
+/// only on the kernel.
 fn stable(source: &str) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut decls: Vec<String> = Vec::new();
@@ -33,6 +34,17 @@ fn stable(source: &str) -> String {
             line.find("&dynamic_shared_mem["),
         ) {
             decls.push(format!("{}&dynamic_shared_mem[offset]);", &line[..at]));
+            continue;
+        }
+        // `float l_mut_20;`: a mutable local declared without a value.
+        let local = line.split_once(" l_mut_").is_some_and(|(ty, rest)| {
+            !ty.contains(' ')
+                && rest
+                    .strip_suffix(';')
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+        });
+        if local {
+            decls.push(line.to_string());
             continue;
         }
         if !decls.is_empty() {
@@ -87,7 +99,7 @@ fn cuda_and_wgsl_sources_of_the_cnn_plans() {
         for kind in [
             "gather",
             "conv2d_gemm",
-            "conv_kernel_grad",
+            "conv_kernel_grad_gemm",
             "spline",
             "fused",
         ] {

@@ -228,8 +228,21 @@ pub struct GemmConfig {
     /// emulated and caches do the staging.
     pub staged: bool,
     /// An implicit-GEMM convolution: `B` is not stored but gathered from the image (the
-    /// im2col matrix, never materialized); `None` for a plain GEMM.
+    /// im2col matrix, never materialized; with `b_t` its transpose, as a kernel gradient
+    /// `dy · im2col(x)ᵀ` reads it); `None` for a plain GEMM.
     pub im2col: Option<Im2col>,
+    /// Split the inner dimension into this many slices, one cube layer (`CUBE_POS_Z`) each:
+    /// a product with a long inner dimension and few output tiles (a kernel gradient sums
+    /// over every pixel of the batch) then still fills the device. With more than one slice
+    /// `out` is `[m·n, split_k]` partial sums (no epilogue), finished by a row sum.
+    pub split_k: usize,
+}
+
+impl GemmConfig {
+    /// The inner-dimension slice of each cube layer: a multiple of [`DEPTH`].
+    pub fn k_per_split(&self) -> usize {
+        self.k.div_ceil(self.split_k.max(1)).div_ceil(DEPTH) * DEPTH
+    }
 }
 
 /// The image behind an implicit GEMM's `B`: `x` is `[ci, h, w, b]` (batch last) and
@@ -245,7 +258,7 @@ pub struct Im2col {
     pub k: usize,
 }
 
-/// One element of an implicit GEMM's `B` (see [`Im2col`]); `gk < ci·k²` and `gj < h·w·b`.
+/// One element of the im2col matrix (see [`Im2col`]); `gk < ci·k²` and `gj < h·w·b`.
 #[cube]
 fn im2col_value<F: Float>(x: &Array<F>, gk: usize, gj: usize, #[comptime] c: Im2col) -> F {
     let (h, w, bs, k) = comptime![(c.h, c.w, c.b, c.k)];
@@ -312,8 +325,15 @@ fn gemm_body<F: Float>(
     for q in 0..WORK * WORK {
         acc[q] = F::new(0.0);
     }
+    // This cube layer's slice of the inner dimension.
+    let kc = comptime![g.k_per_split()];
+    let k_begin = CUBE_POS_Z as usize * kc;
+    let mut k_end = k_begin + kc;
+    if k_end > k {
+        k_end = k;
+    }
     if comptime![!g.staged] {
-        for p in 0..k {
+        for p in k_begin..k_end {
             #[unroll]
             for r in 0..WORK {
                 let i = row0 + ty + r * UNITS;
@@ -329,7 +349,14 @@ fn gemm_body<F: Float>(
                 av[r] = x;
                 let mut y = F::new(0.0);
                 if j < n {
-                    if comptime![g.im2col.is_some()] {
+                    if comptime![g.im2col.is_some() && g.b_t] {
+                        y = im2col_value::<F>(
+                            b,
+                            j,
+                            p,
+                            comptime![g.im2col.clone().unwrap_or_default()],
+                        );
+                    } else if comptime![g.im2col.is_some()] {
                         y = im2col_value::<F>(
                             b,
                             p,
@@ -353,10 +380,10 @@ fn gemm_body<F: Float>(
             }
         }
     }
-    let steps = comptime![if g.staged { k.div_ceil(DEPTH) } else { 0 }];
+    let steps = comptime![if g.staged { kc / DEPTH } else { 0 }];
     let loads = comptime![TILE * DEPTH / (UNITS * UNITS)];
     for t in 0..steps {
-        let p = t * DEPTH;
+        let p = k_begin + t * DEPTH;
         #[unroll]
         for s in 0..loads {
             let e = tid + s * UNITS * UNITS;
@@ -369,7 +396,7 @@ fn gemm_body<F: Float>(
             };
             let (gi, gk) = (row0 + i, p + kk);
             let mut v = F::new(0.0);
-            if gi < m && gk < k {
+            if gi < m && gk < k_end {
                 if comptime![g.a_t] {
                     v = a[gk * m + gi];
                 } else {
@@ -384,8 +411,15 @@ fn gemm_body<F: Float>(
             };
             let (gk, gj) = (p + kk, col0 + j);
             let mut w = F::new(0.0);
-            if gk < k && gj < n {
-                if comptime![g.im2col.is_some()] {
+            if gk < k_end && gj < n {
+                if comptime![g.im2col.is_some() && g.b_t] {
+                    w = im2col_value::<F>(
+                        b,
+                        gj,
+                        gk,
+                        comptime![g.im2col.clone().unwrap_or_default()],
+                    );
+                } else if comptime![g.im2col.is_some()] {
                     w = im2col_value::<F>(
                         b,
                         gk,
@@ -437,7 +471,11 @@ fn gemm_body<F: Float>(
                             + F::new(comptime![f32::from_bits(beta)]) * cv;
                     }
                     None => {
-                        out[i * n + j] = v;
+                        if comptime![g.split_k > 1] {
+                            out[(i * n + j) * comptime![g.split_k] + CUBE_POS_Z as usize] = v;
+                        } else {
+                            out[i * n + j] = v;
+                        }
                     }
                 }
             }

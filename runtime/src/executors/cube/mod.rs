@@ -28,7 +28,7 @@ use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
 use std::collections::{BTreeMap, HashMap};
 use tensor_kernels as kernels_t;
-use tensor_kernels::{ConvConfig, GatherConfig, SplineConfig, SplineOut};
+use tensor_kernels::{GatherConfig, SplineConfig, SplineOut};
 
 /// Where a kernel argument lives at run time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,13 +63,6 @@ enum Launch {
         table: usize,
         input: Buf,
         out: Buf,
-    },
-    /// Partial sums of a kernel gradient (a row sum follows).
-    KernelGradPartials {
-        config: ConvConfig,
-        dy: Buf,
-        x: Buf,
-        partials: Buf,
     },
     /// A spline value, log-det or VJP: operands x, widths, heights, derivatives, and the
     /// cotangents of the value and of the log-det.
@@ -345,7 +338,7 @@ impl<R: Runtime> GpuProgram<R> {
                     let count = CubeCount::Static(
                         (config.n as u32).div_ceil(t),
                         (config.m as u32).div_ceil(t),
-                        1,
+                        config.split_k as u32,
                     );
                     let units = kernels::UNITS as u32;
                     let c_len = if args.len() > 2 {
@@ -368,7 +361,7 @@ impl<R: Runtime> GpuProgram<R> {
                             ArrayArg::from_raw_parts(a, config.m * config.k),
                             ArrayArg::from_raw_parts(b, b_len),
                             ArrayArg::from_raw_parts(c, c_len),
-                            ArrayArg::from_raw_parts(o, config.m * config.n),
+                            ArrayArg::from_raw_parts(o, config.m * config.n * config.split_k),
                             config.clone(),
                         )
                     };
@@ -393,29 +386,6 @@ impl<R: Runtime> GpuProgram<R> {
                         unsafe { ArrayArg::from_raw_parts(idx, n_idx) },
                         unsafe { ArrayArg::from_raw_parts(weight, n_idx) },
                         unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
-                        config.clone(),
-                    );
-                }
-                Launch::KernelGradPartials {
-                    config,
-                    dy,
-                    x,
-                    partials,
-                } => {
-                    let units = config.co * config.ci * config.k * config.k * config.slices;
-                    let (count, dim) = grid_1d(units);
-                    kernels_t::conv_kernel_grad_partials::launch::<R>(
-                        &self.client,
-                        count,
-                        dim,
-                        unsafe { ArrayArg::from_raw_parts(self.handle(*dy)?, self.len_of(*dy)) },
-                        unsafe { ArrayArg::from_raw_parts(self.handle(*x)?, self.len_of(*x)) },
-                        unsafe {
-                            ArrayArg::from_raw_parts(
-                                self.handle(*partials)?,
-                                self.len_of(*partials),
-                            )
-                        },
                         config.clone(),
                     );
                 }
@@ -747,9 +717,6 @@ impl<R: Runtime> GpuProgram<R> {
                 Launch::Gemm { config, .. } => Some(source::KernelSpec::Gemm(config)),
                 Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
                 Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
-                Launch::KernelGradPartials { config, .. } => {
-                    Some(source::KernelSpec::KernelGradPartials(config))
-                }
                 Launch::Spline { config, .. } => Some(source::KernelSpec::Spline(config)),
                 Launch::HostLinalg { .. } => None,
             })
@@ -870,6 +837,7 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                         .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
                     staged,
                     im2col: None,
+                    split_k: 1,
                 };
                 low.launches.push(Launch::Gemm {
                     config,
@@ -899,14 +867,12 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
             }
             (None, Op::Conv2d) => {
                 let (xs, ks) = (operand_shape(0), operand_shape(1));
-                let config = ConvConfig {
+                let image = kernels::Im2col {
                     ci: xs[0],
-                    co: ks[0],
                     h: xs[1],
                     w: xs[2],
                     b: xs[3],
                     k: ks[2],
-                    slices: 1,
                 };
                 let (x, kernel) = (
                     low.contiguous(plan, ins.args[0]),
@@ -915,20 +881,15 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                 // An implicit GEMM: kernel [co, ci·k²] times the im2col view of x, gathered
                 // tile by tile and never stored.
                 let gemm = GemmConfig {
-                    m: config.co,
-                    n: config.h * config.w * config.b,
-                    k: config.ci * config.k * config.k,
+                    m: ks[0],
+                    n: image.h * image.w * image.b,
+                    k: image.ci * image.k * image.k,
                     a_t: false,
                     b_t: false,
                     epilogue: None,
                     staged,
-                    im2col: Some(kernels::Im2col {
-                        ci: config.ci,
-                        h: config.h,
-                        w: config.w,
-                        b: config.b,
-                        k: config.k,
-                    }),
+                    im2col: Some(image),
+                    split_k: 1,
                 };
                 low.launches.push(Launch::Gemm {
                     config: gemm,
@@ -938,41 +899,61 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
             }
             (None, Op::ConvKernelGrad { k }) => {
                 let (dys, xs) = (operand_shape(0), operand_shape(1));
-                let positions = dys[1] * dys[2] * dys[3];
-                let elements = dys[0] * xs[0] * k * k;
-                // Enough units to fill a GPU, each summing at least a few hundred positions.
-                let slices = (16384 / elements).clamp(1, positions.div_ceil(256).max(1));
-                let config = ConvConfig {
+                let image = kernels::Im2col {
                     ci: xs[0],
-                    co: dys[0],
-                    h: dys[1],
-                    w: dys[2],
-                    b: dys[3],
+                    h: xs[1],
+                    w: xs[2],
+                    b: xs[3],
                     k: *k,
-                    slices,
+                };
+                let (m, n) = (dys[0], xs[0] * k * k);
+                let positions = dys[1] * dys[2] * dys[3];
+                // The same implicit GEMM with im2col(x) transposed: dy [co, h·w·b] ·
+                // im2col(x)ᵀ. Its inner dimension is every pixel of the batch and its output
+                // only co × ci·k², so the pixels are split across cube layers until about
+                // 256 cubes run, each summing at least 512 of them; a row sum finishes.
+                let tiles = m.div_ceil(kernels::TILE) * n.div_ceil(kernels::TILE);
+                let split_k = 256usize.div_ceil(tiles).clamp(1, (positions / 512).max(1));
+                let gemm = GemmConfig {
+                    m,
+                    n,
+                    k: positions,
+                    a_t: false,
+                    b_t: true,
+                    epilogue: None,
+                    staged,
+                    im2col: Some(image),
+                    split_k,
                 };
                 let (dy, x) = (
                     low.contiguous(plan, ins.args[0]),
                     low.contiguous(plan, ins.args[1]),
                 );
-                let partials = low.temp(elements * slices);
-                low.launches.push(Launch::KernelGradPartials {
-                    config,
-                    dy,
-                    x,
-                    partials,
-                });
-                low.launches.push(Launch::Fused {
-                    program: FusedProgram {
-                        mode: Mode::Rows,
-                        rows: elements,
-                        cols: slices,
-                        ops: vec![KOp::Load(0, Access::Elem)],
-                        outputs: vec![(0, Store::LineSum)],
-                    },
-                    inputs: vec![partials],
-                    outputs: vec![Buf::Slot(i)],
-                });
+                if split_k == 1 {
+                    low.launches.push(Launch::Gemm {
+                        config: gemm,
+                        args: vec![dy, x],
+                        out: Buf::Slot(i),
+                    });
+                } else {
+                    let partials = low.temp(m * n * split_k);
+                    low.launches.push(Launch::Gemm {
+                        config: gemm,
+                        args: vec![dy, x],
+                        out: partials,
+                    });
+                    low.launches.push(Launch::Fused {
+                        program: FusedProgram {
+                            mode: Mode::Rows,
+                            rows: m * n,
+                            cols: split_k,
+                            ops: vec![KOp::Load(0, Access::Elem)],
+                            outputs: vec![(0, Store::LineSum)],
+                        },
+                        inputs: vec![partials],
+                        outputs: vec![Buf::Slot(i)],
+                    });
+                }
             }
             (None, Op::Spline { bins, bound, part }) => {
                 let xs = operand_shape(0);
@@ -1069,6 +1050,13 @@ fn launch_kind(l: &Launch) -> String {
             program.ops.len()
         ),
         Launch::SumPartials { n, .. } => format!("sum of {n} partials"),
+        Launch::Gemm { config: g, .. } if g.im2col.is_some() && g.b_t => {
+            let c = g.im2col.clone().unwrap_or_default();
+            format!(
+                "conv kernel grad as implicit gemm {}->{} {}x{} k{} b{} ({} slices)",
+                c.ci, g.m, c.h, c.w, c.k, c.b, g.split_k
+            )
+        }
         Launch::Gemm { config: g, .. } if g.im2col.is_some() => {
             let c = g.im2col.clone().unwrap_or_default();
             format!(
@@ -1089,10 +1077,6 @@ fn launch_kind(l: &Launch) -> String {
             "gather{} [{}]",
             if config.weighted { " weighted" } else { "" },
             config.outputs
-        ),
-        Launch::KernelGradPartials { config: c, .. } => format!(
-            "conv kernel grad {}->{} {}x{} k{} ({} slices)",
-            c.ci, c.co, c.h, c.w, c.k, c.slices
         ),
         Launch::Spline { config: c, .. } => format!("spline {:?} [{} x {}]", c.out, c.d, c.n),
         Launch::HostLinalg { op, .. } => format!("{op} (host LU)"),

@@ -2,7 +2,7 @@
 //! without a device (`snfc compile --emit cuda,wgsl`).
 
 use super::kernels::{self, FusedProgram, GemmConfig};
-use super::tensor_kernels::{self, ConvConfig, GatherConfig, SplineConfig};
+use super::tensor_kernels::{self, GatherConfig, SplineConfig};
 use super::GpuProgram;
 use cubecl::cuda::{CudaCompiler, CudaRuntime};
 use cubecl::prelude::*;
@@ -132,17 +132,6 @@ pub fn gather(g: &GatherConfig, target: Target) -> Result<String, String> {
     compile(b.build(settings("gather")), target)
 }
 
-/// The source of one conv kernel-gradient partial-sum launch.
-pub fn conv_kernel_grad(c: &ConvConfig, target: Target) -> Result<String, String> {
-    let mut b = builder(target);
-    let mut a = array_args(&mut b, 2).into_iter();
-    let (x, y) = (a.next().expect("two"), a.next().expect("two"));
-    let arg = ArrayCompilationArg { inplace: None };
-    let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    tensor_kernels::conv_kernel_grad_partials::expand(&mut b.scope, x, y, out, c.clone());
-    compile(b.build(settings("conv_kernel_grad_partials")), target)
-}
-
 /// The source of one spline launch.
 pub fn spline(c: &SplineConfig, target: Target) -> Result<String, String> {
     let mut b = builder(target);
@@ -167,13 +156,13 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
     {
         let (kind, src) = match launch {
             KernelSpec::Fused { program, inputs } => ("fused", fused(&program, inputs, target)?),
+            KernelSpec::Gemm(g) if g.im2col.is_some() && g.b_t => {
+                ("conv_kernel_grad_gemm", gemm(&g, target)?)
+            }
             KernelSpec::Gemm(g) if g.im2col.is_some() => ("conv2d_gemm", gemm(&g, target)?),
             KernelSpec::Gemm(g) => ("gemm", gemm(&g, target)?),
             KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n, target)?),
             KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
-            KernelSpec::KernelGradPartials(c) => {
-                ("conv_kernel_grad", conv_kernel_grad(&c, target)?)
-            }
             KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
         };
         out.push(KernelSource {
@@ -194,6 +183,5 @@ pub enum KernelSpec {
     Gemm(GemmConfig),
     SumPartials(usize),
     Gather(GatherConfig),
-    KernelGradPartials(ConvConfig),
     Spline(SplineConfig),
 }

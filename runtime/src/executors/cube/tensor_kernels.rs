@@ -43,61 +43,6 @@ pub fn gather(
     }
 }
 
-/// A convolution's sizes: `x [ci, h, w, b]`, kernel `[co, ci, k, k]`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct ConvConfig {
-    pub ci: usize,
-    pub co: usize,
-    pub h: usize,
-    pub w: usize,
-    pub b: usize,
-    pub k: usize,
-    /// Kernel-gradient partial sums: the `h·w·b` positions are cut into this many slices.
-    pub slices: usize,
-}
-
-/// Partial sums of the kernel gradient `Σ_{y,x,b} dy[o,y,x,b]·x[i,y+u−p,x+v−p,b]`: unit
-/// `e·slices + s` sums slice `s` of the positions for kernel element `e`; a row sum of the
-/// `[co·ci·k·k, slices]` partials finishes it.
-#[cube(launch)]
-pub fn conv_kernel_grad_partials(
-    dy: &Array<f32>,
-    x: &Array<f32>,
-    partials: &mut Array<f32>,
-    #[comptime] c: ConvConfig,
-) {
-    let t = ABSOLUTE_POS;
-    let (ci, h, w, b, k, slices) = comptime![(c.ci, c.h, c.w, c.b, c.k, c.slices)];
-    let p = comptime![c.k / 2];
-    let positions = comptime![c.h * c.w * c.b];
-    let chunk = comptime![(c.h * c.w * c.b).div_ceil(c.slices)];
-    if t < comptime![c.co * c.ci * c.k * c.k * c.slices] {
-        let e = t / slices;
-        let s = t % slices;
-        let v = e % k;
-        let u = e / k % k;
-        let i = e / (k * k) % ci;
-        let o = e / (k * k * ci);
-        let start = s * chunk;
-        let mut end = start + chunk;
-        if end > positions {
-            end = positions;
-        }
-        let mut acc = 0.0f32;
-        for q in start..end {
-            let bb = q % b;
-            let xx = q / b % w;
-            let y = q / (b * w);
-            let sy = y + u;
-            let sx = xx + v;
-            if sy >= p && sy < h + p && sx >= p && sx < w + p {
-                acc += dy[q + o * positions] * x[((i * h + sy - p) * w + sx - p) * b + bb];
-            }
-        }
-        partials[t] = acc;
-    }
-}
-
 /// What a spline launch computes (see [`SplineConfig`]).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum SplineOut {
