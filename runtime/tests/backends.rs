@@ -614,6 +614,29 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
         TOL,
         &format!("loss after {steps} Adam steps"),
     );
+    // Several scalars in one read-back (the loss and GECO's reconstruction errors): each is
+    // the first value of its output; an unknown name is an error naming it.
+    let names: Vec<String> = ["loss", "loss"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(host.outputs().expect("outputs").into_iter().map(|(n, _)| n))
+        .collect();
+    let (hv, dv) = (
+        host.scalars(&names).expect("scalars"),
+        dev.scalars(&names).expect("scalars"),
+    );
+    assert_eq!((hv.len(), dv.len()), (names.len(), names.len()));
+    assert_eq!(dv[0], got.data[0] as f64);
+    for (k, name) in names.iter().enumerate() {
+        let first = dev.output(name).expect("output").data[0] as f64;
+        assert_eq!(dv[k], first, "{name}");
+        assert!(
+            (hv[k] - dv[k]).abs() <= 1e-3 * hv[k].abs().max(1.0),
+            "{name}"
+        );
+    }
+    let e = dev.scalars(&["no_such_output".to_string()]).unwrap_err();
+    assert!(e.to_string().contains("no_such_output"), "{e}");
     // Adam's state as a resumed run reads it back: the same step count and moments.
     let (hs, ds) = (
         host.adam_state().expect("state"),

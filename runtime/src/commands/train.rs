@@ -684,7 +684,7 @@ fn diverged(
     });
     let cause = if let Some((layer, v)) = grown {
         format!(
-            "GECO's λ for {layer} has grown to {v:.3e}, so the reconstruction term swamps the              loss: the reconstruction error stayed above κ = {} (/objective/lambda/geco/kappa)              and λ ← λ·exp(lr·(EMA − κ)) grew without bound; raise κ or lower              /objective/lambda/geco/lr",
+            "GECO's λ for {layer} has grown to {v:.3e}, so the reconstruction term swamps the loss: the reconstruction error stayed above κ = {} (/objective/lambda/geco/kappa) and λ ← λ·exp(lr·(EMA − κ)) grew without bound; raise κ or lower /objective/lambda/geco/lr",
             spec.objective.lambda.geco().map(|g| g.kappa).unwrap_or(0.0)
         )
     } else if spec.objective.gradient == GradientMode::SelfNormalizing {
@@ -840,7 +840,7 @@ pub fn train<T: Real + 'static>(
         }
         Some(_) => Some(AngleProbe::new(spec, batch)?.ok_or_else(|| {
             TrainError::Setup(format!(
-                "--angle-every: spec `{}` has no self-normalizing layer to compare with the exact                  gradient",
+                "--angle-every: spec `{}` has no self-normalizing layer to compare with the exact gradient",
                 spec.name
             ))
         })?),
@@ -920,7 +920,13 @@ pub fn train<T: Real + 'static>(
             } else {
                 adam_spec.lr
             };
-            let loss = backend.output("loss")?.scalar().as_f64();
+            // The loss and GECO's per-layer reconstruction errors in one read-back.
+            let mut read = vec!["loss".to_string()];
+            if let Some(g) = &state.geco {
+                read.extend(g.lambda.keys().map(|layer| format!("recon.{layer}")));
+            }
+            let values = backend.scalars(&read)?;
+            let loss = values[0];
             // With clipping (`train.grad_clip_norm`) the global norm is one reduction over
             // every gradient, and a finite norm means finite gradients; without it the
             // gradients are checked for non-finite values (host: a scan of memory the step
@@ -951,11 +957,12 @@ pub fn train<T: Real + 'static>(
             }
             loss_sum += loss;
             if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {
-                let mut recon = BTreeMap::new();
-                for layer in g.lambda.keys() {
-                    let name = format!("recon.{layer}");
-                    recon.insert(layer.clone(), backend.output(&name)?.scalar().as_f64());
-                }
+                let recon: BTreeMap<String, f64> = g
+                    .lambda
+                    .keys()
+                    .cloned()
+                    .zip(values[1..].iter().copied())
+                    .collect();
                 g.update(gs, &recon);
                 for (name, v) in g.feeds() {
                     backend.set(&name, &[T::of_f64(v)])?;

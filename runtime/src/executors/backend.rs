@@ -22,6 +22,14 @@ pub trait Backend<T: Real> {
     fn outputs(&mut self) -> Result<Vec<(String, Tensor<T>)>, ExecError>;
     /// One output of the last run.
     fn output(&mut self, name: &str) -> Result<Tensor<T>, ExecError>;
+    /// The first value of each named output of the last run (the loss, GECO's per-layer
+    /// reconstruction errors); on a GPU in one read-back, not one per name.
+    fn scalars(&mut self, names: &[String]) -> Result<Vec<f64>, ExecError> {
+        names
+            .iter()
+            .map(|n| Ok(self.output(n)?.scalar().as_f64()))
+            .collect()
+    }
     /// One Adam step, where the parameters live, for every parameter with a `grad.<name>`
     /// output of the last run.
     /// Each gradient is multiplied by `grad_scale` first (1 unless clipping).
@@ -199,6 +207,9 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     }
     fn output(&mut self, name: &str) -> Result<Tensor<f32>, ExecError> {
         self.0.output(name)
+    }
+    fn scalars(&mut self, names: &[String]) -> Result<Vec<f64>, ExecError> {
+        self.0.scalars(names)
     }
     fn adam_step(
         &mut self,

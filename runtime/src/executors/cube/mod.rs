@@ -479,6 +479,44 @@ impl<R: Runtime> GpuProgram<R> {
         })
     }
 
+    /// The first value of each named output, read back together (one device round trip).
+    pub fn scalars(&self, names: &[String]) -> Result<Vec<f64>, ExecError> {
+        let mut handles = Vec::with_capacity(names.len());
+        for name in names {
+            let slot = self
+                .plan
+                .outputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| ExecError::Missing {
+                    graph: self.plan.name.clone(),
+                    kind: "output",
+                    name: name.to_string(),
+                })?;
+            handles.push(self.handle(Buf::Slot(slot))?);
+        }
+        let read = self.client.read(handles);
+        if read.len() != names.len() {
+            return Err(ExecError::Device {
+                graph: self.plan.name.clone(),
+                message: format!("read back {} of {} outputs", read.len(), names.len()),
+            });
+        }
+        read.iter()
+            .zip(names)
+            .map(|(bytes, name)| {
+                f32::from_bytes(bytes)
+                    .first()
+                    .map(|&v| f64::from(v))
+                    .ok_or_else(|| ExecError::Device {
+                        graph: self.plan.name.clone(),
+                        message: format!("output `{name}` read back empty"),
+                    })
+            })
+            .collect()
+    }
+
     /// Every output, in plan order.
     pub fn outputs(&self) -> Result<Vec<(String, Tensor<f32>)>, ExecError> {
         self.plan
