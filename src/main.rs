@@ -251,7 +251,8 @@ enum Command {
     /// training loss against epoch, validation NLL against wall-clock time, and the
     /// reconstruction error, λ and gradient angles where logged. One colour per run.
     Plot {
-        /// Run directories (each with a metrics.jsonl), or metrics.jsonl files.
+        /// Run directories (each with a metrics.jsonl), or metrics files (named by their file name
+        /// unless it is metrics.jsonl).
         #[arg(required = true)]
         runs: Vec<PathBuf>,
         /// The PNG to write.
@@ -324,26 +325,8 @@ fn ensure_runtime_dir() {
     }
 }
 
-/// A training step allocates and frees tensors of tens of MB hundreds of times (a Glow
-/// coupling's activations are 40 MB at B = 100). glibc serves each from a fresh `mmap` and
-/// unmaps it on free, so every one is page-faulted in again: about 10 ms per 40 MB here, over a
-/// second per mnist_glow step. Serving them from the heap, which keeps freed memory (up to 2 GB
-/// at its top), removes half the page faults and 12 % of that step (bench/results/
-/// 2026-11-29-host-glow.txt). The process's resident size then stays near its peak.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // Safety: `mallopt` only changes allocator parameters; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 fn main() {
-    keep_freed_memory();
+    snfc_runtime::keep_freed_memory();
     ensure_runtime_dir();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {

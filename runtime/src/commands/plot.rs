@@ -49,12 +49,16 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
         message,
     };
     let text = std::fs::read_to_string(&file).map_err(|e| bad(format!("cannot read: {e}")))?;
+    // A run is named by its directory, or by a metrics file's own name (`snf.jsonl` → `snf`)
+    // when it is not the standard `metrics.jsonl`.
+    let standard = path.file_name().is_some_and(|n| n == crate::train::METRICS);
     let name = if path.is_dir() {
-        path
+        path.file_name()
+    } else if standard {
+        path.parent().unwrap_or(path).file_name()
     } else {
-        path.parent().unwrap_or(path)
+        path.file_stem()
     }
-    .file_name()
     .map(|n| n.to_string_lossy().to_string())
     .unwrap_or_else(|| path.display().to_string());
     let mut run = RunCurves {
@@ -235,6 +239,23 @@ fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
     })
 }
 
+/// The maximal runs of consecutive points of `s` with a finite y in `[lo, hi]`.
+fn segments(s: &[(f64, f64)], lo: f64, hi: f64) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut current = Vec::new();
+    for &p in s {
+        if p.1.is_finite() && p.1 >= lo && p.1 <= hi {
+            current.push(p);
+        } else if !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -325,7 +346,9 @@ fn draw_panel(
         .flat_map(|s| s.iter().map(|p| p.0))
         .fold(f64::INFINITY, f64::min)
         .min(x_hi - 1.0);
-    let Some((y_lo, y_hi)) = y_range(&panel.series, panel.log_y) else {
+    // A log axis only where the values span a decade: within one it has no labelled ticks.
+    let log_y = panel.log_y && y_range(&panel.series, true).is_some_and(|(lo, hi)| hi >= 10.0 * lo);
+    let Some((y_lo, y_hi)) = y_range(&panel.series, log_y) else {
         area.titled(panel.title, ("sans-serif", 18))?;
         return Ok(());
     };
@@ -335,12 +358,9 @@ fn draw_panel(
         .margin(8)
         .x_label_area_size(36)
         .y_label_area_size(70);
-    let series_of = |s: &Vec<(f64, f64)>| -> Vec<(f64, f64)> {
-        s.iter()
-            .copied()
-            .filter(|p| p.1.is_finite() && (!panel.log_y || p.1 > 0.0))
-            .collect()
-    };
+    // The runs of consecutive points inside the y range: a point above it (the first
+    // epochs' NLL) or not finite breaks the line instead of being drawn clamped to the edge.
+    let series_of = |s: &Vec<(f64, f64)>| -> Vec<Vec<(f64, f64)>> { segments(s, y_lo, y_hi) };
     macro_rules! finish {
         ($chart:expr) => {{
             let mut chart = $chart;
@@ -354,17 +374,20 @@ fn draw_panel(
                 .draw()?;
             for (i, (s, run)) in panel.series.iter().zip(runs).enumerate() {
                 let color = COLORS[i % COLORS.len()];
-                let points = series_of(s);
-                if points.is_empty() {
-                    // Not logged by this run: no line and no legend entry.
+                let mut pieces = series_of(s).into_iter();
+                let Some(first) = pieces.next() else {
+                    // Not logged by this run (or never inside the range): no line, no legend.
                     continue;
-                }
+                };
                 chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                    .draw_series(LineSeries::new(first, color.stroke_width(2)))?
                     .label(run.name.clone())
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                     });
+                for piece in pieces {
+                    chart.draw_series(LineSeries::new(piece, color.stroke_width(2)))?;
+                }
             }
             chart
                 .configure_series_labels()
@@ -374,7 +397,7 @@ fn draw_panel(
                 .draw()?;
         }};
     }
-    if panel.log_y {
+    if log_y {
         finish!(builder.build_cartesian_2d(x_lo..x_hi, (y_lo..y_hi).log_scale())?);
     } else {
         finish!(builder.build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?);
@@ -499,6 +522,17 @@ mod tests {
         std::fs::write(&f, line(1, "900.0") + &line(2, "null") + &line(3, "880.0")).unwrap();
         let run = read_run(&f).unwrap();
         assert_eq!(run.epoch, [1.0, 2.0, 3.0]);
+        // Named by its directory (a `metrics.jsonl`) or by its own name otherwise.
+        let dir_name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        assert_eq!(run.name, dir_name);
+        let other = dir.path().join("snf.jsonl");
+        std::fs::copy(&f, &other).unwrap();
+        assert_eq!(read_run(&other).unwrap().name, "snf");
         assert!(run.val_nll[1].is_nan() && run.val_nll[2] == 880.0);
         let out = dir.path().join("c.png");
         plot(&[run], &out).unwrap();
@@ -506,6 +540,23 @@ mod tests {
         std::fs::write(&f, line(1, "900.0") + "{\"epoch\": 2, \"seconds\": 1.0}\n").unwrap();
         let e = read_run(&f).unwrap_err().to_string();
         assert!(e.contains("line 2: no number `val_nll_nats`"), "{e}");
+    }
+
+    #[test]
+    fn points_outside_the_range_break_the_line() {
+        let s = [
+            (1.0, 5000.0),
+            (2.0, 900.0),
+            (3.0, f64::NAN),
+            (4.0, 880.0),
+            (5.0, 870.0),
+            (6.0, 1e9),
+        ];
+        assert_eq!(
+            segments(&s, 800.0, 1000.0),
+            vec![vec![(2.0, 900.0)], vec![(4.0, 880.0), (5.0, 870.0)]]
+        );
+        assert!(segments(&s[..1], 800.0, 1000.0).is_empty());
     }
 
     #[test]
