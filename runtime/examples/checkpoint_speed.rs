@@ -12,6 +12,8 @@ use snfc_runtime::train::{last_bytes, AdamState, RunState};
 use std::time::Instant;
 
 fn main() {
+    // As the `snfc` binary runs.
+    snfc_runtime::keep_freed_memory();
     let path = std::env::args()
         .nth(1)
         .unwrap_or("specs/mnist_fc2.json".into());

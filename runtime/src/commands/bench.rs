@@ -66,7 +66,7 @@ pub struct BenchOptions {
 }
 
 /// What a timed step does: the same work as a step of `snfc train`.
-pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs),     forward and backward pass, loss read-back, Adam update of every parameter";
+pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs), forward and backward pass, loss read-back, Adam update of every parameter";
 
 /// Time `steps` whole training steps (the compiled graph: forward, loss and every gradient; then
 /// the Adam update of every parameter) after `warmup` untimed ones.

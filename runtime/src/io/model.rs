@@ -348,17 +348,19 @@ pub struct RawTensor {
 impl RawTensor {
     /// Values in `T`'s dtype (F32 or F64).
     pub fn of<T: Real>(name: &str, shape: &[usize], values: &[T]) -> RawTensor {
+        // Into a buffer of the final size (a `flat_map(..).collect()` grows its vector as it
+        // goes: 40 ms for mnist_fc2's checkpoint instead of a few).
         let (dtype, bytes) = if T::NAME == "f32" {
-            let b = values
-                .iter()
-                .flat_map(|x| (x.as_f64() as f32).to_le_bytes())
-                .collect();
+            let mut b = vec![0u8; values.len() * 4];
+            for (dst, x) in b.chunks_exact_mut(4).zip(values) {
+                dst.copy_from_slice(&(x.as_f64() as f32).to_le_bytes());
+            }
             (Dtype::F32, b)
         } else {
-            let b = values
-                .iter()
-                .flat_map(|x| x.as_f64().to_le_bytes())
-                .collect();
+            let mut b = vec![0u8; values.len() * 8];
+            for (dst, x) in b.chunks_exact_mut(8).zip(values) {
+                dst.copy_from_slice(&x.as_f64().to_le_bytes());
+            }
             (Dtype::F64, b)
         };
         RawTensor {
@@ -375,7 +377,13 @@ impl RawTensor {
             name: name.to_string(),
             dtype: Dtype::U32,
             shape: vec![values.len()],
-            bytes: values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes: {
+                let mut b = vec![0u8; values.len() * 4];
+                for (dst, x) in b.chunks_exact_mut(4).zip(values) {
+                    dst.copy_from_slice(&x.to_le_bytes());
+                }
+                b
+            },
         }
     }
 }
