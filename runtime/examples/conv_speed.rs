@@ -12,16 +12,11 @@ use std::time::Instant;
 use snfc_runtime::host::linalg::{matmul, MatRef, Real};
 use snfc_runtime::host::shape_ops::{conv2d, conv_kernel_grad};
 
+#[path = "common/mod.rs"]
+mod common;
+
 fn data<T: Real>(len: usize, seed: u64) -> Vec<T> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            T::of_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        })
-        .collect()
+    common::uniform(len, seed, 1.0)
 }
 
 fn best(rounds: usize, mut f: impl FnMut()) -> f64 {

@@ -13,16 +13,11 @@ use std::time::{Duration, Instant};
 use rayon::ThreadPool;
 use snfc_runtime::host::linalg::{inverse, matmul, slogdet, threads, MatRef, Real};
 
+#[path = "common/mod.rs"]
+mod common;
+
 fn data<T: Real>(len: usize, seed: u64) -> Vec<T> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            T::of_f64((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        })
-        .collect()
+    common::uniform(len, seed, 1.0)
 }
 
 /// A benchmark case: a name, its flop count (for GFLOP/s) if meaningful, and the work.

@@ -20,17 +20,9 @@ const D: usize = 784;
 const N: usize = 100;
 const K: usize = 5;
 
-fn data<T: Real>(len: usize, seed: u64, scale: f64) -> Vec<T> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            T::of_f64(scale * ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0))
-        })
-        .collect()
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::uniform as data;
 
 type Case = (String, Box<dyn FnMut() + Send>);
 

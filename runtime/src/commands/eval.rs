@@ -11,7 +11,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use snfc_compiler::ir::lower::{eval_graph, ParamKind, INPUT_NOISE, INPUT_X};
-use snfc_compiler::spec::{LayerShape, Preprocess};
+use snfc_compiler::plan::Plan;
+use snfc_compiler::spec::{FlowSpec, LayerShape, Preprocess};
 use std::sync::Arc;
 
 /// Exact negative log-likelihood of a data split.
@@ -52,7 +53,32 @@ pub fn logdet_sum<T: Real>(model: &Model<T>) -> f64 {
         .sum()
 }
 
-/// Per-example ln p(x) for every example of `split`, and per-example reconstruction errors.
+/// The memory an evaluation's values may take; batches are cut to fit it.
+pub const EVAL_MEMORY_BYTES: usize = 4 << 30;
+
+/// The largest batch, at most `max`, whose evaluation plan allocates at most
+/// [`EVAL_MEMORY_BYTES`] of `T` values. The plan's buffers grow linearly with the batch (from
+/// the plans at batch 1 and 2): a width-512 Glow holds about 20 MB per example in f64, so `snfc
+/// eval`'s batch of 500 needed more memory than this machine has and was killed.
+pub fn eval_batch<T: Real>(spec: &FlowSpec, max: usize) -> usize {
+    batch_within::<T>(spec, max, EVAL_MEMORY_BYTES)
+}
+
+/// [`eval_batch`] for a memory budget of `bytes`.
+fn batch_within<T: Real>(spec: &FlowSpec, max: usize, bytes: usize) -> usize {
+    let elements = |b: usize| {
+        let plan = Plan::new(&eval_graph(spec, b));
+        plan.buffers.footprint(&plan).0
+    };
+    let (one, two) = (elements(1), elements(2));
+    let per_example = two.saturating_sub(one).max(1);
+    let fixed = one.saturating_sub(per_example);
+    let fit = (bytes / std::mem::size_of::<T>()).saturating_sub(fixed) / per_example;
+    fit.clamp(1, max.max(1))
+}
+
+/// Per-example ln p(x) for every example of `split`, and per-example reconstruction errors,
+/// in batches of at most `batch` (fewer where [`eval_batch`] says the memory calls for it).
 pub fn log_likelihoods<T: Real>(
     model: &Model<T>,
     split: &Split,
@@ -61,7 +87,7 @@ pub fn log_likelihoods<T: Real>(
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
-    let batch = batch.min(split.n).max(1);
+    let batch = eval_batch::<T>(spec, batch.min(split.n));
     let program = Program::new(&eval_graph(spec, batch));
     let mut exec = Executor::<T>::new();
     let ld = logdet_sum(model);
@@ -110,4 +136,30 @@ pub fn evaluate<T: Real>(
         examples: logp.len(),
         recon: recon.map(|r| r.iter().sum::<f64>() / n),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snfc_compiler::spec::parse_spec;
+
+    /// The batch shrinks with the budget, in proportion to the plan's buffers per example,
+    /// and never below one.
+    #[test]
+    fn the_evaluation_batch_fits_the_memory_budget() {
+        let spec = parse_spec(include_str!("../../../specs/mnist_fc2.json")).unwrap();
+        let per = |b: usize| {
+            let plan = Plan::new(&eval_graph(&spec, b));
+            plan.buffers.footprint(&plan).0
+        };
+        let budget = per(40) * 8;
+        let b = batch_within::<f64>(&spec, 500, budget);
+        assert!((38..=42).contains(&b), "{b}");
+        // f32 values take half the bytes: about twice the batch.
+        let b32 = batch_within::<f32>(&spec, 500, budget);
+        assert!((2 * b - 4..=2 * b + 4).contains(&b32), "{b} {b32}");
+        assert_eq!(batch_within::<f64>(&spec, 10, budget), 10);
+        assert_eq!(batch_within::<f64>(&spec, 500, 1), 1);
+        assert_eq!(eval_batch::<f64>(&spec, 500), 500);
+    }
 }

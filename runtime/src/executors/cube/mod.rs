@@ -460,10 +460,9 @@ impl<R: Runtime> GpuProgram<R> {
         }
     }
 
-    /// A plan output by name.
-    pub fn output(&self, name: &str) -> Result<Tensor<f32>, ExecError> {
-        let slot = self
-            .plan
+    /// The slot of a plan output, by name.
+    fn output_slot(&self, name: &str) -> Result<usize, ExecError> {
+        self.plan
             .outputs
             .iter()
             .find(|(n, _)| n == name)
@@ -472,7 +471,12 @@ impl<R: Runtime> GpuProgram<R> {
                 graph: self.plan.name.clone(),
                 kind: "output",
                 name: name.to_string(),
-            })?;
+            })
+    }
+
+    /// A plan output by name.
+    pub fn output(&self, name: &str) -> Result<Tensor<f32>, ExecError> {
+        let slot = self.output_slot(name)?;
         Ok(Tensor {
             shape: self.plan.instrs[slot].shape.clone(),
             data: self.read_buf(Buf::Slot(slot))?,
@@ -483,18 +487,7 @@ impl<R: Runtime> GpuProgram<R> {
     pub fn scalars(&self, names: &[String]) -> Result<Vec<f64>, ExecError> {
         let mut handles = Vec::with_capacity(names.len());
         for name in names {
-            let slot = self
-                .plan
-                .outputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, s)| *s)
-                .ok_or_else(|| ExecError::Missing {
-                    graph: self.plan.name.clone(),
-                    kind: "output",
-                    name: name.to_string(),
-                })?;
-            handles.push(self.handle(Buf::Slot(slot))?);
+            handles.push(self.handle(Buf::Slot(self.output_slot(name)?))?);
         }
         let read = self.client.read(handles);
         if read.len() != names.len() {
