@@ -3,9 +3,7 @@
 //! data order, noise, λ), and a diverging run stops with an error naming where and why,
 //! keeping the checkpoints of its last good epoch.
 
-use snfc_compiler::compile::OptLevel;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
-use snfc_runtime::cube::probe::Chosen;
 use snfc_runtime::data::{embedded_mnist, Dataset};
 use snfc_runtime::train::{train, TrainError, TrainOptions, LAST_CHECKPOINT, METRICS};
 use std::collections::BTreeMap;
@@ -13,17 +11,9 @@ use std::path::{Path, PathBuf};
 
 fn options(out: PathBuf, epochs: usize, resume: bool) -> TrainOptions {
     TrainOptions {
-        out,
         epochs: Some(epochs),
-        steps: None,
-        seed: None,
-        level: OptLevel::Full,
-        progress: false,
-        force: false,
         resume,
-        angle_every: None,
-        device: Chosen::Host,
-        plan: None,
+        ..TrainOptions::new(out)
     }
 }
 

@@ -4,7 +4,6 @@
 
 use snfc_compiler::compile::OptLevel;
 use snfc_compiler::spec::{load_spec, parse_spec, FlowSpec};
-use snfc_runtime::cube::probe::Chosen;
 use snfc_runtime::data::{embedded_mnist, load_npy_dataset};
 use snfc_runtime::eval::evaluate;
 use snfc_runtime::model::Model;
@@ -20,17 +19,9 @@ fn spec_file(name: &str) -> FlowSpec {
 
 fn options(out: PathBuf, steps: usize) -> TrainOptions {
     TrainOptions {
-        out,
         epochs: Some(1),
         steps: Some(steps),
-        seed: None,
-        level: OptLevel::Full,
-        progress: false,
-        force: false,
-        resume: false,
-        angle_every: None,
-        device: Chosen::Host,
-        plan: None,
+        ..TrainOptions::new(out)
     }
 }
 
@@ -194,19 +185,7 @@ fn small_npy_spec_trains_in_f64_and_lowers_nll() {
     snfc_runtime::npy::write_npy_f64(&npy, &[n, d], &rows).unwrap();
     let data = load_npy_dataset(&npy).unwrap();
     let initial = evaluate(&Model::<f64>::init(&spec, 1), &data.valid, 100, 0).unwrap();
-    let opts = TrainOptions {
-        out: dir.path().join("run"),
-        epochs: None,
-        steps: None,
-        seed: None,
-        level: OptLevel::Full,
-        progress: false,
-        force: false,
-        resume: false,
-        angle_every: None,
-        device: Chosen::Host,
-        plan: None,
-    };
+    let opts = TrainOptions::new(dir.path().join("run"));
     let summary = train::<f64>(&spec, &data, &opts).expect("training");
     assert_eq!(summary.records.len(), 5);
     let lines = metrics_lines(&opts.out);

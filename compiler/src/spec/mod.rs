@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use builder::FlowSpecBuilder;
 pub use errors::{SpecError, SpecErrors};
+pub use walk::LAYER_TYPES;
 
 /// A complete flow declaration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

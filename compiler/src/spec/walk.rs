@@ -33,7 +33,8 @@ const AUGMENT: &[(&str, Augment)] = &[("none", Augment::None), ("pad_crop", Augm
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
 
-const LAYER_TYPES: &[&str] = &[
+/// Every layer `type` a spec may name.
+pub const LAYER_TYPES: &[&str] = &[
     "linear",
     "smooth_leaky_relu",
     "conv",

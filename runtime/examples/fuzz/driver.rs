@@ -152,17 +152,17 @@ fn interesting(g: &mut Gen) -> u64 {
     }
 }
 
-/// Words a spec, plan or header might (almost) contain.
-const WORDS: &[&str] = &[
-    "linear",
-    "smooth_leaky_relu",
-    "conv",
-    "squeeze",
-    "spline",
-    "actnorm",
-    "affine_coupling",
-    "split",
-    "repeat",
+/// Words a spec, plan or header might (almost) contain: every layer type the parser knows
+/// (so a new layer is fuzzed without touching this file) and [`OTHER_WORDS`].
+static WORDS: std::sync::LazyLock<Vec<&str>> = std::sync::LazyLock::new(|| {
+    snfc_compiler::spec::LAYER_TYPES
+        .iter()
+        .chain(OTHER_WORDS)
+        .copied()
+        .collect()
+});
+
+const OTHER_WORDS: &[&str] = &[
     "dequantize_logit",
     "none",
     "self_normalizing",
@@ -247,7 +247,7 @@ fn any_value(g: &mut Gen) -> Value {
         2 | 3 => json!(interesting(g)),
         4 => json!((interesting(g) as i64).wrapping_neg()),
         5 => json!(*g.pick(&[0.5, -0.0, 1e-300, 1e300, f64::MAX, -1.5, 0.999_999, 2.5])),
-        6 | 7 => json!(*g.pick(WORDS)),
+        6 | 7 => json!(*g.pick(&WORDS)),
         8 => json!("z".repeat(g.below(3) * 500)),
         9 => json!([]),
         10 => json!({}),
@@ -380,7 +380,7 @@ fn any_op(g: &mut Gen) -> Value {
         9 => json!({"Toeplitz": {"h": n, "w": interesting(g)}}),
         10 => json!({"ToeplitzAdjoint": {"h": n, "w": interesting(g), "k": 3}}),
         11 => json!({"Const": {"bits": g.u64()}}),
-        12 => json!({"Param": {"name": *g.pick(WORDS), "shape": [n, 4]}}),
+        12 => json!({"Param": {"name": *g.pick(&WORDS), "shape": [n, 4]}}),
         _ => {
             json!({"Input": {"name": *g.pick(&["x", "noise", "lambda.layers.0"]), "shape": [4, n]}})
         }
@@ -469,7 +469,7 @@ fn mutate_json(v: &mut Value, g: &mut Gen, plan: bool) {
                 *node = json!({ g.pick(KEYS).to_string(): node.clone() });
             }
         }
-        7 => *node = json!(*g.pick(WORDS)),
+        7 => *node = json!(*g.pick(&WORDS)),
         8 if plan => *node = any_op(g),
         9 if plan => *node = json!([interesting(g) % 200, interesting(g)]),
         _ => *node = other,

@@ -78,6 +78,27 @@ pub struct TrainOptions {
     pub plan: Option<Plan>,
 }
 
+impl TrainOptions {
+    /// A run into `out` as the spec describes it: its epochs and seed, every rewrite, on the
+    /// host, no progress bar, refusing a directory that holds a run. Change fields as needed
+    /// (`TrainOptions { resume: true, ..TrainOptions::new(out) }`).
+    pub fn new(out: PathBuf) -> TrainOptions {
+        TrainOptions {
+            out,
+            epochs: None,
+            steps: None,
+            seed: None,
+            level: OptLevel::Full,
+            progress: false,
+            force: false,
+            resume: false,
+            angle_every: None,
+            device: Chosen::Host,
+            plan: None,
+        }
+    }
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochRecord {
@@ -832,6 +853,12 @@ pub fn train<T: Real + 'static>(
     let mut records = Vec::new();
     let mut writer = crate::atomic::BackgroundWriter::new();
     let max_steps = opts.steps.unwrap_or(usize::MAX);
+    // Read back after every step, in one read: the loss and GECO's per-layer reconstruction
+    // errors (GECO's layers are fixed for the run).
+    let mut read_back = vec!["loss".to_string()];
+    if let Some(g) = &state.geco {
+        read_back.extend(g.lambda.keys().map(|layer| format!("recon.{layer}")));
+    }
     let probe = match opts.angle_every {
         Some(0) => {
             return Err(TrainError::Setup(
@@ -920,12 +947,7 @@ pub fn train<T: Real + 'static>(
             } else {
                 adam_spec.lr
             };
-            // The loss and GECO's per-layer reconstruction errors in one read-back.
-            let mut read = vec!["loss".to_string()];
-            if let Some(g) = &state.geco {
-                read.extend(g.lambda.keys().map(|layer| format!("recon.{layer}")));
-            }
-            let values = backend.scalars(&read)?;
+            let values = backend.scalars(&read_back)?;
             let loss = values[0];
             // With clipping (`train.grad_clip_norm`) the global norm is one reduction over
             // every gradient, and a finite norm means finite gradients; without it the
@@ -1081,22 +1103,6 @@ pub fn train<T: Real + 'static>(
 mod tests {
     use super::*;
 
-    fn opts(out: PathBuf) -> TrainOptions {
-        TrainOptions {
-            out,
-            epochs: None,
-            steps: None,
-            seed: None,
-            level: OptLevel::Full,
-            progress: false,
-            force: false,
-            resume: false,
-            angle_every: None,
-            device: Chosen::Host,
-            plan: None,
-        }
-    }
-
     /// The divergence message names the likely cause: a small fixed λ, or a GECO λ that grew
     /// without bound.
     #[test]
@@ -1111,7 +1117,7 @@ mod tests {
         let fixed = snfc_compiler::spec::parse_spec(&text("0.01")).unwrap();
         let e = diverged(
             &fixed,
-            &opts(dir.path().join("r")),
+            &TrainOptions::new(dir.path().join("r")),
             None,
             (3, 7, 167),
             "the loss is NaN",
@@ -1134,7 +1140,7 @@ mod tests {
         geco.lambda.insert("layers.0".into(), 2.5e20);
         let m = diverged(
             &spec,
-            &opts(dir.path().join("r")),
+            &TrainOptions::new(dir.path().join("r")),
             Some(&geco),
             (77, 62, 6142),
             "x",
