@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use snfc_compiler::spec::{
     load_spec, parse_spec, FlowSpec, GradientMode, LayerSpec, LinearInit, LinearSpec, Preprocess,
-    SmoothLeakyReluSpec, SpecError, SpecErrors,
+    ReconTrains, SmoothLeakyReluSpec, SpecError, SpecErrors,
 };
 
 fn spec_path(name: &str) -> PathBuf {
@@ -411,6 +411,35 @@ fn unknown_gradient_mode() {
     assert!(e.message.contains("self_normalizing, exact"), "{e:?}");
 }
 
+/// The base spec with `/objective/recon_trains` (not in the base) set to `value`.
+fn with_recon_trains(value: Value) -> String {
+    let mut v = base();
+    v["objective"]["recon_trains"] = value;
+    v.to_string()
+}
+
+#[test]
+fn unknown_reconstruction_target() {
+    let e = assert_only_error(
+        &with_recon_trains(json!("forward")),
+        "/objective/recon_trains",
+        "unknown reconstruction target `forward`",
+    );
+    assert!(e.message.contains("both, inverse"), "{e:?}");
+}
+
+#[test]
+fn reconstruction_target_is_parsed_and_kept_out_of_default_specs() {
+    let spec = parse_spec(&with_recon_trains(json!("inverse"))).expect("a valid spec");
+    assert_eq!(spec.objective.recon_trains, ReconTrains::Inverse);
+    let round = parse_spec(&serde_json::to_string(&spec).expect("serializes")).expect("parses");
+    assert_eq!(round, spec);
+    // The default is not written out, so the specs saved before the field existed are unchanged.
+    let default = parse_spec(&base().to_string()).expect("a valid spec");
+    let text = serde_json::to_string(&default).expect("serializes");
+    assert!(!text.contains("recon_trains"), "{text}");
+}
+
 #[test]
 fn unknown_linear_init() {
     assert_only_error(
@@ -604,6 +633,33 @@ fn geco_lambda_fields_are_checked() {
         &geco(json!({"lambda0": 0.0})),
         "/objective/lambda/geco/lambda0",
         "lambda0 must be > 0",
+    );
+    let bounded = parse_spec(&geco(json!({"min": 0.1, "max": 10.0}))).expect("bounds");
+    let g = bounded.objective.lambda.geco().expect("GECO");
+    assert_eq!((g.min, g.max), (Some(0.1), Some(10.0)));
+    assert_eq!(
+        parse_spec(&bounded.to_json_pretty()).expect("round trip"),
+        bounded
+    );
+    assert_only_error(
+        &geco(json!({"min": 2.0, "max": 1.0, "lambda0": 1.5})),
+        "/objective/lambda/geco/min",
+        "min (2) must not exceed max (1)",
+    );
+    assert_only_error(
+        &geco(json!({"max": 0.5})),
+        "/objective/lambda/geco/lambda0",
+        "lambda0 (1) must lie within [min, max] = [0, 0.5]",
+    );
+    assert_only_error(
+        &geco(json!({"min": -1.0})),
+        "/objective/lambda/geco/min",
+        "min must be >= 0, got -1",
+    );
+    assert_error(
+        &geco(json!({"max": "big"})),
+        "/objective/lambda/geco/max",
+        "expected a number",
     );
     assert_error(
         &geco(json!({"eta": 1e-3})),

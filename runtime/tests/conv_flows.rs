@@ -14,7 +14,7 @@
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::Op;
 use snfc_compiler::rewrite::op_counts;
-use snfc_compiler::spec::{parse_spec, FlowSpec};
+use snfc_compiler::spec::{parse_spec, FlowSpec, Lambda, ReconTrains};
 use snfc_runtime::eval::logdet_sum;
 use snfc_runtime::host::exec::Feeds;
 use snfc_runtime::host::shape_ops::{toeplitz, toeplitz_adjoint};
@@ -164,6 +164,43 @@ fn self_normalizing_conv_step_is_the_dense_step_gathered_onto_kernels() {
             assert_eq!(dense_ops, 0, "{}", c.step.to_text());
         }
     }
+}
+
+/// `"recon_trains": "inverse"` on conv layers: the forward kernels get the gradient they get
+/// with λ = 0, the inverse kernels and biases the gradient they get with the reconstruction.
+#[test]
+fn recon_trains_inverse_keeps_the_reconstruction_off_the_forward_kernels() {
+    let both = conv_spec("self_normalizing");
+    let mut inverse = both.clone();
+    inverse.objective.recon_trains = ReconTrains::Inverse;
+    let mut no_recon = both.clone();
+    no_recon.objective.lambda = Lambda::Fixed(0.0);
+    let mut rng = Rng::new(19);
+    let feeds = conv_feeds(&both, &mut rng);
+    let step = |spec: &FlowSpec| {
+        let c = compile_train(spec, BATCH, OptLevel::Full).expect("the spec compiles");
+        run(&c.step, &feeds)
+    };
+    let (got, with_recon, without_recon) = (step(&inverse), step(&both), step(&no_recon));
+    for layer in [0, 2] {
+        for (kind, want) in [
+            ("weight", &without_recon),
+            ("weight_inv", &with_recon),
+            ("bias", &with_recon),
+        ] {
+            let name = format!("grad.layers.{layer}.{kind}");
+            assert_close(&name, &got[&name], &want[&name], 1e-11);
+        }
+        // The comparison can fail: the reconstruction does move the forward kernel by default.
+        let name = format!("grad.layers.{layer}.weight");
+        let gap = with_recon[&name]
+            .iter()
+            .zip(&without_recon[&name])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(gap > 1e-4, "{name}: λ changes nothing ({gap})");
+    }
+    assert_close("recon", &got["recon"], &with_recon["recon"], 1e-12);
 }
 
 #[test]

@@ -15,7 +15,7 @@
 
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::Graph;
-use snfc_compiler::spec::{parse_spec, FlowSpec, LayerSpec};
+use snfc_compiler::spec::{parse_spec, FlowSpec, LayerSpec, ReconTrains};
 use snfc_runtime::host::exec::{Executor, Feeds, Program, Tensor};
 use snfc_runtime::host::linalg::{inverse, slogdet};
 use snfc_runtime::model::Model;
@@ -623,6 +623,63 @@ fn snf_step_matches_closed_form_two_layers_with_activation() {
                 assert_close(&what, &outs[name].data, w, 1e-10, 1e-10);
             }
         }
+    }
+}
+
+/// `"recon_trains": "inverse"` (the reference code's `only_R_recon`): the reconstruction term
+/// trains R alone. So G_W is the closed form without its 2λ Rᵀ E hᵀ term (the λ = 0 form),
+/// while G_R and G_b are unchanged.
+#[test]
+fn recon_trains_inverse_leaves_w_out_of_the_reconstruction() {
+    for (d, batch, lambda, seed) in [(3, 2, 1.0, 54), (4, 3, 2.5, 55)] {
+        let mut spec = make_spec(d, "none", FC2, "self_normalizing", lambda);
+        spec.objective.recon_trains = ReconTrains::Inverse;
+        let mut rng = Rng::new(seed);
+        let mut feeds = random_params(&spec, &mut rng);
+        random_inputs(&spec, batch, &mut rng, &mut feeds);
+        let with_recon = fc2_closed_form(&feeds, d, batch, 0.3, lambda);
+        let without_recon = fc2_closed_form(&feeds, d, batch, 0.3, 0.0);
+        for level in snf_levels() {
+            let outs = run(
+                &compile_train(&spec, batch, level)
+                    .expect("the spec compiles")
+                    .step,
+                &feeds,
+            );
+            for (name, want) in &with_recon {
+                let want = if name.ends_with(".weight") {
+                    &without_recon[name]
+                } else {
+                    want
+                };
+                let what = format!("{level:?} d={d} λ={lambda} recon_trains=inverse: {name}");
+                assert_close(&what, &outs[name].data, want, 1e-10, 1e-10);
+            }
+            // The reconstruction error itself is the same value.
+            let inputs = linear_inputs(&spec, &feeds, batch);
+            let recon = recon_of(&feeds, 0, &inputs[0]) + recon_of(&feeds, 2, &inputs[1]);
+            assert_close("recon", &outs["recon"].data, &[recon], 1e-10, 1e-12);
+        }
+        // And the weight gradient does change with λ under the default (both), so the
+        // comparison above can fail.
+        let both = make_spec(d, "none", FC2, "self_normalizing", lambda);
+        let outs = run(
+            &compile_train(&both, batch, OptLevel::Full)
+                .expect("the spec compiles")
+                .step,
+            &feeds,
+        );
+        let name = "grad.layers.0.weight";
+        let gap: f64 = outs[name]
+            .data
+            .iter()
+            .zip(&without_recon[name])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            gap > 1e-3,
+            "λ moves G_W under recon_trains = both (gap {gap})"
+        );
     }
 }
 

@@ -279,7 +279,9 @@ fn geco_adapts_lambda_per_layer() {
                 lambda0: 2.0,
                 lr: 1e-3,
                 ema: 0.9,
-                kappa: 0.0
+                kappa: 0.0,
+                min: None,
+                max: None,
             }
         }
     );
@@ -345,6 +347,34 @@ fn geco_adapts_lambda_per_layer() {
     assert!((s.lambda["layers.0"] - 2.0 * (1e-3f64 * 0.4).exp()).abs() < 1e-12);
     s.update(gs, &recon);
     assert_eq!(s.ema["layers.2"], Some(0.2));
+    // Bounds: a reconstruction spike stops λ at `max`, a long quiet stretch at `min`.
+    let bounded = GecoSpec {
+        min: Some(0.5),
+        max: Some(3.0),
+        kappa: 10.0,
+        ..*gs
+    };
+    let mut s = state.clone();
+    let spike = std::collections::BTreeMap::from([
+        ("layers.0".to_string(), 5e4),
+        ("layers.2".to_string(), 1.0),
+    ]);
+    s.update(&bounded, &spike);
+    assert_eq!(
+        s.lambda["layers.0"],
+        3.0,
+        "unbounded: {}",
+        2.0 * 50f64.exp()
+    );
+    for _ in 0..2000 {
+        s.update(&bounded, &recon);
+    }
+    assert_eq!(s.lambda["layers.2"], 0.5);
+    // Within the bounds the update is the unbounded one.
+    let mut t = state.clone();
+    t.update(&bounded, &recon);
+    let want = 2.0 * (1e-3f64 * (0.4 - 10.0)).exp();
+    assert!((t.lambda["layers.0"] - want).abs() < 1e-12);
     // Training: λ grows (κ = 0), is logged per layer and saved.
     let data = embedded_mnist().expect("embedded MNIST");
     let dir = tempfile::tempdir().unwrap();

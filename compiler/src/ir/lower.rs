@@ -5,7 +5,8 @@
 //! - f-flow: `z = W h + b`, smooth leaky ReLU `s(z) = αz + (1-α) softplus(z)`, base N(0, I);
 //! - g-flow (the density induced by the learned inverse, paper eq. 3): the same flow with
 //!   `g⁻¹(h) = R⁻¹ h + b`, so its log-det is `-ln|det R|`;
-//! - reconstruction `Σ_k ‖R_k W_k h_k − h_k‖²` with `h_k` gradient-stopped (eq. 3);
+//! - reconstruction `Σ_k ‖R_k W_k h_k − h_k‖²` with `h_k` gradient-stopped (eq. 3), and `W_k h_k`
+//!   too when the spec says `"recon_trains": "inverse"`;
 //! - self-normalizing objective `J = −mean[½ ln p^f + ½ ln p^g] + λ·recon`, exact objective
 //!   `J = −mean ln p^f`.
 //!
@@ -16,7 +17,7 @@
 use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use super::{Op, SplinePart};
 use crate::autodiff;
-use crate::spec::{FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec, Preprocess};
+use crate::spec::{FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec, Preprocess, ReconTrains};
 use petgraph::stable_graph::NodeIndex;
 
 /// What a parameter is to its layer.
@@ -165,6 +166,15 @@ pub fn geco_lambda_input(layer: usize) -> String {
     format!("lambda.layers.{layer}")
 }
 
+/// `W h` inside the reconstruction error: gradient-stopped when only R is to learn from it
+/// (a stop is an identity after autodiff, so `W h` is still shared with the forward pass).
+fn recon_w_term(b: &mut GraphBuilder, wh: NodeIndex, recon_trains: ReconTrains) -> NodeIndex {
+    match recon_trains {
+        ReconTrains::Both => wh,
+        ReconTrains::Inverse => b.stop_grad(wh),
+    }
+}
+
 /// The graph output of layer `layer`'s mean reconstruction error (GECO specs).
 pub fn geco_recon_output(layer: usize) -> String {
     format!("recon.layers.{layer}")
@@ -255,6 +265,7 @@ impl<'a> Lowering<'a> {
         // halves it); image layers reshape (a view).
         let batch = self.batch;
         let shapes = self.spec.layer_shapes();
+        let recon_trains = self.spec.objective.recon_trains;
         let mut h = h0;
         let mut data_terms: Vec<NodeIndex> = Vec::new();
         let mut const_terms: Vec<NodeIndex> = Vec::new();
@@ -277,6 +288,7 @@ impl<'a> Lowering<'a> {
                     if with_recon {
                         let hs = b.stop_grad(h);
                         let wh = b.matmul(w, hs);
+                        let wh = recon_w_term(b, wh, recon_trains);
                         let rwh = b.matmul(r, wh);
                         let e = b.sub(rwh, hs);
                         let e2 = b.unary(Unary::Square, e);
@@ -321,6 +333,7 @@ impl<'a> Lowering<'a> {
                     if with_recon {
                         let hs = b.stop_grad(h);
                         let wh = conv(b, hs, w);
+                        let wh = recon_w_term(b, wh, recon_trains);
                         let rwh = conv(b, wh, r);
                         let e = b.sub(rwh, hs);
                         let e2 = b.unary(Unary::Square, e);

@@ -127,10 +127,14 @@ impl FlowSpecBuilder {
 
     /// Self-normalizing gradient with reconstruction weight `lambda`.
     pub fn self_normalizing(mut self, lambda: f64) -> Self {
-        self.objective = ObjectiveSpec {
-            gradient: GradientMode::SelfNormalizing,
-            lambda: super::Lambda::Fixed(lambda),
-        };
+        self.objective.gradient = GradientMode::SelfNormalizing;
+        self.objective.lambda = super::Lambda::Fixed(lambda);
+        self
+    }
+
+    /// Which parameters the reconstruction term trains (default both W and R).
+    pub fn recon_trains(mut self, recon_trains: super::ReconTrains) -> Self {
+        self.objective.recon_trains = recon_trains;
         self
     }
 

@@ -323,6 +323,9 @@ pub struct ObjectiveSpec {
     pub gradient: GradientMode,
     /// Weight of the reconstruction term: a number (default 1.0, finite and ≥ 0) or GECO.
     pub lambda: Lambda,
+    /// Which parameters the reconstruction term trains (default both W and R, as eq. 3).
+    #[serde(skip_serializing_if = "ReconTrains::is_both")]
+    pub recon_trains: ReconTrains,
 }
 
 impl Default for ObjectiveSpec {
@@ -330,7 +333,26 @@ impl Default for ObjectiveSpec {
         ObjectiveSpec {
             gradient: GradientMode::SelfNormalizing,
             lambda: Lambda::Fixed(1.0),
+            recon_trains: ReconTrains::Both,
         }
+    }
+}
+
+/// The parameters the reconstruction error ‖R W h − h‖² sends gradients to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconTrains {
+    /// W and R (paper eq. 3): the constraint also pulls W off the likelihood's path.
+    #[default]
+    Both,
+    /// R only (the reference code's `only_R_recon`): W h is held fixed in the reconstruction,
+    /// so W follows the (approximate) likelihood gradient alone and R tracks W⁻¹.
+    Inverse,
+}
+
+impl ReconTrains {
+    pub fn is_both(&self) -> bool {
+        *self == ReconTrains::Both
     }
 }
 
@@ -362,7 +384,8 @@ impl Lambda {
 /// GECO (paper A.5; Rezende & Viola 2018): one λ per self-normalizing layer, updated after each
 /// step from that layer's reconstruction error r: `EMA ← ema·EMA + (1 − ema)·r` (the first
 /// step sets EMA = r), `λ ← λ·exp(lr·(EMA − kappa))`. With `kappa` = 0 λ only grows, as in the
-/// reference code.
+/// reference code. `min` and `max`, when given, bound λ after every update: without a ceiling
+/// one reconstruction spike can raise λ by e^40 within an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GecoSpec {
@@ -374,6 +397,19 @@ pub struct GecoSpec {
     pub ema: f64,
     #[serde(default)]
     pub kappa: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+impl GecoSpec {
+    /// λ after one GECO update from the reconstruction EMA, kept within [`min`, `max`].
+    pub fn updated(&self, lambda: f64, ema: f64) -> f64 {
+        let next = lambda * (self.lr * (ema - self.kappa)).exp();
+        let next = self.min.map_or(next, |lo| next.max(lo));
+        self.max.map_or(next, |hi| next.min(hi))
+    }
 }
 
 fn default_geco_lambda0() -> f64 {
@@ -393,6 +429,8 @@ impl Default for GecoSpec {
             lr: default_geco_lr(),
             ema: default_geco_ema(),
             kappa: 0.0,
+            min: None,
+            max: None,
         }
     }
 }

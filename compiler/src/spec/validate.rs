@@ -200,6 +200,27 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
             check("lr", geco.lr, geco.lr >= 0.0, ">= 0");
             check("ema", geco.ema, (0.0..1.0).contains(&geco.ema), "in [0, 1)");
             check("kappa", geco.kappa, true, "finite");
+            if let Some(min) = geco.min {
+                check("min", min, min >= 0.0, ">= 0");
+            }
+            if let Some(max) = geco.max {
+                check("max", max, max > 0.0, "> 0");
+            }
+            let (lo, hi) = (geco.min.unwrap_or(0.0), geco.max.unwrap_or(f64::INFINITY));
+            if lo > hi {
+                push(
+                    format!("{p}/min"),
+                    format!("min ({lo}) must not exceed max ({hi})"),
+                );
+            } else if !(lo..=hi).contains(&geco.lambda0) {
+                push(
+                    format!("{p}/lambda0"),
+                    format!(
+                        "lambda0 ({}) must lie within [min, max] = [{lo}, {hi}]",
+                        geco.lambda0
+                    ),
+                );
+            }
         }
     }
 

@@ -10,7 +10,8 @@ use super::errors::{escape_token, SpecError};
 use super::{
     ActnormSpec, AdamSpec, AffineCouplingSpec, Augment, ConvSpec, FlowSpec, GecoSpec, GradientMode,
     InputSpec, Lambda, LayerSpec, LinearInit, LinearSpec, ObjectiveSpec, OptimizerSpec, Preprocess,
-    SmoothLeakyReluSpec, SplineSpec, SplitSpec, SqueezeSpec, TrainSpec, DEFAULT_LOGIT_ALPHA,
+    ReconTrains, SmoothLeakyReluSpec, SplineSpec, SplitSpec, SqueezeSpec, TrainSpec,
+    DEFAULT_LOGIT_ALPHA,
 };
 
 type Obj = Map<String, Value>;
@@ -19,7 +20,7 @@ const FLOW_FIELDS: &[&str] = &["name", "input", "layers", "objective", "train"];
 const INPUT_FIELDS: &[&str] = &["shape", "preprocess", "logit_alpha"];
 const LINEAR_FIELDS: &[&str] = &["bias", "init"];
 const SLRELU_FIELDS: &[&str] = &["alpha"];
-const OBJECTIVE_FIELDS: &[&str] = &["gradient", "lambda"];
+const OBJECTIVE_FIELDS: &[&str] = &["gradient", "lambda", "recon_trains"];
 const TRAIN_FIELDS: &[&str] = &[
     "batch_size",
     "epochs",
@@ -58,6 +59,10 @@ const PREPROCESS: &[(&str, Preprocess)] = &[
 const GRADIENT: &[(&str, GradientMode)] = &[
     ("self_normalizing", GradientMode::SelfNormalizing),
     ("exact", GradientMode::Exact),
+];
+const RECON_TRAINS: &[(&str, ReconTrains)] = &[
+    ("both", ReconTrains::Both),
+    ("inverse", ReconTrains::Inverse),
 ];
 const LINEAR_INIT: &[(&str, LinearInit)] = &[
     ("identity_noise", LinearInit::IdentityNoise),
@@ -515,10 +520,13 @@ impl Walker {
                 w.choice(v, p, "gradient mode", GRADIENT)
             }),
             lambda: self.optional(o, p, "lambda", d.lambda, Self::lambda),
+            recon_trains: self.optional(o, p, "recon_trains", d.recon_trains, |w, v, p| {
+                w.choice(v, p, "reconstruction target", RECON_TRAINS)
+            }),
         }
     }
 
-    /// `lambda`: a number, or `{"geco": {"lambda0", "lr", "ema", "kappa"}}`.
+    /// `lambda`: a number, or `{"geco": {"lambda0", "lr", "ema", "kappa", "min", "max"}}`.
     fn lambda(&mut self, v: &Value, p: &str) -> Option<Lambda> {
         if let Some(x) = v.as_f64() {
             return Some(Lambda::Fixed(x));
@@ -531,7 +539,12 @@ impl Walker {
         let g = self.required(o, p, "geco")?;
         let gp = child(p, "geco");
         let go = self.object(g, &gp)?;
-        self.unknown_fields(go, &gp, &["lambda0", "lr", "ema", "kappa"], &[]);
+        self.unknown_fields(
+            go,
+            &gp,
+            &["lambda0", "lr", "ema", "kappa", "min", "max"],
+            &[],
+        );
         let d = GecoSpec::default();
         Some(Lambda::Geco {
             geco: GecoSpec {
@@ -539,6 +552,8 @@ impl Walker {
                 lr: self.optional(go, &gp, "lr", d.lr, Self::f64),
                 ema: self.optional(go, &gp, "ema", d.ema, Self::f64),
                 kappa: self.optional(go, &gp, "kappa", d.kappa, Self::f64),
+                min: self.optional(go, &gp, "min", None, |w, v, p| w.f64(v, p).map(Some)),
+                max: self.optional(go, &gp, "max", None, |w, v, p| w.f64(v, p).map(Some)),
             },
         })
     }

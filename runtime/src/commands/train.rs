@@ -160,7 +160,7 @@ impl Geco {
     }
 
     /// One update from each layer's reconstruction error of the last step (`recon.layers.k`):
-    /// EMA ← ema·EMA + (1 − ema)·r, λ ← λ·exp(lr·(EMA − κ)).
+    /// EMA ← ema·EMA + (1 − ema)·r, λ ← λ·exp(lr·(EMA − κ)) within the spec's [min, max].
     pub fn update(&mut self, spec: &GecoSpec, recon: &BTreeMap<String, f64>) {
         for (layer, lambda) in self.lambda.iter_mut() {
             let Some(&r) = recon.get(layer) else { continue };
@@ -170,7 +170,7 @@ impl Geco {
                 None => r,
             };
             *ema = Some(e);
-            *lambda *= (spec.lr * (e - spec.kappa)).exp();
+            *lambda = spec.updated(*lambda, e);
         }
     }
 }
