@@ -419,6 +419,40 @@ fn with_recon_trains(value: Value) -> String {
 }
 
 #[test]
+fn inverse_learning_rate_scale_is_checked() {
+    let scale = |v: Value| {
+        let mut spec = base();
+        spec["train"]["optimizer"]["adam"]["inverse_lr_scale"] = v;
+        spec.to_string()
+    };
+    let spec = parse_spec(&scale(json!(10.0))).expect("a valid spec");
+    assert_eq!(spec.train.optimizer.adam.inverse_lr_scale, 10.0);
+    assert_eq!(
+        parse_spec(&spec.to_json_pretty()).expect("round trip"),
+        spec
+    );
+    assert_eq!(
+        parse_spec(&base().to_string())
+            .expect("the base spec")
+            .train
+            .optimizer
+            .adam
+            .inverse_lr_scale,
+        1.0
+    );
+    assert_only_error(
+        &scale(json!(0.0)),
+        "/train/optimizer/adam/inverse_lr_scale",
+        "inverse_lr_scale must be finite and > 0, got 0",
+    );
+    assert_error(
+        &scale(json!("fast")),
+        "/train/optimizer/adam/inverse_lr_scale",
+        "expected a number",
+    );
+}
+
+#[test]
 fn unknown_reconstruction_target() {
     let e = assert_only_error(
         &with_recon_trains(json!("forward")),

@@ -395,3 +395,75 @@ fn geco_adapts_lambda_per_layer() {
         logged["layers.0"].as_f64().unwrap()
     );
 }
+
+/// `train.optimizer.adam.inverse_lr_scale`: after Adam's first step (a sign step: every entry
+/// moves by its learning rate, less ε's share) each learned inverse R has moved 4× as far as
+/// its W, and the other parameters as far as W. The same spec with scale 1 moves R like W.
+#[test]
+fn inverse_lr_scale_speeds_up_only_the_learned_inverses() {
+    use snfc_runtime::train::LAST_CHECKPOINT;
+    let data = embedded_mnist().expect("embedded MNIST");
+    let text = |scale: f64| {
+        format!(
+            r#"{{"name": "s", "input": {{"shape": [784], "preprocess": "dequantize_logit"}},
+                "layers": [{{"type": "linear"}}, {{"type": "smooth_leaky_relu"}}, {{"type": "linear"}}],
+                "train": {{"batch_size": 50, "warmup_epochs": 0,
+                          "optimizer": {{"adam": {{"lr": 1e-3, "inverse_lr_scale": {scale:?}}}}}}}}}"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The median |Δ| over a parameter's entries after one step.
+    let moved = |scale: f64| {
+        let spec = parse_spec(&text(scale)).unwrap_or_else(|e| panic!("{e}"));
+        let before = Model::<f32>::init(&spec, spec.train.seed);
+        let out = dir.path().join(format!("scale{scale}"));
+        train::<f32>(&spec, &data, &options(out.clone(), 1)).expect("training");
+        let (after, _) = Model::<f32>::load(&out.join(LAST_CHECKPOINT), None).expect("last");
+        let median = |name: &str| {
+            let mut d: Vec<f64> = before
+                .get(name)
+                .iter()
+                .zip(after.get(name).iter())
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .collect();
+            d.sort_by(f64::total_cmp);
+            d[d.len() / 2]
+        };
+        (
+            median("layers.0.weight"),
+            median("layers.0.weight_inv"),
+            median("layers.2.weight_inv"),
+            median("layers.2.bias"),
+        )
+    };
+    let (w, r0, r2, b) = moved(4.0);
+    assert!((w / 1e-3 - 1.0).abs() < 0.05, "W moved {w}");
+    assert!((b / 1e-3 - 1.0).abs() < 0.05, "bias moved {b}");
+    for r in [r0, r2] {
+        assert!((r / 4e-3 - 1.0).abs() < 0.05, "R moved {r}, W {w}");
+    }
+    let (w, r0, _, _) = moved(1.0);
+    assert!((r0 / w - 1.0).abs() < 0.05, "scale 1: R {r0}, W {w}");
+}
+
+/// The inverse parameters are each self-normalizing layer's R (linear and conv), nothing else:
+/// not a coupling network's convs, actnorm or biases.
+#[test]
+fn learning_rates_scale_exactly_the_learned_inverses() {
+    use snfc_runtime::train::LearningRates;
+    let spec = spec_file("mnist_glow_geco5x5.json");
+    let mut rates = LearningRates::for_spec(&spec, 2.0);
+    rates.inverse_scale = 5.0;
+    let model = Model::<f32>::init(&spec, 0);
+    let mut scaled = 0;
+    for p in &model.params {
+        let want = if p.name.ends_with(".weight_inv") {
+            scaled += 1;
+            10.0
+        } else {
+            2.0
+        };
+        assert_eq!(rates.of(&p.name), want, "{}", p.name);
+    }
+    assert_eq!(scaled, 8, "one R per 5×5 conv (2 levels × 4 steps)");
+}

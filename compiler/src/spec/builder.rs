@@ -180,10 +180,19 @@ impl FlowSpecBuilder {
         self
     }
 
-    /// Adam learning rate and betas (ε keeps its current value, default 1e-8).
+    /// Adam learning rate and betas (ε and the inverses' scale keep their values).
     pub fn adam(mut self, lr: f64, betas: [f64; 2]) -> Self {
-        let eps = self.train.optimizer.adam.eps;
-        self.train.optimizer.adam = AdamSpec { lr, betas, eps };
+        self.train.optimizer.adam = AdamSpec {
+            lr,
+            betas,
+            ..self.train.optimizer.adam
+        };
+        self
+    }
+
+    /// The learned inverses' learning rate as a multiple of Adam's `lr` (default 1).
+    pub fn inverse_lr_scale(mut self, scale: f64) -> Self {
+        self.train.optimizer.adam.inverse_lr_scale = scale;
         self
     }
 

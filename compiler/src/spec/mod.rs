@@ -518,6 +518,19 @@ pub struct AdamSpec {
     pub betas: [f64; 2],
     /// ε; default 1e-8, must be finite and > 0.
     pub eps: f64,
+    /// The learned inverses' (R's) learning rate as a multiple of `lr`; default 1, must be
+    /// finite and > 0. Adam moves each entry by about lr per step, and R must follow W⁻¹,
+    /// which can move faster than W does.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub inverse_lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for AdamSpec {
@@ -526,6 +539,7 @@ impl Default for AdamSpec {
             lr: 1e-4,
             betas: [0.9, 0.999],
             eps: 1e-8,
+            inverse_lr_scale: 1.0,
         }
     }
 }

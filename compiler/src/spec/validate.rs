@@ -280,6 +280,15 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
             format!("eps must be finite and > 0, got {}", adam.eps),
         );
     }
+    if !(adam.inverse_lr_scale.is_finite() && adam.inverse_lr_scale > 0.0) {
+        push(
+            format!("{p}/inverse_lr_scale"),
+            format!(
+                "inverse_lr_scale must be finite and > 0, got {}",
+                adam.inverse_lr_scale
+            ),
+        );
+    }
 
     errors
 }

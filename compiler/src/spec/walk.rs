@@ -32,7 +32,7 @@ const TRAIN_FIELDS: &[&str] = &[
 ];
 const AUGMENT: &[(&str, Augment)] = &[("none", Augment::None), ("pad_crop", Augment::PadCrop)];
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
-const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps"];
+const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps", "inverse_lr_scale"];
 
 /// Every layer `type` a spec may name.
 pub const LAYER_TYPES: &[&str] = &[
@@ -602,6 +602,13 @@ impl Walker {
             lr: self.optional(o, p, "lr", d.lr, Self::f64),
             betas: self.optional(o, p, "betas", d.betas, Self::betas),
             eps: self.optional(o, p, "eps", d.eps, Self::f64),
+            inverse_lr_scale: self.optional(
+                o,
+                p,
+                "inverse_lr_scale",
+                d.inverse_lr_scale,
+                Self::f64,
+            ),
         }
     }
 

@@ -118,6 +118,7 @@ pub fn bench_step<T: Real + 'static>(
     let mut noise = vec![T::zero(); d * batch];
     fill_uniform(&mut rng, &mut noise);
     let adam = &spec.train.optimizer.adam;
+    let rates = crate::train::LearningRates::for_spec(spec, 1e-4);
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         backend.sync()?;
@@ -132,7 +133,7 @@ pub fn bench_step<T: Real + 'static>(
         backend.run()?;
         let loss = backend.output("loss")?.scalar().as_f64();
         std::hint::black_box(loss);
-        backend.adam_step(1e-4, adam.betas, adam.eps, 1.0)?;
+        backend.adam_step(&rates, adam.betas, adam.eps, 1.0)?;
         backend.sync()?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());

@@ -19,11 +19,13 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
-use snfc_compiler::ir::lower::{actnorm_init_graph, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X};
+use snfc_compiler::ir::lower::{
+    actnorm_init_graph, parameters, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X,
+};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{Augment, FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
-use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -183,6 +185,49 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
+/// Each parameter's learning rate in one step: `base` (the schedule's lr), times
+/// `inverse_scale` for the learned inverses R (`train.optimizer.adam.inverse_lr_scale`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearningRates {
+    pub base: f64,
+    pub inverse_scale: f64,
+    inverses: BTreeSet<String>,
+}
+
+impl LearningRates {
+    /// One learning rate for every parameter.
+    pub fn uniform(lr: f64) -> Self {
+        LearningRates {
+            base: lr,
+            inverse_scale: 1.0,
+            inverses: BTreeSet::new(),
+        }
+    }
+
+    /// The spec's rates at base rate `lr`: its inverse parameters (each self-normalizing
+    /// layer's R) scaled by `inverse_lr_scale`.
+    pub fn for_spec(spec: &FlowSpec, lr: f64) -> Self {
+        LearningRates {
+            base: lr,
+            inverse_scale: spec.train.optimizer.adam.inverse_lr_scale,
+            inverses: parameters(spec)
+                .into_iter()
+                .filter(|p| p.kind == ParamKind::WeightInv)
+                .map(|p| p.name)
+                .collect(),
+        }
+    }
+
+    /// The learning rate of parameter `name`.
+    pub fn of(&self, name: &str) -> f64 {
+        if self.inverses.contains(name) {
+            self.base * self.inverse_scale
+        } else {
+            self.base
+        }
+    }
+}
+
 /// Adam (Kingma & Ba) with bias correction; state per parameter.
 pub struct Adam<T> {
     pub(crate) betas: [f64; 2],
@@ -242,7 +287,7 @@ impl<T: Real> Adam<T> {
         outs: &[(String, crate::host::exec::Tensor<T>)],
         lr: f64,
     ) -> f64 {
-        self.update_values(&mut model.values, outs, lr, 1.0)
+        self.update_values(&mut model.values, outs, &LearningRates::uniform(lr), 1.0)
     }
 
     /// [`update`](Self::update) on named parameter values, with every gradient multiplied by
@@ -251,7 +296,7 @@ impl<T: Real> Adam<T> {
         &mut self,
         values: &mut HashMap<String, Arc<Vec<T>>>,
         outs: &[(String, crate::host::exec::Tensor<T>)],
-        lr: f64,
+        lr: &LearningRates,
         grad_scale: f64,
     ) -> f64 {
         self.t += 1;
@@ -262,7 +307,7 @@ impl<T: Real> Adam<T> {
                     continue;
                 };
                 let param: &mut Vec<T> = Arc::make_mut(param);
-                self.step(param, &t.data, p, lr, grad_scale);
+                self.step(param, &t.data, p, lr.of(p), grad_scale);
             } else if name == "loss" {
                 loss = t.scalar().as_f64();
             }
@@ -895,6 +940,7 @@ pub fn train<T: Real + 'static>(
         let mut loss_sum = 0.0;
         let mut steps = 0;
         let mut lr = adam_spec.lr;
+        let mut rates = LearningRates::for_spec(spec, lr);
         let mut angles = Vec::new();
         for s in 0..steps_per_epoch {
             if state.total_steps >= max_steps {
@@ -995,7 +1041,8 @@ pub fn train<T: Real + 'static>(
                 (Some(clip), Some(norm)) => (clip / norm).min(1.0),
                 _ => 1.0,
             };
-            backend.adam_step(lr, adam_spec.betas, adam_spec.eps, grad_scale)?;
+            rates.base = lr;
+            backend.adam_step(&rates, adam_spec.betas, adam_spec.eps, grad_scale)?;
             steps += 1;
             let secs = started.elapsed().as_secs_f64();
             bar.set_message(format!(

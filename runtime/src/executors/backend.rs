@@ -5,7 +5,7 @@ use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::Real;
-use crate::train::{Adam, AdamState};
+use crate::train::{Adam, AdamState, LearningRates};
 use snfc_compiler::plan::Plan;
 use std::any::Any;
 use std::sync::Arc;
@@ -31,11 +31,11 @@ pub trait Backend<T: Real> {
             .collect()
     }
     /// One Adam step, where the parameters live, for every parameter with a `grad.<name>`
-    /// output of the last run.
+    /// output of the last run, each at its rate in `lr`.
     /// Each gradient is multiplied by `grad_scale` first (1 unless clipping).
     fn adam_step(
         &mut self,
-        lr: f64,
+        lr: &LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,
@@ -140,7 +140,7 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     }
     fn adam_step(
         &mut self,
-        lr: f64,
+        lr: &LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,
@@ -213,7 +213,7 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     }
     fn adam_step(
         &mut self,
-        lr: f64,
+        lr: &LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,

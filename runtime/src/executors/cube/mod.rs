@@ -538,7 +538,7 @@ impl<R: Runtime> GpuProgram<R> {
     /// gradients the last [`run`](Self::run) left in their buffers.
     pub fn adam_step(
         &mut self,
-        lr: f64,
+        lr: &crate::train::LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,
@@ -547,7 +547,7 @@ impl<R: Runtime> GpuProgram<R> {
         let t = self.adam_t;
         let c1 = 1.0 - betas[0].powi(t);
         let c2 = 1.0 - betas[1].powi(t);
-        let (step, c2s) = ((lr / c1) as f32, (1.0 / c2.sqrt()) as f32);
+        let c2s = (1.0 / c2.sqrt()) as f32;
         let grads: Vec<(String, usize)> = self
             .plan
             .outputs
@@ -579,6 +579,7 @@ impl<R: Runtime> GpuProgram<R> {
                     )
                 })
                 .clone();
+            let step = (lr.of(&param) / c1) as f32;
             let (count, dim) = grid_1d(n);
             kernels::adam::launch::<R>(
                 &self.client,
