@@ -22,6 +22,7 @@ fn main() -> Result<()> {
         .warmup_epochs(10)
         .seed(0)
         .adam(1e-4, [0.9, 0.999])
+        .inverse_lr_scale(10.0)
         .build()
         .context("building mnist_fc2")?;
 

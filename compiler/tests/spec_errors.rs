@@ -142,7 +142,15 @@ fn spec_files_parse() {
     let sn = load_spec(&spec_path("mnist_fc2.json")).expect("mnist_fc2.json is valid");
     assert_eq!(sn.name, "mnist_fc2");
     assert_eq!(sn.objective.gradient, GradientMode::SelfNormalizing);
-    assert_eq!(sn, parse_spec(&base().to_string()).expect("valid"));
+    // The docs' example with the learned inverses stepping 10× faster (README, issue 10).
+    let mut fast = base();
+    fast["train"]["optimizer"]["adam"]["inverse_lr_scale"] = json!(10.0);
+    assert_eq!(sn, parse_spec(&fast.to_string()).expect("valid"));
+    // The paper's setting is the docs' example itself.
+    let paper = load_spec(&spec_path("mnist_fc2_paper.json")).expect("mnist_fc2_paper.json");
+    let mut named = base();
+    named["name"] = json!("mnist_fc2_paper");
+    assert_eq!(paper, parse_spec(&named.to_string()).expect("valid"));
 
     let exact = load_spec(&spec_path("mnist_fc2_exact.json")).expect("mnist_fc2_exact.json valid");
     assert_eq!(exact.name, "mnist_fc2_exact");
@@ -151,6 +159,7 @@ fn spec_files_parse() {
     let mut renamed = exact.clone();
     renamed.name = "mnist_fc2".into();
     renamed.objective.gradient = GradientMode::SelfNormalizing;
+    renamed.train.optimizer.adam.inverse_lr_scale = 10.0;
     assert_eq!(renamed, sn);
 }
 
@@ -197,6 +206,7 @@ fn builder_equals_spec_files() {
         .warmup_epochs(10)
         .seed(0)
         .adam(1e-4, [0.9, 0.999])
+        .inverse_lr_scale(10.0)
         .build()
         .expect("builder spec is valid");
     assert_eq!(

@@ -183,6 +183,17 @@ fn run(graph: &Graph, feeds: &Feeds<f64>) -> BTreeMap<String, Tensor<f64>> {
         .collect()
 }
 
+/// The outputs of the spec's compiled training step at `level` on `feeds`.
+fn step_outputs(
+    spec: &FlowSpec,
+    batch: usize,
+    level: OptLevel,
+    feeds: &Feeds<f64>,
+) -> BTreeMap<String, Tensor<f64>> {
+    let compiled = compile_train(spec, batch, level).expect("the spec compiles");
+    run(&compiled.step, feeds)
+}
+
 fn mat_of(feeds: &Feeds<f64>, name: &str, r: usize, c: usize) -> Mat {
     Mat::new(r, c, feeds[name].to_vec())
 }
@@ -606,12 +617,7 @@ fn snf_step_matches_closed_form_two_layers_with_activation() {
         random_inputs(&spec, batch, &mut rng, &mut feeds);
         let want = fc2_closed_form(&feeds, d, batch, alpha, lambda);
         for level in snf_levels() {
-            let outs = run(
-                &compile_train(&spec, batch, level)
-                    .expect("the spec compiles")
-                    .step,
-                &feeds,
-            );
+            let outs = step_outputs(&spec, batch, level, &feeds);
             let grads: Vec<&String> = outs.keys().filter(|k| k.starts_with("grad.")).collect();
             assert_eq!(
                 grads.len(),
@@ -640,12 +646,7 @@ fn recon_trains_inverse_leaves_w_out_of_the_reconstruction() {
         let with_recon = fc2_closed_form(&feeds, d, batch, 0.3, lambda);
         let without_recon = fc2_closed_form(&feeds, d, batch, 0.3, 0.0);
         for level in snf_levels() {
-            let outs = run(
-                &compile_train(&spec, batch, level)
-                    .expect("the spec compiles")
-                    .step,
-                &feeds,
-            );
+            let outs = step_outputs(&spec, batch, level, &feeds);
             for (name, want) in &with_recon {
                 let want = if name.ends_with(".weight") {
                     &without_recon[name]
@@ -663,12 +664,7 @@ fn recon_trains_inverse_leaves_w_out_of_the_reconstruction() {
         // And the weight gradient does change with λ under the default (both), so the
         // comparison above can fail.
         let both = make_spec(d, "none", FC2, "self_normalizing", lambda);
-        let outs = run(
-            &compile_train(&both, batch, OptLevel::Full)
-                .expect("the spec compiles")
-                .step,
-            &feeds,
-        );
+        let outs = step_outputs(&both, batch, OptLevel::Full, &feeds);
         let name = "grad.layers.0.weight";
         let gap: f64 = outs[name]
             .data
