@@ -404,7 +404,7 @@ pub struct GecoSpec {
 }
 
 impl GecoSpec {
-    /// λ after one GECO update from the reconstruction EMA, kept within [`min`, `max`].
+    /// λ after one GECO update from the reconstruction EMA, kept between `min` and `max`.
     pub fn updated(&self, lambda: f64, ema: f64) -> f64 {
         let next = lambda * (self.lr * (ema - self.kappa)).exp();
         let next = self.min.map_or(next, |lo| next.max(lo));
