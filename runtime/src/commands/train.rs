@@ -919,6 +919,8 @@ pub fn train<T: Real + 'static>(
         None => None,
     };
 
+    // Each step sets the schedule's rate; which parameters are R is fixed for the run.
+    let mut rates = LearningRates::for_spec(spec, adam_spec.lr);
     for epoch in state.epoch + 1..=epochs {
         if state.total_steps >= max_steps {
             break;
@@ -940,7 +942,6 @@ pub fn train<T: Real + 'static>(
         let mut loss_sum = 0.0;
         let mut steps = 0;
         let mut lr = adam_spec.lr;
-        let mut rates = LearningRates::for_spec(spec, lr);
         let mut angles = Vec::new();
         for s in 0..steps_per_epoch {
             if state.total_steps >= max_steps {
