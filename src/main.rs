@@ -639,14 +639,52 @@ fn run(cli: Cli) -> Result<()> {
                             smp.samples, smp.learned_ms_per_sample, smp.exact_ms_per_sample
                         );
                     }
-                    for (kind, secs, count) in &r.profile {
-                        println!("  {:>9.3} ms  {count:>4}×  {kind}", secs * 1e3);
-                    }
+                    print_profile(&r);
                 }
             }
             Ok(())
         }
         Command::Bench { spec: None, .. } => bail!("bench: give a SPEC or --scaling fc|conv"),
+    }
+}
+
+/// `bench --profile`: the step's time per kind of work (adding up to the profiled step), the
+/// step's share of its GEMMs' own rate, then every kernel kind.
+fn print_profile(r: &snfc_runtime::bench::BenchResult) {
+    use snfc_runtime::profile::Work;
+    let Some(step_ms) = r.profiled_step_ms else {
+        return;
+    };
+    println!("  where a step's {step_ms:.2} ms go (mean of the profiled steps):");
+    // Kinds of work the step does not have are left out; `other` is always shown.
+    for w in r
+        .breakdown
+        .iter()
+        .filter(|w| w.ms != 0.0 || w.work == Work::Other)
+    {
+        println!(
+            "  {:>9.3} ms  {:>5.1} %  {}",
+            w.ms,
+            100.0 * w.ms / step_ms,
+            w.work.name()
+        );
+    }
+    if let (Some(rate), Some(share)) = (r.gemm_rate_gflops, r.share_of_gemm_rate) {
+        println!(
+            "  the step's GEMMs alone, in cache: {rate:.1} GFLOP/s; the step runs at {:.1} GFLOP/s, {:.0} % of that",
+            r.gflops,
+            100.0 * share
+        );
+    }
+    println!("  per kernel kind:");
+    for row in &r.profile {
+        println!(
+            "  {:>9.3} ms  {:>4}×  {:<11}  {}",
+            row.seconds * 1e3,
+            row.count,
+            row.work.name(),
+            row.kind
+        );
     }
 }
 

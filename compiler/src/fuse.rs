@@ -10,7 +10,7 @@
 
 use crate::ir::{Graph, Op};
 use petgraph::stable_graph::NodeIndex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// One fused kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,10 +92,42 @@ pub fn plan(g: &Graph) -> FusionPlan {
                 g.node(*i).op == Op::MatMul && uses[i] == 1 && g.node(*i).shape == g.node(n).shape
             })
     };
+    // A constant multiple or negation whose only use is the added operand of such an epilogue
+    // (or of another such node) scales the GEMM's `beta` instead (`Plan::new` folds it): no
+    // kernel either. Users come after their operands, so walk the nodes backwards.
+    let mut users: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    for &n in &nodes {
+        for i in g.inputs(n) {
+            users.insert(i, n);
+        }
+    }
+    let mut folded: HashSet<NodeIndex> = HashSet::new();
+    for &n in nodes.iter().rev() {
+        if uses.get(&n) != Some(&1) {
+            continue;
+        }
+        let Some(&user) = users.get(&n) else {
+            continue;
+        };
+        let ins = g.inputs(n);
+        let scaled = match g.node(n).op {
+            Op::Neg => Some(ins[0]),
+            Op::Mul => (0..2).find_map(|k| {
+                g.node(ins[k]).op.const_value()?;
+                Some(ins[1 - k])
+            }),
+            _ => None,
+        };
+        let Some(y) = scaled else { continue };
+        let into_epilogue = epilogue(user) && g.node(user).shape == g.node(y).shape;
+        if (into_epilogue || folded.contains(&user)) && g.node(y).shape == g.node(n).shape {
+            folded.insert(n);
+        }
+    }
     for &n in &nodes {
         let node = g.node(n);
         let ins = g.inputs(n);
-        if epilogue(n) {
+        if epilogue(n) || folded.contains(&n) {
             let mut d = BTreeSet::new();
             for &x in &ins {
                 d.extend(needs(x, &group_of, &deps));
@@ -155,7 +187,12 @@ pub fn plan(g: &Graph) -> FusionPlan {
     }
     let others = nodes
         .iter()
-        .filter(|n| !group_of.contains_key(n) && is_kernel(&g.node(**n).op) && !epilogue(**n))
+        .filter(|n| {
+            !group_of.contains_key(n)
+                && is_kernel(&g.node(**n).op)
+                && !epilogue(**n)
+                && !folded.contains(n)
+        })
         .count();
     FusionPlan {
         kernels: groups.len() + others,

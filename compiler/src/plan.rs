@@ -951,6 +951,25 @@ fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
                 (_, 0) => (1.0, -1.0),
                 _ => (-1.0, 1.0),
             };
+            // A constant multiple (or negation) of a value that nothing else reads scales
+            // `beta` instead of taking a pass of its own over the matrix (the −½ Rᵀ of a
+            // weight gradient): ab + k·y is ab + k·y with y read by the GEMM.
+            let (mut other, mut beta) = (other, beta);
+            while uses[other] == 1 && !instrs[other].skip && instrs[other].group.is_none() {
+                let scaled = match instrs[other].op {
+                    Op::Neg => Some((instrs[other].args[0], -1.0)),
+                    Op::Mul => (0..2).find_map(|k| {
+                        let (c, y) = (instrs[other].args[k], instrs[other].args[1 - k]);
+                        let factor = instrs[c].op.const_value()?;
+                        (instrs[y].shape == instrs[n].shape).then_some((y, factor))
+                    }),
+                    _ => None,
+                };
+                let Some((y, factor)) = scaled else { break };
+                instrs[other].skip = true;
+                other = y;
+                beta *= factor;
+            }
             let (a, b) = (instrs[m].args[0], instrs[m].args[1]);
             instrs[m].skip = true;
             let ins = &mut instrs[n];

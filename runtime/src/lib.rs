@@ -9,7 +9,7 @@ pub mod executors;
 pub mod io;
 
 pub use commands::{angle, bench, eval, grad, plot, sample, train};
-pub use executors::{backend, cube, host};
+pub use executors::{backend, cube, host, profile};
 pub use io::{atomic, batch, data, image, model, npy};
 
 /// A training step allocates and frees tensors of tens of MB hundreds of times (a Glow

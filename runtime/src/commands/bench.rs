@@ -4,9 +4,10 @@
 use crate::backend::open;
 use crate::batch::fill_uniform;
 use crate::cube::probe::Chosen;
-use crate::host::exec::{ExecError, Executor, Feeds, Program};
-use crate::host::linalg::Real;
+use crate::host::exec::ExecError;
+use crate::host::linalg::{GemmShape, Real};
 use crate::model::Model;
+use crate::profile::{ProfileRow, Work};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -15,7 +16,7 @@ use snfc_compiler::ir::lower::{INPUT_NOISE, INPUT_X};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::rewrite::op_counts;
 use snfc_compiler::spec::{FlowSpec, Preprocess};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,9 +42,30 @@ pub struct BenchResult {
     /// Time per sample through the learned inverse and the exact one (host, f64).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingTime>,
-    /// Seconds per step by op kind (with `profile`).
+    /// Seconds and launches per step by kernel kind (with `profile`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub profile: Vec<(String, f64, usize)>,
+    pub profile: Vec<ProfileRow>,
+    /// Where a profiled step's time goes, per kind of work; the entries add up to
+    /// `profiled_step_ms` (with `profile`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breakdown: Vec<WorkTime>,
+    /// The mean time of the profiled steps (on the host, the timed steps themselves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiled_step_ms: Option<f64>,
+    /// The GFLOP/s the step's own matrix products reach when each is timed alone, in cache
+    /// (host, with `profile`): the rate the step is measured against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_rate_gflops: Option<f64>,
+    /// `gflops / gemm_rate_gflops`: the step's share of its GEMMs' rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_of_gemm_rate: Option<f64>,
+}
+
+/// Milliseconds per step spent on one kind of work.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkTime {
+    pub work: Work,
+    pub ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,10 +108,10 @@ pub fn bench_step<T: Real + 'static>(
     let compiled = compile_train(spec, batch, level)?;
     let counts = op_counts(&compiled.step);
     let plan = Plan::for_level(&compiled.step, level);
-    // Profiling needs the host executor's hooks; it is a host-only view.
-    let mut host =
-        (profile && opts.device == Chosen::Host).then(|| Program::from_plan(plan.clone()));
-    let mut exec = Executor::<T>::new();
+    // On the host the timers cost nanoseconds per kernel, so the timed steps themselves are
+    // profiled; a GPU backend synchronizes after every launch when profiling, so it gets
+    // separate profiled steps after the timed ones.
+    let profile_timed = profile && opts.device == Chosen::Host;
     let mut backend = open::<T>(&opts.device, plan)?;
     let model = Model::<T>::init(spec, 0);
     for (name, v) in &model.values {
@@ -120,7 +142,7 @@ pub fn bench_step<T: Real + 'static>(
     let adam = &spec.train.optimizer.adam;
     let rates = crate::train::LearningRates::for_spec(spec, 1e-4);
     let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
+    let mut step = |backend: &mut Box<dyn crate::backend::Backend<T>>| -> Result<f64, ExecError> {
         backend.sync()?;
         let t = Instant::now();
         // A step as `train` runs it: upload the batch and fresh noise, run, read the loss
@@ -135,43 +157,67 @@ pub fn bench_step<T: Real + 'static>(
         std::hint::black_box(loss);
         backend.adam_step(&rates, adam.betas, adam.eps, 1.0)?;
         backend.sync()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for i in 0..warmup + steps {
+        if profile_timed && i == warmup {
+            backend.enable_profile();
+        }
+        let seconds = step(&mut backend)?;
         if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
+            times.push(seconds);
         }
     }
-    // The profile: the same steps again through the host executor with its timers on.
-    let mut profile_rows = Vec::new();
-    if let Some(program) = host.as_mut() {
-        let mut feeds: Feeds<T> = model.values.clone();
-        feeds.insert(INPUT_X.into(), Arc::new(x.clone()));
-        feeds.insert(INPUT_NOISE.into(), Arc::new(noise.clone()));
-        for (name, v) in crate::train::Geco::new(spec)
-            .map(|g| g.feeds())
-            .unwrap_or_default()
-        {
-            feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
-        }
-        exec.run(program, &feeds)?;
-        exec.enable_profile();
-        for _ in 0..steps {
-            exec.run(program, &feeds)?;
-        }
-        profile_rows = exec
-            .profile()
-            .into_iter()
-            .map(|(k, t, n)| (k, t / steps as f64, n / steps))
-            .collect();
-    }
-    if profile && host.is_none() {
+    let mut profiled_seconds = times.iter().sum::<f64>();
+    if profile && !profile_timed {
         backend.enable_profile();
+        profiled_seconds = 0.0;
         for _ in 0..steps {
-            backend.run()?;
+            profiled_seconds += step(&mut backend)?;
         }
-        profile_rows = backend
-            .profile()
-            .into_iter()
-            .map(|(k, t, n)| (k, t / steps as f64, n / steps))
-            .collect();
+    }
+    let per_step = |v: f64| v / steps as f64;
+    let (mut profile_rows, mut breakdown, mut profiled_step_ms) = (Vec::new(), Vec::new(), None);
+    let (mut gemm_rate_gflops, mut share_of_gemm_rate) = (None, None);
+    if profile {
+        profile_rows = backend.profile();
+        for row in profile_rows.iter_mut() {
+            row.seconds = per_step(row.seconds);
+            row.count = row.count.div_ceil(steps);
+        }
+        let step_ms = per_step(profiled_seconds) * 1e3;
+        let mut accounted = 0.0;
+        for work in Work::ALL {
+            let ms = if work == Work::Other {
+                step_ms - accounted
+            } else {
+                let w = profile_rows.iter().filter(|r| r.work == work);
+                w.fold(0.0, |sum, r| sum + r.seconds) * 1e3
+            };
+            accounted += ms;
+            breakdown.push(WorkTime { work, ms });
+        }
+        profiled_step_ms = Some(step_ms);
+        // The step's products, each timed alone: what its GEMMs could reach.
+        let mut calls: BTreeMap<GemmShape, usize> = BTreeMap::new();
+        for shape in backend.gemm_calls() {
+            *calls.entry(shape).or_default() += 1;
+        }
+        let (mut flops, mut seconds) = (0.0, 0.0);
+        for (shape, count) in &calls {
+            flops += shape.flops() * *count as f64;
+            seconds += shape.best_time::<T>(10) * *count as f64;
+        }
+        if seconds > 0.0 {
+            let rate = flops / seconds / 1e9;
+            gemm_rate_gflops = Some(rate);
+            let median = {
+                let mut t = times.clone();
+                t.sort_by(|a, b| a.total_cmp(b));
+                t[t.len() / 2]
+            };
+            share_of_gemm_rate = Some(counts.flops / 1e9 / median / rate);
+        }
     }
     let sampling = if opts.sampling {
         sampling_time(spec, batch)
@@ -199,6 +245,10 @@ pub fn bench_step<T: Real + 'static>(
         kernels: backend.kernels(),
         sampling,
         profile: profile_rows,
+        breakdown,
+        profiled_step_ms,
+        gemm_rate_gflops,
+        share_of_gemm_rate,
     })
 }
 

@@ -228,6 +228,63 @@ impl LearningRates {
     }
 }
 
+/// One parameter's Adam constants for a step.
+#[derive(Clone, Copy)]
+struct AdamCoeffs<T> {
+    b1: T,
+    b2: T,
+    /// lr / (1 − β₁ᵗ)
+    step: T,
+    /// 1 / √(1 − β₂ᵗ)
+    c2s: T,
+    eps: T,
+    grad_scale: T,
+}
+
+/// The Adam update of one chunk, compiled for the widest vector instructions the CPU has
+/// (AVX-512 or AVX2, detected at run time; the same IEEE operations in the same order on
+/// every path, so the result does not depend on which runs).
+fn adam_chunk<T: Real>(c: AdamCoeffs<T>, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
+    #[inline(always)]
+    fn update<T: Real>(c: AdamCoeffs<T>, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
+        let one = T::one();
+        let n = p.len().min(g.len()).min(m.len()).min(v.len());
+        let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
+            let g = g[i] * c.grad_scale;
+            m[i] = c.b1 * m[i] + (one - c.b1) * g;
+            v[i] = c.b2 * v[i] + (one - c.b2) * g * g;
+            p[i] -= c.step * m[i] / (v[i].sqrt() * c.c2s + c.eps);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl")]
+        unsafe fn avx512<T: Real>(
+            c: AdamCoeffs<T>,
+            p: &mut [T],
+            g: &[T],
+            m: &mut [T],
+            v: &mut [T],
+        ) {
+            update(c, p, g, m, v)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Real>(c: AdamCoeffs<T>, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
+            update(c, p, g, m, v)
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx512(c, p, g, m, v) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { avx2(c, p, g, m, v) };
+        }
+    }
+    update(c, p, g, m, v)
+}
+
 /// Adam (Kingma & Ba) with bias correction; state per parameter.
 pub struct Adam<T> {
     pub(crate) betas: [f64; 2],
@@ -301,50 +358,60 @@ impl<T: Real> Adam<T> {
     ) -> f64 {
         self.t += 1;
         let mut loss = f64::NAN;
+        let mut grads: HashMap<&str, &[T]> = HashMap::new();
         for (name, t) in outs {
             if let Some(p) = name.strip_prefix("grad.") {
-                let Some(param) = values.get_mut(p) else {
-                    continue;
-                };
-                let param: &mut Vec<T> = Arc::make_mut(param);
-                self.step(param, &t.data, p, lr.of(p), grad_scale);
+                if values.contains_key(p) {
+                    grads.insert(p, &t.data);
+                }
             } else if name == "loss" {
                 loss = t.scalar().as_f64();
             }
         }
-        loss
-    }
-
-    fn step(&mut self, param: &mut [T], grad: &[T], name: &str, lr: f64, grad_scale: f64) {
-        let (m, v) = self
+        for (name, g) in &grads {
+            self.state
+                .entry(name.to_string())
+                .or_insert_with(|| (vec![T::zero(); g.len()], vec![T::zero(); g.len()]));
+        }
+        let mut moments: HashMap<&str, (&mut Vec<T>, &mut Vec<T>)> = self
             .state
-            .entry(name.to_string())
-            .or_insert_with(|| (vec![T::zero(); param.len()], vec![T::zero(); param.len()]));
+            .iter_mut()
+            .map(|(k, (m, v))| (k.as_str(), (m, v)))
+            .collect();
         let [b1, b2] = self.betas;
-        let t = self.t;
-        let c1 = 1.0 - b1.powi(t);
-        let c2 = 1.0 - b2.powi(t);
-        // p -= lr · m̂ / (√v̂ + ε), with m̂ = m / c1, v̂ = v / c2
-        let (b1, b2) = (T::of_f64(b1), T::of_f64(b2));
-        let (step, c2s, eps) = (
-            T::of_f64(lr / c1),
-            T::of_f64(1.0 / c2.sqrt()),
-            T::of_f64(self.eps),
-        );
-        let one = T::one();
-        let gs = T::of_f64(grad_scale);
-        param
-            .par_chunks_mut(4096)
-            .zip(grad.par_chunks(4096))
-            .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
-            .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let g = g[i] * gs;
-                    m[i] = b1 * m[i] + (one - b1) * g;
-                    v[i] = b2 * v[i] + (one - b2) * g * g;
-                    p[i] -= step * m[i] / (v[i].sqrt() * c2s + eps);
-                }
-            });
+        let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
+        // Every parameter's chunks in one parallel pass (one fork-join per step, not one per
+        // parameter); each chunk is updated by `adam_chunk`.
+        const CHUNK: usize = 4096;
+        let mut chunks = Vec::new();
+        for (name, param) in values.iter_mut() {
+            let (Some(grad), Some((m, v))) =
+                (grads.get(name.as_str()), moments.remove(name.as_str()))
+            else {
+                continue;
+            };
+            // p −= lr · m̂ / (√v̂ + ε), with m̂ = m / c1, v̂ = v / c2
+            let coeffs = AdamCoeffs {
+                b1: T::of_f64(b1),
+                b2: T::of_f64(b2),
+                step: T::of_f64(lr.of(name) / c1),
+                c2s: T::of_f64(1.0 / c2.sqrt()),
+                eps: T::of_f64(self.eps),
+                grad_scale: T::of_f64(grad_scale),
+            };
+            let param: &mut Vec<T> = Arc::make_mut(param);
+            chunks.extend(
+                param
+                    .chunks_mut(CHUNK)
+                    .zip(grad.chunks(CHUNK))
+                    .zip(m.chunks_mut(CHUNK).zip(v.chunks_mut(CHUNK)))
+                    .map(move |((p, g), (m, v))| (coeffs, p, g, m, v)),
+            );
+        }
+        chunks
+            .into_par_iter()
+            .for_each(|(coeffs, p, g, m, v)| adam_chunk(coeffs, p, g, m, v));
+        loss
     }
 }
 

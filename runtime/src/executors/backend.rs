@@ -4,7 +4,8 @@
 use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
-use crate::host::linalg::Real;
+use crate::host::linalg::{GemmShape, Real};
+use crate::profile::{Profile, ProfileRow, Work};
 use crate::train::{Adam, AdamState, LearningRates};
 use snfc_compiler::plan::Plan;
 use std::any::Any;
@@ -64,11 +65,15 @@ pub trait Backend<T: Real> {
     fn sync(&mut self) -> Result<(), ExecError>;
     /// Kernel launches per run.
     fn kernels(&self) -> usize;
-    /// Time each kernel kind from now on (GPU backends; the host profiles through its
-    /// executor, see `bench`).
+    /// Time each kernel kind, and the optimizer's updates, from now on (a GPU backend
+    /// synchronizes after every launch to do so).
     fn enable_profile(&mut self) {}
     /// Seconds and launches per kernel kind since `enable_profile`.
-    fn profile(&self) -> Vec<(String, f64, usize)> {
+    fn profile(&self) -> Vec<ProfileRow> {
+        Vec::new()
+    }
+    /// The matrix products run on the host since `enable_profile`, one entry per call.
+    fn gemm_calls(&self) -> Vec<GemmShape> {
         Vec::new()
     }
 }
@@ -89,6 +94,8 @@ pub struct HostBackend<T> {
     feeds: Feeds<T>,
     outs: Vec<(String, Tensor<T>)>,
     adam: Option<Adam<T>>,
+    /// The Adam updates' times, when profiling (the executor times the kernels).
+    adam_profile: Option<Profile>,
 }
 
 impl<T: Real> HostBackend<T> {
@@ -99,6 +106,7 @@ impl<T: Real> HostBackend<T> {
             feeds: Feeds::new(),
             outs: Vec::new(),
             adam: None,
+            adam_profile: None,
         }
     }
 }
@@ -125,6 +133,9 @@ impl<T: Real> Backend<T> for HostBackend<T> {
         Ok(())
     }
     fn run(&mut self) -> Result<(), ExecError> {
+        for (_, t) in self.outs.drain(..) {
+            self.exec.reuse(t.data);
+        }
         self.outs = self.exec.run(&self.program, &self.feeds)?;
         Ok(())
     }
@@ -145,9 +156,14 @@ impl<T: Real> Backend<T> for HostBackend<T> {
         eps: f64,
         grad_scale: f64,
     ) -> Result<(), ExecError> {
+        let started = std::time::Instant::now();
         let adam = self.adam.get_or_insert_with(|| Adam::with(betas, eps));
         (adam.betas, adam.eps) = (betas, eps);
-        adam.update_values(&mut self.feeds, &self.outs, lr, grad_scale);
+        // On a pool thread, like the plan (see `Executor::run`).
+        rayon::scope(|_| adam.update_values(&mut self.feeds, &self.outs, lr, grad_scale));
+        if let Some(p) = self.adam_profile.as_mut() {
+            p.add(Work::Adam, "adam update", started);
+        }
         Ok(())
     }
     fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
@@ -189,6 +205,19 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     }
     fn kernels(&self) -> usize {
         self.program.kernels()
+    }
+    fn enable_profile(&mut self) {
+        self.exec.enable_profile();
+        self.adam_profile = Some(Profile::default());
+    }
+    fn gemm_calls(&self) -> Vec<GemmShape> {
+        self.exec.gemm_calls().to_vec()
+    }
+    fn profile(&self) -> Vec<ProfileRow> {
+        let mut rows = self.exec.profile();
+        rows.extend(self.adam_profile.iter().flat_map(Profile::rows));
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        rows
     }
 }
 
@@ -252,7 +281,7 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     fn enable_profile(&mut self) {
         self.0.enable_profile()
     }
-    fn profile(&self) -> Vec<(String, f64, usize)> {
+    fn profile(&self) -> Vec<ProfileRow> {
         self.0.profile()
     }
 }

@@ -95,7 +95,41 @@ macro_rules! with_unary {
         }
     }};
 }
-pub(crate) use with_unary;
+
+/// `dst[k] = u(src[k])` on the host: in f32 the transcendentals (exp, log, softplus, sigmoid,
+/// tanh) go through the vectorized [`vmath`](super::host::vmath) (a scalar libm call per
+/// element was most of a fused group's time), everything else and all of f64 through
+/// [`host_unary`] in a loop of its own per function.
+pub fn host_unary_slice<T: Real>(u: Unary, src: &[T], dst: &mut [T]) {
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: T is f32 (same type, so same layout); the slices are only reinterpreted.
+        let (s, d) = unsafe {
+            (
+                std::slice::from_raw_parts(src.as_ptr().cast::<f32>(), src.len()),
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+            )
+        };
+        if super::host::vmath::unary_f32(u, s, d) {
+            return;
+        }
+    }
+    with_unary!(u, |f| dst.iter_mut().zip(src).for_each(|(d, x)| *d = f(*x)))
+}
+
+/// [`host_unary_slice`] in place.
+pub fn host_unary_in_place<T: Real>(u: Unary, data: &mut [T]) {
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        // SAFETY: as in `host_unary_slice`.
+        let d =
+            unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast::<f32>(), data.len()) };
+        if super::host::vmath::unary_f32_in_place(u, d) {
+            return;
+        }
+    }
+    with_unary!(u, |f| data.iter_mut().for_each(|x| *x = f(*x)))
+}
 
 /// `u(x)` in a CubeCL kernel (`u` is known when the kernel is compiled).
 #[cube]

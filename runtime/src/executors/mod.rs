@@ -5,3 +5,4 @@ pub mod backend;
 pub mod cube;
 pub mod elementwise;
 pub mod host;
+pub mod profile;

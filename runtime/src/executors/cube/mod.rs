@@ -19,6 +19,7 @@ pub mod tensor_kernels;
 
 use crate::host::exec::{ExecError, Tensor};
 use crate::host::linalg;
+use crate::profile::{Profile, ProfileRow, Work};
 use crate::train::AdamState;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -94,7 +95,7 @@ pub struct GpuProgram<R: Runtime> {
     moments: HashMap<String, (Handle, Handle)>,
     adam_t: i32,
     /// Seconds and launches per kernel kind, when profiling (each launch is then waited for).
-    profile: Option<HashMap<String, (f64, usize)>>,
+    profile: Option<Profile>,
 }
 
 fn f32_bits(v: f64) -> u32 {
@@ -244,19 +245,12 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// Time every launch from now on (synchronizing after each: slower, but per kernel).
     pub fn enable_profile(&mut self) {
-        self.profile = Some(HashMap::new());
+        self.profile = Some(Profile::default());
     }
 
     /// Seconds and launches per kernel kind since [`enable_profile`](Self::enable_profile).
-    pub fn profile(&self) -> Vec<(String, f64, usize)> {
-        let mut v: Vec<(String, f64, usize)> = self
-            .profile
-            .iter()
-            .flatten()
-            .map(|(k, (t, n))| (k.clone(), *t, *n))
-            .collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
+    pub fn profile(&self) -> Vec<ProfileRow> {
+        self.profile.as_ref().map(Profile::rows).unwrap_or_default()
     }
 
     fn run_launches(&mut self, launches: &[Launch]) -> Result<(), ExecError> {
@@ -270,11 +264,8 @@ impl<R: Runtime> GpuProgram<R> {
             self.launch(l)?;
             if let Some(t) = started {
                 self.sync()?;
-                let key = launch_kind(l);
                 if let Some(p) = self.profile.as_mut() {
-                    let e = p.entry(key).or_insert((0.0, 0));
-                    e.0 += t.elapsed().as_secs_f64();
-                    e.1 += 1;
+                    p.add(launch_work(l), launch_kind(l), t);
                 }
             }
         }
@@ -537,6 +528,26 @@ impl<R: Runtime> GpuProgram<R> {
     /// One Adam step on the device for every parameter with a `grad.<name>` output, with the
     /// gradients the last [`run`](Self::run) left in their buffers.
     pub fn adam_step(
+        &mut self,
+        lr: &crate::train::LearningRates,
+        betas: [f64; 2],
+        eps: f64,
+        grad_scale: f64,
+    ) -> Result<(), ExecError> {
+        if self.profile.is_none() {
+            return self.adam_launches(lr, betas, eps, grad_scale);
+        }
+        self.sync()?;
+        let started = std::time::Instant::now();
+        self.adam_launches(lr, betas, eps, grad_scale)?;
+        self.sync()?;
+        if let Some(p) = self.profile.as_mut() {
+            p.add(Work::Adam, "adam update", started);
+        }
+        Ok(())
+    }
+
+    fn adam_launches(
         &mut self,
         lr: &crate::train::LearningRates,
         betas: [f64; 2],
@@ -1069,6 +1080,18 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
         }
     }
     low
+}
+
+/// A launch's category for profiles.
+fn launch_work(l: &Launch) -> Work {
+    match l {
+        Launch::Fused { .. } | Launch::SumPartials { .. } => Work::Elementwise,
+        Launch::Gemm { config, .. } if config.im2col.is_some() => Work::Conv,
+        Launch::Gemm { .. } => Work::Gemm,
+        Launch::Gather { .. } => Work::Shape,
+        Launch::Spline { .. } => Work::Spline,
+        Launch::HostLinalg { .. } => Work::Linalg,
+    }
 }
 
 /// A launch's kind for profiles: the kernel and its shape.

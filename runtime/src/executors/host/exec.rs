@@ -6,10 +6,11 @@
 //! Transposes are views (a flag, no copy) that GEMMs read through strides.
 
 use super::fused::{self, Ext};
-use super::linalg::{self, MatRef, Real};
+use super::linalg::{self, GemmShape, MatRef, Real};
 use super::shape_ops;
 use super::spline::{Spline, SplineGrads, SplineParams};
-use crate::executors::elementwise::with_unary;
+use crate::executors::elementwise::{host_unary_in_place, host_unary_slice};
+use crate::executors::profile::{Profile, ProfileRow, Work};
 use rayon::prelude::*;
 use snfc_compiler::ir::{Graph, Op, Shape, SplinePart};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
@@ -187,7 +188,9 @@ pub struct Executor<T> {
     /// width-512 Glow evaluated at batch 500.
     pool_cap: HashMap<usize, usize>,
     /// Seconds and count per op kind, when profiling.
-    profile: Option<HashMap<String, (f64, usize)>>,
+    profile: Option<Profile>,
+    /// Every matrix product of the runs since profiling began, as called.
+    gemm_calls: Vec<GemmShape>,
     /// One spline VJP gives the gradients of all four operands; the graph asks for them in four
     /// `spline_grad` ops with the same operands. The first computes all four and leaves the
     /// others here (keyed by operand slots and part) for its siblings, within one run.
@@ -265,9 +268,12 @@ fn map2<T: Real>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) 
     }
 }
 
-/// Row-major `src` (`rows × cols`) transposed into `out` (`cols × rows`), in cache-sized tiles.
+/// Row-major `src` (`rows × cols`) transposed into `out` (`cols × rows`), in cache-sized tiles;
+/// f32 tiles move as 4 × 4 SSE blocks (a scalar element-by-element walk ran at half the speed:
+/// a weight gradient's transposed term is a 784 × 784 transpose per step).
 fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
     const TILE: usize = 32;
+    assert!(src.len() >= rows * cols && out.len() >= rows * cols);
     // Parallel over bands of output rows (= source columns).
     out.par_chunks_mut(TILE * rows)
         .enumerate()
@@ -276,14 +282,57 @@ fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
             let c1 = (c0 + TILE).min(cols);
             for r0 in (0..rows).step_by(TILE) {
                 let r1 = (r0 + TILE).min(rows);
+                // The 4 × 4 blocks of the tile, then what is left at its right and bottom.
+                let (mut c4, mut r4) = (c0, r0);
+                #[cfg(target_arch = "x86_64")]
+                if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+                    (c4, r4) = (c0 + (c1 - c0) / 4 * 4, r0 + (r1 - r0) / 4 * 4);
+                    for c in (c0..c4).step_by(4) {
+                        for r in (r0..r4).step_by(4) {
+                            // SAFETY: T is f32; rows r..r+4 and columns c..c+4 lie inside
+                            // `src` (r + 3 < rows, c + 3 < cols, asserted sizes) and the
+                            // output rows c−c0..c−c0+4, columns r..r+4 inside this band.
+                            unsafe {
+                                transpose_4x4_f32(
+                                    src.as_ptr().cast::<f32>().add(r * cols + c),
+                                    cols,
+                                    o.as_mut_ptr().cast::<f32>().add((c - c0) * rows + r),
+                                    rows,
+                                );
+                            }
+                        }
+                    }
+                }
                 for c in c0..c1 {
                     let orow = &mut o[(c - c0) * rows..(c - c0 + 1) * rows];
-                    for r in r0..r1 {
+                    // Rows already moved as blocks (r < r4) only for columns below c4.
+                    let from = if c < c4 { r4 } else { r0 };
+                    for r in from..r1 {
                         orow[r] = src[r * cols + c];
                     }
                 }
             }
         });
+}
+
+/// Transpose the 4 × 4 f32 block at `src` (row stride `src_stride`) into `dst` (row stride
+/// `dst_stride`).
+///
+/// # Safety
+/// Four rows of four floats must be readable at `src` and writable at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose_4x4_f32(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let mut a = _mm_loadu_ps(src);
+    let mut b = _mm_loadu_ps(src.add(src_stride));
+    let mut c = _mm_loadu_ps(src.add(2 * src_stride));
+    let mut d = _mm_loadu_ps(src.add(3 * src_stride));
+    _MM_TRANSPOSE4_PS(&mut a, &mut b, &mut c, &mut d);
+    _mm_storeu_ps(dst, a);
+    _mm_storeu_ps(dst.add(dst_stride), b);
+    _mm_storeu_ps(dst.add(2 * dst_stride), c);
+    _mm_storeu_ps(dst.add(3 * dst_stride), d);
 }
 
 impl<T: Real> Executor<T> {
@@ -292,6 +341,7 @@ impl<T: Real> Executor<T> {
             pool: HashMap::new(),
             pool_cap: HashMap::new(),
             profile: None,
+            gemm_calls: Vec::new(),
             spline_grads: HashMap::new(),
             spline_values: HashMap::new(),
         }
@@ -305,19 +355,38 @@ impl<T: Real> Executor<T> {
 
     /// Record the time spent per op kind from now on.
     pub fn enable_profile(&mut self) {
-        self.profile = Some(HashMap::new());
+        self.profile = Some(Profile::default());
+        self.gemm_calls.clear();
     }
 
-    /// (op kind, total seconds, count), most expensive first.
-    pub fn profile(&self) -> Vec<(String, f64, usize)> {
-        let mut rows: Vec<(String, f64, usize)> = self
-            .profile
-            .iter()
-            .flatten()
-            .map(|(k, (t, n))| (k.clone(), *t, *n))
-            .collect();
-        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-        rows
+    /// The matrix products of the runs since [`enable_profile`](Self::enable_profile), one
+    /// entry per call (to time them in isolation: the step's GEMM rate).
+    pub fn gemm_calls(&self) -> &[GemmShape] {
+        &self.gemm_calls
+    }
+
+    /// A matrix product of the plan, recorded when profiling.
+    fn gemm(&mut self, a: MatRef<T>, b: MatRef<T>, out: &mut [T], alpha: T, beta: T, acc: bool) {
+        if self.profile.is_some() {
+            self.gemm_calls.push(GemmShape::of(&a, &b, acc));
+        }
+        linalg::matmul(a, b, out, alpha, beta, acc);
+    }
+
+    /// Seconds and launches per op kind since [`enable_profile`](Self::enable_profile), most
+    /// expensive first.
+    pub fn profile(&self) -> Vec<ProfileRow> {
+        self.profile.as_ref().map(Profile::rows).unwrap_or_default()
+    }
+
+    /// Take back a buffer handed out as an output of an earlier run (a gradient the optimizer
+    /// has used), so the next run fills it instead of zeroing fresh memory.
+    pub fn reuse(&mut self, data: Vec<T>) {
+        self.recycle(Value {
+            data: Arc::new(data),
+            shape: Vec::new(),
+            transposed: false,
+        });
     }
 
     fn alloc(&mut self, len: usize) -> Vec<T> {
@@ -370,12 +439,22 @@ impl<T: Real> Executor<T> {
     }
 
     /// Run `p` on `feeds`; returns the outputs by name, in the graph's output order.
+    /// Subnormals are flushed to zero meanwhile ([`flush_denormals`](super::denormals)).
     pub fn run(
         &mut self,
         p: &Program,
         feeds: &Feeds<T>,
     ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
-        let p = &p.plan;
+        // The plan runs on a thread of the rayon pool, so each parallel kernel starts where a
+        // worker is already awake instead of waking the pool from outside for every kernel.
+        super::denormals::flush_denormals(|| rayon::scope(|_| self.run_plan(&p.plan, feeds)))
+    }
+
+    fn run_plan(
+        &mut self,
+        p: &Plan,
+        feeds: &Feeds<T>,
+    ) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
         self.spline_grads.clear();
         self.spline_values.clear();
         self.pool_cap.clear();
@@ -423,11 +502,8 @@ impl<T: Real> Executor<T> {
                     self.recycle(d);
                 }
                 if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
-                    let e = prof
-                        .entry(format!("fused group ({} ops)", kernel.members.len()))
-                        .or_insert((0.0, 0));
-                    e.0 += t.elapsed().as_secs_f64();
-                    e.1 += 1;
+                    let kind = format!("fused group ({} ops)", kernel.members.len());
+                    prof.add(Work::Elementwise, kind, t);
                 }
                 for (slot, v) in slots.iter().zip(produced) {
                     vals[*slot] = Some(v);
@@ -444,7 +520,7 @@ impl<T: Real> Executor<T> {
                 self.recycle(d);
             }
             if let (Some(t), Some(prof)) = (started, self.profile.as_mut()) {
-                let key = match &ins.op {
+                let kind = match &ins.op {
                     Op::MatMul => format!(
                         "matmul{} {:?} ({})",
                         if ins.epilogue.is_some() { "+acc" } else { "" },
@@ -454,9 +530,7 @@ impl<T: Real> Executor<T> {
                     Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => "leaf".to_string(),
                     op => op.to_string().split(':').next().unwrap_or("?").to_string(),
                 };
-                let e = prof.entry(key).or_insert((0.0, 0));
-                e.0 += t.elapsed().as_secs_f64();
-                e.1 += 1;
+                prof.add(Work::of(&ins.op), kind, t);
             }
             vals[i] = Some(v);
             for r in &ins.release {
@@ -477,15 +551,24 @@ impl<T: Real> Executor<T> {
                 vals[*slot].clone()
             }
             .expect("output computed");
-            let data = self.contiguous(&v);
-            let data = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
-            out.push((
-                name.clone(),
-                Tensor {
-                    shape: v.shape,
+            // (`contiguous` of a plain value clones the Arc: unwrapping that clone while `v`
+            // still held the buffer copied every gradient.)
+            let Value {
+                data,
+                shape,
+                transposed,
+            } = v;
+            let data = if transposed {
+                self.contiguous(&Value {
                     data,
-                },
-            ));
+                    shape: shape.clone(),
+                    transposed,
+                })
+            } else {
+                data
+            };
+            let data = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
+            out.push((name.clone(), Tensor { shape, data }));
         }
         for v in vals.into_iter().flatten() {
             self.recycle(v);
@@ -599,27 +682,34 @@ impl<T: Real> Executor<T> {
                 match ins.epilogue {
                     None => {
                         let mut out = self.alloc(numel);
-                        linalg::matmul(a.mat(), b.mat(), &mut out, T::one(), T::zero(), false);
+                        self.gemm(a.mat(), b.mat(), &mut out, T::one(), T::zero(), false);
                         value(out)
                     }
                     Some(snfc_compiler::plan::Epilogue { alpha, beta }) => {
-                        // Accumulate in the layout `c` already has: a transposed `c` takes
-                        // (a·b)ᵀ = bᵀ·aᵀ, so no transposing copy is ever made.
-                        let c_t = get(donors, 2).transposed;
-                        let mut out = match take_donor(donors, ins.args[2], numel, c_t) {
-                            Some(buf) => buf,
-                            None => {
-                                let c = get(donors, 2);
-                                let mut out = self.alloc(numel);
-                                out.copy_from_slice(&c.data);
-                                out
-                            }
-                        };
+                        // A `c` taken over in place keeps its layout: a transposed one takes
+                        // (a·b)ᵀ = bᵀ·aᵀ. A `c` that must be copied (a parameter's transposed
+                        // view, say) is copied into row-major order: the same one pass, and
+                        // the result needs no transposing copy later (as a gradient output).
+                        let c_stored_t = get(donors, 2).transposed;
+                        let (mut out, c_t) =
+                            match take_donor(donors, ins.args[2], numel, c_stored_t) {
+                                Some(buf) => (buf, c_stored_t),
+                                None => {
+                                    let c = get(donors, 2);
+                                    let mut out = self.alloc(numel);
+                                    if c.transposed {
+                                        transpose_into(&c.data, c.shape[1], c.shape[0], &mut out);
+                                    } else {
+                                        out.copy_from_slice(&c.data);
+                                    }
+                                    (out, false)
+                                }
+                            };
                         let (alpha, beta) = (T::of_f64(alpha), T::of_f64(beta));
                         if c_t {
-                            linalg::matmul(b.mat().t(), a.mat().t(), &mut out, alpha, beta, true);
+                            self.gemm(b.mat().t(), a.mat().t(), &mut out, alpha, beta, true);
                         } else {
-                            linalg::matmul(a.mat(), b.mat(), &mut out, alpha, beta, true);
+                            self.gemm(a.mat(), b.mat(), &mut out, alpha, beta, true);
                         }
                         Value {
                             data: Arc::new(out),
@@ -680,7 +770,12 @@ impl<T: Real> Executor<T> {
                         match ins.op {
                             Op::Neg => buf.iter_mut().for_each(|x| *x = -*x),
                             Op::Unary(u) => {
-                                with_unary!(u, |f| zip_inplace(&mut buf, &[T::zero()], |x, _| f(x)))
+                                if buf.len() >= PAR_MIN {
+                                    buf.par_chunks_mut(CHUNK)
+                                        .for_each(|c| host_unary_in_place(u, c))
+                                } else {
+                                    host_unary_in_place(u, &mut buf)
+                                }
                             }
                             _ => {}
                         }
@@ -691,7 +786,11 @@ impl<T: Real> Executor<T> {
                     let mut out = self.alloc(numel);
                     match ins.op {
                         Op::Neg => map1(&mut out, &a, |x| -x),
-                        Op::Unary(u) => with_unary!(u, |f| map1(&mut out, &a, f)),
+                        Op::Unary(u) if out.len() >= PAR_MIN => out
+                            .par_chunks_mut(CHUNK)
+                            .zip(a.par_chunks(CHUNK))
+                            .for_each(|(o, a)| host_unary_slice(u, a, o)),
+                        Op::Unary(u) => host_unary_slice(u, &a, &mut out),
                         _ => out.copy_from_slice(&a),
                     }
                     return Ok(out_value(out));
@@ -924,5 +1023,42 @@ impl<T: Real> Executor<T> {
                 value(out)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_transpose<T: Real>(rows: usize, cols: usize) {
+        let src: Vec<T> = (0..rows * cols).map(|i| T::of_f64(i as f64)).collect();
+        let mut out = vec![T::zero(); rows * cols];
+        transpose_into(&src, rows, cols, &mut out);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(
+                    out[c * rows + r],
+                    src[r * cols + c],
+                    "{rows}×{cols} at ({r}, {c})"
+                );
+            }
+        }
+    }
+
+    /// Shapes with whole 4 × 4 blocks and tiles, and with every kind of remainder.
+    #[test]
+    fn transpose_matches_the_definition() {
+        for (rows, cols) in [
+            (1, 1),
+            (3, 5),
+            (4, 4),
+            (33, 35),
+            (64, 7),
+            (100, 784),
+            (67, 129),
+        ] {
+            check_transpose::<f32>(rows, cols);
+            check_transpose::<f64>(rows, cols);
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! registers (a chunk of a row each) instead of full buffers.
 
 use super::linalg::Real;
-use crate::executors::elementwise::with_unary;
+use crate::executors::elementwise::{host_unary, host_unary_slice};
 use rayon::prelude::*;
 use snfc_compiler::ir::Op;
 use snfc_compiler::plan::{FusedKernel, Src};
@@ -165,7 +165,10 @@ impl Runner<'_> {
                 }
                 Op::Neg => map(dst, read(m.args[0]), |x| -x),
                 Op::StopGrad => map(dst, read(m.args[0]), |x| x),
-                Op::Unary(u) => with_unary!(*u, |f| map(dst, read(m.args[0]), f)),
+                Op::Unary(u) => match read(m.args[0]) {
+                    Operand::Slice(src) => host_unary_slice(*u, src, dst),
+                    Operand::Scalar(x) => dst.fill(host_unary(*u, x)),
+                },
                 Op::Broadcast { new_axis, .. } => {
                     let Src::Ext(k) = m.args[0] else {
                         unreachable!("a broadcast reads a value from outside its group")

@@ -2,7 +2,8 @@
 //!
 //! * [`matmul`]: BLAS-class, multithreaded GEMM on strided views (the `gemm` crate with rayon
 //!   parallelism). Transposes are free: [`MatRef::t`] only swaps strides.
-//! * [`slogdet`], [`inverse`], [`solve`]: LU with partial pivoting (faer).
+//! * [`slogdet`], [`inverse`], [`solve`]: LU with partial pivoting (faer), with subnormals
+//!   flushed to zero ([`flush_denormals`]): the inverse of a banded matrix is full of them.
 //!
 //! All matrices that are passed as plain slices are **row-major** and contiguous. faer works on
 //! column-major matrices; a row-major `A` read as column-major is `Aᵀ`, so we factor `M = Aᵀ`
@@ -13,6 +14,8 @@
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::lu::partial_pivoting as plu;
 use faer::Par;
+
+use super::denormals::flush_denormals;
 
 /// Scalar type the host executor computes in (`f32` or `f64`).
 ///
@@ -249,6 +252,75 @@ pub fn matmul<T: Real>(
     }
 }
 
+/// The shape and layout of one [`matmul`] call: `out (m×n) = a (m×k) · b (k×n)`, each operand
+/// stored row-major or, when `*_t`, column-major (a transposed view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GemmShape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a_t: bool,
+    pub b_t: bool,
+    pub accumulate: bool,
+}
+
+impl GemmShape {
+    pub fn of<T>(a: &MatRef<T>, b: &MatRef<T>, accumulate: bool) -> GemmShape {
+        let column_major = |m: &MatRef<T>| m.row_stride == 1 && m.col_stride != 1;
+        GemmShape {
+            m: a.rows,
+            k: a.cols,
+            n: b.cols,
+            a_t: column_major(a),
+            b_t: column_major(b),
+            accumulate,
+        }
+    }
+
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.m * self.k * self.n) as f64
+    }
+
+    /// The best of `reps` timed runs of this product alone, in seconds, on operands that stay
+    /// in cache between runs (after one untimed run): the rate the GEMM itself reaches.
+    pub fn best_time<T: Real>(&self, reps: usize) -> f64 {
+        let fill = |len: usize, seed: usize| -> Vec<T> {
+            (0..len)
+                .map(|i| T::of_f64(((i * 7919 + seed * 104_729) % 1000) as f64 / 1000.0 - 0.5))
+                .collect()
+        };
+        let (m, k, n) = (self.m, self.k, self.n);
+        let a = fill(m * k, 1);
+        let b = fill(k * n, 2);
+        let mut out = fill(m * n, 3);
+        fn view<T>(data: &[T], rows: usize, cols: usize, t: bool) -> MatRef<'_, T> {
+            if t {
+                MatRef::col_major(data, rows, cols)
+            } else {
+                MatRef::row_major(data, rows, cols)
+            }
+        }
+        let mut run = || {
+            matmul(
+                view(&a, m, k, self.a_t),
+                view(&b, k, n, self.b_t),
+                &mut out,
+                T::one(),
+                T::one(),
+                self.accumulate,
+            )
+        };
+        run();
+        (0..reps.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
 /// faer parallelism for an n×n factorization: sequential when small (rayon overhead dominates).
 fn lu_par(n: usize) -> Par {
     if n < 96 || threads() <= 1 {
@@ -344,7 +416,7 @@ impl<T: Real> Lu<T> {
 /// gives NaNs. The log is accumulated in f64. `n = 0` gives `(1, 0)`.
 #[track_caller]
 pub fn slogdet<T: Real>(a: &[T], n: usize) -> (T, T) {
-    let lu = Lu::new(a, n);
+    let lu = flush_denormals(|| Lu::new(a, n));
     let mut negative = lu.transpositions % 2 == 1;
     let mut logabs = 0.0f64;
     let mut nan = false;
@@ -373,6 +445,10 @@ pub fn slogdet<T: Real>(a: &[T], n: usize) -> (T, T) {
 /// [`LinalgError::NonFinite`].
 #[track_caller]
 pub fn inverse<T: Real>(a: &[T], n: usize) -> Result<Vec<T>, LinalgError> {
+    flush_denormals(|| inverse_flushed(a, n))
+}
+
+fn inverse_flushed<T: Real>(a: &[T], n: usize) -> Result<Vec<T>, LinalgError> {
     let lu = Lu::new(a, n);
     lu.check()?;
     let mut out = vec![T::zero(); n * n];
@@ -399,6 +475,10 @@ pub fn solve<T: Real>(a: &[T], n: usize, b: &[T], m: usize) -> Result<Vec<T>, Li
         "solve: right-hand side of length {} is not {n}×{m}",
         b.len()
     );
+    flush_denormals(|| solve_flushed(a, n, b, m))
+}
+
+fn solve_flushed<T: Real>(a: &[T], n: usize, b: &[T], m: usize) -> Result<Vec<T>, LinalgError> {
     let lu = Lu::new(a, n);
     lu.check()?;
     let mut x = b.to_vec();

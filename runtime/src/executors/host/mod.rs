@@ -1,5 +1,6 @@
 //! The CPU ("host") executor.
 
+pub mod denormals;
 pub mod exec;
 pub mod fused;
 pub mod linalg;
@@ -7,3 +8,4 @@ pub mod shape_ops;
 pub mod spline;
 #[cfg(test)]
 mod test_rng;
+pub mod vmath;
