@@ -634,9 +634,14 @@ fn run(cli: Cli) -> Result<()> {
                         r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse, r.kernels
                     );
                     if let Some(smp) = &r.sampling {
+                        // An exact-gradient spec has no learned inverse: only W⁻¹ is timed.
+                        let learned = smp
+                            .learned_ms_per_sample
+                            .map(|ms| format!("learned inverse {ms:.3} ms/sample, "))
+                            .unwrap_or_default();
                         println!(
-                            "  sampling ({} samples, host f64): learned inverse {:.3} ms/sample, exact inverse {:.3} ms/sample",
-                            smp.samples, smp.learned_ms_per_sample, smp.exact_ms_per_sample
+                            "  sampling ({} samples, host f64): {learned}exact inverse {:.3} ms/sample",
+                            smp.samples, smp.exact_ms_per_sample
                         );
                     }
                     print_profile(&r);

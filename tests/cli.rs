@@ -1898,6 +1898,99 @@ fn bench_scaling_writes_rows_and_a_picture() {
     assert!(err.contains("100 is not C·S²"), "{err}");
 }
 
+/// `bench --profile` accounts for every millisecond of a step: the kinds of work add up to the
+/// profiled step, only `other` is a remainder, and the step's GEMMs are timed alone for the
+/// rate it is measured against. An exact-gradient spec has no learned inverse to time.
+#[test]
+fn bench_profile_adds_up_to_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("small.json");
+    std::fs::write(&spec, small_spec_json("small", 16, "self_normalizing")).unwrap();
+    let args = [
+        "bench",
+        p(&spec),
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--profile",
+        "--compare-exact",
+        "--device",
+        "host",
+    ];
+    let text = ok(snfc(args.iter().chain(&["--json"])));
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for r in &lines {
+        let step = r["profiled_step_ms"].as_f64().unwrap();
+        let breakdown = r["breakdown"].as_array().unwrap();
+        let works: Vec<&str> = breakdown
+            .iter()
+            .map(|w| w["work"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            works,
+            [
+                "gemm",
+                "conv",
+                "spline",
+                "elementwise",
+                "shape",
+                "linalg",
+                "adam",
+                "other"
+            ]
+        );
+        let sum: f64 = breakdown.iter().map(|w| w["ms"].as_f64().unwrap()).sum();
+        assert!((sum - step).abs() <= 1e-9 * step, "{sum} vs {step}");
+        for w in &breakdown[..7] {
+            assert!(w["ms"].as_f64().unwrap() >= 0.0, "{w}");
+        }
+        let ms = |work: &str| {
+            breakdown[works.iter().position(|w| *w == work).unwrap()]["ms"]
+                .as_f64()
+                .unwrap()
+        };
+        assert!(
+            ms("gemm") > 0.0 && ms("adam") > 0.0 && ms("conv") == 0.0,
+            "{r}"
+        );
+        // Every kernel kind is listed with its category; their times are the categories'.
+        let rows = r["profile"].as_array().unwrap();
+        let gemm_rows: f64 = rows
+            .iter()
+            .filter(|row| row["work"] == "gemm")
+            .map(|row| row["seconds"].as_f64().unwrap() * 1e3)
+            .sum();
+        assert!((gemm_rows - ms("gemm")).abs() <= 1e-9 * step);
+        assert!(r["gemm_rate_gflops"].as_f64().unwrap() > 0.0);
+        let share = r["share_of_gemm_rate"].as_f64().unwrap();
+        let expected = r["gflops"].as_f64().unwrap() / r["gemm_rate_gflops"].as_f64().unwrap();
+        assert!((share - expected).abs() <= 1e-9 * expected);
+    }
+    assert!(
+        lines[0]["sampling"]["learned_ms_per_sample"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(lines[1]["sampling"].get("learned_ms_per_sample").is_none());
+    assert!(
+        lines[1]["breakdown"][5]["ms"].as_f64().unwrap() > 0.0,
+        "the exact step's LU"
+    );
+    let text = ok(snfc(args));
+    assert!(
+        text.contains("where a step's") && text.contains("% of that"),
+        "{text}"
+    );
+    assert!(!text.contains("NaN"), "{text}");
+}
+
 /// `train --exact` trains the same objective with its exact gradient: one step from the same
 /// initialization reports the same loss as the self-normalizing step up to the substitution
 /// R⁻¹ ≈ W in the reported value (same objective, same batch; 7e-5 apart here), but moves the

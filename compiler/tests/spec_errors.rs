@@ -815,6 +815,24 @@ fn empty_name() {
 }
 
 #[test]
+fn name_is_one_safe_path_component() {
+    for bad in [
+        "../../escape/x",
+        "a/b",
+        "..",
+        ".",
+        "run name",
+        "x\\y",
+        "naïve",
+    ] {
+        assert_only_error(&with("/name", json!(bad)), "/name", "one path component");
+    }
+    for good in ["mnist_fc2", "glow-512.v2", "a"] {
+        parse_spec(&with("/name", json!(good))).expect("a safe name");
+    }
+}
+
+#[test]
 fn huge_numbers_are_malformed_json() {
     // JSON has no NaN/inf; a number too big for f64 is a parse error.
     let text = base().to_string().replace("1.0}", "1e999}");

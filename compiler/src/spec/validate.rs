@@ -7,6 +7,15 @@ use super::{Augment, FlowSpec, Lambda, LayerShape, LayerSpec, MAX_TENSOR_ELEMENT
 /// All semantic problems of `spec`, in document order. `layer_paths` gives the JSON pointer each
 /// layer was written at (a layer of a `repeat` block is written once for all its copies);
 /// without, layer `i` is at `/layers/i`.
+/// A spec name that is safe as one path component: `runs/NAME` stays inside `runs/`.
+fn is_safe_name(name: &str) -> bool {
+    name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -> Vec<SpecError> {
     let at = |i: usize| match layer_paths.and_then(|p| p.get(i)) {
         Some(p) => p.clone(),
@@ -17,6 +26,15 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
 
     if spec.name.trim().is_empty() {
         push("/name".into(), "name must not be empty".into());
+    } else if !is_safe_name(&spec.name) {
+        push(
+            "/name".into(),
+            format!(
+                "name must be one path component of letters, digits, '-', '_' and '.' (not \
+                 \".\" or \"..\"): it names the run's directory runs/NAME; got {:?}",
+                spec.name
+            ),
+        );
     }
 
     let input = &spec.input;

@@ -71,7 +71,9 @@ pub struct WorkTime {
 #[derive(Debug, Clone, Serialize)]
 pub struct SamplingTime {
     pub samples: usize,
-    pub learned_ms_per_sample: f64,
+    /// None for an exact-gradient spec: it has no learned inverse to time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned_ms_per_sample: Option<f64>,
     pub exact_ms_per_sample: f64,
 }
 
@@ -262,9 +264,9 @@ fn sampling_time(spec: &FlowSpec, n: usize) -> Option<SamplingTime> {
         Some(t.elapsed().as_secs_f64() * 1e3 / n as f64)
     };
     let learned = if spec.objective.gradient == snfc_compiler::spec::GradientMode::Exact {
-        f64::NAN
+        None
     } else {
-        time(false)?
+        Some(time(false)?)
     };
     Some(SamplingTime {
         samples: n,
