@@ -153,9 +153,11 @@ enum Command {
         /// Number of samples.
         #[arg(short, default_value_t = 64)]
         n: usize,
-        /// Output: .png grid for image specs, .npy otherwise (or when the name ends in .npy).
-        #[arg(short, long, default_value = "samples.png")]
-        out: PathBuf,
+        /// Output file; its extension decides the format: .png (a grid, for image specs with
+        /// 8-bit data) or .npy (float rows, any spec). Default: samples.png where a grid can
+        /// be drawn, else samples.npy.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
         /// Invert with W⁻¹ (LU) instead of the learned R.
         #[arg(long)]
         exact_inverse: bool,
@@ -462,29 +464,48 @@ fn run(cli: Cli) -> Result<()> {
                     model.spec.input.dim()
                 );
             }
-            let rows = snfc_runtime::sample::sample_at(&model, n, seed, exact, temperature)?;
             let d = model.spec.input.dim();
             let image = snfc_runtime::sample::image_shape(&model.spec.input.shape);
-            let is_npy = out.extension().is_some_and(|e| e == "npy");
             let eight_bit =
                 model.spec.input.preprocess == snfc_compiler::spec::Preprocess::DequantizeLogit;
-            match image {
-                Some([c, h, w]) if eight_bit && !is_npy => {
+            let grid = image.filter(|_| eight_bit);
+            // The file's extension decides its format, checked before anything is drawn.
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(if grid.is_some() {
+                    "samples.png"
+                } else {
+                    "samples.npy"
+                })
+            });
+            let extension = out
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase());
+            match (extension.as_deref(), grid) {
+                (Some("npy"), _) | (Some("png"), Some(_)) => {}
+                (Some("png"), None) => bail!(
+                    "{}: a .png grid needs an image spec with 8-bit data (`{}` has shape {:?} and preprocess {:?}); write .npy instead",
+                    out.display(),
+                    model.spec.name,
+                    model.spec.input.shape,
+                    model.spec.input.preprocess
+                ),
+                _ => bail!(
+                    "{}: unsupported output format; sample writes .png (a grid, for image specs with 8-bit data) or .npy (float rows)",
+                    out.display()
+                ),
+            }
+            let rows = snfc_runtime::sample::sample_at(&model, n, seed, exact, temperature)?;
+            match grid {
+                Some([c, h, w]) if extension.as_deref() == Some("png") => {
                     let pixels = snfc_runtime::sample::to_pixels(&rows);
                     snfc_runtime::image::write_png_grid(&out, &pixels, n, c, h, w)?;
+                    println!("wrote {n} samples to {}", out.display());
                 }
                 _ => {
-                    let out = if is_npy {
-                        out
-                    } else {
-                        out.with_extension("npy")
-                    };
                     snfc_runtime::npy::write_npy_f64(&out, &[n, d], &rows)?;
                     println!("wrote {n} samples of dimension {d} to {}", out.display());
-                    return Ok(());
                 }
             }
-            println!("wrote {n} samples to {}", out.display());
             Ok(())
         }
         Command::Grad {
@@ -760,6 +781,21 @@ fn grad<T: Real + 'static>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
             spec.input.shape,
             shape
         );
+    }
+    // 8-bit data, as `train` takes it: integers 0..=255 (anything else dequantizes to values
+    // outside (0, 1) and every gradient is NaN).
+    if spec.input.preprocess == snfc_compiler::spec::Preprocess::DequantizeLogit {
+        if let Some(k) = values
+            .iter()
+            .position(|v| !(v.fract() == 0.0 && (0.0..=255.0).contains(v)))
+        {
+            bail!(
+                "{}: value [{k}] = {} is not 8-bit data: spec `{}` dequantizes (/input/preprocess = \"dequantize_logit\"), which needs integers 0..=255",
+                input.display(),
+                values[k],
+                spec.name
+            );
+        }
     }
     let noise_rows = match args.noise {
         Some(path) => {

@@ -99,6 +99,20 @@ fn rows_npy(rows: usize) -> Vec<u8> {
 }
 
 /// `rows_npy(n)` with value `v` at flat index `at`.
+/// [`small_spec`] on 8-bit data (`dequantize_logit`): the same parameters.
+fn eight_bit_spec() -> Vec<u8> {
+    let mut s = small_spec();
+    s["input"]["preprocess"] = json!("dequantize_logit");
+    s.to_string().into_bytes()
+}
+
+/// Three rows of 8-bit values (integers 0..=255) with `v` at `at`.
+fn eight_bit_rows_with(at: usize, v: f64) -> Vec<u8> {
+    let mut vals: Vec<f64> = (0..3 * D).map(|i| (i * 37 % 256) as f64).collect();
+    vals[at] = v;
+    npy("<f8", false, &format!("(3, {D})"), &f64s(&vals))
+}
+
 fn rows_npy_with(rows: usize, at: usize, v: f64) -> Vec<u8> {
     let mut vals: Vec<f64> = (0..rows * D).map(|i| (i % 7) as f64 / 7.0).collect();
     vals[at] = v;
@@ -1189,6 +1203,58 @@ fn cases() -> Vec<Case> {
                 ("g.safetensors", PRECIOUS.to_vec()),
             ],
             &["x.npy", "[5]", "--dtype f64"],
+        ),
+        case(
+            "cli: sample -o with a format sample does not write",
+            &["sample", "@c.safetensors", "-n", "2", "-o", "@s.jpg"],
+            vec![("c.safetensors", ckpt()), ("s.jpg", PRECIOUS.to_vec())],
+            &["s.jpg", "unsupported output format", ".png", ".npy"],
+        ),
+        case(
+            "cli: sample -o .png for a flow that is not an image",
+            &["sample", "@c.safetensors", "-n", "2", "-o", "@s.png"],
+            vec![("c.safetensors", ckpt()), ("s.png", PRECIOUS.to_vec())],
+            &["s.png", "image spec", ".npy"],
+        ),
+        case(
+            "cli: grad of an 8-bit spec on values above 255",
+            &[
+                "grad",
+                "@s.json",
+                "--params",
+                "@p.safetensors",
+                "--input",
+                "@x.npy",
+                "-o",
+                "@g.safetensors",
+            ],
+            vec![
+                ("s.json", eight_bit_spec()),
+                ("p.safetensors", ckpt()),
+                ("x.npy", eight_bit_rows_with(7, 300.0)),
+                ("g.safetensors", PRECIOUS.to_vec()),
+            ],
+            &["x.npy", "[7] = 300", "0..=255"],
+        ),
+        case(
+            "cli: grad of an 8-bit spec on negative values",
+            &[
+                "grad",
+                "@s.json",
+                "--params",
+                "@p.safetensors",
+                "--input",
+                "@x.npy",
+                "-o",
+                "@g.safetensors",
+            ],
+            vec![
+                ("s.json", eight_bit_spec()),
+                ("p.safetensors", ckpt()),
+                ("x.npy", eight_bit_rows_with(0, -3.5)),
+                ("g.safetensors", PRECIOUS.to_vec()),
+            ],
+            &["x.npy", "[0] = -3.5", "0..=255"],
         ),
         case(
             "cli: negative temperature",
