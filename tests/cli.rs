@@ -1075,11 +1075,21 @@ fn small_spec_on_npy_data_trains_evaluates_and_samples_npy() {
     let err = fails(snfc(["eval", p(&ckpt)]));
     assert!(err.contains("784") && err.contains("[4]"), "{err}");
 
-    // Samples of a non-image spec are written as .npy, even when a .png was asked for.
+    // A non-image spec's samples are .npy rows: a .png is refused (writing nothing, and not
+    // another file instead), and the default name is samples.npy.
     let png = dir.path().join("s.png");
-    let text = ok(snfc(["sample", p(&ckpt), "-n", "3", "-o", p(&png)]));
-    assert!(!png.exists());
+    let err = fails(snfc(["sample", p(&ckpt), "-n", "3", "-o", p(&png)]));
+    assert!(err.contains("s.png") && err.contains(".npy"), "{err}");
+    assert!(!png.exists() && !dir.path().join("s.npy").exists());
+    let text = ok(Command::new(env!("CARGO_BIN_EXE_snfc"))
+        .args(["sample", p(&ckpt), "-n", "2"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap());
+    assert!(text.contains("samples.npy"), "{text}");
+    assert!(dir.path().join("samples.npy").exists());
     let npy = dir.path().join("s.npy");
+    let text = ok(snfc(["sample", p(&ckpt), "-n", "3", "-o", p(&npy)]));
     assert!(text.contains("s.npy"), "{text}");
     let (shape, values) = snfc_runtime::npy::read_npy(&npy).unwrap();
     assert_eq!(shape, [3, d]);
@@ -1896,6 +1906,44 @@ fn bench_scaling_writes_rows_and_a_picture() {
         p(&out),
     ]));
     assert!(err.contains("100 is not C·S²"), "{err}");
+}
+
+/// A run that never finished an epoch (`--epochs 0`, `--steps 0`) leaves nothing that blocks
+/// its directory: the next `train` there starts without `--force` or `--resume`.
+#[test]
+fn an_empty_run_does_not_block_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("small.json");
+    std::fs::write(&spec, small_spec_json("small", 4, "self_normalizing")).unwrap();
+    let data = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..60 * 4)
+        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
+    let out = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--out",
+            p(&out),
+            "-q",
+        ];
+        args.extend(extra);
+        snfc(args)
+    };
+    for empty in [&["--epochs", "0"][..], &["--steps", "0"][..]] {
+        ok(train(empty));
+        ok(train(empty));
+    }
+    ok(train(&["--epochs", "1"]));
+    assert!(out.join("metrics.jsonl").metadata().unwrap().len() > 0);
+    assert!(!out.join("previous-1").exists(), "nothing was moved aside");
+    // A run with a finished epoch still does.
+    let err = fails(train(&["--epochs", "1"]));
+    assert!(err.contains("already holds a run"), "{err}");
 }
 
 /// `bench --profile` accounts for every millisecond of a step: the kinds of work add up to the

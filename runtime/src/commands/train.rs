@@ -760,7 +760,9 @@ fn earlier_run_files(out: &Path) -> Vec<PathBuf> {
     [BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS]
         .iter()
         .map(|f| out.join(f))
-        .filter(|p| p.exists())
+        // An empty metrics file is a run that never finished an epoch (`--epochs 0`, or
+        // stopped during its first): nothing to keep, so it does not block the directory.
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| !(p.ends_with(METRICS) && m.len() == 0)))
         .collect()
 }
 
