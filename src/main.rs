@@ -723,7 +723,7 @@ fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split
                 name: p.display().to_string(),
                 dim: all.dim,
                 image_shape: None,
-                discrete: false,
+                discrete: snfc_runtime::data::first_non_eight_bit(&all.values).is_none(),
                 train: all.clone(),
                 valid: all.take(0),
                 test: all.take(0),

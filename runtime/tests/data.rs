@@ -247,12 +247,76 @@ fn hand_written_float64_npy_is_read() {
     );
 }
 
+/// A `.npy` of 8-bit values is 8-bit data whatever its dtype: `uint8`, or floats holding
+/// integers 0..=255. A `dequantize_logit` spec trains on it; a `preprocess: none` spec is
+/// refused with the advice to dequantize, and a `dequantize_logit` spec on continuous data
+/// with the advice to use `none` and the first value that is not 8-bit.
+#[test]
+fn eight_bit_npy_is_discrete_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, d) = (5, 4);
+    // [N, 1, 2, 2] uint8, written as numpy writes it.
+    let mut header =
+        format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({n}, 1, 2, 2), }}");
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', 1, 0];
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..n * d).map(|i| (i * 53 % 256) as u8));
+    let u8_path = dir.path().join("bytes.npy");
+    fs::write(&u8_path, bytes).unwrap();
+    let floats = |name: &str, vals: &[f32]| {
+        let p = dir.path().join(name);
+        write_npy_f32(&p, &[n, d], vals).unwrap();
+        load_npy_dataset(&p).unwrap()
+    };
+    let integers: Vec<f32> = (0..n * d).map(|i| (i * 53 % 256) as f32).collect();
+    let mut above = integers.clone();
+    above[6] = 256.0;
+    let mut fraction = integers.clone();
+    fraction[3] = 2.5;
+
+    let uint8 = load_npy_dataset(&u8_path).unwrap();
+    assert!(uint8.discrete);
+    assert_eq!(uint8.train.values, integers[..uint8.train.values.len()]);
+    assert!(floats("ints.npy", &integers).discrete);
+    assert!(!floats("above.npy", &above).discrete);
+    let fraction = floats("fraction.npy", &fraction);
+    assert!(!fraction.discrete);
+
+    let spec = |preprocess: &str| {
+        snfc_compiler::spec::parse_spec(&format!(
+            r#"{{"name": "e", "input": {{"shape": [1, 2, 2], "preprocess": "{preprocess}"}},
+                "layers": [{{"type": "linear"}}], "train": {{"batch_size": 1}}}}"#
+        ))
+        .unwrap()
+    };
+    let check = |preprocess: &str, ds: &snfc_runtime::data::Dataset| {
+        snfc_runtime::train::check_data(&spec(preprocess), ds).map_err(|e| e.to_string())
+    };
+    check("dequantize_logit", &uint8).expect("8-bit data dequantizes");
+    let err = check("none", &uint8).unwrap_err();
+    assert!(
+        err.contains("8-bit data") && err.contains("\"dequantize_logit\""),
+        "{err}"
+    );
+    let err = check("dequantize_logit", &fraction).unwrap_err();
+    assert!(
+        err.contains("continuous") && err.contains("[3] = 2.5") && err.contains("\"none\""),
+        "{err}"
+    );
+    check("none", &fraction).expect("continuous data as it is");
+}
+
 #[test]
 fn npy_dataset_splits() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("moons.npy");
     let n = 25;
-    let vals: Vec<f32> = (0..n * 2 * 3).map(|i| i as f32).collect();
+    let vals: Vec<f32> = (0..n * 2 * 3).map(|i| i as f32 + 0.5).collect();
     write_npy_f32(&p, &[n, 2, 3], &vals).unwrap();
     let ds = load_npy_dataset(&p).unwrap();
     assert_eq!(ds.name, "moons");

@@ -427,11 +427,35 @@ pub fn check_data(spec: &FlowSpec, data: &Dataset) -> Result<(), TrainError> {
             spec.input.dim()
         )));
     }
-    if spec.input.preprocess == Preprocess::DequantizeLogit && !data.discrete {
-        return Err(TrainError::Setup(format!(
-            "spec `{}` dequantizes 8-bit data (/input/preprocess = \"dequantize_logit\"), but data set {} is continuous; use \"preprocess\": \"none\"",
-            spec.name, data.name
-        )));
+    let first_continuous = || {
+        let v = &data.train.values;
+        crate::data::first_non_eight_bit(v)
+            .map(|k| {
+                format!(
+                    " (training value [{k}] = {} is not an integer 0..=255)",
+                    v[k]
+                )
+            })
+            .unwrap_or_default()
+    };
+    match spec.input.preprocess {
+        Preprocess::DequantizeLogit if !data.discrete => {
+            return Err(TrainError::Setup(format!(
+                "spec `{}` dequantizes 8-bit data (/input/preprocess = \"dequantize_logit\"), but data set {} is continuous{}; for continuous data use \"preprocess\": \"none\"",
+                spec.name,
+                data.name,
+                first_continuous()
+            )));
+        }
+        // Raw 8-bit values as continuous data give a density on the wrong scale (millions of
+        // nats): the likelihood of 8-bit data needs the dequantization.
+        Preprocess::None if data.discrete => {
+            return Err(TrainError::Setup(format!(
+                "data set {} is 8-bit data (every value an integer 0..=255), but spec `{}` treats it as continuous (/input/preprocess = \"none\"); use \"preprocess\": \"dequantize_logit\"",
+                data.name, spec.name
+            )));
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -493,9 +493,19 @@ pub fn mnist_from_files(files: &MnistFiles) -> Result<Dataset, DataError> {
     })
 }
 
-/// Continuous data set from a `.npy` array of shape `[N, ...]` (float32/float64, or integers,
-/// converted). dim = product of the trailing axes; splits 80% / 10% / 10% in file order, each
-/// at least one example.
+/// The position of the first value that is not 8-bit data (an integer 0..=255), if any: a
+/// `.npy` array is 8-bit data (`Dataset::discrete`) when there is none, whatever its dtype
+/// (`uint8`, or floats holding such integers).
+pub fn first_non_eight_bit(values: &[f32]) -> Option<usize> {
+    values
+        .iter()
+        .position(|v| !(v.fract() == 0.0 && (0.0..=255.0).contains(v)))
+}
+
+/// Data set from a `.npy` array of shape `[N, ...]` (float32/float64, or integers,
+/// converted): 8-bit data when every value is an integer 0..=255 ([`first_non_eight_bit`]),
+/// else continuous. dim = product of the trailing axes; splits 80% / 10% / 10% in file order,
+/// each at least one example.
 pub fn load_npy_dataset(path: &Path) -> Result<Dataset, DataError> {
     let bytes = fs::read(path).map_err(|e| DataError::io(path, "cannot read npy file", e))?;
     let name = path
@@ -524,7 +534,7 @@ pub fn npy_dataset(bytes: &[u8], origin: &str, name: &str) -> Result<Dataset, Da
         name: name.to_string(),
         dim,
         image_shape: None,
-        discrete: false,
+        discrete: first_non_eight_bit(&all.values).is_none(),
         train: Split::from_rows(&all.values, dim, 0, n_train),
         valid: Split::from_rows(&all.values, dim, n_train, n_train + n_valid),
         test: Split::from_rows(&all.values, dim, n_train + n_valid, n),
