@@ -234,9 +234,35 @@ fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
             10f64.powf(b + 0.05 * (b - a)),
         )
     } else {
-        let pad = ((hi - lo) * 0.05).max(hi.abs().max(1e-12) * 1e-6);
+        // One value (a one-epoch run) or a flat series: a span of 1 % of the value around it,
+        // so the axis has room and its ticks something to tell apart.
+        let pad = ((hi - lo) * 0.05).max(hi.abs().max(lo.abs()).max(1e-12) * 5e-3);
         (lo - pad, hi + pad)
     })
+}
+
+/// An axis number that tells ticks about `span / 10` apart from each other: [`short_number`]
+/// where its digits suffice, else as many decimals (or digits of the mantissa) as the ticks'
+/// spacing needs, so that no two ticks of a narrow range read the same.
+fn axis_label(v: f64, span: f64) -> String {
+    let a = v.abs();
+    let step = span.abs() / 10.0;
+    if a == 0.0 || !(step > 0.0) || !step.is_finite() {
+        return short_number(v);
+    }
+    let step_exponent = step.log10().floor() as i32;
+    if (1e-2..1e5).contains(&a) {
+        let decimals = (-step_exponent).max(0) as usize;
+        let shown = if a >= 100.0 { 0 } else { 2 };
+        if decimals <= shown {
+            return short_number(v);
+        }
+        let s = format!("{v:.decimals$}", decimals = decimals.min(12));
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        let mantissa = (a.log10().floor() as i32 - step_exponent).clamp(1, 12) as usize;
+        format!("{v:.mantissa$e}")
+    }
 }
 
 /// The maximal runs of consecutive points of `s` with a finite y in `[lo, hi]`.
@@ -368,8 +394,8 @@ fn draw_panel(
                 .configure_mesh()
                 .x_desc(panel.x)
                 .y_desc(panel.y)
-                .x_label_formatter(&|v| short_number(*v))
-                .y_label_formatter(&|v| short_number(*v))
+                .x_label_formatter(&|v| axis_label(*v, x_hi - x_lo))
+                .y_label_formatter(&|v| axis_label(*v, y_hi - y_lo))
                 .label_style(("sans-serif", 13))
                 .draw()?;
             for (i, (s, run)) in panel.series.iter().zip(runs).enumerate() {
@@ -379,6 +405,18 @@ fn draw_panel(
                     // Not logged by this run (or never inside the range): no line, no legend.
                     continue;
                 };
+                // A point with no neighbour in its piece (a one-epoch run) is drawn as a marker:
+                // a line through one point draws nothing.
+                let markers = |piece: &[(f64, f64)]| {
+                    let lone = if piece.len() == 1 {
+                        piece.to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    lone.into_iter()
+                        .map(move |p| Circle::new(p, 4, color.filled()))
+                };
+                chart.draw_series(markers(&first))?;
                 chart
                     .draw_series(LineSeries::new(first, color.stroke_width(2)))?
                     .label(run.name.clone())
@@ -386,6 +424,7 @@ fn draw_panel(
                         PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                     });
                 for piece in pieces {
+                    chart.draw_series(markers(&piece))?;
                     chart.draw_series(LineSeries::new(piece, color.stroke_width(2)))?;
                 }
             }
@@ -557,6 +596,64 @@ mod tests {
             vec![vec![(2.0, 900.0)], vec![(4.0, 880.0), (5.0, 870.0)]]
         );
         assert!(segments(&s[..1], 800.0, 1000.0).is_empty());
+    }
+
+    /// Ticks of any range read differently: a one-epoch run's y range (one value, 1865.49)
+    /// and narrow ranges at every magnitude.
+    #[test]
+    fn axis_labels_are_distinct_at_any_range() {
+        let one_point = y_range(&[vec![(1.0, 1865.49)]], false).unwrap();
+        assert!(one_point.0 < 1865.49 && one_point.1 > 1865.49);
+        for (lo, hi) in [
+            one_point,
+            (1865.40, 1865.60),
+            (0.5, 0.5001),
+            (2.0e6, 2.0001e6),
+            (1e-4, 1.001e-4),
+            (-3.0, 3.0),
+            (0.0, 1e9),
+        ] {
+            let span = hi - lo;
+            let labels: Vec<String> = (0..=10)
+                .map(|k| axis_label(lo + span * k as f64 / 10.0, span))
+                .collect();
+            let mut unique = labels.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), labels.len(), "{lo}..{hi}: {labels:?}");
+        }
+        // Wide ranges keep the short form.
+        assert_eq!(axis_label(1088.3, 1000.0), "1088");
+        assert_eq!(axis_label(2.5, 10.0), "2.5");
+    }
+
+    /// A one-epoch run is drawn: its single point is a marker in the run's colour.
+    #[test]
+    fn a_one_epoch_run_is_drawn_as_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("metrics.jsonl");
+        std::fs::write(
+            &f,
+            "{\"epoch\": 1, \"seconds\": 1.0, \"val_nll_nats\": 1865.49, \
+             \"val_bits_per_dim\": 3.43, \"train_loss\": 1700.0}\n",
+        )
+        .unwrap();
+        let out = dir.path().join("one.png");
+        let (w, h) = plot(&[read_run(&f).unwrap()], &out).unwrap();
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (w, h));
+        let c = COLORS[0];
+        let colored = buf[..info.buffer_size()]
+            .chunks(3)
+            .filter(|p| p == &[c.0, c.1, c.2])
+            .count();
+        // The legends' short lines alone are 240 pixels of the run's colour here; the four
+        // panels' filled markers (radius 4) add about 48 each.
+        assert!(colored > 340, "{colored} pixels of the run's colour");
     }
 
     #[test]
