@@ -281,6 +281,7 @@ fn host_only(d: Device, what: &str) -> Result<()> {
 /// A spec file, or a plan file from `snfc compile --emit plan` with its spec (whose batch size
 /// becomes the plan's).
 fn spec_or_plan(path: &Path) -> Result<(FlowSpec, Option<TrainPlan>)> {
+    not_a_checkpoint(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     if TrainPlan::is_plan_text(&text) {
@@ -293,7 +294,54 @@ fn spec_or_plan(path: &Path) -> Result<(FlowSpec, Option<TrainPlan>)> {
 }
 
 fn spec_from(path: &Path) -> Result<FlowSpec> {
+    not_a_checkpoint(path)?;
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if TrainPlan::is_plan_text(&text) {
+            bail!(
+                "{}: this is a compiled plan (`snfc compile --emit plan`), not a spec: `snfc train {}` runs it; give the spec it came from here",
+                path.display(),
+                path.display()
+            );
+        }
+    }
     load_spec(path).map_err(|e| anyhow!("{e}"))
+}
+
+/// A checkpoint where a spec belongs: say what takes it.
+fn not_a_checkpoint(path: &Path) -> Result<()> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        bail!(
+            "{}: this is a checkpoint, not a spec: `snfc eval {}` or `snfc sample {}` use it; to continue its run, `snfc train SPEC --resume --out DIR`",
+            path.display(),
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A run directory where a checkpoint belongs: point to the checkpoints inside.
+fn checkpoint_path(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        let inside: Vec<String> = ["checkpoint.safetensors", "last.safetensors"]
+            .iter()
+            .map(|f| path.join(f))
+            .filter(|f| f.exists())
+            .map(|f| f.display().to_string())
+            .collect();
+        if inside.is_empty() {
+            bail!(
+                "{}: is a directory, not a checkpoint (.safetensors)",
+                path.display()
+            );
+        }
+        bail!(
+            "{}: is a directory, not a checkpoint: give the checkpoint inside ({}; checkpoint.safetensors is the best validation epoch, last.safetensors the latest)",
+            path.display(),
+            inside.join(" or ")
+        );
+    }
+    Ok(())
 }
 
 fn level(no_fusion: bool) -> OptLevel {
@@ -368,6 +416,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             let data = load_data(data.as_deref())?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+            if out.exists() && !out.is_dir() {
+                bail!(
+                    "--out {}: is a file; --out names the run's directory (it holds metrics.jsonl and the checkpoints)",
+                    out.display()
+                );
+            }
             let opts = snfc_runtime::train::TrainOptions {
                 out,
                 epochs,
@@ -413,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             host_only(device, "eval")?;
             let spec = spec.as_deref().map(spec_from).transpose()?;
+            checkpoint_path(&checkpoint)?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
             let split = eval_split(&model.spec, data.as_deref(), &split)?;
             let r = snfc_runtime::eval::evaluate(&model, &split, 500, 0)?;
@@ -450,6 +505,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--temperature must be a positive number, got {temperature}");
             }
             let spec = spec.as_deref().map(spec_from).transpose()?;
+            checkpoint_path(&checkpoint)?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
             let exact = exact_inverse || model.spec.objective.gradient == GradientMode::Exact;
             if exact && !exact_inverse {

@@ -1257,6 +1257,48 @@ fn cases() -> Vec<Case> {
             &["x.npy", "[0] = -3.5", "0..=255"],
         ),
         case(
+            "cli: train given a checkpoint",
+            &["train", "@c.safetensors", "--out", "@run"],
+            vec![
+                ("c.safetensors", ckpt()),
+                ("run/metrics.jsonl", PRECIOUS.to_vec()),
+            ],
+            &["c.safetensors", "is a checkpoint", "snfc eval", "--resume"],
+        ),
+        case(
+            "cli: compile given a plan",
+            &["compile", "@p.json", "--emit", "plan", "-o", "@out"],
+            vec![
+                ("p.json", small_plan().to_string().into_bytes()),
+                ("out/plan.json", PRECIOUS.to_vec()),
+            ],
+            &["p.json", "compiled plan", "snfc train"],
+        ),
+        case(
+            "cli: sample given a run directory",
+            &["sample", "@run", "-o", "@s.npy"],
+            vec![
+                ("run/checkpoint.safetensors", ckpt()),
+                ("s.npy", PRECIOUS.to_vec()),
+            ],
+            &["run", "is a directory", "checkpoint.safetensors"],
+        ),
+        case(
+            "cli: eval given a run directory",
+            &["eval", "@run"],
+            vec![("run/last.safetensors", ckpt())],
+            &["run", "is a directory", "last.safetensors"],
+        ),
+        case(
+            "cli: train --out naming a file",
+            &["train", "@s.json", "--out", "@run.txt", "--steps", "1"],
+            vec![
+                ("s.json", small_spec().to_string().into_bytes()),
+                ("run.txt", PRECIOUS.to_vec()),
+            ],
+            &["--out", "run.txt", "is a file", "directory"],
+        ),
+        case(
             "cli: negative temperature",
             &[
                 "sample",
