@@ -691,6 +691,9 @@ pub fn load_cifar_dir(dir: &Path) -> Result<Dataset, DataError> {
 /// Load the data set named on the command line: `None` -> embedded MNIST; a directory -> full
 /// MNIST in standard IDX files, or CIFAR-10 in its binary format (`data_batch_*.bin`,
 /// `test_batch.bin`); a `.npy` file -> continuous data set.
+/// What `--data` takes, for errors.
+const DATA_FORMATS: &str = "a directory with MNIST IDX files (train-images-idx3-ubyte[.gz], t10k-images-idx3-ubyte[.gz]), a directory with CIFAR-10 binary batches (data_batch_1.bin … data_batch_5.bin, test_batch.bin), or a .npy file";
+
 pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
     let Some(path) = arg else {
         return embedded_mnist();
@@ -699,7 +702,18 @@ pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
         if is_cifar_dir(path) {
             return load_cifar_dir(path);
         }
-        return load_mnist_dir(path);
+        return load_mnist_dir(path).map_err(|e| match e {
+            // A directory with neither: say what else it could have held.
+            DataError::Invalid { origin, message }
+                if message.starts_with("no MNIST training images") =>
+            {
+                DataError::Invalid {
+                    origin,
+                    message: format!("{message}; --data takes {DATA_FORMATS}"),
+                }
+            }
+            other => other,
+        });
     }
     let is_npy = path
         .extension()
@@ -707,7 +721,7 @@ pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
     if !path.exists() {
         return Err(DataError::invalid(
             path.display().to_string(),
-            "does not exist (expected a directory with MNIST IDX files or a .npy file)",
+            format!("does not exist (expected {DATA_FORMATS})"),
         ));
     }
     if is_npy {
@@ -715,7 +729,7 @@ pub fn load_data(arg: Option<&Path>) -> Result<Dataset, DataError> {
     } else {
         Err(DataError::invalid(
             path.display().to_string(),
-            "unsupported data set: expected a directory with MNIST IDX files or a .npy file",
+            format!("unsupported data set: expected {DATA_FORMATS}"),
         ))
     }
 }
