@@ -1946,6 +1946,44 @@ fn an_empty_run_does_not_block_its_directory() {
     assert!(err.contains("already holds a run"), "{err}");
 }
 
+/// A batch size that does not divide the training split is said once: how many examples each
+/// epoch leaves out (a full batch of 3 over 48 training examples leaves none, 5 leaves 3).
+#[test]
+fn a_batch_that_does_not_divide_the_data_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..60 * 4)
+        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
+    for (batch, left) in [(3, None), (5, Some(3))] {
+        let spec = dir.path().join(format!("b{batch}.json"));
+        let text = small_spec_json("small", 4, "self_normalizing")
+            .replace("\"batch_size\": 3", &format!("\"batch_size\": {batch}"));
+        std::fs::write(&spec, text).unwrap();
+        let out = dir.path().join(format!("run{batch}"));
+        let o = snfc([
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--out",
+            p(&out),
+            "--epochs",
+            "2",
+        ]);
+        let err = stderr(&o);
+        ok(o);
+        match left {
+            None => assert!(!err.contains("does not divide"), "{err}"),
+            Some(n) => {
+                assert_eq!(err.matches("does not divide").count(), 1, "{err}");
+                assert!(err.contains(&format!("leaves out {n} examples")), "{err}");
+            }
+        }
+    }
+}
+
 /// `bench --profile` accounts for every millisecond of a step: the kinds of work add up to the
 /// profiled step, only `other` is a remainder, and the step's GEMMs are timed alone for the
 /// rate it is measured against. An exact-gradient spec has no learned inverse to time.

@@ -892,6 +892,13 @@ pub fn train<T: Real + 'static>(
             data.train.n, data.name
         )));
     }
+    let left_out = data.train.n % batch;
+    if left_out > 0 && opts.progress {
+        eprintln!(
+            "note: /train/batch_size {batch} does not divide the {} training examples of {}: each epoch runs {steps_per_epoch} full batches and leaves out {left_out} examples (different ones each epoch, as the order is shuffled)",
+            data.train.n, data.name
+        );
+    }
     let checkpoint = opts.out.join(BEST_CHECKPOINT);
     let last_path = opts.out.join(LAST_CHECKPOINT);
     let metrics_path = opts.out.join(METRICS);
