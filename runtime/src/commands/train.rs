@@ -115,13 +115,37 @@ pub struct EpochRecord {
     pub lr: f64,
     pub seconds: f64,
     pub examples_per_sec: f64,
-    /// GECO's λ per self-normalizing layer at the end of the epoch (GECO specs only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// GECO's λ per self-normalizing layer at the end of the epoch (GECO specs only), written
+    /// in layer order (`layers.2` before `layers.10`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "in_layer_order"
+    )]
     pub lambda: Option<BTreeMap<String, f64>>,
     /// Angles between the self-normalizing and the exact gradient over the epoch's
     /// measurements (`--angle-every`), in degrees.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_angle_deg: Option<AngleStats>,
+}
+
+/// A map keyed by layer name (`layers.{k}`) as a JSON object in the order of `k` (a
+/// `BTreeMap` orders the names as text: `layers.10` before `layers.2`).
+fn in_layer_order<S: serde::Serializer>(
+    map: &Option<BTreeMap<String, f64>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let Some(map) = map else {
+        return s.serialize_none();
+    };
+    let number = |k: &str| -> Option<usize> { k.strip_prefix("layers.")?.parse().ok() };
+    let mut entries: Vec<(&String, &f64)> = map.iter().collect();
+    entries.sort_by_key(|(k, _)| (number(k), k.to_string()));
+    let mut out = s.serialize_map(Some(entries.len()))?;
+    for (k, v) in entries {
+        out.serialize_entry(k, v)?;
+    }
+    out.end()
 }
 
 /// GECO's state: λ and the EMA of the reconstruction error, per self-normalizing layer (by
@@ -1250,6 +1274,31 @@ pub fn train<T: Real + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GECO's λ per layer is written in layer order, not in the text order of the names.
+    #[test]
+    fn lambda_is_written_in_layer_order() {
+        let lambda: BTreeMap<String, f64> = [10, 2, 0, 34]
+            .iter()
+            .map(|k| (format!("layers.{k}"), *k as f64))
+            .collect();
+        let text = serde_json::to_string(&EpochRecord {
+            epoch: 1,
+            steps: 1,
+            train_loss: 0.0,
+            val_nll_nats: 0.0,
+            val_bits_per_dim: 0.0,
+            val_recon: None,
+            lr: 0.0,
+            seconds: 0.0,
+            examples_per_sec: 0.0,
+            lambda: Some(lambda),
+            grad_angle_deg: None,
+        })
+        .unwrap();
+        let at = |k: usize| text.find(&format!("\"layers.{k}\"")).unwrap();
+        assert!(at(0) < at(2) && at(2) < at(10) && at(10) < at(34), "{text}");
+    }
 
     /// The divergence message names the likely cause: a small fixed λ, or a GECO λ that grew
     /// without bound.
