@@ -380,7 +380,10 @@ fn main() {
     ensure_runtime_dir();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        // Several problems (a spec's, say) are one line each, every one marked as an error.
+        for line in format!("{e:#}").lines() {
+            eprintln!("error: {line}");
+        }
         std::process::exit(1);
     }
 }
