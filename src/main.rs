@@ -97,9 +97,10 @@ enum Command {
         /// Where the step runs: auto picks CUDA, else a real GPU through wgpu, else the host.
         #[arg(long, value_enum, default_value = "auto")]
         device: Device,
-        /// Precision of the step (the GPU backends run f32 only).
-        #[arg(long, value_enum, default_value = "f32")]
-        dtype: Dtype,
+        /// Precision of the step (the GPU backends run f32 only); default f32, or with
+        /// --resume the run's own.
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
         /// Start over in an output directory that holds an earlier run; its checkpoints and
         /// metrics are moved to OUT/previous-N, never deleted.
         #[arg(long, conflicts_with = "resume")]
@@ -136,9 +137,10 @@ enum Command {
         /// Override the spec stored in the checkpoint.
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// Which split of an MNIST data set: test or valid.
-        #[arg(long, default_value = "test")]
-        split: String,
+        /// Which split of an MNIST or CIFAR data set: test (the default), valid or train. A
+        /// .npy file has no splits: it is evaluated whole.
+        #[arg(long)]
+        split: Option<String>,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
@@ -417,7 +419,6 @@ fn run(cli: Cli) -> Result<()> {
             if plan.is_some() && (no_fusion || exact) {
                 bail!("--no-fusion/--exact: the plan was compiled already; train the spec instead");
             }
-            let data = load_data(data.as_deref())?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
             if out.exists() && !out.is_dir() {
                 bail!(
@@ -425,28 +426,53 @@ fn run(cli: Cli) -> Result<()> {
                     out.display()
                 );
             }
+            // --resume continues with the run's own options: what the flags leave out comes
+            // from last.safetensors; a flag that differs is refused by the run itself.
+            let last = out.join(snfc_runtime::train::LAST_CHECKPOINT);
+            let recorded = if resume && last.exists() {
+                snfc_runtime::train::recorded_options(&last)?
+            } else {
+                None
+            };
+            let data = data
+                .map(|d| d.display().to_string())
+                .or_else(|| recorded.as_ref().and_then(|r| r.data.clone()));
+            let flag_level = if exact {
+                Some(OptLevel::None)
+            } else if no_fusion {
+                Some(OptLevel::Substitution)
+            } else {
+                None
+            };
+            let recorded_level = recorded.as_ref().and_then(|r| level_of(&r.level));
+            let dtype = dtype
+                .or(match recorded.as_ref().map(|r| r.dtype.as_str()) {
+                    Some("f64") => Some(Dtype::F64),
+                    Some("f32") => Some(Dtype::F32),
+                    _ => None,
+                })
+                .unwrap_or(Dtype::F32);
+            let loaded = load_data(data.as_deref().map(Path::new))?;
             let opts = snfc_runtime::train::TrainOptions {
                 out,
                 epochs,
                 steps,
                 seed,
-                level: if exact {
-                    OptLevel::None
-                } else {
-                    plan.as_ref()
-                        .and_then(|p| level_of(&p.opt_level))
-                        .unwrap_or(level(no_fusion))
-                },
+                level: flag_level
+                    .or_else(|| plan.as_ref().and_then(|p| level_of(&p.opt_level)))
+                    .or(recorded_level)
+                    .unwrap_or(OptLevel::Full),
                 progress: !quiet,
                 force,
                 resume,
                 angle_every,
                 device: chosen,
                 plan: plan.map(|p| p.step),
+                data,
             };
             let summary = match dtype {
-                Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &data, &opts)?,
-                Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &data, &opts)?,
+                Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &loaded, &opts)?,
+                Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &loaded, &opts)?,
             };
             match &summary.best {
                 Some(b) => println!(
@@ -472,13 +498,15 @@ fn run(cli: Cli) -> Result<()> {
             let spec = spec.as_deref().map(spec_from).transpose()?;
             checkpoint_path(&checkpoint)?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
-            let split = eval_split(&model.spec, data.as_deref(), &split)?;
+            let (split, measured) = eval_split(&model.spec, data.as_deref(), split.as_deref())?;
             let r = snfc_runtime::eval::evaluate(&model, &split, 500, 0)?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                let mut v = serde_json::to_value(&r)?;
+                v["data"] = serde_json::Value::String(measured);
+                println!("{v}");
             } else {
                 println!(
-                    "{}: NLL {:.3} nats, {:.5} bits/dim over {} examples{}",
+                    "{}: NLL {:.3} nats, {:.5} bits/dim over {} examples of {measured}{}",
                     model.spec.name,
                     r.nll_nats,
                     r.bits_per_dim,
@@ -773,9 +801,19 @@ fn print_profile(r: &snfc_runtime::bench::BenchResult) {
     }
 }
 
-fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split> {
+fn eval_split(
+    spec: &FlowSpec,
+    data: Option<&Path>,
+    split: Option<&str>,
+) -> Result<(Split, String)> {
     if let Some(p) = data {
         if p.extension().is_some_and(|e| e == "npy") {
+            if let Some(s) = split {
+                bail!(
+                    "--split {s}: {} is evaluated whole (a .npy file has no splits); leave --split out",
+                    p.display()
+                );
+            }
             // A .npy file is evaluated whole: any number of rows, no split.
             let all = snfc_runtime::data::load_npy_examples(p)?;
             let ds = snfc_runtime::data::Dataset {
@@ -788,17 +826,19 @@ fn eval_split(spec: &FlowSpec, data: Option<&Path>, split: &str) -> Result<Split
                 test: all.take(0),
             };
             snfc_runtime::train::check_data(spec, &ds)?;
-            return Ok(all);
+            return Ok((all, format!("all of {}", p.display())));
         }
     }
     let ds = load_data(data)?;
     snfc_runtime::train::check_data(spec, &ds)?;
-    Ok(match split {
-        "test" => ds.test,
-        "valid" | "validation" => ds.valid,
-        "train" => ds.train,
+    let split = split.unwrap_or("test");
+    let (chosen, name) = match split {
+        "test" => (ds.test, "test"),
+        "valid" | "validation" => (ds.valid, "validation"),
+        "train" => (ds.train, "training"),
         other => bail!("--split {other}: expected test, valid or train"),
-    })
+    };
+    Ok((chosen, format!("the {name} split of {}", ds.name)))
 }
 
 struct GradArgs<'a> {

@@ -1348,6 +1348,19 @@ fn cases() -> Vec<Case> {
             &["--out", "run.txt", "is a file", "directory"],
         ),
         case(
+            "cli: eval --split of a .npy file",
+            &[
+                "eval",
+                "@c.safetensors",
+                "--data",
+                "@x.npy",
+                "--split",
+                "valid",
+            ],
+            vec![("c.safetensors", ckpt()), ("x.npy", rows_npy(4))],
+            &["--split valid", "x.npy", "evaluated whole"],
+        ),
+        case(
             "cli: negative temperature",
             &[
                 "sample",

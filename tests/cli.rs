@@ -800,7 +800,17 @@ fn train_eval_sample_round_trip() {
     // The human-readable form.
     let text = ok(snfc(["eval", p(&ckpt)]));
     assert!(
-        text.contains("bits/dim") && text.contains("1000 examples"),
+        text.contains("bits/dim") && text.contains("1000 examples of the test split of"),
+        "{text}"
+    );
+    // The split measured is named, in the text and in the JSON.
+    let text = ok(snfc(["eval", p(&ckpt), "--split", "valid", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(
+        v["data"]
+            .as_str()
+            .unwrap()
+            .starts_with("the validation split of"),
         "{text}"
     );
 
@@ -1245,7 +1255,7 @@ fn image_specs_take_bchw_arrays_and_their_gradients_match_on_wgpu() {
     );
     assert!(a.tensors.contains_key("layers.0.weight_inv"));
     let eval = |data: &Path| {
-        ok(snfc([
+        let text = ok(snfc([
             "eval",
             p(&params),
             "--spec",
@@ -1253,7 +1263,12 @@ fn image_specs_take_bchw_arrays_and_their_gradients_match_on_wgpu() {
             "--data",
             p(data),
             "--json",
-        ]))
+        ]));
+        let mut v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        // The file evaluated is named; the figures must agree.
+        assert_eq!(v["data"], format!("all of {}", p(data)), "{v}");
+        v.as_object_mut().unwrap().remove("data");
+        v
     };
     assert_eq!(eval(&bchw), eval(&flat));
     let wrong = dir.path().join("x_wrong.npy");
@@ -1982,6 +1997,89 @@ fn a_batch_that_does_not_divide_the_data_is_said_once() {
             }
         }
     }
+}
+
+/// A run's options are part of the run: `--resume` continues an `--exact --dtype f64` run on
+/// its own data without repeating the flags (and with the exact gradient, as recorded), and
+/// refuses a flag that differs, by name, changing nothing.
+#[test]
+fn resume_reuses_the_runs_options_and_refuses_different_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("small.json");
+    std::fs::write(&spec, small_spec_json("small", 4, "self_normalizing")).unwrap();
+    let data = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..60 * 4)
+        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
+    let other = dir.path().join("other.npy");
+    snfc_runtime::npy::write_npy_f64(&other, &[60, 4], &rows).unwrap();
+    let out = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            p(&spec),
+            "--out",
+            p(&out),
+            "-q",
+            "--device",
+            "host",
+        ];
+        args.extend(extra);
+        snfc(args)
+    };
+    ok(train(&[
+        "--exact",
+        "--dtype",
+        "f64",
+        "--data",
+        p(&data),
+        "--epochs",
+        "1",
+    ]));
+    let last = out.join("last.safetensors");
+    let recorded = || {
+        snfc_runtime::train::recorded_options(&last)
+            .unwrap()
+            .expect("options recorded")
+    };
+    let first = recorded();
+    assert_eq!(
+        (first.level.as_str(), first.dtype.as_str()),
+        ("none", "f64")
+    );
+    assert_eq!(first.data.as_deref(), Some(p(&data)));
+    // No flags: the same run goes on (exact, f64, the same data).
+    ok(train(&["--resume", "--epochs", "2"]));
+    assert_eq!(recorded(), first);
+    let metrics = || std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics().lines().count(), 2);
+    // A flag that differs is refused by name; nothing changes.
+    let before = (std::fs::read(&last).unwrap(), metrics());
+    for (flags, named) in [
+        (&["--no-fusion"][..], "--no-fusion"),
+        (&["--dtype", "f32"][..], "--dtype"),
+        (&["--data", p(&other)][..], "other.npy"),
+    ] {
+        let mut args = vec!["--resume", "--epochs", "3"];
+        args.extend(flags);
+        let err = fails(train(&args));
+        assert!(
+            err.contains(named) && err.contains("resume"),
+            "{flags:?}: {err}"
+        );
+        assert_eq!((std::fs::read(&last).unwrap(), metrics()), before);
+    }
+    // Repeating the run's own flags is fine.
+    ok(train(&[
+        "--resume",
+        "--epochs",
+        "3",
+        "--exact",
+        "--data",
+        p(&data),
+    ]));
+    assert_eq!(metrics().lines().count(), 3);
 }
 
 /// `bench --profile` accounts for every millisecond of a step: the kinds of work add up to the

@@ -33,6 +33,7 @@ fn main() {
         geco: None,
         best: None,
         best_epoch: 0,
+        options: None,
     };
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("last.safetensors");

@@ -78,6 +78,8 @@ pub struct TrainOptions {
     pub device: Chosen,
     /// A step plan compiled earlier (`plan.json`); compiled from the spec when `None`.
     pub plan: Option<Plan>,
+    /// What `--data` named (recorded in `last.safetensors`; none: the embedded digits).
+    pub data: Option<String>,
 }
 
 impl TrainOptions {
@@ -97,6 +99,7 @@ impl TrainOptions {
             angle_every: None,
             device: Chosen::Host,
             plan: None,
+            data: None,
         }
     }
 }
@@ -570,6 +573,72 @@ pub struct RunState<T> {
     pub geco: Option<Geco>,
     pub best: Option<EvalResult>,
     pub best_epoch: usize,
+    /// What the run's steps compute and read, recorded for `--resume`.
+    pub options: Option<RunOptions>,
+}
+
+/// The options of a run that change what a step computes or reads: `--exact` / `--no-fusion`
+/// (the rewrite level), `--dtype` and `--data`. `last.safetensors` records them, so that
+/// `--resume` continues the same run without repeating them and refuses a flag that differs.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunOptions {
+    /// `full`, `substitution` (`--no-fusion`) or `none` (`--exact`).
+    pub level: String,
+    /// `f32` or `f64`.
+    pub dtype: String,
+    /// What `--data` named (a path), or none for the embedded MNIST digits.
+    pub data: Option<String>,
+}
+
+/// How `now` differs from the `recorded` options of a run, in the flags' words.
+pub fn options_differ(recorded: &RunOptions, now: &RunOptions) -> Option<String> {
+    let level = |l: &str| match l {
+        "none" => "the exact gradient (--exact)",
+        "substitution" => "--no-fusion",
+        _ => "the optimized self-normalizing step (neither --exact nor --no-fusion)",
+    };
+    let data = |d: &Option<String>| match d {
+        Some(d) => format!("--data {d}"),
+        None => "the embedded MNIST digits (no --data)".to_string(),
+    };
+    if recorded.level != now.level {
+        return Some(format!(
+            "the run was trained with {}, not {}",
+            level(&recorded.level),
+            level(&now.level)
+        ));
+    }
+    if recorded.dtype != now.dtype {
+        return Some(format!(
+            "the run was trained with --dtype {}, not --dtype {}",
+            recorded.dtype, now.dtype
+        ));
+    }
+    if recorded.data != now.data {
+        return Some(format!(
+            "the run was trained on {}, not {}",
+            data(&recorded.data),
+            data(&now.data)
+        ));
+    }
+    None
+}
+
+/// The options recorded in a run's `last.safetensors` (`None` for a file written before they
+/// were recorded).
+pub fn recorded_options(last: &Path) -> Result<Option<RunOptions>, TrainError> {
+    let bad = |message: String| TrainError::Setup(format!("{}: {message}", last.display()));
+    let bytes = std::fs::read(last).map_err(io_err(last))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(RUN_META)) else {
+        return Err(bad(format!(
+            "has no metadata `{RUN_META}`: not a `last` checkpoint"
+        )));
+    };
+    let run: RunMeta = serde_json::from_str(json)
+        .map_err(|e| bad(format!("metadata `{RUN_META}` is invalid: {e}")))?;
+    Ok(run.options)
 }
 
 /// `last.safetensors`' metadata `run` (JSON), besides the model's own keys.
@@ -585,6 +654,8 @@ struct RunMeta {
     geco: Option<Geco>,
     best: Option<EvalResult>,
     best_epoch: usize,
+    #[serde(default)]
+    options: Option<RunOptions>,
 }
 
 const RUN_META: &str = "run";
@@ -639,6 +710,7 @@ pub fn last_bytes<T: Real>(
         geco: state.geco.clone(),
         best: state.best.clone(),
         best_epoch: state.best_epoch,
+        options: state.options.clone(),
     };
     let json = serde_json::to_string(&meta)
         .map_err(|e| TrainError::Setup(format!("cannot encode the run state: {e}")))?;
@@ -774,6 +846,7 @@ pub fn load_last<T: Real>(
             geco: run.geco,
             best: run.best,
             best_epoch: run.best_epoch,
+            options: run.options,
         },
     ))
 }
@@ -950,6 +1023,20 @@ pub fn train<T: Real + 'static>(
     } else {
         None
     };
+    // A resumed run computes and reads what it did before, or is refused by name.
+    let run_options = RunOptions {
+        level: snfc_compiler::plan::level_name(opts.level).to_string(),
+        dtype: T::NAME.to_string(),
+        data: opts.data.clone(),
+    };
+    if let Some(recorded) = resumed.as_ref().and_then(|(_, s)| s.options.as_ref()) {
+        if let Some(what) = options_differ(recorded, &run_options) {
+            return Err(TrainError::Setup(format!(
+                "{}: {what}; resume without the differing option (the run's own are reused), or start over with --force",
+                last_path.display()
+            )));
+        }
+    }
     // The step on its device first: a run that cannot start leaves the output directory alone.
     let plan = match &opts.plan {
         Some(p) => p.clone(),
@@ -997,9 +1084,11 @@ pub fn train<T: Real + 'static>(
                 geco: Geco::new(spec),
                 best: None,
                 best_epoch: 0,
+                options: None,
             },
         ),
     };
+    state.options = Some(run_options);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
