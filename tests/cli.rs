@@ -1923,6 +1923,16 @@ fn bench_scaling_writes_rows_and_a_picture() {
     assert!(err.contains("100 is not C·S²"), "{err}");
 }
 
+/// 60 rows of 4 continuous values (48 train, 6 validation, 6 test) as `dir/name`.
+fn continuous_npy(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let rows: Vec<f64> = (0..60 * 4)
+        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&path, &[60, 4], &rows).unwrap();
+    path
+}
+
 /// A run that never finished an epoch (`--epochs 0`, `--steps 0`) leaves nothing that blocks
 /// its directory: the next `train` there starts without `--force` or `--resume`.
 #[test]
@@ -1930,11 +1940,7 @@ fn an_empty_run_does_not_block_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("small.json");
     std::fs::write(&spec, small_spec_json("small", 4, "self_normalizing")).unwrap();
-    let data = dir.path().join("data.npy");
-    let rows: Vec<f64> = (0..60 * 4)
-        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
-        .collect();
-    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
+    let data = continuous_npy(dir.path(), "data.npy");
     let out = dir.path().join("run");
     let train = |extra: &[&str]| {
         let mut args = vec![
@@ -1966,11 +1972,7 @@ fn an_empty_run_does_not_block_its_directory() {
 #[test]
 fn a_batch_that_does_not_divide_the_data_is_said_once() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data.npy");
-    let rows: Vec<f64> = (0..60 * 4)
-        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
-        .collect();
-    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
+    let data = continuous_npy(dir.path(), "data.npy");
     for (batch, left) in [(3, None), (5, Some(3))] {
         let spec = dir.path().join(format!("b{batch}.json"));
         let text = small_spec_json("small", 4, "self_normalizing")
@@ -2007,13 +2009,8 @@ fn resume_reuses_the_runs_options_and_refuses_different_ones() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("small.json");
     std::fs::write(&spec, small_spec_json("small", 4, "self_normalizing")).unwrap();
-    let data = dir.path().join("data.npy");
-    let rows: Vec<f64> = (0..60 * 4)
-        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
-        .collect();
-    snfc_runtime::npy::write_npy_f64(&data, &[60, 4], &rows).unwrap();
-    let other = dir.path().join("other.npy");
-    snfc_runtime::npy::write_npy_f64(&other, &[60, 4], &rows).unwrap();
+    let data = continuous_npy(dir.path(), "data.npy");
+    let other = continuous_npy(dir.path(), "other.npy");
     let out = dir.path().join("run");
     let train = |extra: &[&str]| {
         let mut args = vec![

@@ -224,10 +224,9 @@ fn npy_round_trip_f32_and_f64() {
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
 }
 
-/// A float64 npy written byte by byte, as numpy 1.x writes `np.array([[1.5, -2], [0.25, 1e300]])`.
-#[test]
-fn hand_written_float64_npy_is_read() {
-    let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 2), }".to_string();
+/// A version-1.0 `.npy` file as numpy writes it: magic, header padded to 64 bytes, `body`.
+fn npy_v1(descr: &str, shape: &str, body: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
@@ -235,9 +234,18 @@ fn hand_written_float64_npy_is_read() {
     let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', 1, 0];
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend_from_slice(header.as_bytes());
-    for v in [1.5f64, -2.0, 0.25, 1e300] {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// A float64 npy written byte by byte, as numpy 1.x writes `np.array([[1.5, -2], [0.25, 1e300]])`.
+#[test]
+fn hand_written_float64_npy_is_read() {
+    let body: Vec<u8> = [1.5f64, -2.0, 0.25, 1e300]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let bytes = npy_v1("<f8", "(2, 2)", &body);
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("hand.npy");
     fs::write(&p, bytes).unwrap();
@@ -256,16 +264,8 @@ fn eight_bit_npy_is_discrete_data() {
     let dir = tempfile::tempdir().unwrap();
     let (n, d) = (5, 4);
     // [N, 1, 2, 2] uint8, written as numpy writes it.
-    let mut header =
-        format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({n}, 1, 2, 2), }}");
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', 1, 0];
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend((0..n * d).map(|i| (i * 53 % 256) as u8));
+    let body: Vec<u8> = (0..n * d).map(|i| (i * 53 % 256) as u8).collect();
+    let bytes = npy_v1("|u1", &format!("({n}, 1, 2, 2)"), &body);
     let u8_path = dir.path().join("bytes.npy");
     fs::write(&u8_path, bytes).unwrap();
     let floats = |name: &str, vals: &[f32]| {

@@ -247,7 +247,7 @@ fn y_range(series: &[Vec<(f64, f64)>], log_y: bool) -> Option<(f64, f64)> {
 fn axis_label(v: f64, span: f64) -> String {
     let a = v.abs();
     let step = span.abs() / 10.0;
-    if a == 0.0 || !(step > 0.0) || !step.is_finite() {
+    if a == 0.0 || step.is_nan() || step <= 0.0 || !step.is_finite() {
         return short_number(v);
     }
     let step_exponent = step.log10().floor() as i32;
