@@ -171,6 +171,8 @@ pub fn bench_step<T: Real + 'static>(
         }
     }
     let mut profiled_seconds = times.iter().sum::<f64>();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
     if profile && !profile_timed {
         backend.enable_profile();
         profiled_seconds = 0.0;
@@ -213,11 +215,6 @@ pub fn bench_step<T: Real + 'static>(
         if seconds > 0.0 {
             let rate = flops / seconds / 1e9;
             gemm_rate_gflops = Some(rate);
-            let median = {
-                let mut t = times.clone();
-                t.sort_by(|a, b| a.total_cmp(b));
-                t[t.len() / 2]
-            };
             share_of_gemm_rate = Some(counts.flops / 1e9 / median / rate);
         }
     }
@@ -226,8 +223,6 @@ pub fn bench_step<T: Real + 'static>(
     } else {
         None
     };
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
     Ok(BenchResult {
         spec: spec.name.clone(),
         gradient: format!("{:?}", spec.objective.gradient),
