@@ -364,21 +364,16 @@ fn evaluate_matches_independent_log_likelihood_with_dequantization() {
     let split = split_of(&rows, d);
     let seed = 1234;
 
-    // The noise the runtime draws: one `fill_uniform` per batch of [D, batch] (padded columns
-    // included), in batch order, from ChaCha8Rng::seed_from_u64(seed).
+    // The noise the runtime draws: D uniforms per example, example after example, from
+    // ChaCha8Rng::seed_from_u64(seed), whatever the batch.
     let mut noise_rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut noise = vec![vec![0.0; d]; n];
-    for start in (0..n).step_by(batch) {
-        let mut u = vec![0.0f64; d * batch];
-        fill_uniform(&mut noise_rng, &mut u);
-        for b in 0..batch {
-            if start + b < n {
-                for k in 0..d {
-                    noise[start + b][k] = u[k * batch + b];
-                }
-            }
-        }
-    }
+    let noise: Vec<Vec<f64>> = (0..n)
+        .map(|_| {
+            let mut u = vec![0.0f64; d];
+            fill_uniform(&mut noise_rng, &mut u);
+            u
+        })
+        .collect();
 
     let (logp, recon) = log_likelihoods(&model, &split, batch, seed).expect("log-likelihoods");
     let recon = recon.expect("recon");
@@ -408,6 +403,20 @@ fn evaluate_matches_independent_log_likelihood_with_dequantization() {
         other.iter().zip(&logp).any(|(a, b)| a != b),
         "the noise seed has no effect"
     );
+
+    // Any batch, including one past the data and the whole data in one batch, sees the same
+    // noise per example, so the same likelihoods.
+    for other_batch in [1, 2, 4, n, n + 5] {
+        let (at, _) = log_likelihoods(&model, &split, other_batch, seed).unwrap();
+        for e in 0..n {
+            assert_close(
+                at[e],
+                logp[e],
+                1e-12,
+                &format!("example {e} at batch {other_batch}"),
+            );
+        }
+    }
 
     let r = evaluate(&model, &split, batch, seed).unwrap();
     assert_close(r.nll_nats, -want_sum / n as f64, 1e-9, "nll_nats (8-bit)");

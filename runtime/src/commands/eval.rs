@@ -1,7 +1,7 @@
 //! Exact log-likelihood (paper eq. 7): the data-independent Σ_k ln|det W_k| is computed once per
 //! evaluation by LU and added to every example's data-dependent terms.
 
-use crate::batch::{fill_columns, fill_uniform};
+use crate::batch::{fill_columns, fill_uniform_columns};
 use crate::data::Split;
 use crate::host::exec::{ExecError, Executor, Feeds, Program};
 use crate::host::linalg::{slogdet, Real};
@@ -103,7 +103,7 @@ pub fn log_likelihoods<T: Real>(
         feeds.insert(INPUT_X.into(), Arc::new(x));
         if spec.input.preprocess == Preprocess::DequantizeLogit {
             let mut u = vec![T::zero(); d * batch];
-            fill_uniform(&mut rng, &mut u);
+            fill_uniform_columns(&mut rng, &mut u, batch, idx.len());
             feeds.insert(INPUT_NOISE.into(), Arc::new(u));
         }
         for (name, t) in exec.run(&program, &feeds)? {
@@ -119,7 +119,8 @@ pub fn log_likelihoods<T: Real>(
     Ok((logp, recon))
 }
 
-/// Exact NLL of `split` (dequantization noise drawn from `noise_seed`, so repeatable).
+/// Exact NLL of `split` (dequantization noise drawn from `noise_seed`, example by example, so
+/// repeatable and the same at any batch size).
 pub fn evaluate<T: Real>(
     model: &Model<T>,
     split: &Split,

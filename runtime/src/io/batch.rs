@@ -63,6 +63,29 @@ pub fn fill_uniform<T: Real>(rng: &mut ChaCha8Rng, out: &mut [T]) {
     }
 }
 
+/// Uniform noise for the first `count` columns of a column-major `[D, batch]` batch, drawn
+/// example by example (each column's D values in a row), so that the noise an example gets
+/// depends only on its position in the stream, not on how the examples are cut into batches:
+/// an evaluation at batch 100 and one at batch 500 see the same noise. Columns past `count`
+/// (padding of a last, partial batch) are set to ½ and draw nothing.
+pub fn fill_uniform_columns<T: Real>(
+    rng: &mut ChaCha8Rng,
+    out: &mut [T],
+    batch: usize,
+    count: usize,
+) {
+    let d = out.len() / batch.max(1);
+    for b in 0..batch {
+        for k in 0..d {
+            out[k * batch + b] = if b < count {
+                T::of_f64(rng.random::<f64>())
+            } else {
+                T::of_f64(0.5)
+            };
+        }
+    }
+}
+
 /// Column-major `[D, B]` batch back to rows of examples (`B × D`).
 pub fn columns_to_rows<T: Copy>(cols: &[T], d: usize, batch: usize) -> Vec<T> {
     let mut rows = Vec::with_capacity(cols.len());
