@@ -474,6 +474,19 @@ fn run(cli: Cli) -> Result<()> {
                 Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &loaded, &opts)?,
                 Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &loaded, &opts)?,
             };
+            if let Some(r) = &summary.reached {
+                println!(
+                    "the run already reached epoch {} of {} (step {}): nothing to train; raise {} to continue",
+                    r.epoch,
+                    r.epochs,
+                    r.steps,
+                    if r.epoch < r.epochs {
+                        "--steps"
+                    } else {
+                        "--epochs (or /train/epochs)"
+                    }
+                );
+            }
             match &summary.best {
                 Some(b) => println!(
                     "best validation NLL {:.2} nats ({:.4} bits/dim) at epoch {}; checkpoint {}",

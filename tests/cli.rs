@@ -2077,6 +2077,35 @@ fn resume_reuses_the_runs_options_and_refuses_different_ones() {
         p(&data),
     ]));
     assert_eq!(metrics().lines().count(), 3);
+
+    // A target already reached is said, changes nothing and is not a failure.
+    let before = (std::fs::read(&last).unwrap(), metrics());
+    let text = ok(train(&["--resume", "--epochs", "3"]));
+    assert!(
+        text.contains("already reached epoch 3 of 3") && text.contains("--epochs"),
+        "{text}"
+    );
+    assert_eq!((std::fs::read(&last).unwrap(), metrics()), before);
+    // --seed has no effect on a resumed run's stream: refused, by name.
+    let err = fails(train(&["--resume", "--epochs", "4", "--seed", "7"]));
+    assert!(
+        err.contains("--seed 7") && err.contains("last.safetensors"),
+        "{err}"
+    );
+    // A spec that differs is refused field by field, with both values.
+    let json = small_spec_json("small", 4, "self_normalizing");
+    let changed: serde_json::Value = {
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["train"]["optimizer"] = serde_json::json!({"adam": {"lr": 0.0003}});
+        v
+    };
+    std::fs::write(&spec, changed.to_string()).unwrap();
+    let err = fails(train(&["--resume", "--epochs", "4"]));
+    assert!(
+        err.contains("/train/optimizer/adam/lr: ") && err.contains("0.0003 now"),
+        "{err}"
+    );
+    assert_eq!((std::fs::read(&last).unwrap(), metrics()), before);
 }
 
 /// `bench --profile` accounts for every millisecond of a step: the kinds of work add up to the

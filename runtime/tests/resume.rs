@@ -115,6 +115,8 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     let again = train::<f64>(&spec, &data, &options(parts.clone(), 6, true)).expect("no-op");
     assert!(again.records.is_empty());
     assert_eq!(again.best, third.best);
+    let reached = again.reached.expect("the target is said to be reached");
+    assert_eq!((reached.epoch, reached.epochs), (6, 6));
 }
 
 #[test]
@@ -131,6 +133,13 @@ fn resume_refuses_another_spec_dtype_or_data_and_changes_nothing() {
     other.train.optimizer.adam.lr = 5e-4;
     let e = train::<f64>(&other, &data, &options(out.clone(), 2, true)).unwrap_err();
     assert!(e.to_string().contains("different spec"), "{e}");
+    // Field by field, with both values; the epoch count is not a difference.
+    assert!(
+        e.to_string()
+            .contains("/train/optimizer/adam/lr: 0.001 in the run, 0.0005 now"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("/train/epochs"), "{e}");
     assert!(e.to_string().contains(LAST_CHECKPOINT), "{e}");
 
     let e = train::<f32>(&spec, &data, &options(out.clone(), 2, true)).unwrap_err();

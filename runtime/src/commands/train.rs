@@ -210,6 +210,17 @@ pub struct TrainSummary {
     pub best: Option<EvalResult>,
     pub best_epoch: usize,
     pub checkpoint: PathBuf,
+    /// Set when a resumed run had already reached its target (epochs or `--steps`), so that
+    /// nothing was trained and no file was touched.
+    pub reached: Option<Reached>,
+}
+
+/// Where a resumed run stood when it had nothing left to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reached {
+    pub epoch: usize,
+    pub steps: usize,
+    pub epochs: usize,
 }
 
 /// Each parameter's learning rate in one step: `base` (the schedule's lr), times
@@ -723,6 +734,54 @@ pub fn last_bytes<T: Real>(
     Ok(model.to_bytes(path, &extra, metadata)?)
 }
 
+/// Where the spec a run was started with (`run`) and the spec given now differ, one entry per
+/// JSON leaf: `/train/optimizer/adam/lr: 0.0001 in the run, 0.0003 now` (at most ten, then a
+/// count). The epoch count is not compared: raising it is what resuming is for.
+pub fn spec_differences(run: &FlowSpec, now: &FlowSpec) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let at = format!("{path}/{}", k.replace('~', "~0").replace('/', "~1"));
+                    match (x.get(k), y.get(k)) {
+                        (Some(u), Some(v)) => walk(&at, u, v, out),
+                        (Some(u), None) => out.push(format!("{at}: {u} in the run, absent now")),
+                        (None, Some(v)) => out.push(format!("{at}: absent in the run, {v} now")),
+                        (None, None) => {}
+                    }
+                }
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+                for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                    walk(&format!("{path}/{i}"), u, v, out);
+                }
+            }
+            (Value::Array(x), Value::Array(y)) => out.push(format!(
+                "{path}: {} entries in the run, {} now",
+                x.len(),
+                y.len()
+            )),
+            _ if a != b => out.push(format!("{path}: {a} in the run, {b} now")),
+            _ => {}
+        }
+    }
+    let json = |s: &FlowSpec| {
+        let mut s = s.clone();
+        s.train.epochs = 0;
+        serde_json::to_value(&s).unwrap_or(serde_json::Value::Null)
+    };
+    let mut out = Vec::new();
+    walk("", &json(run), &json(now), &mut out);
+    if out.len() > 10 {
+        let more = out.len() - 10;
+        out.truncate(10);
+        out.push(format!("and {more} more"));
+    }
+    out
+}
+
 /// Read `last.safetensors` back for a run of `spec` on a training split of `n_train`
 /// examples; every mismatch is an error naming the file and what differs.
 pub fn load_last<T: Real>(
@@ -743,9 +802,10 @@ pub fn load_last<T: Real>(
     };
     if !same_spec {
         return Err(bad(format!(
-            "was written by a run of a different spec (`{}`); resume with the spec the run \
+            "was written by a run of a different spec (`{}`): {}; resume with the spec the run \
              started with (it is stored in this file's metadata `spec`), or start over with --force",
-            model.spec.name
+            model.spec.name,
+            spec_differences(&model.spec, spec).join("; ")
         )));
     }
     match meta.get("dtype").map(String::as_str) {
@@ -1023,6 +1083,14 @@ pub fn train<T: Real + 'static>(
     } else {
         None
     };
+    if let (Some(seed), true) = (opts.seed, resume) {
+        return Err(TrainError::Setup(format!(
+            "--seed {seed}: {} continues its own random stream (data order, noise and \
+             augmentation are stored in it), so a seed has no effect; leave --seed out, or start \
+             over with --force",
+            last_path.display()
+        )));
+    }
     // A resumed run computes and reads what it did before, or is refused by name.
     let run_options = RunOptions {
         level: snfc_compiler::plan::level_name(opts.level).to_string(),
@@ -1059,7 +1127,22 @@ pub fn train<T: Real + 'static>(
     }
 
     let epochs = opts.epochs.unwrap_or(tr.epochs);
+    let max_steps = opts.steps.unwrap_or(usize::MAX);
     let (mut model, mut state) = match resumed {
+        Some((_, state)) if state.epoch >= epochs || state.total_steps >= max_steps => {
+            // Nothing to train: the files stay as they are.
+            return Ok(TrainSummary {
+                records: Vec::new(),
+                best: state.best,
+                best_epoch: state.best_epoch,
+                checkpoint,
+                reached: Some(Reached {
+                    epoch: state.epoch,
+                    steps: state.total_steps,
+                    epochs,
+                }),
+            });
+        }
         Some((model, state)) => {
             truncate_metrics(&metrics_path, state.epoch)?;
             backend.set_adam_state(&state.adam)?;
@@ -1110,7 +1193,6 @@ pub fn train<T: Real + 'static>(
     let mut noise = vec![T::zero(); d * batch];
     let mut records = Vec::new();
     let mut writer = crate::atomic::BackgroundWriter::new();
-    let max_steps = opts.steps.unwrap_or(usize::MAX);
     // Read back after every step, in one read: the loss and GECO's per-layer reconstruction
     // errors (GECO's layers are fixed for the run).
     let mut read_back = vec!["loss".to_string()];
@@ -1357,6 +1439,7 @@ pub fn train<T: Real + 'static>(
         best: state.best,
         best_epoch: state.best_epoch,
         checkpoint,
+        reached: None,
     })
 }
 
