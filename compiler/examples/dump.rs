@@ -11,7 +11,11 @@ fn main() {
             .ok()
             .and_then(|b| b.parse().ok())
             .unwrap_or(100),
-        OptLevel::Full,
+        if std::env::var("SUB_ONLY").is_ok() {
+            OptLevel::Substitution
+        } else {
+            OptLevel::Full
+        },
     )
     .expect("the spec compiles");
     if std::env::var("EXACT_STEP").is_ok() {

@@ -3,6 +3,7 @@
 use crate::ir::{lower, Graph};
 use crate::rewrite::{self, EGraphStats, Limits, RewriteError};
 use crate::spec::{FlowSpec, GradientMode};
+use crate::verify;
 
 /// How far to rewrite the training step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,25 +30,34 @@ pub struct Compiled {
 }
 
 /// Compile the training step of `spec` at batch size `batch`. Fails when a rewrite phase
-/// cannot finish (a limit reached): the step would not be the algorithm the spec asks for.
+/// cannot finish (a limit reached) or a pass's post-condition ([`crate::verify`]) does not hold:
+/// the step would not be the algorithm the spec asks for.
 pub fn compile_train(
     spec: &FlowSpec,
     batch: usize,
     level: OptLevel,
 ) -> Result<Compiled, RewriteError> {
     let exact = lower::train_graph(spec, batch);
+    verify::pairs_resolve(&exact, "lowering")?;
     // The step reports the loss without the data-independent log-dets: dropping the full
     // objective drops every `logdet` node (their gradients stay, as inverses or substitutes).
     let mut step = exact.without_outputs(&["objective"]);
     let mut egraph = Vec::new();
     let limits = Limits::default();
-    if level != OptLevel::None && spec.objective.gradient == GradientMode::SelfNormalizing {
+    let self_normalizing = spec.objective.gradient == GradientMode::SelfNormalizing;
+    if level != OptLevel::None && self_normalizing {
         let (g, s) = rewrite::self_normalize(&step, limits)?;
+        verify::outputs_kept(&step, &g, "self_normalize")?;
+        verify::self_normalized(&g, spec, "self_normalize", true)?;
         step = g;
         egraph.push(s);
     }
     if level == OptLevel::Full {
         let (g, s) = rewrite::optimize(&step, limits)?;
+        verify::outputs_kept(&step, &g, "optimize")?;
+        if self_normalizing {
+            verify::self_normalized(&g, spec, "optimize", false)?;
+        }
         step = g;
         egraph.push(s);
     }

@@ -2,7 +2,8 @@
 //!
 //! One stage per module, data flowing one way: [`spec`] (parse and validate), [`ir`] (the tensor
 //! graph and the lowering of a spec to it), [`autodiff`] (exact gradients as IR), [`rewrite`]
-//! (egg: the self-normalizing substitution and algebra), [`compile`] (the pipeline).
+//! (egg: the self-normalizing substitution and algebra), [`verify`] (what must hold after each
+//! pass), [`compile`] (the pipeline).
 
 pub mod autodiff;
 pub mod compile;
@@ -11,3 +12,4 @@ pub mod ir;
 pub mod plan;
 pub mod rewrite;
 pub mod spec;
+pub mod verify;

@@ -266,6 +266,7 @@ impl<'a> Lowering<'a> {
         let batch = self.batch;
         let shapes = self.spec.layer_shapes();
         let recon_trains = self.spec.objective.recon_trains;
+        let learns_inverses = self.spec.objective.gradient == GradientMode::SelfNormalizing;
         let mut h = h0;
         let mut data_terms: Vec<NodeIndex> = Vec::new();
         let mut const_terms: Vec<NodeIndex> = Vec::new();
@@ -284,7 +285,10 @@ impl<'a> Lowering<'a> {
                     );
                     let w = b.param(&w_name, vec![d, d]);
                     let r = b.param(&r_name, vec![d, d]);
-                    b.declare_inverse_pair(&w_name, &r_name);
+                    // A pair only where R is learned (an exact spec has no R).
+                    if learns_inverses {
+                        b.declare_inverse_pair(&w_name, &r_name);
+                    }
                     if with_recon {
                         let hs = b.stop_grad(h);
                         let wh = b.matmul(w, hs);
@@ -322,7 +326,10 @@ impl<'a> Lowering<'a> {
                     );
                     let w = b.param(&w_name, vec![ch, ch, k, k]);
                     let r = b.param(&r_name, vec![ch, ch, k, k]);
-                    b.declare_inverse_pair(&w_name, &r_name);
+                    // A pair only where R is learned (an exact spec has no R).
+                    if learns_inverses {
+                        b.declare_inverse_pair(&w_name, &r_name);
+                    }
                     let image = vec![ch, hh, ww, batch];
                     // conv(K) applied to a flat batch [C·H·W, B]: free reshapes around conv2d.
                     let conv = |b: &mut GraphBuilder, x: NodeIndex, kernel: NodeIndex| {

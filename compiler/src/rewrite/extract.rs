@@ -47,6 +47,9 @@ pub struct DagExtraction {
     index: HashMap<Id, usize>,
     cands: Vec<Vec<Candidate>>,
     choice: Vec<Option<usize>>,
+    /// The searches that stopped on their work budget rather than finishing, so the result is
+    /// the best found, not proven the cheapest (reported in the phase's stats).
+    pub budgets_exhausted: Vec<&'static str>,
 }
 
 struct Bits(Vec<u64>);
@@ -105,6 +108,7 @@ impl DagExtraction {
             index,
             cands,
             choice: vec![None; ids.len()],
+            budgets_exhausted: Vec::new(),
         };
         ex.greedy(None);
         let roots: Vec<usize> = roots.iter().map(|r| ex.index[&eg.find(*r)]).collect();
@@ -151,6 +155,9 @@ impl DagExtraction {
             }
         }
         self.bnb(&mut search, &mut pending, lb, &min_own, roots);
+        if search.expansions > EXACT_BUDGET {
+            self.budgets_exhausted.push("branch_and_bound");
+        }
         self.choice = search.best_choice;
     }
 
@@ -375,6 +382,9 @@ impl DagExtraction {
             if !improved {
                 break;
             }
+        }
+        if work > SEARCH_BUDGET {
+            self.budgets_exhausted.push("local_search");
         }
     }
 

@@ -139,9 +139,21 @@ pub fn op_launches(op: &Op) -> f64 {
     }
 }
 
-/// The cost model of extraction: FLOPs + elements moved + launches × [`LAUNCH_COST`].
+/// The price of a dense Toeplitz matrix of a convolution (or its adjoint) in a step, on top of
+/// its work: the spec asked for a convolution, so its dense `(C·H·W)²` form is chosen only where
+/// no convolution form exists (the exact step's inverses and log-dets). Without it, a small
+/// image (4×4) makes dense products look cheaper than convolutions at some batch sizes, and the
+/// step's algorithm would change with the batch.
+pub const DENSE_OPERATOR_COST: f64 = 1e12;
+
+/// The cost model of extraction: FLOPs + elements moved + launches × [`LAUNCH_COST`], and
+/// [`DENSE_OPERATOR_COST`] for a dense Toeplitz form.
 pub fn op_cost(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
-    op_flops(op, ins, out) + op_bytes(op, ins, out) + op_launches(op) * LAUNCH_COST
+    let dense = match op {
+        Op::Toeplitz { .. } | Op::ToeplitzAdjoint { .. } => DENSE_OPERATOR_COST,
+        _ => 0.0,
+    };
+    op_flops(op, ins, out) + op_bytes(op, ins, out) + op_launches(op) * LAUNCH_COST + dense
 }
 
 /// [`op_cost`] of an e-node, with shapes from the analysis.

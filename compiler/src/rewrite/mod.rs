@@ -26,7 +26,7 @@ use crate::ir::{Graph, GraphBuilder, Op, Region, Shape, SplinePart};
 use egg::{Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,6 +170,31 @@ pub const CONV_OPERATOR: &[ConvRule] = &[
         flat: &["?x"],
         ..conv_rule("reshape-round-trip-flat", "({FLAT} ({IMG} ?x))", "?x")
     },
+];
+
+/// The operator identities of the substitution phase: each convolution of the graph gains its
+/// dense form `T(k) x` (the reverse of `toeplitz-is-conv`), so the g-flow's `T(R)⁻¹ x`, which
+/// the substitution makes `T(W) x`, merges into the f-flow's convolution of the same `x`.
+/// Products that are not convolutions (a gradient's `T(W)ᵀ (δ hᵀ)`) stay products here: turned
+/// into convolutions this early, they would hide from the algebra phase the reassociation to
+/// `(T(W)ᵀ δ)(T(W) h)ᵀ` — and at a batch equal to C·H·W a `[C·H·W, C·H·W]` product has the
+/// shape of a batch.
+pub const CONV_MERGE: &[ConvRule] = &[
+    ConvRule {
+        flat: &["?x"],
+        kernel: &["?K"],
+        ..conv_rule(
+            "conv-is-toeplitz",
+            "({FLAT} (conv2d ({IMG} ?x) ?K))",
+            "(matmul ({T} ?K) ?x)",
+        )
+    },
+    conv_rule(
+        "transpose-of-toeplitz",
+        "(transpose ({T} ?K))",
+        "({T} (flip_kernel ?K))",
+    ),
+    conv_rule("flip-involution", "(flip_kernel (flip_kernel ?K))", "?K"),
 ];
 
 /// The 1×1 convolution's Toeplitz matrix is block diagonal, I_{H·W} ⊗ W (in the (c, h, w)
@@ -395,6 +420,9 @@ pub enum RewriteError {
     },
     #[error("snfc internal error in rewrite phase {phase}: {what}")]
     Internal { phase: String, what: String },
+    /// A pass's post-condition failed ([`crate::verify`]): the step is not what the spec asks.
+    #[error("compile error {0}")]
+    Postcondition(#[from] crate::verify::Violation),
 }
 
 /// What one rewrite phase did. `optimize` saturates each region of the graph on its own; its
@@ -414,6 +442,9 @@ pub struct EGraphStats {
     /// Total time of the phase; `extract_millis` of it went to extraction.
     pub millis: f64,
     pub extract_millis: f64,
+    /// Extractions that stopped on a work budget (`layers.3: branch_and_bound`): their result
+    /// is the cheapest form found, not proven the cheapest. Empty when every search finished.
+    pub extraction_budgets_exhausted: Vec<String>,
 }
 
 type TEGraph = EGraph<TensorNode, ShapeAnalysis>;
@@ -578,26 +609,29 @@ impl ConvInstance {
     }
 }
 
-/// The convolutions of `g`: every `toeplitz` node's (H, W, C, K), at every batch size a flat
-/// `[C·H·W, B]` value of the graph has.
+/// The convolutions of `g`: every `toeplitz` node's (H, W, C, K), at each of the graph's batch
+/// sizes. The batch is the last axis of every value by the IR's convention, so it is read from
+/// the data inputs (`[D, B]`) and the convolutions (`[C, H, W, B]`), never inferred from
+/// matrix shapes: a batch equal to C·H·W (a square `[C·H·W, B]` batch) is a batch like any other.
 fn conv_instances(g: &Graph) -> Vec<ConvInstance> {
     let mut convs = Vec::new();
-    let mut columns: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut batches = std::collections::BTreeSet::new();
     for n in g.nodes() {
         let node = g.node(n);
-        if let Op::Toeplitz { h, w } = node.op {
-            let k = g.node(g.inputs(n)[0]).shape.clone();
-            convs.push((h, w, k[0], k[2]));
-        }
-        if let [rows, cols] = node.shape.as_slice() {
-            if rows != cols {
-                columns.entry(*rows).or_default().push(*cols);
+        match (&node.op, node.shape.as_slice()) {
+            (Op::Toeplitz { h, w }, _) => {
+                let k = g.node(g.inputs(n)[0]).shape.clone();
+                convs.push((*h, *w, k[0], k[2]));
             }
+            (Op::Input { .. }, [_, .., b]) | (Op::Conv2d, [_, _, _, b]) => {
+                batches.insert(*b);
+            }
+            _ => {}
         }
     }
     let mut out: Vec<ConvInstance> = Vec::new();
     for (h, w, c, k) in convs {
-        for &b in columns.get(&(c * h * w)).map(Vec::as_slice).unwrap_or(&[]) {
+        for &b in &batches {
             out.push(ConvInstance { h, w, c, k, b });
         }
     }
@@ -733,9 +767,11 @@ fn run_rules(
 pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), RewriteError> {
     let phase = "self_normalize";
     let start = Instant::now();
+    // A pair that named no parameter would leave its layer unsubstituted without a word.
+    crate::verify::pairs_resolve(g, "the graph given to self_normalize")?;
     let mut rules = compile_pair_rules(SUBSTITUTION, g);
     rules.extend(compile_pair_rules(CONV_SUBSTITUTION, g));
-    rules.extend(conv_rules(CONV_OPERATOR, g));
+    rules.extend(conv_rules(CONV_MERGE, g));
     let mut eg = TEGraph::default();
     let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
     let mut regions: HashMap<Id, Region> = HashMap::new();
@@ -798,6 +834,7 @@ pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats),
         distinct_regions: 1,
         millis: start.elapsed().as_secs_f64() * 1e3,
         extract_millis,
+        extraction_budgets_exhausted: Vec::new(),
     };
     Ok((b.finish(), stats))
 }
@@ -959,6 +996,11 @@ fn solve(
         distinct_regions: 1,
         millis: start.elapsed().as_secs_f64() * 1e3,
         extract_millis: extract_start.elapsed().as_secs_f64() * 1e3,
+        extraction_budgets_exhausted: ex
+            .budgets_exhausted
+            .iter()
+            .map(|search| format!("{region}: {search}"))
+            .collect(),
     };
     Ok(Solution {
         nodes,
@@ -1017,12 +1059,16 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
         nodes: 0,
         classes: 0,
         iterations: 0,
-        stop_reason: "saturated".into(),
+        // Every region saturated (a region that stops on a limit is an error), so this is
+        // what each of them reported.
+        stop_reason: String::new(),
         regions: members.len(),
         distinct_regions: 0,
         millis: 0.0,
         extract_millis: 0.0,
+        extraction_budgets_exhausted: Vec::new(),
     };
+    let mut stop_reasons = BTreeSet::new();
     for (region, nodes) in &members {
         let mut local: HashMap<NodeIndex, usize> = HashMap::new();
         let mut leaves: Vec<NodeIndex> = Vec::new();
@@ -1069,6 +1115,10 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
                 total.iterations = total.iterations.max(st.iterations);
                 total.extract_millis += st.extract_millis;
                 total.distinct_regions += 1;
+                stop_reasons.insert(st.stop_reason.clone());
+                total
+                    .extraction_budgets_exhausted
+                    .extend(st.extraction_budgets_exhausted.iter().cloned());
                 solved.insert(p, s.clone());
                 s
             }
@@ -1136,6 +1186,11 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
         b.output(name, resolved[n]);
     }
     total.millis = start.elapsed().as_secs_f64() * 1e3;
+    total.stop_reason = if stop_reasons.is_empty() {
+        "no region to rewrite".to_string()
+    } else {
+        stop_reasons.into_iter().collect::<Vec<_>>().join(", ")
+    };
     Ok((b.finish(), total))
 }
 
