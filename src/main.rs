@@ -9,6 +9,7 @@ use snfc_compiler::spec::{load_spec, FlowSpec, GradientMode};
 use snfc_runtime::cube::probe::{choose, Chosen, DeviceKind};
 use snfc_runtime::cube::source::Target;
 use snfc_runtime::data::{load_data, Split};
+use snfc_runtime::distributed;
 use snfc_runtime::host::linalg::Real;
 use snfc_runtime::model::{write_safetensors, Model};
 use std::path::{Path, PathBuf};
@@ -381,16 +382,36 @@ fn main() {
     snfc_runtime::keep_freed_memory();
     ensure_runtime_dir();
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    // Training joins the other processes of an `mpirun` job (with the `mpi` feature); alone,
+    // or for any other command, the process is the only rank.
+    let comm = match cli.command {
+        Command::Train { .. } => distributed::world(),
+        _ => distributed::solo(),
+    };
+    if let Err(e) = run(cli, &comm) {
+        let (rank, ranks) = (comm.rank(), comm.size());
+        if rank > 0 {
+            // Most failures happen on every rank at once (a bad spec, a diverged step): rank 0
+            // reports them and ends the job; a rank that failed alone says so after a moment.
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
         // Several problems (a spec's, say) are one line each, every one marked as an error.
         for line in format!("{e:#}").lines() {
-            eprintln!("error: {line}");
+            if rank > 0 {
+                eprintln!("error: rank {rank} of {ranks}: {line}");
+            } else {
+                eprintln!("error: {line}");
+            }
+        }
+        if ranks > 1 {
+            // The other ranks may be waiting in a collective: end them too.
+            comm.abort(1);
         }
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
     match cli.command {
         Command::Compile {
             spec,
@@ -414,7 +435,18 @@ fn run(cli: Cli) -> Result<()> {
             exact,
             quiet,
         } => {
-            let chosen = resolve_device(device)?;
+            let leader = comm.rank() == 0;
+            let chosen = if leader {
+                resolve_device(device)?
+            } else {
+                choose(device.kind()).map_err(|e| anyhow!(e))?
+            };
+            if leader && comm.size() > 1 {
+                eprintln!(
+                    "data-parallel: {}, each taking an equal share of every batch",
+                    comm.describe()
+                );
+            }
             let (spec, plan) = spec_or_plan(&spec)?;
             if plan.is_some() && (no_fusion || exact) {
                 bail!("--no-fusion/--exact: the plan was compiled already; train the spec instead");
@@ -429,11 +461,27 @@ fn run(cli: Cli) -> Result<()> {
             // --resume continues with the run's own options: what the flags leave out comes
             // from last.safetensors; a flag that differs is refused by the run itself.
             let last = out.join(snfc_runtime::train::LAST_CHECKPOINT);
-            let recorded = if resume && last.exists() {
-                snfc_runtime::train::recorded_options(&last)?
-            } else {
-                None
-            };
+            // Rank 0's run directory is the run's: the other ranks take its recorded options.
+            let mut recorded_json = Vec::new();
+            if leader {
+                let recorded = if resume && last.exists() {
+                    snfc_runtime::train::recorded_options(&last)
+                } else {
+                    Ok(None)
+                };
+                if let Err(e) = &recorded {
+                    if comm.size() > 1 {
+                        for line in format!("{e:#}").lines() {
+                            eprintln!("error: {line}");
+                        }
+                        comm.abort(1);
+                    }
+                }
+                recorded_json = serde_json::to_vec(&recorded?)?;
+            }
+            comm.broadcast_bytes(0, &mut recorded_json);
+            let recorded: Option<snfc_runtime::train::RunOptions> =
+                serde_json::from_slice(&recorded_json)?;
             let data = data
                 .map(|d| d.display().to_string())
                 .or_else(|| recorded.as_ref().and_then(|r| r.data.clone()));
@@ -469,11 +517,15 @@ fn run(cli: Cli) -> Result<()> {
                 device: chosen,
                 plan: plan.map(|p| p.step),
                 data,
+                comm: comm.clone(),
             };
             let summary = match dtype {
                 Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &loaded, &opts)?,
                 Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &loaded, &opts)?,
             };
+            if !leader {
+                return Ok(());
+            }
             if let Some(r) = &summary.reached {
                 println!(
                     "the run already reached epoch {} of {} (step {}): nothing to train; raise {} to continue",

@@ -1,10 +1,12 @@
 //! snfc runtime, in three parts: [`executors`] run a compiled plan (the host executor and the
 //! CubeCL GPU programs behind one `Backend` trait), [`commands`] are what `snfc train / eval /
 //! sample / grad / bench` do with them, and [`io`] reads and writes data, arrays, images and
-//! checkpoints. Each module is also reachable at the crate root (`snfc_runtime::host`,
+//! checkpoints; [`distributed`] is what data-parallel training knows of the other processes (a
+//! communicator: alone, or MPI with the `mpi` feature). Each module is also reachable at the crate root (`snfc_runtime::host`,
 //! `snfc_runtime::train`, …).
 
 pub mod commands;
+pub mod distributed;
 pub mod executors;
 pub mod io;
 

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use snfc_compiler::spec::{parse_spec, FlowSpec, LayerSpec, Preprocess};
 use snfc_runtime::batch::fill_uniform;
 use snfc_runtime::data::Split;
-use snfc_runtime::eval::{evaluate, log_likelihoods, logdet_sum};
+use snfc_runtime::eval::{evaluate, log_likelihoods, log_likelihoods_of, logdet_sum};
 use snfc_runtime::model::Model;
 use snfc_runtime::sample::{invert, sample};
 use std::sync::Arc;
@@ -416,6 +416,18 @@ fn evaluate_matches_independent_log_likelihood_with_dequantization() {
                 &format!("example {e} at batch {other_batch}"),
             );
         }
+    }
+
+    // Ranges evaluated apart (one per rank) see the noise the whole split's examples see.
+    let (head, _) = log_likelihoods_of(&model, &split, 0..3, 2, seed).unwrap();
+    let (tail, _) = log_likelihoods_of(&model, &split, 3..n, 2, seed).unwrap();
+    for (e, v) in head.iter().chain(&tail).enumerate() {
+        assert_close(
+            *v,
+            logp[e],
+            1e-12,
+            &format!("example {e} evaluated in a range"),
+        );
     }
 
     let r = evaluate(&model, &split, batch, seed).unwrap();

@@ -85,19 +85,34 @@ pub fn log_likelihoods<T: Real>(
     batch: usize,
     noise_seed: u64,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
+    log_likelihoods_of(model, split, 0..split.n, batch, noise_seed)
+}
+
+/// [`log_likelihoods`] of the examples `range` of `split` only, each with the noise it gets in
+/// the whole split's evaluation (the stream is positioned at the range's first example), so
+/// ranges evaluated apart (one per rank) give the whole split's values.
+pub fn log_likelihoods_of<T: Real>(
+    model: &Model<T>,
+    split: &Split,
+    range: std::ops::Range<usize>,
+    batch: usize,
+    noise_seed: u64,
+) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
-    let batch = eval_batch::<T>(spec, batch.min(split.n));
+    let batch = eval_batch::<T>(spec, batch.min(range.len()).max(1));
     let program = Program::new(&eval_graph(spec, batch));
     let mut exec = Executor::<T>::new();
     let ld = logdet_sum(model);
     let mut feeds: Feeds<T> = model.values.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(noise_seed);
-    let mut logp = Vec::with_capacity(split.n);
+    // Each example's D uniforms are D `u64` draws: two 32-bit words each.
+    rng.set_word_pos(2 * (d * range.start) as u128);
+    let mut logp = Vec::with_capacity(range.len());
     let mut recon: Option<Vec<f64>> = None;
-    let mut start = 0;
-    while start < split.n {
-        let idx: Vec<usize> = (start..(start + batch).min(split.n)).collect();
+    let mut start = range.start;
+    while start < range.end {
+        let idx: Vec<usize> = (start..(start + batch).min(range.end)).collect();
         let mut x = vec![T::zero(); d * batch];
         fill_columns(split, &idx, batch, &mut x);
         feeds.insert(INPUT_X.into(), Arc::new(x));
@@ -127,15 +142,37 @@ pub fn evaluate<T: Real>(
     batch: usize,
     noise_seed: u64,
 ) -> Result<EvalResult, ExecError> {
-    let (logp, recon) = log_likelihoods(model, split, batch, noise_seed)?;
-    let n = logp.len().max(1) as f64;
-    let nll = -logp.iter().sum::<f64>() / n;
+    evaluate_sharded(model, split, batch, noise_seed, &crate::distributed::Solo)
+}
+
+/// [`evaluate`] over the ranks of `comm`: each rank evaluates its contiguous share of the
+/// examples, and the f64 sums (ln p, reconstruction error, count) are summed over the ranks, so
+/// every rank gets the whole split's result.
+pub fn evaluate_sharded<T: Real>(
+    model: &Model<T>,
+    split: &Split,
+    batch: usize,
+    noise_seed: u64,
+    comm: &dyn crate::distributed::Communicator,
+) -> Result<EvalResult, ExecError> {
+    let range = crate::distributed::shard(split.n, comm.rank(), comm.size());
+    let (logp, recon) = log_likelihoods_of(model, split, range, batch, noise_seed)?;
+    let has_recon = recon.is_some();
+    let mut sums = vec![
+        logp.iter().sum::<f64>(),
+        recon.map(|r| r.iter().sum::<f64>()).unwrap_or(0.0),
+        logp.len() as f64,
+    ];
+    crate::distributed::all_reduce_sum(comm, &mut sums);
+    let examples = sums[2] as usize;
+    let n = sums[2].max(1.0);
+    let nll = -sums[0] / n;
     let d = model.spec.input.dim() as f64;
     Ok(EvalResult {
         nll_nats: nll,
         bits_per_dim: nll / (d * std::f64::consts::LN_2),
-        examples: logp.len(),
-        recon: recon.map(|r| r.iter().sum::<f64>() / n),
+        examples,
+        recon: has_recon.then(|| sums[1] / n),
     })
 }
 

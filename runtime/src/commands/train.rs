@@ -7,7 +7,7 @@ use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform, pad_crop};
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
-use crate::eval::{evaluate, EvalResult};
+use crate::eval::{evaluate_sharded, EvalResult};
 use crate::host::exec::ExecError;
 use crate::host::exec::{Executor, Program};
 use crate::host::linalg::Real;
@@ -30,6 +30,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+
+use crate::distributed::{all_reduce_sum, columns, shard, Comm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -80,6 +82,9 @@ pub struct TrainOptions {
     pub plan: Option<Plan>,
     /// What `--data` named (recorded in `last.safetensors`; none: the embedded digits).
     pub data: Option<String>,
+    /// The processes training together (data-parallel): each takes `batch_size / ranks` rows
+    /// of every global batch, gradients are averaged over them, and rank 0 alone writes.
+    pub comm: Comm,
 }
 
 impl TrainOptions {
@@ -100,6 +105,7 @@ impl TrainOptions {
             device: Chosen::Host,
             plan: None,
             data: None,
+            comm: crate::distributed::solo(),
         }
     }
 }
@@ -129,6 +135,11 @@ pub struct EpochRecord {
     /// measurements (`--angle-every`), in degrees.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_angle_deg: Option<AngleStats>,
+    /// The processes that trained together (data-parallel; 1 alone).
+    pub ranks: usize,
+    /// Seconds of the epoch spent averaging gradients over the ranks (more than one rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_reduce_seconds: Option<f64>,
 }
 
 /// A map keyed by layer name (`layers.{k}`) as a JSON object in the order of `k` (a
@@ -782,6 +793,36 @@ pub fn spec_differences(run: &FlowSpec, now: &FlowSpec) -> Vec<String> {
     out
 }
 
+/// The drift guard of data-parallel training: every rank applied the same averaged gradients
+/// to the same parameters, so their parameters are bit for bit rank 0's. A rank whose are not
+/// stops the job rather than train on as another model.
+fn same_parameters_on_every_rank<T: Real>(
+    model: &Model<T>,
+    comm: &dyn crate::distributed::Communicator,
+    epoch: usize,
+) -> Result<(), TrainError> {
+    // FNV-1a over every parameter's values, in name order.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut names: Vec<&String> = model.values.keys().collect();
+    names.sort();
+    for name in names {
+        for v in model.values[name].iter() {
+            hash = (hash ^ v.as_f64().to_bits()).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let mut leader = hash.to_le_bytes().to_vec();
+    comm.broadcast_bytes(0, &mut leader);
+    if leader != hash.to_le_bytes() {
+        return Err(TrainError::Setup(format!(
+            "rank {} of {}: after epoch {epoch} its parameters differ from rank 0's; the ranks \
+             no longer train one model (the last complete checkpoint is intact)",
+            comm.rank(),
+            comm.size()
+        )));
+    }
+    Ok(())
+}
+
 /// Read `last.safetensors` back for a run of `spec` on a training split of `n_train`
 /// examples; every mismatch is an error naming the file and what differs.
 pub fn load_last<T: Real>(
@@ -789,10 +830,20 @@ pub fn load_last<T: Real>(
     spec: &FlowSpec,
     n_train: usize,
 ) -> Result<(Model<T>, RunState<T>), TrainError> {
-    let bad = |message: String| TrainError::Setup(format!("{}: {message}", path.display()));
     // One read: the model and Adam's moments come from the same bytes.
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let (model, meta) = Model::<T>::from_bytes(&bytes, path, None)?;
+    load_last_bytes(&bytes, path, spec, n_train)
+}
+
+/// [`load_last`] of the bytes of `path` (read on rank 0 and broadcast to the other ranks).
+pub fn load_last_bytes<T: Real>(
+    bytes: &[u8],
+    path: &Path,
+    spec: &FlowSpec,
+    n_train: usize,
+) -> Result<(Model<T>, RunState<T>), TrainError> {
+    let bad = |message: String| TrainError::Setup(format!("{}: {message}", path.display()));
+    let (model, meta) = Model::<T>::from_bytes(bytes, path, None)?;
     // The epoch count may grow between runs (that is what resuming is for); nothing else.
     let same_spec = {
         let (mut a, mut b) = (model.spec.clone(), spec.clone());
@@ -842,7 +893,7 @@ pub fn load_last<T: Real>(
     rng.set_stream(run.rng_stream);
     rng.set_word_pos(word_pos);
 
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut moments = BTreeMap::new();
     for p in &model.params {
@@ -1049,8 +1100,29 @@ pub fn train<T: Real + 'static>(
             data.train.n, data.name
         )));
     }
+    let comm = opts.comm.clone();
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if !batch.is_multiple_of(ranks) {
+        return Err(TrainError::Setup(format!(
+            "/train/batch_size {batch} is the global batch, split evenly over the {ranks} ranks \
+             of {}: it must be a multiple of {ranks} (each rank takes batch_size / {ranks} rows)",
+            comm.describe()
+        )));
+    }
+    if ranks > 1 && opts.angle_every.is_some() {
+        return Err(TrainError::Setup(format!(
+            "--angle-every measures one process's batch: run it without mpirun ({})",
+            comm.describe()
+        )));
+    }
+    // This rank's rows of each global batch, and the batch its plan runs at.
+    let rows = shard(batch, rank, ranks);
+    let local_batch = rows.len();
+    // Rank 0 alone reports and writes.
+    let leader = rank == 0;
+    let progress = opts.progress && leader;
     let left_out = data.train.n % batch;
-    if left_out > 0 && opts.progress {
+    if left_out > 0 && progress {
         eprintln!(
             "note: /train/batch_size {batch} does not divide the {} training examples of {}: each epoch runs {steps_per_epoch} full batches and leaves out {left_out} examples (different ones each epoch, as the order is shuffled)",
             data.train.n, data.name
@@ -1059,11 +1131,25 @@ pub fn train<T: Real + 'static>(
     let checkpoint = opts.out.join(BEST_CHECKPOINT);
     let last_path = opts.out.join(LAST_CHECKPOINT);
     let metrics_path = opts.out.join(METRICS);
-    let earlier = earlier_run_files(&opts.out);
+    // Rank 0 looks at the directory (the others may not see it) and tells them what it found.
+    let earlier = if leader {
+        earlier_run_files(&opts.out)
+    } else {
+        Vec::new()
+    };
     // `--resume` with no `last` checkpoint (a new directory, or a run killed in its first
     // epoch) starts from the beginning.
-    let resume = opts.resume && last_path.exists();
-    if !opts.resume && !opts.force && !earlier.is_empty() {
+    let mut last_bytes_read = Vec::new();
+    let mut found = vec![0u8; 2];
+    if leader {
+        found = vec![
+            u8::from(opts.resume && last_path.exists()),
+            u8::from(!earlier.is_empty()),
+        ];
+    }
+    comm.broadcast_bytes(0, &mut found);
+    let (resume, has_earlier) = (found[0] == 1, found[1] == 1);
+    if !opts.resume && !opts.force && has_earlier {
         return Err(TrainError::Setup(format!(
             "{} already holds a run ({}); pass --resume to continue it, or --force to start over \
              (the earlier files are moved to {}/previous-N, not deleted)",
@@ -1079,7 +1165,33 @@ pub fn train<T: Real + 'static>(
     }
     let seed = opts.seed.unwrap_or(tr.seed);
     let resumed = if resume {
-        Some(load_last::<T>(&last_path, spec, data.train.n)?)
+        // Rank 0 reads the run's state and every rank continues from the same bytes, so a run
+        // may be resumed with another number of ranks (the state is global).
+        let mut ok = vec![1u8];
+        if leader {
+            match std::fs::read(&last_path) {
+                Ok(b) => last_bytes_read = b,
+                Err(e) => {
+                    ok[0] = 0;
+                    comm.broadcast_bytes(0, &mut ok);
+                    return Err(io_err(&last_path)(e));
+                }
+            }
+        }
+        comm.broadcast_bytes(0, &mut ok);
+        if ok[0] == 0 {
+            return Err(TrainError::Setup(format!(
+                "{}: rank 0 could not read it",
+                last_path.display()
+            )));
+        }
+        comm.broadcast_bytes(0, &mut last_bytes_read);
+        Some(load_last_bytes::<T>(
+            &last_bytes_read,
+            &last_path,
+            spec,
+            data.train.n,
+        )?)
     } else {
         None
     };
@@ -1107,13 +1219,25 @@ pub fn train<T: Real + 'static>(
     }
     // The step on its device first: a run that cannot start leaves the output directory alone.
     let plan = match &opts.plan {
+        Some(p) if ranks > 1 => {
+            return Err(TrainError::Setup(format!(
+                "--plan: a plan is compiled for one process's batch; under {} each rank \
+                 compiles its step at batch {local_batch} (leave --plan out)",
+                comm.describe()
+            )))
+        }
         Some(p) => p.clone(),
-        None => Plan::for_level(&compile_train(spec, batch, opts.level)?.step, opts.level),
+        None => Plan::for_level(
+            &compile_train(spec, local_batch, opts.level)?.step,
+            opts.level,
+        ),
     };
     let mut backend = open::<T>(&opts.device, plan)?;
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    remove_stale_temporaries(&opts.out);
-    if !resume && !earlier.is_empty() {
+    if leader {
+        std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+        remove_stale_temporaries(&opts.out);
+    }
+    if leader && !resume && !earlier.is_empty() {
         let dir = keep_aside(&opts.out, &earlier)?;
         eprintln!(
             "{}: moved the earlier run's files to {}",
@@ -1144,9 +1268,11 @@ pub fn train<T: Real + 'static>(
             });
         }
         Some((model, state)) => {
-            truncate_metrics(&metrics_path, state.epoch)?;
+            if leader {
+                truncate_metrics(&metrics_path, state.epoch)?;
+            }
             backend.set_adam_state(&state.adam)?;
-            if opts.progress {
+            if progress {
                 eprintln!(
                     "resuming {} after epoch {} (step {})",
                     last_path.display(),
@@ -1172,11 +1298,17 @@ pub fn train<T: Real + 'static>(
         ),
     };
     state.options = Some(run_options);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io_err(&metrics_path))?;
+    let mut metrics = if leader {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(io_err(&metrics_path))?,
+        )
+    } else {
+        None
+    };
     for (name, v) in &model.values {
         backend.set(name, v)?;
     }
@@ -1189,8 +1321,11 @@ pub fn train<T: Real + 'static>(
     let warmup_steps = (tr.warmup_epochs * steps_per_epoch) as f64;
     let d = spec.input.dim();
     let dequantize = spec.input.preprocess == Preprocess::DequantizeLogit;
+    // The global batch (every rank draws it, so data order, noise and augmentation are those
+    // of one process), and this rank's rows of it.
     let mut x = vec![T::zero(); d * batch];
     let mut noise = vec![T::zero(); d * batch];
+    let mut reduce_secs = 0.0;
     let mut records = Vec::new();
     let mut writer = crate::atomic::BackgroundWriter::new();
     // Read back after every step, in one read: the loss and GECO's per-layer reconstruction
@@ -1223,7 +1358,7 @@ pub fn train<T: Real + 'static>(
         let started = Instant::now();
         let rng = &mut state.rng;
         state.order.shuffle(rng);
-        let bar = if opts.progress {
+        let bar = if progress {
             ProgressBar::new(steps_per_epoch as u64)
         } else {
             ProgressBar::hidden()
@@ -1251,10 +1386,18 @@ pub fn train<T: Real + 'static>(
             if let (Augment::PadCrop, [c, h, w]) = (tr.augment, spec.input.shape.as_slice()) {
                 pad_crop(&mut x, [*c, *h, *w], batch, &mut state.rng);
             }
-            backend.set(INPUT_X, &x)?;
+            if ranks == 1 {
+                backend.set(INPUT_X, &x)?;
+            } else {
+                backend.set(INPUT_X, &columns(&x, batch, rows.clone()))?;
+            }
             if dequantize {
                 fill_uniform(&mut state.rng, &mut noise);
-                backend.set(INPUT_NOISE, &noise)?;
+                if ranks == 1 {
+                    backend.set(INPUT_NOISE, &noise)?;
+                } else {
+                    backend.set(INPUT_NOISE, &columns(&noise, batch, rows.clone()))?;
+                }
             }
             if !model.data_initialized {
                 // Actnorm's data-dependent initialization, on the first training batch.
@@ -1283,13 +1426,22 @@ pub fn train<T: Real + 'static>(
                 }
             }
             backend.run()?;
+            // Every rank's gradients, loss and reconstruction errors are means over its rows:
+            // their mean over the ranks is the global batch's.
+            let mut values = backend.scalars(&read_back)?;
+            if ranks > 1 {
+                let reduce_started = Instant::now();
+                backend.all_reduce_grads(comm.as_ref())?;
+                all_reduce_sum(comm.as_ref(), &mut values);
+                values.iter_mut().for_each(|v| *v /= ranks as f64);
+                reduce_secs += reduce_started.elapsed().as_secs_f64();
+            }
             state.total_steps += 1;
             lr = if warmup_steps > 0.0 {
                 adam_spec.lr * (state.total_steps as f64 / warmup_steps).min(1.0)
             } else {
                 adam_spec.lr
             };
-            let values = backend.scalars(&read_back)?;
             let loss = values[0];
             // With clipping (`train.grad_clip_norm`) the global norm is one reduction over
             // every gradient, and a finite norm means finite gradients; without it the
@@ -1367,7 +1519,16 @@ pub fn train<T: Real + 'static>(
             }
             model.values.insert(name, Arc::new(v));
         }
-        let val = evaluate(&model.cast::<f64>(), &data.valid, batch.max(100), 0)?;
+        if ranks > 1 {
+            same_parameters_on_every_rank(&model, comm.as_ref(), epoch)?;
+        }
+        let val = evaluate_sharded(
+            &model.cast::<f64>(),
+            &data.valid,
+            batch.max(100),
+            0,
+            comm.as_ref(),
+        )?;
         let record = EpochRecord {
             epoch,
             steps: state.total_steps,
@@ -1380,12 +1541,17 @@ pub fn train<T: Real + 'static>(
             examples_per_sec: (steps * batch) as f64 / train_secs,
             lambda: state.geco.as_ref().map(|g| g.lambda.clone()),
             grad_angle_deg: AngleStats::of(&angles),
+            ranks,
+            all_reduce_seconds: (ranks > 1).then_some(reduce_secs),
         };
-        let line = serde_json::to_string(&record).unwrap_or_default();
-        writeln!(metrics, "{line}")
-            .and_then(|()| metrics.sync_data())
-            .map_err(io_err(&metrics_path))?;
-        if opts.progress {
+        reduce_secs = 0.0;
+        if let Some(metrics) = metrics.as_mut() {
+            let line = serde_json::to_string(&record).unwrap_or_default();
+            writeln!(metrics, "{line}")
+                .and_then(|()| metrics.sync_data())
+                .map_err(io_err(&metrics_path))?;
+        }
+        if progress {
             eprintln!(
                 "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}{}, {:.1} s, {:.0} examples/s",
                 record.train_loss,
@@ -1421,13 +1587,17 @@ pub fn train<T: Real + 'static>(
                     serde_json::to_string(g).unwrap_or_default(),
                 );
             }
-            files.push((checkpoint.clone(), model.to_bytes(&checkpoint, &[], meta)?));
+            if leader {
+                files.push((checkpoint.clone(), model.to_bytes(&checkpoint, &[], meta)?));
+            }
             state.best = Some(val);
             state.best_epoch = epoch;
         }
         state.epoch = epoch;
         state.adam = backend.adam_state()?;
-        files.push((last_path.clone(), last_bytes(&last_path, &model, &state)?));
+        if leader {
+            files.push((last_path.clone(), last_bytes(&last_path, &model, &state)?));
+        }
         // The disk work (tens of ms with fsync) overlaps the next epoch; the previous epoch's
         // files are complete before these start, and before any return (the writer's drop).
         writer.submit(files).map_err(crate::model::write_error)?;
@@ -1466,6 +1636,8 @@ mod tests {
             examples_per_sec: 0.0,
             lambda: Some(lambda),
             grad_angle_deg: None,
+            ranks: 1,
+            all_reduce_seconds: None,
         })
         .unwrap();
         let at = |k: usize| text.find(&format!("\"layers.{k}\"")).unwrap();

@@ -3,6 +3,7 @@
 
 use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
+use crate::distributed::Communicator;
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::{GemmShape, Real};
 use crate::profile::{Profile, ProfileRow, Work};
@@ -58,6 +59,23 @@ pub trait Backend<T: Real> {
             .iter()
             .find(|(n, t)| n.starts_with("grad.") && t.data.iter().any(|v| !v.as_f64().is_finite()))
             .map(|(n, _)| n["grad.".len()..].to_string()))
+    }
+    /// Replace every `grad.<name>` output of the last run by its mean over the ranks of
+    /// `comm`: one fused buffer holding every gradient in plan order, one all-reduce (the
+    /// Horovod / DDP recipe), before the divergence check and Adam see the gradients.
+    fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError> {
+        if comm.size() == 1 {
+            return Ok(());
+        }
+        Err(ExecError::Device {
+            graph: "step".into(),
+            message: format!(
+                "{}: data-parallel training over {} runs on the host backend (--device host); \
+                 GPU ranks are not supported yet",
+                self.device(),
+                comm.describe()
+            ),
+        })
     }
     /// A fed tensor's current value (a parameter after updates).
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError>;
@@ -182,6 +200,29 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
         // The outputs in place, without the trait default's copy.
         Ok(grad_norm_of(&self.outs))
+    }
+    fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError> {
+        let ranks = comm.size();
+        if ranks == 1 {
+            return Ok(());
+        }
+        let grads = || self.outs.iter().filter(|(n, _)| n.starts_with("grad."));
+        let total: usize = grads().map(|(_, t)| t.data.len()).sum();
+        let mut fused: Vec<T> = Vec::with_capacity(total);
+        for (_, t) in grads() {
+            fused.extend_from_slice(&t.data);
+        }
+        crate::distributed::all_reduce_sum(comm, &mut fused);
+        let scale = T::of_f64(1.0 / ranks as f64);
+        let mut at = 0;
+        for (_, t) in self.outs.iter_mut().filter(|(n, _)| n.starts_with("grad.")) {
+            let n = t.data.len();
+            for (o, v) in t.data.iter_mut().zip(&fused[at..at + n]) {
+                *o = *v * scale;
+            }
+            at += n;
+        }
+        Ok(())
     }
     fn adam_state(&mut self) -> Result<AdamState<T>, ExecError> {
         Ok(self.adam.as_ref().map(Adam::state).unwrap_or_default())
