@@ -120,6 +120,20 @@ pub struct Plan {
     pub order: Vec<usize>,
     pub outputs: Vec<(String, usize)>,
     pub buffers: Buffers,
+    /// A training step's gradient average over the ranks of a data-parallel run, after the
+    /// kernels (none for other plans; nothing to do for a process that runs alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_reduce: Option<AllReduce>,
+}
+
+/// The mean over the ranks of every gradient output, packed into one buffer and sent in one
+/// collective call (Horovod's tensor fusion), before the divergence check and Adam.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllReduce {
+    /// The outputs averaged, in the order they are packed.
+    pub outputs: Vec<String>,
+    /// Values in the packed buffer.
+    pub elements: usize,
 }
 
 /// The training step of a spec as a file: what `snfc train DIR/plan.json` runs.
@@ -326,6 +340,10 @@ fn plan_from_json(v: &serde_json::Value, at: &str) -> Result<Plan, String> {
         order: part(field("order")?, &format!("{at}/order"))?,
         outputs: part(field("outputs")?, &format!("{at}/outputs"))?,
         buffers: part(field("buffers")?, &format!("{at}/buffers"))?,
+        all_reduce: match obj.get("all_reduce") {
+            Some(v) => part(v, &format!("{at}/all_reduce"))?,
+            None => None,
+        },
     })
 }
 
@@ -398,8 +416,23 @@ impl Plan {
                 sizes: Vec::new(),
                 of_slot: Vec::new(),
             },
+            all_reduce: None,
         };
         plan.buffers = assign_buffers(&plan);
+        let grads: Vec<&(String, usize)> = plan
+            .outputs
+            .iter()
+            .filter(|(name, _)| name.starts_with("grad."))
+            .collect();
+        if !grads.is_empty() {
+            plan.all_reduce = Some(AllReduce {
+                outputs: grads.iter().map(|(name, _)| name.clone()).collect(),
+                elements: grads
+                    .iter()
+                    .map(|(_, s)| numel(&plan.instrs[*s].shape))
+                    .sum(),
+            });
+        }
         plan
     }
 
@@ -497,6 +530,21 @@ impl Plan {
             };
             let _ = writeln!(out, "  k{k} = {line}");
             k += 1;
+        }
+        if let Some(r) = &self.all_reduce {
+            let slots: Vec<String> = r
+                .outputs
+                .iter()
+                .filter_map(|name| self.outputs.iter().find(|(n, _)| n == name))
+                .map(|(_, s)| view(*s))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  all_reduce mean ({}) : {} gradients in one buffer of {} values (over the ranks; nothing alone)",
+                slots.join(", "),
+                r.outputs.len(),
+                r.elements
+            );
         }
         for (name, s) in &self.outputs {
             let _ = writeln!(out, "  output {name} = {}", view(*s));
@@ -695,6 +743,28 @@ impl Plan {
                         "{at}/buffers/sizes/{b}: buffer {b} holds no value"
                     ))
                 }
+            }
+        }
+        // The all-reduce averages outputs of this plan, and packs exactly their values.
+        if let Some(r) = &self.all_reduce {
+            let mut elements = 0;
+            for (i, name) in r.outputs.iter().enumerate() {
+                let (_, s) = self
+                    .outputs
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        format!(
+                            "{at}/all_reduce/outputs/{i}: `{name}` is not an output of the plan"
+                        )
+                    })?;
+                elements += numel(&self.instrs[*s].shape);
+            }
+            if elements != r.elements {
+                return Err(format!(
+                    "{at}/all_reduce/elements: {} values, but its outputs hold {elements}",
+                    r.elements
+                ));
             }
         }
         Ok(())
@@ -1223,6 +1293,21 @@ mod tests {
         );
         let e = err(&|v| v["step"]["buffers"]["sizes"][0] = serde_json::json!(1u64 << 50));
         assert!(e.starts_with("/step/buffers/sizes/0:"), "{e}");
+        // The all-reduce packs outputs of the plan, exactly their values.
+        let reduce = tp
+            .step
+            .all_reduce
+            .as_ref()
+            .expect("a training step averages its gradients");
+        assert_eq!(reduce.outputs.len(), 6);
+        assert_eq!(reduce.elements, 2 * (784 * 784 * 2 + 784));
+        let e = err(&|v| v["step"]["all_reduce"]["outputs"][1] = serde_json::json!("grad.nope"));
+        assert!(
+            e.starts_with("/step/all_reduce/outputs/1:") && e.contains("grad.nope"),
+            "{e}"
+        );
+        let e = err(&|v| v["step"]["all_reduce"]["elements"] = serde_json::json!(7));
+        assert!(e.starts_with("/step/all_reduce/elements:"), "{e}");
         // A value released by the first instruction that reads it, though later ones read it too.
         let p = &tp.step;
         let (reader, slot) = p

@@ -8,7 +8,7 @@ use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::{GemmShape, Real};
 use crate::profile::{Profile, ProfileRow, Work};
 use crate::train::{Adam, AdamState, LearningRates};
-use snfc_compiler::plan::Plan;
+use snfc_compiler::plan::{AllReduce, Plan};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -114,11 +114,14 @@ pub struct HostBackend<T> {
     adam: Option<Adam<T>>,
     /// The Adam updates' times, when profiling (the executor times the kernels).
     adam_profile: Option<Profile>,
+    /// The plan's gradient average over the ranks of a data-parallel run.
+    all_reduce: Option<AllReduce>,
 }
 
 impl<T: Real> HostBackend<T> {
     pub fn new(plan: Plan) -> Self {
         HostBackend {
+            all_reduce: plan.all_reduce.clone(),
             program: Program::from_plan(plan),
             exec: Executor::new(),
             feeds: Feeds::new(),
@@ -203,24 +206,35 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     }
     fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError> {
         let ranks = comm.size();
-        if ranks == 1 {
+        let Some(reduce) = self.all_reduce.as_ref().filter(|_| ranks > 1) else {
             return Ok(());
-        }
-        let grads = || self.outs.iter().filter(|(n, _)| n.starts_with("grad."));
-        let total: usize = grads().map(|(_, t)| t.data.len()).sum();
-        let mut fused: Vec<T> = Vec::with_capacity(total);
-        for (_, t) in grads() {
-            fused.extend_from_slice(&t.data);
+        };
+        // The plan's all-reduce: its outputs packed in its order into one buffer.
+        let position = |name: &String| {
+            self.outs
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| missing(self.program.name(), "output", name))
+        };
+        let at: Vec<usize> = reduce
+            .outputs
+            .iter()
+            .map(position)
+            .collect::<Result<_, _>>()?;
+        let mut fused: Vec<T> = Vec::with_capacity(reduce.elements);
+        for &i in &at {
+            fused.extend_from_slice(&self.outs[i].1.data);
         }
         crate::distributed::all_reduce_sum(comm, &mut fused);
         let scale = T::of_f64(1.0 / ranks as f64);
-        let mut at = 0;
-        for (_, t) in self.outs.iter_mut().filter(|(n, _)| n.starts_with("grad.")) {
-            let n = t.data.len();
-            for (o, v) in t.data.iter_mut().zip(&fused[at..at + n]) {
+        let mut start = 0;
+        for &i in &at {
+            let data = &mut self.outs[i].1.data;
+            let n = data.len();
+            for (o, v) in data.iter_mut().zip(&fused[start..start + n]) {
                 *o = *v * scale;
             }
-            at += n;
+            start += n;
         }
         Ok(())
     }
