@@ -203,7 +203,7 @@ const GECO: &str = r#"{"lambda": {"geco": {"lambda0": 1.0, "lr": 0.01, "ema": 0.
 
 /// Two ranks train what one process trains: parameters, Adam moments, λ, losses and
 /// validation NLLs to 1e-9, for a fully connected, a convolutional and a Glow flow (actnorm's
-/// data-dependent init, GECO, clipping by global norm, pad-crop augmentation).
+/// data-dependent init, GECO, clipping by global norm, flips and pad-crop augmentation).
 #[test]
 fn two_ranks_train_what_one_process_trains() {
     if !mpirun_available() {
@@ -214,7 +214,7 @@ fn two_ranks_train_what_one_process_trains() {
     for (name, layers, train, objective) in [
         ("fc", FC, "", "{}"),
         ("cnn", CNN, "", "{}"),
-        ("glow", GLOW, r#", "augment": "pad_crop""#, GECO),
+        ("glow", GLOW, r#", "augment": "hflip_pad_crop""#, GECO),
     ] {
         let spec = spec_file(dir.path(), name, layers, train, objective);
         let (one, two) = (

@@ -556,3 +556,73 @@ fn pad_crop_takes_crops_of_the_reflect_padded_image() {
         .to_string();
     assert!(err.contains("/train/augment"), "{err}");
 }
+
+/// `train.augment = "hflip"`: each example is its image or its mirror image (every row reversed,
+/// channels kept), about half of them mirrored, the same ones for the same generator state;
+/// `"hflip_pad_crop"` parses and is refused for flat inputs.
+#[test]
+fn hflip_mirrors_about_half_the_images() {
+    use rand::SeedableRng;
+    let (c, h, w, batch) = (2, 3, 5, 400);
+    let image =
+        |b: usize| -> Vec<f64> { (0..c * h * w).map(|k| (k * 31 + b * 7) as f64).collect() };
+    let mut x = vec![0.0f64; c * h * w * batch];
+    for b in 0..batch {
+        for (k, v) in image(b).into_iter().enumerate() {
+            x[k * batch + b] = v;
+        }
+    }
+    let mut again = x.clone();
+    snfc_runtime::batch::hflip(
+        &mut x,
+        [c, h, w],
+        batch,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(9),
+    );
+    snfc_runtime::batch::hflip(
+        &mut again,
+        [c, h, w],
+        batch,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(9),
+    );
+    assert_eq!(x, again, "the same draws flip the same examples");
+    let mut mirrored = 0;
+    for b in 0..batch {
+        let src = image(b);
+        let got: Vec<f64> = (0..c * h * w).map(|k| x[k * batch + b]).collect();
+        let mirror: Vec<f64> = (0..c * h * w)
+            .map(|k| {
+                let (row, xx) = (k / w, k % w);
+                src[row * w + (w - 1 - xx)]
+            })
+            .collect();
+        if got == mirror {
+            mirrored += 1;
+        } else {
+            assert_eq!(got, src, "example {b} is neither the image nor its mirror");
+        }
+    }
+    assert!(
+        (150..=250).contains(&mirrored),
+        "{mirrored} of {batch} mirrored"
+    );
+    let text = |shape: &str| {
+        format!(
+            r#"{{"name": "a", "input": {{"shape": {shape}, "preprocess": "none"}},
+                "layers": [{{"type": "spline"}}], "train": {{"augment": "hflip_pad_crop"}}}}"#
+        )
+    };
+    let spec = snfc_compiler::spec::parse_spec(&text("[1, 4, 4]")).expect("valid");
+    assert_eq!(
+        spec.train.augment,
+        snfc_compiler::spec::Augment::HflipPadCrop
+    );
+    assert!(spec.train.augment.flips() && spec.train.augment.pad_crops());
+    let err = snfc_compiler::spec::parse_spec(&text("[16]"))
+        .expect_err("flat input")
+        .to_string();
+    assert!(
+        err.contains("/train/augment") && err.contains("hflip_pad_crop"),
+        "{err}"
+    );
+}

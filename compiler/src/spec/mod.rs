@@ -478,11 +478,26 @@ pub enum Augment {
     /// The reference code's for Glow on MNIST: reflect-pad each image by 1 pixel, then crop it
     /// back to its size at a random offset (0 to 2 in each direction).
     PadCrop,
+    /// Mirror each image left to right with probability ½.
+    Hflip,
+    /// `hflip`, then `pad_crop`: the paper's CIFAR-10 recipe (random horizontal flips and
+    /// 1-pixel jitter).
+    HflipPadCrop,
 }
 
 impl Augment {
     pub fn is_none(&self) -> bool {
         *self == Augment::None
+    }
+
+    /// Whether images are mirrored at random.
+    pub fn flips(self) -> bool {
+        matches!(self, Augment::Hflip | Augment::HflipPadCrop)
+    }
+
+    /// Whether images are padded and cropped at a random offset.
+    pub fn pad_crops(self) -> bool {
+        matches!(self, Augment::PadCrop | Augment::HflipPadCrop)
     }
 }
 

@@ -255,13 +255,17 @@ pub(crate) fn semantic_errors(spec: &FlowSpec, layer_paths: Option<&[String]>) -
             "epochs must be at least 1, got 0".into(),
         );
     }
-    if spec.train.augment == Augment::PadCrop {
+    if spec.train.augment != Augment::None {
         match spec.input.shape.as_slice() {
             [_, h, w] if *h >= 2 && *w >= 2 => {}
             s => push(
                 "/train/augment".into(),
                 format!(
-                    "pad_crop needs an image input [C, H, W] with H, W >= 2; the input is {s:?}"
+                    "{} needs an image input [C, H, W] with H, W >= 2; the input is {s:?}",
+                    serde_json::to_value(spec.train.augment)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
                 ),
             ),
         }

@@ -30,7 +30,12 @@ const TRAIN_FIELDS: &[&str] = &[
     "grad_clip_norm",
     "augment",
 ];
-const AUGMENT: &[(&str, Augment)] = &[("none", Augment::None), ("pad_crop", Augment::PadCrop)];
+const AUGMENT: &[(&str, Augment)] = &[
+    ("none", Augment::None),
+    ("pad_crop", Augment::PadCrop),
+    ("hflip", Augment::Hflip),
+    ("hflip_pad_crop", Augment::HflipPadCrop),
+];
 const OPTIMIZER_FIELDS: &[&str] = &["adam"];
 const ADAM_FIELDS: &[&str] = &["lr", "betas", "eps", "inverse_lr_scale"];
 

@@ -4,7 +4,7 @@
 
 use crate::angle::{feeds_f64, AngleProbe, AngleStats};
 use crate::backend::open;
-use crate::batch::{fill_columns, fill_uniform, pad_crop};
+use crate::batch::{fill_columns, fill_uniform, hflip, pad_crop};
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
 use crate::eval::{evaluate_sharded, EvalResult};
@@ -23,7 +23,7 @@ use snfc_compiler::ir::lower::{
     actnorm_init_graph, parameters, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X,
 };
 use snfc_compiler::plan::Plan;
-use snfc_compiler::spec::{Augment, FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
+use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
 use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -1383,8 +1383,13 @@ pub fn train<T: Real + 'static>(
                 batch,
                 &mut x,
             );
-            if let (Augment::PadCrop, [c, h, w]) = (tr.augment, spec.input.shape.as_slice()) {
-                pad_crop(&mut x, [*c, *h, *w], batch, &mut state.rng);
+            if let [c, h, w] = spec.input.shape.as_slice() {
+                if tr.augment.flips() {
+                    hflip(&mut x, [*c, *h, *w], batch, &mut state.rng);
+                }
+                if tr.augment.pad_crops() {
+                    pad_crop(&mut x, [*c, *h, *w], batch, &mut state.rng);
+                }
             }
             if ranks == 1 {
                 backend.set(INPUT_X, &x)?;

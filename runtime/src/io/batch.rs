@@ -19,6 +19,22 @@ pub fn fill_columns<T: Real>(split: &Split, idx: &[usize], batch: usize, out: &m
     }
 }
 
+/// Mirror each image of a `[C·H·W, batch]` batch of images `[C, H, W]` left to right with
+/// probability ½, in place: one draw per example, in column order (so every rank of a
+/// data-parallel run, drawing the global batch, flips the same examples one process would).
+pub fn hflip<T: Real>(x: &mut [T], [c, h, w]: [usize; 3], batch: usize, rng: &mut ChaCha8Rng) {
+    for b in 0..batch {
+        if rng.random::<f64>() < 0.5 {
+            for row in 0..c * h {
+                for xx in 0..w / 2 {
+                    let (l, r) = (row * w + xx, row * w + w - 1 - xx);
+                    x.swap(l * batch + b, r * batch + b);
+                }
+            }
+        }
+    }
+}
+
 /// The reference code's augmentation for Glow on MNIST, in place on a `[C·H·W, batch]` batch of
 /// images `[C, H, W]`: each example is reflect-padded by one pixel (as PyTorch's `reflect`
 /// mode: index −1 reads 1, index H reads H − 2) and cropped back to H × W at a random offset

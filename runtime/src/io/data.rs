@@ -675,7 +675,8 @@ pub fn load_cifar_dir(dir: &Path) -> Result<Dataset, DataError> {
             format!("{n} training image(s): need at least 2 for a training and a validation split"),
         ));
     }
-    let n_valid = if n >= 50_000 { 5_000 } else { (n / 10).max(1) };
+    // The paper's recipe: the first 40,000 images train, the last 10,000 validate.
+    let n_valid = if n >= 50_000 { 10_000 } else { (n / 10).max(1) };
     let n_train = n - n_valid;
     Ok(Dataset {
         name: "cifar10".to_string(),
