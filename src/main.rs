@@ -385,7 +385,12 @@ fn main() {
     // Training joins the other processes of an `mpirun` job (with the `mpi` feature); alone,
     // or for any other command, the process is the only rank.
     let comm = match cli.command {
-        Command::Train { .. } => distributed::world(),
+        Command::Train { .. }
+        | Command::Bench {
+            spec: Some(_),
+            scaling: None,
+            ..
+        } => distributed::world(),
         _ => distributed::solo(),
     };
     if let Err(e) = run(cli, &comm) {
@@ -718,6 +723,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                 profile: false,
                 device: chosen,
                 sampling: false,
+                comm: distributed::solo(),
             };
             let layer = match kind {
                 ScalingKind::Fc => snfc_runtime::bench::ScalingLayer::Fc,
@@ -773,7 +779,13 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
             device,
             ..
         } => {
-            let chosen = resolve_device(device)?;
+            // Under `mpirun`, every rank times its share of the batch and rank 0 reports.
+            let leader = comm.rank() == 0;
+            let chosen = if leader {
+                resolve_device(device)?
+            } else {
+                choose(device.kind()).map_err(|e| anyhow!(e))?
+            };
             let spec = spec_from(&spec)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -792,12 +804,17 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                     level: OptLevel::Full,
                     profile,
                     device: chosen.clone(),
-                    sampling: true,
+                    // Sampling is timed alone, not over the ranks.
+                    sampling: comm.size() == 1,
+                    comm: comm.clone(),
                 };
                 let r = match dtype {
                     Dtype::F32 => snfc_runtime::bench::bench_step::<f32>(s, &opts)?,
                     Dtype::F64 => snfc_runtime::bench::bench_step::<f64>(s, &opts)?,
                 };
+                if !leader {
+                    continue;
+                }
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
@@ -806,6 +823,14 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                         r.spec, r.gradient, r.device, r.dtype, r.batch, r.threads, r.median_step_ms, r.min_step_ms,
                         r.examples_per_sec, r.gflop_per_step, r.gflops, r.gemm, r.inverse, r.kernels
                     );
+                    if let (Some(ms), Some(share)) = (r.all_reduce_ms, r.all_reduce_share) {
+                        println!(
+                            "  {} ranks of B={} each; gradient all-reduce {ms:.2} ms per step ({:.1} % of the step)",
+                            r.ranks,
+                            r.batch / r.ranks,
+                            share * 100.0
+                        );
+                    }
                     if let Some(smp) = &r.sampling {
                         // An exact-gradient spec has no learned inverse: only W⁻¹ is timed.
                         let learned = smp

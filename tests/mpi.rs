@@ -482,3 +482,49 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         tensors(&killed.join("last.safetensors"))
     );
 }
+
+/// `snfc bench --json` under `mpirun` times the step as training runs it (each rank its share
+/// of the batch, the gradient all-reduce included) and rank 0 alone reports it, with the
+/// all-reduce's time and share of the step.
+#[test]
+fn bench_under_mpirun_reports_the_all_reduce() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_file(dir.path(), "fc", FC, "", "{}");
+    let o = run(
+        2,
+        &[
+            "bench",
+            p(&spec),
+            "--json",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--device",
+            "host",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one report, from rank 0: {text}");
+    let r: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(
+        (r["ranks"].as_u64(), r["batch"].as_u64()),
+        (Some(2), Some(8))
+    );
+    let (reduce, step) = (
+        r["all_reduce_ms"].as_f64().unwrap(),
+        r["median_step_ms"].as_f64().unwrap(),
+    );
+    assert!(reduce > 0.0 && reduce < step, "{r}");
+    let share = r["all_reduce_share"].as_f64().unwrap();
+    assert!((share - reduce / step).abs() < 1e-9, "{r}");
+    assert!(
+        r["includes"].as_str().unwrap().contains("all-reduce"),
+        "{r}"
+    );
+}

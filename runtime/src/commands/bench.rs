@@ -25,9 +25,18 @@ pub struct BenchResult {
     pub gradient: String,
     pub device: String,
     pub dtype: String,
+    /// The global batch (over all ranks).
     pub batch: usize,
     pub steps: usize,
     pub threads: usize,
+    /// Processes taking part (`mpirun -n`), each stepping `batch / ranks` rows.
+    pub ranks: usize,
+    /// Median milliseconds per step of the gradient all-reduce (more than one rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_reduce_ms: Option<f64>,
+    /// `all_reduce_ms / median_step_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub all_reduce_share: Option<f64>,
     pub median_step_ms: f64,
     pub min_step_ms: f64,
     pub examples_per_sec: f64,
@@ -87,10 +96,12 @@ pub struct BenchOptions {
     pub device: Chosen,
     /// Also time sampling through the learned and the exact inverses.
     pub sampling: bool,
+    /// The processes timing the step together (data-parallel, as `train` runs it).
+    pub comm: crate::distributed::Comm,
 }
 
 /// What a timed step does: the same work as a step of `snfc train`.
-pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs), forward and backward pass, loss read-back, Adam update of every parameter";
+pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs), forward and backward pass, loss read-back, gradient all-reduce (more than one rank), Adam update of every parameter";
 
 /// Time `steps` whole training steps (the compiled graph: forward, loss and every gradient; then
 /// the Adam update of every parameter) after `warmup` untimed ones.
@@ -105,7 +116,20 @@ pub fn bench_step<T: Real + 'static>(
         profile,
         ..
     } = *opts;
-    let batch = spec.train.batch_size;
+    let global_batch = spec.train.batch_size;
+    let comm = opts.comm.clone();
+    let ranks = comm.size();
+    if !global_batch.is_multiple_of(ranks) {
+        return Err(ExecError::Device {
+            graph: spec.name.clone(),
+            message: format!(
+                "/train/batch_size {global_batch} is the global batch: it must be a multiple of the {ranks} ranks of {}",
+                comm.describe()
+            ),
+        });
+    }
+    // Each rank steps its share of the batch, as `train` does.
+    let batch = global_batch / ranks;
     let d = spec.input.dim();
     let compiled = compile_train(spec, batch, level)?;
     let counts = op_counts(&compiled.step);
@@ -144,32 +168,40 @@ pub fn bench_step<T: Real + 'static>(
     let adam = &spec.train.optimizer.adam;
     let rates = crate::train::LearningRates::for_spec(spec, 1e-4);
     let mut times = Vec::with_capacity(steps);
-    let mut step = |backend: &mut Box<dyn crate::backend::Backend<T>>| -> Result<f64, ExecError> {
-        backend.sync()?;
-        let t = Instant::now();
-        // A step as `train` runs it: upload the batch and fresh noise, run, read the loss
-        // back, update.
-        backend.set(INPUT_X, &x)?;
-        if dequantize {
-            fill_uniform(&mut rng, &mut noise);
-            backend.set(INPUT_NOISE, &noise)?;
-        }
-        backend.run()?;
-        let loss = backend.output("loss")?.scalar().as_f64();
-        std::hint::black_box(loss);
-        backend.adam_step(&rates, adam.betas, adam.eps, 1.0)?;
-        backend.sync()?;
-        Ok(t.elapsed().as_secs_f64())
-    };
+    let mut reduce_times = Vec::with_capacity(steps);
+    let mut step =
+        |backend: &mut Box<dyn crate::backend::Backend<T>>| -> Result<(f64, f64), ExecError> {
+            backend.sync()?;
+            let t = Instant::now();
+            // A step as `train` runs it: upload the batch and fresh noise, run, read the loss
+            // back, update.
+            backend.set(INPUT_X, &x)?;
+            if dequantize {
+                fill_uniform(&mut rng, &mut noise);
+                backend.set(INPUT_NOISE, &noise)?;
+            }
+            backend.run()?;
+            let loss = backend.output("loss")?.scalar().as_f64();
+            std::hint::black_box(loss);
+            let reduce_started = Instant::now();
+            backend.all_reduce_grads(comm.as_ref())?;
+            let reduce = reduce_started.elapsed().as_secs_f64();
+            backend.adam_step(&rates, adam.betas, adam.eps, 1.0)?;
+            backend.sync()?;
+            Ok((t.elapsed().as_secs_f64(), reduce))
+        };
     for i in 0..warmup + steps {
         if profile_timed && i == warmup {
             backend.enable_profile();
         }
-        let seconds = step(&mut backend)?;
+        let (seconds, reduce) = step(&mut backend)?;
         if i >= warmup {
             times.push(seconds);
+            reduce_times.push(reduce);
         }
     }
+    reduce_times.sort_by(|a, b| a.total_cmp(b));
+    let reduce_median = reduce_times.get(reduce_times.len() / 2).copied();
     let mut profiled_seconds = times.iter().sum::<f64>();
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -177,7 +209,7 @@ pub fn bench_step<T: Real + 'static>(
         backend.enable_profile();
         profiled_seconds = 0.0;
         for _ in 0..steps {
-            profiled_seconds += step(&mut backend)?;
+            profiled_seconds += step(&mut backend)?.0;
         }
     }
     let per_step = |v: f64| v / steps as f64;
@@ -228,14 +260,18 @@ pub fn bench_step<T: Real + 'static>(
         gradient: format!("{:?}", spec.objective.gradient),
         device: backend.device(),
         dtype: T::NAME.into(),
-        batch,
+        batch: global_batch,
         steps,
         threads: crate::host::linalg::threads(),
+        ranks,
+        all_reduce_ms: reduce_median.filter(|_| ranks > 1).map(|r| r * 1e3),
+        all_reduce_share: reduce_median.filter(|_| ranks > 1).map(|r| r / median),
         median_step_ms: median * 1e3,
         min_step_ms: times[0] * 1e3,
-        examples_per_sec: batch as f64 / median,
-        gflop_per_step: counts.flops / 1e9,
-        gflops: counts.flops / 1e9 / median,
+        examples_per_sec: global_batch as f64 / median,
+        // Every rank's step together.
+        gflop_per_step: counts.flops * ranks as f64 / 1e9,
+        gflops: counts.flops * ranks as f64 / 1e9 / median,
         gemm: counts.gemm,
         inverse: counts.inverse,
         includes: STEP_INCLUDES.to_string(),
