@@ -528,3 +528,47 @@ fn bench_under_mpirun_reports_the_all_reduce() {
         "{r}"
     );
 }
+
+/// GPU ranks (wgpu; on CI the CPU through lavapipe) stage the packed gradients through the
+/// host for MPI: two wgpu ranks train what one wgpu process trains, within f32 rounding.
+#[test]
+fn two_wgpu_ranks_train_what_one_wgpu_process_trains() {
+    if !mpirun_available() {
+        return;
+    }
+    if let Err(e) = snfc_runtime::cube::probe::wgpu_adapter() {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 40);
+    let spec = spec_file(dir.path(), "fc", FC, "", "{}");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--device",
+            "wgpu",
+            "--epochs",
+            "1",
+            "-q",
+            "--out",
+            p(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let a1 = args(&one);
+    let a2 = args(&two);
+    ok(0, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_close_tensors(
+        &one.join("last.safetensors"),
+        &two.join("last.safetensors"),
+        1e-4,
+    );
+    assert_close_metrics(&metrics(&one), &metrics(&two), 1e-4);
+}

@@ -60,23 +60,11 @@ pub trait Backend<T: Real> {
             .find(|(n, t)| n.starts_with("grad.") && t.data.iter().any(|v| !v.as_f64().is_finite()))
             .map(|(n, _)| n["grad.".len()..].to_string()))
     }
-    /// Replace every `grad.<name>` output of the last run by its mean over the ranks of
-    /// `comm`: one fused buffer holding every gradient in plan order, one all-reduce (the
-    /// Horovod / DDP recipe), before the divergence check and Adam see the gradients.
-    fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError> {
-        if comm.size() == 1 {
-            return Ok(());
-        }
-        Err(ExecError::Device {
-            graph: "step".into(),
-            message: format!(
-                "{}: data-parallel training over {} runs on the host backend (--device host); \
-                 GPU ranks are not supported yet",
-                self.device(),
-                comm.describe()
-            ),
-        })
-    }
+    /// The plan's `all_reduce`: replace every gradient output of the last run by its mean over
+    /// the ranks of `comm`, through one buffer holding them all and one collective call (the
+    /// Horovod / DDP recipe), before the divergence check and Adam see the gradients (a GPU
+    /// stages the buffer through the host). Nothing to do for a process that runs alone.
+    fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError>;
     /// A fed tensor's current value (a parameter after updates).
     fn fed(&mut self, name: &str) -> Result<Vec<T>, ExecError>;
     /// Wait until the device is idle (for timing).
@@ -303,6 +291,18 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
         grad_scale: f64,
     ) -> Result<(), ExecError> {
         self.0.adam_step(lr, betas, eps, grad_scale)
+    }
+    fn all_reduce_grads(&mut self, comm: &dyn Communicator) -> Result<(), ExecError> {
+        let ranks = comm.size();
+        let Some(reduce) = self.0.plan().all_reduce.clone().filter(|_| ranks > 1) else {
+            return Ok(());
+        };
+        // Debian's Open MPI is not CUDA-aware: the packed gradients go through the host.
+        self.0.map_outputs(&reduce.outputs, |packed| {
+            comm.all_reduce_sum_f32(packed);
+            let scale = 1.0 / ranks as f32;
+            packed.iter_mut().for_each(|v| *v *= scale);
+        })
     }
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
         let sums = self.0.grad_sum_squares()?;

@@ -228,6 +228,53 @@ impl<R: Runtime> GpuProgram<R> {
         }
     }
 
+    /// Replace the stored values of the named outputs by `f` of all of them packed into one
+    /// host buffer (in their stored layout, the same on every rank of a data-parallel run): one
+    /// read-back of every buffer, `f` (the all-reduce), one upload per buffer, which then
+    /// serves the next run in place of the old one.
+    pub fn map_outputs(
+        &mut self,
+        names: &[String],
+        f: impl FnOnce(&mut Vec<f32>),
+    ) -> Result<(), ExecError> {
+        let slots: Vec<usize> = names
+            .iter()
+            .map(|n| Ok(self.plan.storage_slot(self.output_slot(n)?)))
+            .collect::<Result<_, ExecError>>()?;
+        let handles: Vec<Handle> = slots
+            .iter()
+            .map(|&s| self.handle(Buf::Slot(s)))
+            .collect::<Result<_, _>>()?;
+        let mut whole: Vec<Vec<f32>> = self
+            .client
+            .read(handles)
+            .iter()
+            .map(|b| f32::from_bytes(b).to_vec())
+            .collect();
+        let lens: Vec<usize> = slots
+            .iter()
+            .map(|&s| numel(&self.plan.instrs[s].shape))
+            .collect();
+        let mut packed = Vec::with_capacity(lens.iter().sum());
+        for (values, &n) in whole.iter().zip(&lens) {
+            packed.extend_from_slice(&values[..n]);
+        }
+        f(&mut packed);
+        let mut at = 0;
+        for ((values, &n), &s) in whole.iter_mut().zip(&lens).zip(&slots) {
+            values[..n].copy_from_slice(&packed[at..at + n]);
+            at += n;
+            let handle = self.client.create_from_slice(f32::as_bytes(values));
+            match self.plan.buffers.of_slot[s] {
+                Some(b) => self.buffers[b] = handle,
+                None => {
+                    self.leaves.insert(s, handle);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn len_of(&self, b: Buf) -> usize {
         match b {
             Buf::Temp(t) => self.temps[t].size() as usize / 4,
