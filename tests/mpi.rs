@@ -572,3 +572,48 @@ fn two_wgpu_ranks_train_what_one_wgpu_process_trains() {
     );
     assert_close_metrics(&metrics(&one), &metrics(&two), 1e-4);
 }
+
+/// The shipped specs themselves, a few steps on the embedded digits: mnist_fc2 and mnist_cnn9
+/// under `mpirun -n 2` end with the parameters and validation NLL of one process (f64, 1e-9).
+#[test]
+fn shipped_fc2_and_cnn9_train_alike_on_two_ranks() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["mnist_fc2", "mnist_cnn9"] {
+        let spec = root.join("specs").join(format!("{name}.json"));
+        let args = |out: &Path| -> Vec<String> {
+            [
+                "train",
+                p(&spec),
+                "--steps",
+                "4",
+                "--dtype",
+                "f64",
+                "-q",
+                "--device",
+                "host",
+                "--out",
+                p(out),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        let (one, two) = (
+            dir.path().join(format!("{name}1")),
+            dir.path().join(format!("{name}2")),
+        );
+        let a1 = args(&one);
+        let a2 = args(&two);
+        ok(0, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+        ok(2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_close_tensors(
+            &one.join("last.safetensors"),
+            &two.join("last.safetensors"),
+            1e-9,
+        );
+        assert_close_metrics(&metrics(&one), &metrics(&two), 1e-9);
+    }
+}
