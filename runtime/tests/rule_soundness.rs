@@ -16,11 +16,20 @@
 //! R = W⁻¹ exactly (W and R built from elementary matrices and their inverses), for both ways the
 //! rewriter instantiates it (R ≈ W⁻¹ and W ≈ R⁻¹).
 //!
-//! Two more tests show that the checker can fail: a wrong rule (`(AB)ᵀ = AᵀBᵀ`) is reported
-//! numerically unsound, and `transpose-of-sum` without its guard is reported ill-typed.
+//! The convolution rules (`CONV_OPERATOR`, `CONV_MERGE`, `CONV_ADJOINT`, `CONV_POINTWISE`) and the
+//! spline rule are checked the same way, each instantiated as the rewriter instantiates it
+//! (`conv_rule_instance`, `spline_rule_instance`) for random convolutions (channels, map size,
+//! kernel size, batch) and spline shapes (bins, tail bound, operand).
+//!
+//! Three more tests show that the checker can fail: a wrong rule (`(AB)ᵀ = AᵀBᵀ`) is reported
+//! numerically unsound, `transpose-of-sum` without its guard is reported ill-typed, and a
+//! Toeplitz transpose without its flip is reported unsound.
 
 use snfc_compiler::ir::{GraphBuilder, NodeIndex, Op, Shape};
-use snfc_compiler::rewrite::{PairRule, RuleSpec, When, ALGEBRA, SUBSTITUTION};
+use snfc_compiler::rewrite::{
+    conv_rule_instance, spline_rule_instance, ConvRule, PairRule, RuleSpec, When, ALGEBRA,
+    CONV_ADJOINT, CONV_MERGE, CONV_OPERATOR, CONV_POINTWISE, SPLINE, SUBSTITUTION,
+};
 use snfc_runtime::host::exec::{Executor, Feeds, Program, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -582,8 +591,194 @@ fn assert_all_sound(reports: &[Report]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Convolution and spline rules: instantiated per convolution / spline, as the rewriter does.
+// ---------------------------------------------------------------------------------------------
+
+/// A diagonally dominant `c × c` matrix (invertible, well conditioned), as a 1×1 kernel's values.
+fn dominant(rng: &mut Rng, c: usize) -> Vec<f64> {
+    (0..c * c)
+        .map(|k| {
+            if k / c == k % c {
+                c as f64 + rng.range(0.5, 1.5)
+            } else {
+                rng.range(-1.0, 1.0)
+            }
+        })
+        .collect()
+}
+
+/// Check `rule` on random convolutions (C in 1..=3, H, W in 2..=5, K in {1, 3, 5} — 1 only for a
+/// pointwise rule —, B in 1..=4), each instantiated as the rewriter instantiates it. Variables
+/// take the shapes its conditions name (`flat` `[C·H·W, B]`, `image` `[C, H, W, B]`, `kernel`
+/// and `?K` `[C, C, K, K]`, `scalar` `[]`); the others are the `[C·H·W, C·H·W]` operands of a
+/// Toeplitz adjoint. Kernels of pointwise rules are diagonally dominant (their inverses exist).
+fn check_conv_rule(rule: &ConvRule) -> Report {
+    let name = rule.name;
+    let mut rep = Report {
+        what: format!("{name}: {} => {}", rule.lhs, rule.rhs),
+        ..Report::default()
+    };
+    let mut rng = Rng::new(seed_of(name));
+    let mut seen = BTreeSet::new();
+    let pick = |rng: &mut Rng, lo: usize, hi: usize| lo + (rng.next_u64() as usize) % (hi - lo + 1);
+    while rep.valid < WANT_VALID && rep.draws < MAX_DRAWS {
+        rep.draws += 1;
+        let (c, h, w, b) = (
+            pick(&mut rng, 1, 3),
+            pick(&mut rng, 2, 5),
+            pick(&mut rng, 2, 5),
+            pick(&mut rng, 1, 4),
+        );
+        let k = if rule.pointwise {
+            1
+        } else {
+            [1, 3, 5][pick(&mut rng, 0, 2)]
+        };
+        let n = c * h * w;
+        let (from, to) = conv_rule_instance(rule, [c, h, w, k, b]);
+        let (pf, pt) = (parse_pattern(&from), parse_pattern(&to));
+        let mut vars = BTreeSet::new();
+        collect_vars(&pf, &mut vars);
+        let shapes: Shapes = vars
+            .iter()
+            .map(|v| {
+                let shape = if rule.flat.contains(&v.as_str()) {
+                    vec![n, b]
+                } else if rule.image.contains(&v.as_str()) {
+                    vec![c, h, w, b]
+                } else if rule.kernel.contains(&v.as_str()) || v == "?K" {
+                    vec![c, c, k, k]
+                } else if rule.scalar.contains(&v.as_str()) {
+                    vec![]
+                } else {
+                    vec![n, n]
+                };
+                (v.clone(), shape)
+            })
+            .collect();
+        let Ok(s_from) = shape_of(&pf, &shapes) else {
+            continue;
+        };
+        let s_to = match shape_of(&pt, &shapes) {
+            Ok(s) => s,
+            Err(e) => {
+                rep.ill_typed += 1;
+                rep.note(format!("ill-typed rewrite at {}: {e}", show(&shapes)));
+                continue;
+            }
+        };
+        if s_to != s_from {
+            rep.shape_mismatch += 1;
+            rep.note(format!(
+                "shapes differ: {s_from:?} ⇒ {s_to:?} at {}",
+                show(&shapes)
+            ));
+            continue;
+        }
+        rep.valid += 1;
+        let mut values = random_values(&mut rng, &shapes, &BTreeSet::new());
+        if rule.pointwise {
+            values.insert("?K".to_string(), dominant(&mut rng, c));
+        }
+        compare_sides(&mut rep, &pf, &pt, &shapes, &values, &s_from);
+        seen.insert(shapes);
+    }
+    rep.distinct_shapes = seen.len();
+    rep
+}
+
+/// Check a spline rule for random D, B, bin counts, bounds and every operand `wrt`.
+fn check_spline_rule(rule: &RuleSpec) -> Report {
+    let mut rep = Report {
+        what: format!("{}: {} => {}", rule.name, rule.lhs, rule.rhs),
+        ..Report::default()
+    };
+    let mut rng = Rng::new(seed_of(rule.name));
+    let mut seen = BTreeSet::new();
+    while rep.valid < WANT_VALID && rep.draws < MAX_DRAWS {
+        rep.draws += 1;
+        let d = 1 + (rng.next_u64() as usize) % 4;
+        let b = 1 + (rng.next_u64() as usize) % 4;
+        let bins = 1 + (rng.next_u64() as usize) % 5;
+        let wrt = (rng.next_u64() as usize) % 4;
+        let bound = rng.range(1.0, 4.0);
+        let (from, to) = spline_rule_instance(rule, bins, bound.to_bits(), wrt);
+        let (pf, pt) = (parse_pattern(&from), parse_pattern(&to));
+        let shapes: Shapes = [
+            ("?x", vec![d, b]),
+            ("?w", vec![d, bins]),
+            ("?h", vec![d, bins]),
+            ("?d", vec![d, bins - 1]),
+            ("?a", vec![d, b]),
+            ("?b", vec![d, b]),
+        ]
+        .into_iter()
+        .map(|(v, s)| (v.to_string(), s))
+        .collect();
+        let s_from = shape_of(&pf, &shapes).expect("the matched side type-checks");
+        match shape_of(&pt, &shapes) {
+            Ok(s) if s == s_from => {}
+            other => {
+                rep.ill_typed += 1;
+                rep.note(format!("{other:?} at {}", show(&shapes)));
+                continue;
+            }
+        }
+        rep.valid += 1;
+        // Inputs inside and beyond the tail bound.
+        let mut values = random_values(&mut rng, &shapes, &BTreeSet::new());
+        if let Some(x) = values.get_mut("?x") {
+            x.iter_mut().for_each(|v| *v *= 2.0);
+        }
+        compare_sides(&mut rep, &pf, &pt, &shapes, &values, &s_from);
+        seen.insert((bins, wrt));
+    }
+    rep.distinct_shapes = seen.len();
+    rep
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests.
 // ---------------------------------------------------------------------------------------------
+
+/// Every convolution rule of both phases — the operator identities, the substitution phase's
+/// merge rules, the adjoint rules and the 1×1 rules — on random convolutions in f64.
+#[test]
+fn every_convolution_rule_is_sound() {
+    let rules: Vec<&ConvRule> = CONV_OPERATOR
+        .iter()
+        .chain(CONV_MERGE)
+        .chain(CONV_ADJOINT)
+        .chain(CONV_POINTWISE)
+        .collect();
+    assert!(rules.len() >= 14, "{}", rules.len());
+    let reports: Vec<Report> = rules.into_iter().map(check_conv_rule).collect();
+    assert_all_sound(&reports);
+}
+
+/// The convolution checker can fail: `T(k)ᵀ = T(k)` (the flip left out) is reported unsound.
+#[test]
+fn a_wrong_convolution_rule_is_reported_unsound() {
+    let wrong = ConvRule {
+        name: "transpose-of-toeplitz-without-flip",
+        lhs: "(transpose ({T} ?K))",
+        rhs: "({T} ?K)",
+        flat: &[],
+        image: &[],
+        kernel: &[],
+        scalar: &[],
+        pointwise: false,
+    };
+    let rep = check_conv_rule(&wrong);
+    assert!(rep.value_mismatch > 0, "{}", rep.summary());
+}
+
+/// The spline rule (its two VJPs merged into one pass) for every operand and random shapes.
+#[test]
+fn every_spline_rule_is_sound() {
+    let reports: Vec<Report> = SPLINE.iter().map(check_spline_rule).collect();
+    assert_all_sound(&reports);
+}
 
 #[test]
 fn every_algebra_rule_is_sound_in_both_directions() {

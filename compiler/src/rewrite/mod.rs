@@ -545,26 +545,15 @@ fn spline_rules(rules: &[RuleSpec], g: &Graph) -> Vec<TRewrite> {
     let mut specs: Vec<(String, String, String)> = Vec::new();
     for (bins, bound) in splines {
         for wrt in 0..4 {
-            let op = |part| {
-                Op::SplineGrad {
+            for r in rules {
+                let (lhs, rhs) = spline_rule_instance(r, bins, bound, wrt);
+                let both = Op::SplineGrad {
                     bins,
                     bound,
-                    part,
+                    part: SplinePart::Both,
                     wrt,
-                }
-                .to_string()
-            };
-            for r in rules {
-                let fill = |p: &str| {
-                    p.replace("{VALUE}", &op(SplinePart::Value))
-                        .replace("{LOGDET}", &op(SplinePart::LogDet))
-                        .replace("{BOTH}", &op(SplinePart::Both))
                 };
-                specs.push((
-                    format!("{}[{}]", r.name, op(SplinePart::Both)),
-                    fill(r.lhs),
-                    fill(r.rhs),
-                ));
+                specs.push((format!("{}[{both}]", r.name), lhs, rhs));
             }
         }
     }
@@ -607,6 +596,39 @@ impl ConvInstance {
             .replace("{KER}", &format!("reshape:{c}x{c}x1x1"))
             .replace("{HW}", &format!("const:{:?}", (h * w) as f64))
     }
+}
+
+/// A convolution rule written out for one convolution — `C` channels of `H × W` maps, a
+/// `K × K` kernel, batch `B` — exactly as the rewriter instantiates it: its two sides in the
+/// IR's op tokens (for the rule-by-rule soundness tests).
+pub fn conv_rule_instance(rule: &ConvRule, [c, h, w, k, b]: [usize; 5]) -> (String, String) {
+    let inst = ConvInstance { h, w, c, k, b };
+    (inst.fill(rule.lhs), inst.fill(rule.rhs))
+}
+
+/// A spline rule written out for splines of `bins` bins and tail bound `bound` (its bits) and
+/// the operand `wrt` a gradient is taken with respect to, as the rewriter instantiates it.
+pub fn spline_rule_instance(
+    rule: &RuleSpec,
+    bins: usize,
+    bound: u64,
+    wrt: usize,
+) -> (String, String) {
+    let op = |part| {
+        Op::SplineGrad {
+            bins,
+            bound,
+            part,
+            wrt,
+        }
+        .to_string()
+    };
+    let fill = |p: &str| {
+        p.replace("{VALUE}", &op(SplinePart::Value))
+            .replace("{LOGDET}", &op(SplinePart::LogDet))
+            .replace("{BOTH}", &op(SplinePart::Both))
+    };
+    (fill(rule.lhs), fill(rule.rhs))
 }
 
 /// The convolutions of `g`: every `toeplitz` node's (H, W, C, K), at each of the graph's batch
