@@ -15,7 +15,14 @@ use snfc_runtime::model::{write_safetensors, Model};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "snfc", version, about = "The self-normalizing flow compiler")]
+#[command(
+    name = "snfc",
+    version,
+    about = "The self-normalizing flow compiler",
+    after_help = "Exit status: 0 done; 1 error (bad input, I/O, a run that cannot start); 2 usage \
+                  (unknown flag or command); 3 the training run diverged (a non-finite loss, \
+                  gradient or parameter; the last complete checkpoint is kept)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -408,11 +415,28 @@ fn main() {
                 eprintln!("error: {line}");
             }
         }
+        let code = exit_code(&e);
         if ranks > 1 {
             // The other ranks may be waiting in a collective: end them too.
-            comm.abort(1);
+            comm.abort(code);
         }
-        std::process::exit(1);
+        std::process::exit(code);
+    }
+}
+
+/// The exit status of a failure: 3 for a diverged training run (so that a script can tell it
+/// from a typo), 1 for every other error (usage errors are clap's, 2).
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let diverged = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<snfc_runtime::train::TrainError>(),
+            Some(snfc_runtime::train::TrainError::Diverged(_))
+        )
+    });
+    if diverged {
+        3
+    } else {
+        1
     }
 }
 

@@ -2256,3 +2256,49 @@ fn train_exact_follows_the_same_objective_with_the_exact_gradient() {
     ]));
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// Exit statuses a script can tell apart: a diverged run exits 3 (with its message), a bad
+/// input 1, an unknown flag 2.
+#[test]
+fn a_diverged_run_exits_3_a_bad_input_1_and_a_usage_error_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("small.json");
+    std::fs::write(&spec, small_spec_json("small", 4, "self_normalizing")).unwrap();
+    // One example overflows f32 when squared: the step's loss is infinite.
+    let data = dir.path().join("x.npy");
+    let mut rows: Vec<f64> = (0..40 * 4)
+        .map(|i| ((i * 37 % 100) as f64) / 50.0 - 1.0)
+        .collect();
+    rows[4 * 7 + 2] = 1e30;
+    snfc_runtime::npy::write_npy_f64(&data, &[40, 4], &rows).unwrap();
+    let out = dir.path().join("run");
+    let status = |args: &[&str]| {
+        let o = snfc(args);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, err) = status(&[
+        "train",
+        p(&spec),
+        "--data",
+        p(&data),
+        "--out",
+        p(&out),
+        "-q",
+        "--device",
+        "host",
+    ]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("error: training diverged"), "{err}");
+    let (code, err) = status(&["train", p(&dir.path().join("nope.json"))]);
+    assert_eq!(code, Some(1), "{err}");
+    let (code, err) = status(&["train", p(&spec), "--no-such-flag"]);
+    assert_eq!(code, Some(2), "{err}");
+    let help = String::from_utf8_lossy(&snfc(["--help"]).stdout).to_string();
+    assert!(
+        help.contains("Exit status") && help.contains("3 the training run diverged"),
+        "{help}"
+    );
+}
