@@ -26,6 +26,11 @@
 //! - The input is the graph in the IR text form (`Graph::from_text`; `;` lines are comments, so
 //!   the whole text above `; expect:` is handed to the parser). Node numbers need only be defined
 //!   before use.
+//! - `; check: PROPERTY` lines (any number, before `; expect:`) assert properties of the result,
+//!   as Cranelift's filetests do, so that a file says what must hold and not only what came out:
+//!   `no OP` (no node of that op), `OP = N`, `OP <= N`, `OP >= N`, where OP is an op token
+//!   (`matmul`, `inverse`, `toeplitz`, `conv2d`, …), `gemm` (= `matmul`), `kernels` (launches
+//!   after fusion) or `nodes`. A failed check fails the file even when the text matches.
 //! - Everything after the line `; expect:` is the expected result, exactly as `Graph::to_text`
 //!   prints it (dense numbering; surrounding blank lines are ignored). No comments there.
 //!
@@ -43,6 +48,76 @@ use std::path::{Path, PathBuf};
 
 const EXPECT: &str = "; expect:";
 const RUN: &str = "; run:";
+const CHECK: &str = "; check:";
+
+/// One `; check:` line: the measured quantity, the comparison and the bound.
+#[derive(Debug, PartialEq)]
+struct Check {
+    text: String,
+    what: String,
+    cmp: &'static str,
+    bound: usize,
+}
+
+fn parse_check(text: &str) -> Result<Check, String> {
+    let text = text.trim();
+    if let Some(what) = text.strip_prefix("no ") {
+        return Ok(Check {
+            text: text.to_string(),
+            what: what.trim().to_string(),
+            cmp: "=",
+            bound: 0,
+        });
+    }
+    for cmp in ["<=", ">=", "="] {
+        if let Some((what, n)) = text.split_once(cmp) {
+            let bound = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{CHECK} {text}`: {n:?} is not a count"))?;
+            return Ok(Check {
+                text: text.to_string(),
+                what: what.trim().to_string(),
+                cmp,
+                bound,
+            });
+        }
+    }
+    Err(format!(
+        "`{CHECK} {text}`: expected `no OP`, `OP = N`, `OP <= N` or `OP >= N`"
+    ))
+}
+
+/// The quantity a check measures on `g`.
+fn measure(g: &Graph, what: &str) -> usize {
+    match what {
+        "kernels" => snfc_compiler::fuse::kernel_count(g),
+        "nodes" => g.node_count(),
+        _ => {
+            let kind = if what == "gemm" { "matmul" } else { what };
+            g.nodes()
+                .into_iter()
+                .filter(|n| g.node(*n).op.to_string().split(':').next() == Some(kind))
+                .count()
+        }
+    }
+}
+
+/// The checks that fail on `g`, each with what was measured.
+fn failed_checks(checks: &[Check], g: &Graph) -> Vec<String> {
+    checks
+        .iter()
+        .filter_map(|c| {
+            let got = measure(g, &c.what);
+            let holds = match c.cmp {
+                "<=" => got <= c.bound,
+                ">=" => got >= c.bound,
+                _ => got == c.bound,
+            };
+            (!holds).then(|| format!("`{CHECK} {}` failed: {} is {got}", c.text, c.what))
+        })
+        .collect()
+}
 
 fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -80,6 +155,7 @@ fn every_spec_round_trips_through_text() {
 /// One parsed `.ir` file.
 struct FileTest {
     phases: Vec<String>,
+    checks: Vec<Check>,
     /// The text handed to the parser: everything above `; expect:`.
     input: String,
     /// The expected output (`None` when the file has no `; expect:` yet).
@@ -114,8 +190,14 @@ fn read_test(text: &str) -> Result<FileTest, String> {
         ));
     };
     let phases: Vec<String> = run.split(',').map(|p| p.trim().to_string()).collect();
+    let checks = input
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(CHECK))
+        .map(parse_check)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(FileTest {
         phases,
+        checks,
         input: input.to_string(),
         expected,
     })
@@ -167,7 +249,14 @@ fn rewrite_file_tests() {
             }
         };
         let actual = match run_phases(&test) {
-            Ok(g) => g.to_text(),
+            Ok(g) => {
+                failures.extend(
+                    failed_checks(&test.checks, &g)
+                        .into_iter()
+                        .map(|f| format!("{name}: {f}")),
+                );
+                g.to_text()
+            }
             Err(e) => {
                 failures.push(format!("{name}: {e}"));
                 continue;
@@ -215,5 +304,22 @@ fn file_format() {
     assert_eq!(t.phases, ["self_normalize", "optimize"]);
     assert_eq!(t.expected, None);
     assert!(read_test("graph g {\n}\n; expect:\n").is_err());
+    // Checks: parsed, measured, and reported when they fail.
+    let t = read_test(
+        "; run: optimize\n; check: no inverse\n; check: gemm = 2\n; check: kernels <= 3\n\
+         graph g {\n  %0 = param a : [2, 2]\n  %1 = matmul %0, %0 : [2, 2]\n  output y = %1\n}\n",
+    )
+    .expect("reads");
+    assert_eq!(t.checks.len(), 3);
+    assert_eq!(
+        (t.checks[1].what.as_str(), t.checks[1].cmp, t.checks[1].bound),
+        ("gemm", "=", 2)
+    );
+    let g = run_phases(&t).expect("runs");
+    assert_eq!(
+        failed_checks(&t.checks, &g),
+        ["`; check: gemm = 2` failed: gemm is 1"]
+    );
+    assert!(read_test("; run: optimize\n; check: gemm is many\ngraph g {\n}\n").is_err());
     assert!(read_test("; run: optimize\n; run: optimize\ngraph g {\n}\n").is_err());
 }
