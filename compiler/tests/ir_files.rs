@@ -312,7 +312,11 @@ fn file_format() {
     .expect("reads");
     assert_eq!(t.checks.len(), 3);
     assert_eq!(
-        (t.checks[1].what.as_str(), t.checks[1].cmp, t.checks[1].bound),
+        (
+            t.checks[1].what.as_str(),
+            t.checks[1].cmp,
+            t.checks[1].bound
+        ),
         ("gemm", "=", 2)
     );
     let g = run_phases(&t).expect("runs");

@@ -4,10 +4,10 @@
 use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
 use crate::distributed::Communicator;
+use crate::executors::adam::{Adam, AdamState, LearningRates};
 use crate::host::exec::{ExecError, Executor, Feeds, Program, Tensor};
 use crate::host::linalg::{GemmShape, Real};
 use crate::profile::{Profile, ProfileRow, Work};
-use crate::train::{Adam, AdamState, LearningRates};
 use snfc_compiler::plan::{AllReduce, Plan};
 use std::any::Any;
 use std::sync::Arc;

@@ -17,10 +17,10 @@ pub mod probe;
 pub mod source;
 pub mod tensor_kernels;
 
+use crate::executors::adam::AdamState;
 use crate::host::exec::{ExecError, Tensor};
 use crate::host::linalg;
 use crate::profile::{Profile, ProfileRow, Work};
-use crate::train::AdamState;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
@@ -576,7 +576,7 @@ impl<R: Runtime> GpuProgram<R> {
     /// gradients the last [`run`](Self::run) left in their buffers.
     pub fn adam_step(
         &mut self,
-        lr: &crate::train::LearningRates,
+        lr: &crate::executors::adam::LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,
@@ -596,7 +596,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     fn adam_launches(
         &mut self,
-        lr: &crate::train::LearningRates,
+        lr: &crate::executors::adam::LearningRates,
         betas: [f64; 2],
         eps: f64,
         grad_scale: f64,
