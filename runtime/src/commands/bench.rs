@@ -123,8 +123,7 @@ pub fn bench_step<T: Real + 'static>(
         return Err(ExecError::Device {
             graph: spec.name.clone(),
             message: format!(
-                "/train/batch_size {global_batch} is the global batch: it must be a multiple of the {ranks} ranks of {}",
-                comm.describe()
+                "/train/batch_size {global_batch} is the global batch: it must be a multiple of the {ranks} ranks of this job"
             ),
         });
     }

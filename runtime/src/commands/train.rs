@@ -873,8 +873,8 @@ pub fn train<T: Real + 'static>(
     if !batch.is_multiple_of(ranks) {
         return Err(TrainError::Setup(format!(
             "/train/batch_size {batch} is the global batch, split evenly over the {ranks} ranks \
-             of {}: it must be a multiple of {ranks} (each rank takes batch_size / {ranks} rows)",
-            comm.describe()
+             of this job: it must be a multiple of {ranks} (each rank takes batch_size / {ranks} \
+             rows)"
         )));
     }
     if ranks > 1 && opts.angle_every.is_some() {
