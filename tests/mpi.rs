@@ -618,3 +618,42 @@ fn shipped_fc2_and_cnn9_train_alike_on_two_ranks() {
         assert_close_metrics(&metrics(&one), &metrics(&two), 1e-9);
     }
 }
+
+/// A global batch that does not split evenly over the ranks is one clear error before anything
+/// runs or is written.
+#[test]
+fn a_batch_that_does_not_split_over_the_ranks_is_refused() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 40);
+    let spec = dir.path().join("odd.json");
+    std::fs::write(
+        &spec,
+        r#"{"name": "odd", "input": {"shape": [1, 8, 8], "preprocess": "dequantize_logit"},
+            "layers": [{"type": "linear"}], "train": {"batch_size": 9}}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let o = run(
+        2,
+        &[
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "-q",
+            "--out",
+            p(&out),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: /train/batch_size 9 is the global batch")
+            && err.contains("multiple of 2"),
+        "{err}"
+    );
+    assert!(!out.exists(), "the run directory was created");
+}
