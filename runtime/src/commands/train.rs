@@ -561,6 +561,35 @@ pub fn spec_differences(run: &FlowSpec, now: &FlowSpec) -> Vec<String> {
     out
 }
 
+/// Rank 0's parameter values on every rank, in name order, through one broadcast of their f64
+/// bytes (exact for f32 values too).
+fn broadcast_parameters<T: Real>(
+    model: &mut Model<T>,
+    comm: &dyn crate::distributed::Communicator,
+) {
+    let mut names: Vec<String> = model.values.keys().cloned().collect();
+    names.sort();
+    let mut bytes = Vec::new();
+    if comm.rank() == 0 {
+        for name in &names {
+            for v in model.values[name].iter() {
+                bytes.extend_from_slice(&v.as_f64().to_le_bytes());
+            }
+        }
+    }
+    comm.broadcast_bytes(0, &mut bytes);
+    let mut words = bytes.chunks_exact(8).map(|c| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        T::of_f64(f64::from_le_bytes(word))
+    });
+    for name in &names {
+        let len = model.values[name].len();
+        let values: Vec<T> = words.by_ref().take(len).collect();
+        model.values.insert(name.clone(), Arc::new(values));
+    }
+}
+
 /// The drift guard of data-parallel training: every rank applied the same averaged gradients
 /// to the same parameters, so their parameters are bit for bit rank 0's. A rank whose are not
 /// stops the job rather than train on as another model.
@@ -1065,6 +1094,11 @@ pub fn train<T: Real + 'static>(
             },
         ),
     };
+    if ranks > 1 && !resume {
+        // Horovod's broadcast_parameters: every rank starts from rank 0's model (a resumed run
+        // already read rank 0's bytes).
+        broadcast_parameters(&mut model, comm.as_ref());
+    }
     state.options = Some(run_options);
     let mut metrics = if leader {
         Some(
