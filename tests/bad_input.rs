@@ -1681,7 +1681,7 @@ fn every_malformed_input_is_one_clear_error_and_changes_nothing() {
 }
 
 /// `snfc eval --data FILE.npy` evaluates the whole file, so it needs no train / validation /
-/// test split and any number of examples will do (issue 10: two rows were refused).
+/// test split and any number of examples will do (two rows are not refused).
 #[test]
 fn eval_of_a_two_row_npy_file_evaluates_both_rows() {
     let dir = tempfile::tempdir().expect("temp dir");

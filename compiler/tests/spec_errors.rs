@@ -142,7 +142,7 @@ fn spec_files_parse() {
     let sn = load_spec(&spec_path("mnist_fc2.json")).expect("mnist_fc2.json is valid");
     assert_eq!(sn.name, "mnist_fc2");
     assert_eq!(sn.objective.gradient, GradientMode::SelfNormalizing);
-    // The docs' example with the learned inverses stepping 10× faster (README, issue 10).
+    // The README's example with the learned inverses stepping 10× faster.
     let mut fast = base();
     fast["train"]["optimizer"]["adam"]["inverse_lr_scale"] = json!(10.0);
     assert_eq!(sn, parse_spec(&fast.to_string()).expect("valid"));

@@ -1,4 +1,4 @@
-//! Runs that survive interruption and divergence (issue 10): a run continued from its
+//! Runs that survive interruption and divergence: a run continued from its
 //! `last.safetensors` ends bit-identical to an uninterrupted one (parameters, Adam moments,
 //! data order, noise, λ), and a diverging run stops with an error naming where and why,
 //! keeping the checkpoints of its last good epoch.
