@@ -280,6 +280,15 @@ fn resolve_device(d: Device) -> Result<Chosen> {
     Ok(chosen)
 }
 
+/// [`resolve_device`] for a rank of a data-parallel job: only rank 0 says which device.
+fn resolve_device_on(d: Device, comm: &distributed::Comm) -> Result<Chosen> {
+    if comm.rank() == 0 {
+        resolve_device(d)
+    } else {
+        choose(d.kind()).map_err(|e| anyhow!(e))
+    }
+}
+
 /// Evaluation and sampling run in f64 on the host (exact log-determinants by LU).
 fn host_only(d: Device, what: &str) -> Result<()> {
     if matches!(d, Device::Wgpu | Device::Cuda) {
@@ -465,11 +474,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
             quiet,
         } => {
             let leader = comm.rank() == 0;
-            let chosen = if leader {
-                resolve_device(device)?
-            } else {
-                choose(device.kind()).map_err(|e| anyhow!(e))?
-            };
+            let chosen = resolve_device_on(device, comm)?;
             if leader && comm.size() > 1 {
                 eprintln!(
                     "data-parallel: {}, each taking an equal share of every batch",
@@ -805,11 +810,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
         } => {
             // Under `mpirun`, every rank times its share of the batch and rank 0 reports.
             let leader = comm.rank() == 0;
-            let chosen = if leader {
-                resolve_device(device)?
-            } else {
-                choose(device.kind()).map_err(|e| anyhow!(e))?
-            };
+            let chosen = resolve_device_on(device, comm)?;
             let spec = spec_from(&spec)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
