@@ -607,8 +607,10 @@ fn sum_all(b: &mut GraphBuilder, terms: Vec<NodeIndex>) -> Option<NodeIndex> {
     terms.into_iter().reduce(|acc, t| b.add2(acc, t))
 }
 
-/// The exact training graph at batch size `batch`: outputs `loss`, `objective`, `recon`
-/// (self-normalizing only) and `grad.<param>` for every parameter the objective depends on.
+/// The exact training graph at batch size `batch`: outputs `loss`, `objective`, `nll_data`
+/// (−mean ln p^f without Σ ln|det W|: the training NLL once the parameters' log-dets are
+/// added), `recon` (self-normalizing only) and `grad.<param>` for every parameter the objective
+/// depends on.
 /// Gradients are exact (they contain `inverse` nodes); the self-normalizing substitution is the
 /// job of [`crate::rewrite`].
 pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
@@ -617,9 +619,17 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
     let snf = spec.objective.gradient == GradientMode::SelfNormalizing;
     let f = lw.flow(h0, false, snf);
     let bsz = batch as f64;
-    let (loss, objective, recon) = if snf {
+    let (loss, objective, recon, nll_data) = if snf {
         let g = lw.flow(h0, true, false);
         let b = &mut lw.b;
+        // −mean ln p^f without Σ ln|det W| (the f-flow's data terms alone, what the exact
+        // likelihood adds the parameters' log-dets to).
+        let f_lp = match pre_ld {
+            Some(p) => b.add2(f.logp_data, p),
+            None => f.logp_data,
+        };
+        let f_total = b.sum(f_lp, None);
+        let nll_data = b.scale(f_total, -1.0 / bsz);
         let mut lp = b.add2(f.logp_data, g.logp_data);
         if let Some(p) = pre_ld {
             // Both densities include the preprocessing log-det.
@@ -664,7 +674,7 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
             }
             None => loss,
         };
-        (loss, objective, recon)
+        (loss, objective, recon, nll_data)
     } else {
         let b = &mut lw.b;
         let mut lp = f.logp_data;
@@ -677,7 +687,7 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
             Some(c) => b.sub(loss, c),
             None => loss,
         };
-        (loss, objective, None)
+        (loss, objective, None, loss)
     };
     let params: Vec<(String, NodeIndex)> = parameters(spec)
         .into_iter()
@@ -691,6 +701,7 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
     let b = &mut lw.b;
     b.output("loss", loss);
     b.output("objective", objective);
+    b.output("nll_data", nll_data);
     if let Some(r) = recon {
         b.output("recon", r);
     }
