@@ -12,6 +12,7 @@ use snfc_runtime::data::{load_data, Split};
 use snfc_runtime::distributed;
 use snfc_runtime::host::linalg::Real;
 use snfc_runtime::model::{write_safetensors, Model};
+use snfc_runtime::progress::Progress;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -21,7 +22,9 @@ use std::path::{Path, PathBuf};
     about = "The self-normalizing flow compiler",
     after_help = "Exit status: 0 done; 1 error (bad input, I/O, a run that cannot start); 2 usage \
                   (unknown flag or command); 3 the training run diverged (a non-finite loss, \
-                  gradient or parameter; the last complete checkpoint is kept)."
+                  gradient or parameter; the checkpoints written before are kept); 130 \
+                  interrupted (Ctrl-C or SIGTERM: `train` finishes the step in progress and \
+                  writes last.safetensors there, which --resume continues from)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,6 +69,10 @@ enum Dtype {
 #[derive(Subcommand)]
 enum Command {
     /// Compile a spec and print or write what was compiled.
+    #[command(after_help = "Examples:
+  snfc compile specs/mnist_fc2.json                      # the optimized step's IR
+  snfc compile specs/mnist_cnn9.json --emit stats        # op counts, FLOPs, e-graph phases
+  snfc compile specs/mnist_fc2.json --emit plan,cuda -o build/fc2")]
     Compile {
         /// The flow spec (JSON) to compile.
         spec: PathBuf,
@@ -82,21 +89,29 @@ enum Command {
         #[arg(long)]
         batch: Option<usize>,
     },
-    /// Train a spec (or a compiled plan.json); writes OUT/metrics.jsonl and
-    /// OUT/checkpoint.safetensors (best validation epoch).
+    /// Train a spec (or a compiled plan.json); writes OUT/metrics.jsonl,
+    /// OUT/checkpoint.safetensors (best validation epoch) and OUT/last.safetensors (where
+    /// --resume continues). Ctrl-C or SIGTERM stops after the step in progress, saved (exit
+    /// 130); a second one stops at once.
+    #[command(after_help = "Examples:
+  snfc train specs/mnist_fc2.json --epochs 5          # into runs/mnist_fc2
+  snfc train specs/mnist_cnn9.json --data ~/mnist -o runs/cnn9
+  snfc train --resume runs/cnn9 --epochs 100          # continue, with a higher target")]
     Train {
-        /// The flow spec (JSON), or a plan.json from `snfc compile --emit plan`.
-        spec: PathBuf,
+        /// The flow spec (JSON), or a plan.json from `snfc compile --emit plan`; with `--resume
+        /// RUN` it may be left out (the run's spec is stored in its last.safetensors).
+        spec: Option<PathBuf>,
         /// Epochs to train (default: the spec's /train/epochs); with --resume, the new target.
         #[arg(long)]
         epochs: Option<usize>,
-        /// Output directory (default runs/<spec name>).
-        #[arg(long)]
+        /// Output directory (default runs/<spec name>); one run at a time may use it.
+        #[arg(short, long)]
         out: Option<PathBuf>,
         /// MNIST directory (IDX files), CIFAR-10 directory (data_batch_*.bin, test_batch.bin) or a .npy file; default: the embedded 10,000 MNIST digits.
         #[arg(long)]
         data: Option<PathBuf>,
-        /// Stop after this many optimizer steps.
+        /// Stop after this many optimizer steps (of the whole run), validating where it stops;
+        /// a stop within an epoch is saved there, and --resume finishes that epoch.
         #[arg(long)]
         steps: Option<usize>,
         /// Seed of the initialization, data order and noise (default: the spec's /train/seed).
@@ -113,11 +128,11 @@ enum Command {
         /// metrics are moved to OUT/previous-N, never deleted.
         #[arg(long, conflicts_with = "resume")]
         force: bool,
-        /// Continue the run in the output directory from its last.safetensors (parameters, Adam
-        /// state, data order, RNG, λ, best NLL so far); --epochs may raise the target. Without
-        /// a last.safetensors the run starts from the beginning.
-        #[arg(long)]
-        resume: bool,
+        /// Continue a run from its last.safetensors (parameters, Adam state, data order, RNG,
+        /// λ, best NLL so far, the step within an unfinished epoch): RUN is the run directory
+        /// or its last.safetensors; bare, the --out directory. --epochs may raise the target.
+        #[arg(long, value_name = "RUN", num_args = 0..=1)]
+        resume: Option<Option<PathBuf>>,
         /// Every N steps, compute the exact gradient at the same parameters and batch and log
         /// the angle (degrees) between it and the self-normalizing gradient, per layer and
         /// mean (metrics.jsonl `grad_angle_deg`; the paper's Fig. 3).
@@ -131,11 +146,18 @@ enum Command {
         /// approximation from the objective itself.
         #[arg(long, conflicts_with = "no_fusion")]
         exact: bool,
-        /// No progress bar or per-epoch lines.
+        /// No progress bar, device line or per-epoch lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Print one JSON object summarizing the run on stdout when it ends.
+        #[arg(long)]
+        json: bool,
     },
     /// Exact negative log-likelihood of a checkpoint on the test split.
+    #[command(after_help = "Examples:
+  snfc eval runs/mnist_fc2/checkpoint.safetensors
+  snfc eval runs/mnist_fc2/checkpoint.safetensors --split valid --json
+  snfc eval runs/cnn9/checkpoint.safetensors --data ~/mnist        # the full MNIST test set")]
     Eval {
         /// A checkpoint (.safetensors) written by `snfc train`.
         checkpoint: PathBuf,
@@ -157,6 +179,10 @@ enum Command {
         device: Device,
     },
     /// Draw samples: z ~ N(0, I) through the learned inverse (or the exact one).
+    #[command(after_help = "Examples:
+  snfc sample runs/mnist_fc2/checkpoint.safetensors -n 64 -o samples.png
+  snfc sample runs/glow/checkpoint.safetensors --temperature 0.7 -o cold.png
+  snfc sample runs/mnist_fc2/checkpoint.safetensors --exact-inverse -o exact.npy")]
     Sample {
         /// A checkpoint (.safetensors) written by `snfc train`.
         checkpoint: PathBuf,
@@ -185,6 +211,9 @@ enum Command {
         device: Device,
     },
     /// One step's gradients for given parameters and batch, as safetensors.
+    #[command(after_help = "Examples:
+  snfc grad specs/mnist_fc2.json --params runs/mnist_fc2/checkpoint.safetensors --input x.npy -o g.safetensors
+  snfc grad specs/mnist_fc2.json --params p.safetensors --input x.npy --noise u.npy --dtype f64 -o g.safetensors")]
     Grad {
         /// The flow spec (JSON) whose step to run.
         spec: PathBuf,
@@ -218,6 +247,10 @@ enum Command {
         device: Device,
     },
     /// Time the training step: median step time, examples/s, GFLOP/s.
+    #[command(after_help = "Examples:
+  snfc bench specs/mnist_fc2.json --compare-exact
+  snfc bench specs/mnist_cnn9.json --profile          # where the step's time goes
+  snfc bench --scaling fc --dims 256,784,3072 -o bench/scaling")]
     Bench {
         /// The spec to time (not with --scaling).
         #[arg(required_unless_present = "scaling")]
@@ -259,9 +292,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "host")]
         device: Device,
     },
-    /// Draw the curves of one or more runs into a PNG: validation NLL (nats, bits/dim) and
-    /// training loss against epoch, validation NLL against wall-clock time, and the
-    /// reconstruction error, λ and gradient angles where logged. One colour per run.
+    /// Draw the curves of one or more runs into a PNG: the validation NLL (solid) and training
+    /// NLL (dashed) in nats and bits/dim against epoch, the validation NLL against wall-clock
+    /// time, the training objective, and the reconstruction error, λ and gradient angles where
+    /// logged. One colour per run.
+    #[command(after_help = "Examples:
+  snfc plot runs/mnist_fc2 -o curves.png
+  snfc plot runs/mnist_fc2 runs/mnist_fc2_exact -o compare.png      # overlaid, one colour each")]
     Plot {
         /// Run directories (each with a metrics.jsonl), or metrics files (named by their file name
         /// unless it is metrics.jsonl).
@@ -280,13 +317,69 @@ fn resolve_device(d: Device) -> Result<Chosen> {
     Ok(chosen)
 }
 
-/// [`resolve_device`] for a rank of a data-parallel job: only rank 0 says which device.
-fn resolve_device_on(d: Device, comm: &distributed::Comm) -> Result<Chosen> {
-    if comm.rank() == 0 {
+/// [`resolve_device`] for a rank of a data-parallel job: only rank 0 says which device, and
+/// not under `--quiet`.
+fn resolve_device_on(d: Device, comm: &distributed::Comm, quiet: bool) -> Result<Chosen> {
+    if comm.rank() == 0 && !quiet {
         resolve_device(d)
     } else {
         choose(d.kind()).map_err(|e| anyhow!(e))
     }
+}
+
+/// `train` stopped by Ctrl-C or SIGTERM: exit status 130, after this message.
+#[derive(Debug)]
+struct Interrupted(String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The run directory that `--resume RUN` names: RUN itself, or the directory of its
+/// last.safetensors.
+fn run_directory(run: &Path) -> Result<PathBuf> {
+    if run.is_dir() || !run.exists() {
+        return Ok(run.to_path_buf());
+    }
+    let name = run.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name == snfc_runtime::train::LAST_CHECKPOINT {
+        let dir = run.parent().unwrap_or(Path::new(""));
+        return Ok(if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir.to_path_buf()
+        });
+    }
+    if run.extension().is_some_and(|e| e == "json") {
+        bail!(
+            "--resume {}: this is a spec; --resume takes the run to continue (its directory or its last.safetensors): `snfc train {} --resume DIR`",
+            run.display(),
+            run.display()
+        );
+    }
+    bail!(
+        "--resume {}: not a run; --resume takes the run directory or its {} (the file that holds the run's state; {} holds only the best parameters)",
+        run.display(),
+        snfc_runtime::train::LAST_CHECKPOINT,
+        snfc_runtime::train::BEST_CHECKPOINT
+    )
+}
+
+/// Stop `train` after the step in progress on SIGINT or SIGTERM (the flag is
+/// `TrainOptions::interrupt`); a second signal ends the process at once with status 130.
+fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag as the earlier signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, asked.clone())?;
+        signal_hook::flag::register(signal, asked.clone())?;
+    }
+    Ok(asked)
 }
 
 /// Evaluation and sampling run in f64 on the host (exact log-determinants by LU).
@@ -411,6 +504,14 @@ fn main() {
     };
     if let Err(e) = run(cli, &comm) {
         let (rank, ranks) = (comm.rank(), comm.size());
+        if let Some(Interrupted(message)) = e.downcast_ref::<Interrupted>() {
+            // Every rank stopped after the same step, and the run is saved: end normally.
+            if rank == 0 {
+                eprintln!("{message}");
+            }
+            drop(comm);
+            std::process::exit(130);
+        }
         if rank > 0 {
             // Most failures happen on every rank at once (a bad spec, a diverged step): rank 0
             // reports them and ends the job; a rank that failed alone says so after a moment.
@@ -430,6 +531,109 @@ fn main() {
             comm.abort(code);
         }
         std::process::exit(code);
+    }
+}
+
+/// A usage error (exit status 2), in clap's words and format.
+fn usage_error(message: &str) -> ! {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    cli.build();
+    let train = cli.find_subcommand_mut("train").cloned();
+    train
+        .unwrap_or(cli)
+        .error(clap::error::ErrorKind::MissingRequiredArgument, message)
+        .exit()
+}
+
+/// What `train` says when it ends: the best epoch, where it stopped, or (`--json`) one object.
+/// An interrupted run is an [`Interrupted`] error (exit status 130).
+fn report_training(
+    summary: &snfc_runtime::train::TrainSummary,
+    out: &Path,
+    json: bool,
+) -> Result<()> {
+    let resume_hint = format!("`snfc train --resume {}`", out.display());
+    let stopped_at = summary.stopped.as_ref().map(|s| {
+        if s.step == s.steps_per_epoch {
+            format!(
+                "after epoch {} (step {} of the run)",
+                s.epoch, s.total_steps
+            )
+        } else {
+            format!(
+                "after step {} of {} in epoch {} (step {} of the run)",
+                s.step, s.steps_per_epoch, s.epoch, s.total_steps
+            )
+        }
+    });
+    if json {
+        let last = summary.records.last();
+        let v = serde_json::json!({
+            "out": out.display().to_string(),
+            "epochs_run": summary.records.iter().filter(|r| !r.partial).count(),
+            "steps": summary.stopped.as_ref().map(|s| s.total_steps)
+                .or(summary.reached.as_ref().map(|r| r.steps))
+                .or(last.map(|r| r.steps)),
+            "best_epoch": summary.best.as_ref().map(|_| summary.best_epoch),
+            "best_val_nll_nats": summary.best.as_ref().map(|b| b.nll_nats),
+            "best_val_bits_per_dim": summary.best.as_ref().map(|b| b.bits_per_dim),
+            "checkpoint": summary.best.as_ref().map(|_| summary.checkpoint.display().to_string()),
+            "last": last,
+            "stopped": summary.stopped.as_ref().map(|s| serde_json::json!({
+                "epoch": s.epoch,
+                "step_in_epoch": s.step,
+                "steps_per_epoch": s.steps_per_epoch,
+                "interrupted": s.interrupted,
+                "saved": s.saved,
+            })),
+            "already_reached": summary.reached.is_some(),
+        });
+        println!("{v}");
+    } else {
+        if let Some(r) = &summary.reached {
+            println!(
+                "the run already reached epoch {} of {} (step {}): nothing to train; raise {} to continue",
+                r.epoch,
+                r.epochs,
+                r.steps,
+                if r.epoch < r.epochs {
+                    "--steps"
+                } else {
+                    "--epochs (or /train/epochs)"
+                }
+            );
+        }
+        match &summary.best {
+            Some(b) => println!(
+                "best validation NLL {:.2} nats ({:.4} bits/dim) at epoch {}; checkpoint {}",
+                b.nll_nats,
+                b.bits_per_dim,
+                summary.best_epoch,
+                summary.checkpoint.display()
+            ),
+            None if summary.stopped.as_ref().is_some_and(|s| s.saved) => {
+                println!("no epoch was validated yet")
+            }
+            None => println!("no epoch ran (nothing saved)"),
+        }
+        if let (Some(s), Some(at)) = (&summary.stopped, &stopped_at) {
+            if !s.interrupted {
+                println!("stopped by --steps {at}; {resume_hint} with a higher --steps (or none) continues from there");
+            }
+        }
+    }
+    match (&summary.stopped, stopped_at) {
+        (Some(s), Some(at)) if s.interrupted && s.saved => Err(Interrupted(format!(
+            "interrupted: stopped {at}; {} holds the run there, and {resume_hint} continues it",
+            out.join(snfc_runtime::train::LAST_CHECKPOINT).display()
+        ))
+        .into()),
+        (Some(s), _) if s.interrupted => Err(Interrupted(
+            "interrupted before the first step: nothing was trained or written".to_string(),
+        )
+        .into()),
+        _ => Ok(()),
     }
 }
 
@@ -472,16 +676,69 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
             no_fusion,
             exact,
             quiet,
+            json,
         } => {
             let leader = comm.rank() == 0;
-            let chosen = resolve_device_on(device, comm)?;
-            if leader && comm.size() > 1 {
+            if force && resume.is_some() {
+                usage_error("--force starts over and --resume continues: give one of them");
+            }
+            // `--resume RUN` names the run directory (or its last.safetensors).
+            let resume_dir = match &resume {
+                Some(Some(run)) => Some(run_directory(run)?),
+                _ => None,
+            };
+            let out = match (out, resume_dir) {
+                (Some(o), Some(r)) if o != r => bail!(
+                    "--out {} and --resume {} name different runs; --resume RUN alone names the run",
+                    o.display(),
+                    r.display()
+                ),
+                (o, r) => o.or(r),
+            };
+            let (spec, plan) = match (&spec, &out) {
+                (Some(path), _) => spec_or_plan(path)?,
+                // The run's own spec, from its last.safetensors (rank 0 reads, all get it).
+                (None, Some(dir)) if resume.is_some() => {
+                    let last = dir.join(snfc_runtime::train::LAST_CHECKPOINT);
+                    let mut text = Vec::new();
+                    if leader {
+                        let read = if last.exists() {
+                            snfc_runtime::train::recorded_spec(&last)
+                                .map(|s| s.to_json_pretty())
+                                .map_err(anyhow::Error::from)
+                        } else {
+                            Err(anyhow!(
+                                "--resume: {} does not exist ({} holds no run to continue)",
+                                last.display(),
+                                dir.display()
+                            ))
+                        };
+                        match read {
+                            Ok(t) => text = t.into_bytes(),
+                            Err(e) if comm.size() > 1 => {
+                                for line in format!("{e:#}").lines() {
+                                    eprintln!("error: {line}");
+                                }
+                                comm.abort(1);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    comm.broadcast_bytes(0, &mut text);
+                    let text = String::from_utf8(text)?;
+                    (snfc_compiler::spec::parse_spec(&text).map_err(|e| anyhow!("{e}"))?, None)
+                }
+                _ => usage_error(
+                    "train needs a SPEC (a flow spec or plan.json), or --resume RUN to continue a run",
+                ),
+            };
+            let chosen = resolve_device_on(device, comm, quiet)?;
+            if leader && comm.size() > 1 && !quiet {
                 eprintln!(
                     "data-parallel: {}, each taking an equal share of every batch",
                     comm.describe()
                 );
             }
-            let (spec, plan) = spec_or_plan(&spec)?;
             if plan.is_some() && (no_fusion || exact) {
                 bail!("--no-fusion/--exact: the plan was compiled already; train the spec instead");
             }
@@ -498,7 +755,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
             // Rank 0's run directory is the run's: the other ranks take its recorded options.
             let mut recorded_json = Vec::new();
             if leader {
-                let recorded = if resume && last.exists() {
+                let recorded = if resume.is_some() && last.exists() {
                     snfc_runtime::train::recorded_options(&last)
                 } else {
                     Ok(None)
@@ -536,7 +793,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                 .unwrap_or(Dtype::F32);
             let loaded = load_data(data.as_deref().map(Path::new))?;
             let opts = snfc_runtime::train::TrainOptions {
-                out,
+                out: out.clone(),
                 epochs,
                 steps,
                 seed,
@@ -546,44 +803,25 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                     .unwrap_or(OptLevel::Full),
                 progress: !quiet,
                 force,
-                resume,
+                resume: resume.is_some(),
                 angle_every,
                 device: chosen,
                 plan: plan.map(|p| p.step),
                 data,
                 comm: comm.clone(),
+                interrupt: stop_on_signals()?,
             };
             let summary = match dtype {
                 Dtype::F32 => snfc_runtime::train::train::<f32>(&spec, &loaded, &opts)?,
                 Dtype::F64 => snfc_runtime::train::train::<f64>(&spec, &loaded, &opts)?,
             };
             if !leader {
-                return Ok(());
+                return match &summary.stopped {
+                    Some(s) if s.interrupted => Err(Interrupted(String::new()).into()),
+                    _ => Ok(()),
+                };
             }
-            if let Some(r) = &summary.reached {
-                println!(
-                    "the run already reached epoch {} of {} (step {}): nothing to train; raise {} to continue",
-                    r.epoch,
-                    r.epochs,
-                    r.steps,
-                    if r.epoch < r.epochs {
-                        "--steps"
-                    } else {
-                        "--epochs (or /train/epochs)"
-                    }
-                );
-            }
-            match &summary.best {
-                Some(b) => println!(
-                    "best validation NLL {:.2} nats ({:.4} bits/dim) at epoch {}; checkpoint {}",
-                    b.nll_nats,
-                    b.bits_per_dim,
-                    summary.best_epoch,
-                    summary.checkpoint.display()
-                ),
-                None => println!("no epoch ran (nothing saved)"),
-            }
-            Ok(())
+            report_training(&summary, &out, json)
         }
         Command::Eval {
             checkpoint,
@@ -598,7 +836,15 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
             checkpoint_path(&checkpoint)?;
             let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
             let (split, measured) = eval_split(&model.spec, data.as_deref(), split.as_deref())?;
-            let r = snfc_runtime::eval::evaluate(&model, &split, 500, 0)?;
+            let progress = Progress::new(split.n as u64, "evaluating", "examples", !json);
+            let r = snfc_runtime::eval::evaluate_sharded(
+                &model,
+                &split,
+                500,
+                0,
+                &distributed::Solo,
+                &progress,
+            )?;
             if json {
                 let mut v = serde_json::to_value(&r)?;
                 v["data"] = serde_json::Value::String(measured);
@@ -680,7 +926,16 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
                     out.display()
                 ),
             }
-            let rows = snfc_runtime::sample::sample_at(&model, n, seed, exact, temperature)?;
+            let progress =
+                Progress::new(model.spec.layers.len() as u64, "sampling", "layers", true);
+            let rows = snfc_runtime::sample::sample_showing(
+                &model,
+                n,
+                seed,
+                exact,
+                temperature,
+                &progress,
+            )?;
             match grid {
                 Some([c, h, w]) if extension.as_deref() == Some("png") => {
                     let pixels = snfc_runtime::sample::to_pixels(&rows);
@@ -810,7 +1065,7 @@ fn run(cli: Cli, comm: &distributed::Comm) -> Result<()> {
         } => {
             // Under `mpirun`, every rank times its share of the batch and rank 0 reports.
             let leader = comm.rank() == 0;
-            let chosen = resolve_device_on(device, comm)?;
+            let chosen = resolve_device_on(device, comm, false)?;
             let spec = spec_from(&spec)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -1035,8 +1290,15 @@ fn grad<T: Real + 'static>(spec: &FlowSpec, args: &GradArgs) -> Result<()> {
         Some(r) => snfc_runtime::grad::Noise::Rows(r),
         None => snfc_runtime::grad::Noise::Seed(args.seed),
     };
-    let named =
-        snfc_runtime::grad::gradients(&model, &values, batch, noise, args.level, &args.device)?;
+    let named = snfc_runtime::grad::gradients(
+        &model,
+        &values,
+        batch,
+        noise,
+        args.level,
+        &args.device,
+        &Progress::new(3, "grad", "stages", true),
+    )?;
     let meta = std::collections::HashMap::from([
         ("spec".to_string(), spec.to_json_pretty()),
         ("format".to_string(), "snfc-grad-v1".to_string()),

@@ -622,7 +622,11 @@ fn wgpu_training_follows_the_host_curve() {
         records.push(line);
     }
     let (host, gpu) = (&records[0], &records[1]);
-    for key in ["train_loss", "val_nll_nats"] {
+    for key in [
+        "train_objective_data_terms",
+        "train_nll_nats",
+        "val_nll_nats",
+    ] {
         let (a, b) = (host[key].as_f64().unwrap(), gpu[key].as_f64().unwrap());
         assert!(
             (a - b).abs() <= 1e-3 * a.abs(),
@@ -1421,7 +1425,11 @@ fn a_small_glow_trains_on_wgpu_like_the_host() {
         records.push(serde_json::from_str::<serde_json::Value>(m.lines().next().unwrap()).unwrap());
     }
     let (host, gpu) = (&records[0], &records[1]);
-    for key in ["train_loss", "val_nll_nats"] {
+    for key in [
+        "train_objective_data_terms",
+        "train_nll_nats",
+        "val_nll_nats",
+    ] {
         let (a, b) = (host[key].as_f64().unwrap(), gpu[key].as_f64().unwrap());
         assert!(
             (a - b).abs() <= 1e-3 * a.abs(),
@@ -1473,23 +1481,91 @@ fn auto_device_probe_prints_no_runtime_dir_error() {
 /// write (after its temporary file, before the rename), then resumed each time with `--resume`,
 /// ends with checkpoints bit-identical to an uninterrupted run of the same seed, and the same
 /// metrics.
-#[test]
-fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = dir.path().join("small.json");
+/// A small spec of `epochs` epochs and its data (300 rows of 6 values; batches of 10, so 24
+/// steps an epoch on the 240 training rows) for the tests that stop and resume runs.
+fn resumable_run(dir: &Path, epochs: usize) -> (PathBuf, PathBuf) {
+    let spec = dir.join("small.json");
     std::fs::write(
         &spec,
-        r#"{"name": "small", "input": {"shape": [6], "preprocess": "none"},
-            "layers": [{"type": "linear"}, {"type": "smooth_leaky_relu"}, {"type": "linear"}],
-            "train": {"batch_size": 10, "epochs": 300, "warmup_epochs": 3, "seed": 5,
-                      "optimizer": {"adam": {"lr": 3e-3}}}}"#,
+        format!(
+            r#"{{"name": "small", "input": {{"shape": [6], "preprocess": "none"}},
+            "layers": [{{"type": "linear"}}, {{"type": "smooth_leaky_relu"}}, {{"type": "linear"}}],
+            "train": {{"batch_size": 10, "epochs": {epochs}, "warmup_epochs": 3, "seed": 5,
+                      "optimizer": {{"adam": {{"lr": 3e-3}}}}}}}}"#
+        ),
     )
     .unwrap();
-    let data = dir.path().join("data.npy");
+    let data = dir.join("data.npy");
     let rows: Vec<f64> = (0..300 * 6)
         .map(|i| ((i * 7919 % 1000) as f64 / 500.0 - 1.0) * (1.0 + (i % 6) as f64))
         .collect();
     snfc_runtime::npy::write_npy_f64(&data, &[300, 6], &rows).unwrap();
+    (spec, data)
+}
+
+/// Lines of a run's metrics.jsonl without the timings.
+fn metrics_without_timings(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("examples_per_sec");
+            v
+        })
+        .collect()
+}
+
+/// Two runs' checkpoint `file` holds the same tensors, bit for bit.
+fn assert_same_tensors(a: &Path, b: &Path, file: &str) {
+    let (x, y) = (
+        read_safetensors(&a.join(file)),
+        read_safetensors(&b.join(file)),
+    );
+    assert_eq!(
+        x.tensors.keys().collect::<Vec<_>>(),
+        y.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, (_, _, v)) in &x.tensors {
+        let w = &y.tensors[name].2;
+        assert!(
+            v.iter().zip(w).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{file}: `{name}` differs"
+        );
+    }
+}
+
+/// Wait until a run has written `lines` lines of metrics (at most 60 s).
+fn wait_for_epochs(run: &Path, lines: usize) {
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < lines
+    {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "{} did not reach {lines} epochs",
+            run.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn send_signal(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+}
+
+#[test]
+fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = resumable_run(dir.path(), 300);
     let args = |out: &Path| -> Vec<String> {
         [
             "train",
@@ -1515,9 +1591,13 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let mut resume = args(&parts);
     resume.push("--resume".into());
     // Crashes in the middle of a write of each checkpoint: the file keeps its previous content.
-    for target in ["last.safetensors:4", "checkpoint.safetensors:3"] {
+    // The first starts the run; the second, and every start after it, resumes.
+    for (target, args) in [
+        ("last.safetensors:4", args(&parts)),
+        ("checkpoint.safetensors:3", resume.clone()),
+    ] {
         let o = Command::new(env!("CARGO_BIN_EXE_snfc"))
-            .args(&resume)
+            .args(&args)
             .env("SNFC_ABORT_BEFORE_RENAME", target)
             .current_dir(root())
             .output()
@@ -1580,42 +1660,219 @@ fn killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     );
 
     for file in ["last.safetensors", "checkpoint.safetensors"] {
-        let (a, b) = (
-            read_safetensors(&whole.join(file)),
-            read_safetensors(&parts.join(file)),
-        );
-        assert_eq!(
-            a.tensors.keys().collect::<Vec<_>>(),
-            b.tensors.keys().collect::<Vec<_>>()
-        );
-        for (name, (_, _, v)) in &a.tensors {
-            let w = &b.tensors[name].2;
-            assert!(
-                v.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{file}: `{name}` differs after {kills} kills"
-            );
-        }
+        assert_same_tensors(&whole, &parts, file);
     }
-    let strip = |d: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(d.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let o = v.as_object_mut().unwrap();
-                o.remove("seconds");
-                o.remove("examples_per_sec");
-                v
-            })
-            .collect()
-    };
-    assert_eq!(strip(&whole), strip(&parts));
+    assert_eq!(
+        metrics_without_timings(&whole),
+        metrics_without_timings(&parts),
+        "after {kills} kills"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&parts)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A run stopped within an epoch, by `--steps` or by SIGINT, saves the exact step; resumed
+/// (with the spec left out: the run's own is stored) it finishes that epoch and ends bit for
+/// bit where an uninterrupted run ends: parameters, Adam's moments, data order and generator,
+/// and every metrics line. SIGINT exits 130; a second start under the same lock is refused.
+#[test]
+fn a_run_stopped_within_an_epoch_resumes_there_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = resumable_run(dir.path(), 150);
+    let start = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", p(&spec), "--data", p(&data), "--dtype", "f64"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["-o".to_string(), p(out).to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let whole = dir.path().join("whole");
+    ok(snfc(start(&whole, &["-q"])));
+
+    let parts = dir.path().join("parts");
+    // 30 steps: the 6th of epoch 2, validated and logged as a partial epoch.
+    let text = ok(snfc(start(&parts, &["--steps", "30", "-q"])));
+    assert!(text.contains("after step 6 of 24 in epoch 2"), "{text}");
+    let lines = metrics_without_timings(&parts);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["partial"], true);
+    assert_eq!(lines[1]["steps"], 30);
+    let run: serde_json::Value =
+        serde_json::from_str(&read_safetensors(&parts.join("last.safetensors")).metadata["run"])
+            .unwrap();
+    assert_eq!(
+        (run["epoch"].as_u64(), run["partial"]["steps"].as_u64()),
+        (Some(1), Some(6))
+    );
+    // Resumed from the file, without the spec, to another stop within an epoch.
+    let last = parts.join("last.safetensors");
+    ok(snfc([
+        "train",
+        "--resume",
+        p(&last),
+        "--steps",
+        "100",
+        "-q",
+    ]));
+    let lines = metrics_without_timings(&parts);
+    assert_eq!(lines.len(), 5, "the partial line of epoch 2 was replaced");
+    assert_eq!(lines[1], metrics_without_timings(&whole)[1]);
+
+    // SIGINT after a few more epochs: the step in progress ends, saved, and the status is 130.
+    let child = Command::new(env!("CARGO_BIN_EXE_snfc"))
+        .args(["train", "--resume", p(&parts)])
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning snfc");
+    wait_for_epochs(&parts, 10);
+    // The directory is the running run's: a second start is refused, naming its pid.
+    let err = fails(snfc(["train", "--resume", p(&parts), "-q"]));
+    assert!(
+        err.contains("in use") && err.contains(&format!("pid {}", child.id())),
+        "{err}"
+    );
+    send_signal("-INT", child.id());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("interrupted: stopped after") && err.contains("--resume"),
+        "{err}"
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(&read_safetensors(&last).metadata["run"]).unwrap();
+    let stopped_at = run["total_steps"].as_u64().unwrap();
+    assert!((240..150 * 24).contains(&stopped_at), "{run}");
+
+    ok(snfc(["train", "--resume", p(&parts), "-q"]));
+    for file in ["last.safetensors", "checkpoint.safetensors"] {
+        assert_same_tensors(&whole, &parts, file);
+    }
+    let run_of = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&read_safetensors(&d.join("last.safetensors")).metadata["run"])
+            .unwrap()
+    };
+    assert_eq!(run_of(&whole), run_of(&parts));
+    assert_eq!(
+        metrics_without_timings(&whole),
+        metrics_without_timings(&parts)
+    );
+}
+
+/// A run killed with SIGKILL leaves its lock file behind with its pid; the next run takes the
+/// directory over and says so. `--force` on a directory in use moves nothing.
+#[test]
+fn a_killed_runs_lock_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = resumable_run(dir.path(), 100_000);
+    let out = dir.path().join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["train", p(&spec), "--data", p(&data), "-o", p(&out)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snfc"))
+        .args(args(&["-q"]))
+        .current_dir(root())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning snfc");
+    wait_for_epochs(&out, 2);
+    let err = fails(snfc(args(&["--force", "-q"])));
+    assert!(err.contains(&format!("pid {}", child.id())), "{err}");
+    assert!(
+        !out.join("previous-1").exists(),
+        "--force moved a live run's files"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lock = std::fs::read_to_string(out.join(".lock")).unwrap();
+    assert_eq!(lock.trim(), child.id().to_string());
+    let done = metrics_without_timings(&out).len();
+    let epochs = (done + 1).to_string();
+    let o = snfc(args(&["--resume", "--epochs", &epochs]));
+    let err = stderr(&o);
+    ok(o);
+    assert!(
+        err.contains(&format!(
+            "the run of pid {} did not end cleanly",
+            child.id()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(out.join(".lock")).unwrap(), "");
+}
+
+/// What `--resume` takes: a run directory or its last.safetensors, never a spec or a directory
+/// without a run; `train` with neither a spec nor `--resume RUN` is a usage error.
+#[test]
+fn resume_names_what_it_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, data) = resumable_run(dir.path(), 1);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = fails(snfc([
+        "train",
+        p(&spec),
+        "--data",
+        p(&data),
+        "--resume",
+        "-o",
+        p(&empty),
+        "-q",
+    ]));
+    assert!(
+        err.contains(&format!("{}/last.safetensors does not exist", p(&empty))),
+        "{err}"
+    );
+    let err = fails(snfc(["train", "--resume", p(&spec)]));
+    assert!(err.contains("this is a spec"), "{err}");
+    let o = snfc(["train"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--resume RUN"), "{}", stderr(&o));
+    let run = dir.path().join("run");
+    ok(snfc([
+        "train",
+        p(&spec),
+        "--data",
+        p(&data),
+        "-o",
+        p(&run),
+        "-q",
+    ]));
+    let err = fails(snfc([
+        "train",
+        "--resume",
+        p(&run.join("checkpoint.safetensors")),
+    ]));
+    assert!(err.contains("last.safetensors"), "{err}");
+    let err = fails(snfc(["train", "--resume", p(&run), "-o", p(&empty)]));
+    assert!(err.contains("different runs"), "{err}");
+    // The run's own spec, read from last.safetensors.
+    let text = ok(snfc([
+        "train",
+        "--resume",
+        p(&run),
+        "--epochs",
+        "2",
+        "--json",
+        "-q",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["epochs_run"], 1);
+    assert_eq!(v["last"]["epoch"], 2);
+    assert!(v["best_val_nll_nats"].as_f64().unwrap().is_finite(), "{v}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1806,6 +2063,15 @@ fn plot_draws_runs_into_a_png_of_the_expected_size() {
                 "lr": 1e-3, "seconds": 2.5, "examples_per_sec": 3000.0
             });
             if with_extras {
+                // Today's fields; the other run has an older file's `train_loss` alone.
+                let o = line.as_object_mut().unwrap();
+                o.remove("train_loss");
+                o.insert("train_objective_data_terms".into(), (nll - 50.0).into());
+                o.insert("train_nll_nats".into(), (nll + 20.0).into());
+                o.insert(
+                    "train_bits_per_dim".into(),
+                    ((nll + 20.0) / (784.0 * std::f64::consts::LN_2)).into(),
+                );
                 line["val_recon"] = serde_json::json!(30.0 / e as f64);
                 line["lambda"] =
                     serde_json::json!({"layers.0": e as f64, "layers.2": 2.0 * e as f64});
@@ -2233,7 +2499,7 @@ fn train_exact_follows_the_same_objective_with_the_exact_gradient() {
         let line: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
         let ckpt = read_safetensors(&out.join("checkpoint.safetensors"));
         (
-            line["train_loss"].as_f64().unwrap(),
+            line["train_objective_data_terms"].as_f64().unwrap(),
             ckpt.tensors["layers.0.weight"].2.clone(),
         )
     };

@@ -175,7 +175,13 @@ fn assert_close_tensors(a: &Path, b: &Path, tol: f64) {
 fn assert_close_metrics(a: &[serde_json::Value], b: &[serde_json::Value], tol: f64) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
-        for key in ["train_loss", "val_nll_nats", "val_recon", "lr"] {
+        for key in [
+            "train_objective_data_terms",
+            "train_nll_nats",
+            "val_nll_nats",
+            "val_recon",
+            "lr",
+        ] {
             let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
             assert!(
                 (u - v).abs() <= tol * u.abs().max(1e-300),
@@ -448,19 +454,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ranks = Command::new("pgrep")
-        .args(["-f", &format!("snfc train .*{}", p(&killed))])
-        .output()
-        .expect("pgrep");
-    // The ranks themselves (not `timeout` or `mpirun`, whose command lines match too).
-    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout)
-        .lines()
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "snfc")
-        })
-        .map(str::to_string)
-        .collect();
-    assert!(!pids.is_empty(), "no rank found");
+    let pids = rank_pids(&killed);
     let victim = pids.last().unwrap();
     assert!(Command::new("kill")
         .args(["-KILL", victim])
@@ -490,6 +484,101 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         tensors(&whole.join("last.safetensors")),
         tensors(&killed.join("last.safetensors"))
     );
+}
+
+/// The pids of the ranks training into `out` (not `timeout` or `mpirun`, whose command lines
+/// match too).
+fn rank_pids(out: &Path) -> Vec<String> {
+    let ranks = Command::new("pgrep")
+        .args(["-f", &format!("snfc train .*{}", p(out))])
+        .output()
+        .expect("pgrep");
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout)
+        .lines()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "snfc")
+        })
+        .map(str::to_string)
+        .collect();
+    assert!(!pids.is_empty(), "no rank found");
+    pids
+}
+
+/// SIGINT to one rank stops every rank after the same step (the stop flags are summed with the
+/// step's loss): the job exits 130 with `last.safetensors` at that step, and resuming it ends bit
+/// for bit where an uninterrupted run ends, metrics included.
+#[test]
+fn an_interrupted_rank_stops_every_rank_after_the_same_step() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = images(dir.path(), 120);
+    let spec = spec_file(dir.path(), "fc", FC, "", "{}");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--dtype",
+            "f64",
+            "--epochs",
+            "150",
+            "--out",
+            p(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let whole = dir.path().join("whole");
+    let a = args(&whole);
+    ok(2, &a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let stopped = dir.path().join("stopped");
+    let a = args(&stopped);
+    let job = launch(2, &a.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let waited = Instant::now();
+    while metrics_lines(&stopped) < 3 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "no epoch finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = rank_pids(&stopped);
+    assert!(Command::new("kill")
+        .args(["-INT", pids.last().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    let o = job.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: stopped"), "{err}");
+    assert!(
+        metrics_lines(&stopped) < 150,
+        "the run finished before the signal"
+    );
+    let mut a = args(&stopped);
+    a.push("--resume".into());
+    ok(2, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        tensors(&whole.join("last.safetensors")),
+        tensors(&stopped.join("last.safetensors"))
+    );
+    assert_close_metrics(&metrics(&whole), &metrics(&stopped), 0.0);
+}
+
+/// Lines in a run's metrics.jsonl (0 before the first).
+fn metrics_lines(out: &Path) -> usize {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
 }
 
 /// `snfc bench --json` under `mpirun` times the step as training runs it (each rank its share

@@ -34,6 +34,7 @@ fn main() {
         best: None,
         best_epoch: 0,
         options: None,
+        partial: None,
     };
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("last.safetensors");

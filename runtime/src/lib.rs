@@ -10,9 +10,9 @@ pub mod distributed;
 pub mod executors;
 pub mod io;
 
-pub use commands::{angle, bench, eval, grad, plot, sample, train};
+pub use commands::{angle, bench, eval, grad, plot, progress, sample, train};
 pub use executors::{backend, cube, host, profile};
-pub use io::{atomic, batch, data, image, model, npy};
+pub use io::{atomic, batch, data, image, model, npy, run_lock};
 
 /// A training step allocates and frees tensors of tens of MB hundreds of times (a Glow
 /// coupling's activations are 40 MB at B = 100). glibc serves each from a fresh `mmap` and

@@ -100,7 +100,11 @@ fn short_mnist_run_lowers_validation_nll_and_writes_a_loadable_checkpoint() {
     let m = &lines[0];
     assert_eq!(m["epoch"], 1);
     assert_eq!(m["steps"], steps);
-    assert!(num(m, "train_loss").is_finite());
+    assert!(num(m, "train_objective_data_terms").is_finite());
+    let train_nll = num(m, "train_nll_nats");
+    assert!(train_nll.is_finite());
+    let train_bpd = num(m, "train_bits_per_dim");
+    assert!((train_bpd - train_nll / (d * std::f64::consts::LN_2)).abs() < 1e-9);
     assert!((num(m, "val_nll_nats") - best.nll_nats).abs() <= 1e-9 * best.nll_nats.abs());
     let bpd = num(m, "val_bits_per_dim");
     assert!((bpd - num(m, "val_nll_nats") / (d * std::f64::consts::LN_2)).abs() < 1e-9);
@@ -121,6 +125,54 @@ fn short_mnist_run_lowers_validation_nll_and_writes_a_loadable_checkpoint() {
     assert_eq!(
         std::fs::read(out.join("metrics.jsonl")).unwrap(),
         metrics_before
+    );
+}
+
+/// `train_nll_nats` is the exact NLL of the epoch's training batches: with parameters that do
+/// not move (a learning rate far below f64's resolution), it equals the exact evaluation of the
+/// training split (each of whose examples the epoch's batches hold once), while the objective's
+/// data terms, which leave out the log-dets, are another number.
+#[test]
+fn the_training_nll_is_the_exact_nll_of_the_training_batches() {
+    let spec = parse_spec(
+        r#"{"name": "nll", "input": {"shape": [6], "preprocess": "none"},
+            "layers": [{"type": "linear"}, {"type": "smooth_leaky_relu"}, {"type": "linear"}],
+            "train": {"batch_size": 10, "epochs": 1, "seed": 3,
+                      "optimizer": {"adam": {"lr": 1e-300}}}}"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.npy");
+    let rows: Vec<f64> = (0..300 * 6)
+        .map(|i| ((i * 7919 % 1000) as f64 / 500.0 - 1.0) * (1.0 + (i % 6) as f64))
+        .collect();
+    snfc_runtime::npy::write_npy_f64(&path, &[300, 6], &rows).unwrap();
+    let data = load_npy_dataset(&path).unwrap();
+    assert_eq!(
+        data.train.n % 10,
+        0,
+        "every training example in one batch of the epoch"
+    );
+    let summary = train::<f64>(
+        &spec,
+        &data,
+        &TrainOptions {
+            epochs: Some(1),
+            ..TrainOptions::new(dir.path().join("run"))
+        },
+    )
+    .unwrap();
+    let record = &summary.records[0];
+    let exact = evaluate(&Model::<f64>::init(&spec, 3), &data.train, 50, 0).unwrap();
+    assert!(
+        (record.train_nll_nats - exact.nll_nats).abs() <= 1e-9 * exact.nll_nats.abs(),
+        "train_nll_nats {} vs the exact NLL of the training split {}",
+        record.train_nll_nats,
+        exact.nll_nats
+    );
+    assert!(
+        (record.train_objective_data_terms - record.train_nll_nats).abs() > 1e-3,
+        "{record:?}"
     );
 }
 

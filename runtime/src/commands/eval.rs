@@ -7,6 +7,7 @@ use crate::host::exec::{ExecError, Executor, Feeds, Program};
 use crate::host::linalg::{slogdet, Real};
 use crate::host::shape_ops::toeplitz;
 use crate::model::Model;
+use crate::progress::Progress;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -98,6 +99,18 @@ pub fn log_likelihoods_of<T: Real>(
     batch: usize,
     noise_seed: u64,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
+    log_likelihoods_showing(model, split, range, batch, noise_seed, &Progress::hidden())
+}
+
+/// [`log_likelihoods_of`], counting the examples done on `progress`.
+fn log_likelihoods_showing<T: Real>(
+    model: &Model<T>,
+    split: &Split,
+    range: std::ops::Range<usize>,
+    batch: usize,
+    noise_seed: u64,
+    progress: &Progress,
+) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
     let batch = eval_batch::<T>(spec, batch.min(range.len()).max(1));
@@ -129,6 +142,7 @@ pub fn log_likelihoods_of<T: Real>(
                 _ => {}
             }
         }
+        progress.inc(idx.len() as u64);
         start += batch;
     }
     Ok((logp, recon))
@@ -142,21 +156,30 @@ pub fn evaluate<T: Real>(
     batch: usize,
     noise_seed: u64,
 ) -> Result<EvalResult, ExecError> {
-    evaluate_sharded(model, split, batch, noise_seed, &crate::distributed::Solo)
+    evaluate_sharded(
+        model,
+        split,
+        batch,
+        noise_seed,
+        &crate::distributed::Solo,
+        &Progress::hidden(),
+    )
 }
 
 /// [`evaluate`] over the ranks of `comm`: each rank evaluates its contiguous share of the
 /// examples, and the f64 sums (ln p, reconstruction error, count) are summed over the ranks, so
-/// every rank gets the whole split's result.
+/// every rank gets the whole split's result. `progress` counts this rank's examples.
 pub fn evaluate_sharded<T: Real>(
     model: &Model<T>,
     split: &Split,
     batch: usize,
     noise_seed: u64,
     comm: &dyn crate::distributed::Communicator,
+    progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
     let range = crate::distributed::shard(split.n, comm.rank(), comm.size());
-    let (logp, recon) = log_likelihoods_of(model, split, range, batch, noise_seed)?;
+    let (logp, recon) = log_likelihoods_showing(model, split, range, batch, noise_seed, progress)?;
+    progress.finish();
     let has_recon = recon.is_some();
     let mut sums = vec![
         logp.iter().sum::<f64>(),

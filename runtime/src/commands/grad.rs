@@ -7,6 +7,7 @@ use crate::eval::logdet_sum;
 use crate::host::exec::{ExecError, Executor, Feeds, Program};
 use crate::host::linalg::Real;
 use crate::model::Model;
+use crate::progress::Progress;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use snfc_compiler::compile::{compile_train, OptLevel};
@@ -35,6 +36,7 @@ pub fn gradients<T: Real + 'static>(
     noise: Noise,
     level: OptLevel,
     device: &Chosen,
+    progress: &Progress,
 ) -> Result<NamedTensors<T>, ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
@@ -67,7 +69,10 @@ pub fn gradients<T: Real + 'static>(
         };
         feeds.insert(INPUT_NOISE.into(), Arc::new(u));
     }
+    progress.set_message("compiling the step".into());
     let compiled = compile_train(spec, batch, level)?;
+    progress.inc(1);
+    progress.set_message("running the step".into());
     // The step on the chosen device; the exact NLL and reconstruction error on the host.
     let mut backend = open::<T>(device, Plan::for_level(&compiled.step, level))?;
     for (name, v) in &feeds {
@@ -75,6 +80,8 @@ pub fn gradients<T: Real + 'static>(
     }
     backend.run()?;
     let step = backend.outputs()?;
+    progress.inc(1);
+    progress.set_message("the exact NLL".into());
     let mut exec = Executor::<T>::new();
     let eval = exec.run(&Program::new(&eval_graph(spec, batch)), &feeds)?;
     let mut out: NamedTensors<T> = Vec::new();
@@ -101,5 +108,7 @@ pub fn gradients<T: Real + 'static>(
     }
     let recon = mean("recon", &eval).unwrap_or(0.0);
     out.push(scalar("recon", recon));
+    progress.inc(1);
+    progress.finish();
     Ok(out)
 }

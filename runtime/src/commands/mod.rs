@@ -7,5 +7,6 @@ pub mod bench;
 pub mod eval;
 pub mod grad;
 pub mod plot;
+pub mod progress;
 pub mod sample;
 pub mod train;

@@ -4,6 +4,7 @@
 //! reconstruction error, GECO's λ and the gradient angle (Fig. 3). One colour per run, with a
 //! legend of run names.
 
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,12 @@ pub struct RunCurves {
     pub wall: Vec<f64>,
     pub val_nll: Vec<f64>,
     pub val_bpd: Vec<f64>,
-    pub train_loss: Vec<f64>,
+    /// The training NLL in the validation NLL's units (NaN where not logged: files written
+    /// before it was).
+    pub train_nll: Vec<f64>,
+    pub train_bpd: Vec<f64>,
+    /// The objective's data terms (`train_objective_data_terms`, `train_loss` in older files).
+    pub train_objective: Vec<f64>,
     /// (epoch, value) where logged.
     pub recon: Vec<(f64, f64)>,
     pub lambda: Vec<(f64, f64)>,
@@ -67,7 +73,9 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
         wall: Vec::new(),
         val_nll: Vec::new(),
         val_bpd: Vec::new(),
-        train_loss: Vec::new(),
+        train_nll: Vec::new(),
+        train_bpd: Vec::new(),
+        train_objective: Vec::new(),
         recon: Vec::new(),
         lambda: Vec::new(),
         angle: Vec::new(),
@@ -96,7 +104,17 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
         run.wall.push(clock);
         run.val_nll.push(value_or_gap("val_nll_nats")?);
         run.val_bpd.push(value_or_gap("val_bits_per_dim")?);
-        run.train_loss.push(value_or_gap("train_loss")?);
+        let logged_or_gap = |key: &str| match v.get(key) {
+            None => Ok(f64::NAN),
+            Some(_) => value_or_gap(key),
+        };
+        run.train_nll.push(logged_or_gap("train_nll_nats")?);
+        run.train_bpd.push(logged_or_gap("train_bits_per_dim")?);
+        run.train_objective
+            .push(match v.get("train_objective_data_terms") {
+                Some(_) => value_or_gap("train_objective_data_terms")?,
+                None => value_or_gap("train_loss")?,
+            });
         if let Some(r) = v.get("val_recon").and_then(serde_json::Value::as_f64) {
             run.recon.push((epoch, r));
         }
@@ -130,23 +148,45 @@ type OptionalPanel = (
     bool,
 );
 
+/// One (x, y) series per run.
+type Series = Vec<Vec<(f64, f64)>>;
+
 /// One panel: a title, axis names and one (x, y) series per run.
 struct Panel {
     title: &'static str,
     x: &'static str,
     y: &'static str,
-    series: Vec<Vec<(f64, f64)>>,
+    series: Series,
+    /// A second series per run, drawn dashed in the run's colour (the training NLL beside the
+    /// validation NLL), with this word after the run's name in the legend.
+    dashed: Option<(&'static str, Series)>,
     log_y: bool,
 }
 
 fn panels(runs: &[RunCurves]) -> Vec<Panel> {
     let zip = |a: &[f64], b: &[f64]| a.iter().copied().zip(b.iter().copied()).collect::<Vec<_>>();
+    let training = |get: fn(&RunCurves) -> &Vec<f64>| {
+        let series: Vec<Vec<(f64, f64)>> = runs
+            .iter()
+            .map(|r| {
+                zip(&r.epoch, get(r))
+                    .into_iter()
+                    .filter(|p| !p.1.is_nan())
+                    .collect()
+            })
+            .collect();
+        series
+            .iter()
+            .any(|s| !s.is_empty())
+            .then_some(("train", series))
+    };
     let mut out = vec![
         Panel {
-            title: "Validation NLL",
+            title: "NLL: validation (solid) and training (dashed)",
             x: "epoch",
             y: "nats",
             series: runs.iter().map(|r| zip(&r.epoch, &r.val_nll)).collect(),
+            dashed: training(|r| &r.train_nll),
             log_y: false,
         },
         Panel {
@@ -154,22 +194,30 @@ fn panels(runs: &[RunCurves]) -> Vec<Panel> {
             x: "seconds",
             y: "nats",
             series: runs.iter().map(|r| zip(&r.wall, &r.val_nll)).collect(),
+            dashed: None,
             log_y: false,
         },
         Panel {
-            title: "Validation NLL",
+            title: "NLL: validation (solid) and training (dashed)",
             x: "epoch",
             y: "bits/dim",
             series: runs.iter().map(|r| zip(&r.epoch, &r.val_bpd)).collect(),
+            dashed: training(|r| &r.train_bpd),
             log_y: false,
         },
         Panel {
-            title: "Training loss",
+            title: "Training objective without the log-dets",
             x: "epoch",
-            y: "loss",
-            series: runs.iter().map(|r| zip(&r.epoch, &r.train_loss)).collect(),
-            // The loss includes λ·recon, which a GECO λ can grow by orders of magnitude.
-            log_y: runs.iter().all(|r| r.train_loss.iter().all(|v| *v > 0.0)),
+            y: "nats",
+            series: runs
+                .iter()
+                .map(|r| zip(&r.epoch, &r.train_objective))
+                .collect(),
+            dashed: None,
+            // It includes λ·recon, which a GECO λ can grow by orders of magnitude.
+            log_y: runs
+                .iter()
+                .all(|r| r.train_objective.iter().all(|v| *v > 0.0)),
         },
     ];
     let optional: [OptionalPanel; 3] = [
@@ -194,6 +242,7 @@ fn panels(runs: &[RunCurves]) -> Vec<Panel> {
                 x: "epoch",
                 y,
                 series: runs.iter().map(|r| get(r).clone()).collect(),
+                dashed: None,
                 log_y,
             });
         }
@@ -372,9 +421,16 @@ fn draw_panel(
         .flat_map(|s| s.iter().map(|p| p.0))
         .fold(f64::INFINITY, f64::min)
         .min(x_hi - 1.0);
+    // The axes fit both the solid and the dashed curves.
+    let both: Vec<Vec<(f64, f64)>> = panel
+        .series
+        .iter()
+        .chain(panel.dashed.iter().flat_map(|(_, d)| d))
+        .cloned()
+        .collect();
     // A log axis only where the values span a decade: within one it has no labelled ticks.
-    let log_y = panel.log_y && y_range(&panel.series, true).is_some_and(|(lo, hi)| hi >= 10.0 * lo);
-    let Some((y_lo, y_hi)) = y_range(&panel.series, log_y) else {
+    let log_y = panel.log_y && y_range(&both, true).is_some_and(|(lo, hi)| hi >= 10.0 * lo);
+    let Some((y_lo, y_hi)) = y_range(&both, log_y) else {
         area.titled(panel.title, ("sans-serif", 18))?;
         return Ok(());
     };
@@ -426,6 +482,22 @@ fn draw_panel(
                 for piece in pieces {
                     chart.draw_series(markers(&piece))?;
                     chart.draw_series(LineSeries::new(piece, color.stroke_width(2)))?;
+                }
+            }
+            if let Some((word, dashed)) = &panel.dashed {
+                for (i, (s, run)) in dashed.iter().zip(runs).enumerate() {
+                    let color = COLORS[i % COLORS.len()];
+                    for (k, piece) in series_of(s).into_iter().enumerate() {
+                        let style = color.stroke_width(1);
+                        let drawn = chart.draw_series(DashedLineSeries::new(piece, 6, 4, style))?;
+                        if k == 0 {
+                            drawn
+                                .label(format!("{} ({word})", run.name))
+                                .legend(move |(x, y)| {
+                                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 4, 3, style)
+                                });
+                        }
+                    }
                 }
             }
             chart

@@ -5,6 +5,7 @@ use crate::host::linalg::{inverse, matmul, solve, LinalgError, MatRef, Real};
 use crate::host::shape_ops::{conv2d, embed, permute, take, toeplitz};
 use crate::host::spline::{Spline, SplineParams};
 use crate::model::Model;
+use crate::progress::Progress;
 use rand::RngExt;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -94,6 +95,17 @@ pub fn invert<T: Real>(
     n: usize,
     exact: bool,
 ) -> Result<Vec<f64>, LinalgError> {
+    invert_showing(model, z, n, exact, &Progress::hidden())
+}
+
+/// [`invert`], counting the layers inverted on `progress`.
+pub fn invert_showing<T: Real>(
+    model: &Model<T>,
+    z: &[f64],
+    n: usize,
+    exact: bool,
+    progress: &Progress,
+) -> Result<Vec<f64>, LinalgError> {
     let spec = &model.spec;
     let shapes = spec.layer_shapes();
     let d_out = shapes.last().map_or(spec.input.dim(), |s| s.numel());
@@ -102,6 +114,7 @@ pub fn invert<T: Real>(
     let mut used = d_out;
     let f64s = |name: &str| -> Vec<f64> { model.get(name).iter().map(|v| v.as_f64()).collect() };
     for (i, layer) in spec.layers.iter().enumerate().rev() {
+        progress.inc(1);
         let d = shapes[i].numel();
         match layer {
             LayerSpec::Split(_) => {
@@ -243,12 +256,25 @@ pub fn sample_at<T: Real>(
     exact: bool,
     temperature: f64,
 ) -> Result<Vec<f64>, LinalgError> {
+    sample_showing(model, n, seed, exact, temperature, &Progress::hidden())
+}
+
+/// [`sample_at`], counting the layers inverted on `progress` (one per layer of the spec).
+pub fn sample_showing<T: Real>(
+    model: &Model<T>,
+    n: usize,
+    seed: u64,
+    exact: bool,
+    temperature: f64,
+    progress: &Progress,
+) -> Result<Vec<f64>, LinalgError> {
     let d = model.spec.input.dim();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let z: Vec<f64> = (0..d * n)
         .map(|_| temperature * rng.sample::<f64, _>(StandardNormal))
         .collect();
-    let h = invert(model, &z, n, exact)?;
+    let h = invert_showing(model, &z, n, exact, progress)?;
+    progress.finish();
     let mut rows = crate::batch::columns_to_rows(&h, d, n);
     if model.spec.input.preprocess == Preprocess::DequantizeLogit {
         let a = model.spec.input.logit_alpha;

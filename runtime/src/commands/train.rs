@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -83,6 +84,10 @@ pub struct TrainOptions {
     /// The processes training together (data-parallel): each takes `batch_size / ranks` rows
     /// of every global batch, gradients are averaged over them, and rank 0 alone writes.
     pub comm: Comm,
+    /// Set (by a SIGINT or SIGTERM handler, say) to stop after the step in progress: the run
+    /// writes `last.safetensors` at that step, mid-epoch, and `--resume` continues from it
+    /// exactly. Under MPI the ranks agree on the step (the flags are summed with the loss).
+    pub interrupt: Arc<AtomicBool>,
 }
 
 impl TrainOptions {
@@ -104,6 +109,7 @@ impl TrainOptions {
             plan: None,
             data: None,
             comm: crate::distributed::solo(),
+            interrupt: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -113,8 +119,18 @@ impl TrainOptions {
 pub struct EpochRecord {
     pub epoch: usize,
     pub steps: usize,
-    /// Mean training loss over the epoch's steps (without the data-independent log-dets).
-    pub train_loss: f64,
+    /// Exact −mean ln p(x) of the epoch's training batches, nats per example like
+    /// `val_nll_nats`: the data terms of every step (`nll_data`) averaged, plus the
+    /// data-independent −Σ ln|det W| of the parameters at the epoch's end (one LU per weight,
+    /// once per epoch).
+    pub train_nll_nats: f64,
+    /// `train_nll_nats` / (D ln 2).
+    pub train_bits_per_dim: f64,
+    /// Mean over the epoch's steps of what the step minimizes, less its data-independent
+    /// ln|det| terms (for a self-normalizing spec the mean of the f- and g-flow terms plus
+    /// λ·reconstruction): the training objective as the paper's code reports it. It is not a
+    /// likelihood, and rises while the model improves when the log-dets grow.
+    pub train_objective_data_terms: f64,
     pub val_nll_nats: f64,
     pub val_bits_per_dim: f64,
     /// Mean Σ_k ‖R_k W_k h_k − h_k‖² on the validation split (self-normalizing specs).
@@ -138,6 +154,26 @@ pub struct EpochRecord {
     /// Seconds of the epoch spent averaging gradients over the ranks (more than one rank).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub all_reduce_seconds: Option<f64>,
+    /// The epoch stopped before its last step (`--steps`): the line measures the steps taken,
+    /// and a resumed run replaces it with the whole epoch's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+/// Where a run stands within an epoch that it stopped in the middle of (`--steps`, a signal):
+/// what the epoch's line in `metrics.jsonl` needs from the steps already taken.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct EpochProgress {
+    /// Steps of the epoch taken.
+    pub steps: usize,
+    pub loss_sum: f64,
+    pub nll_data_sum: f64,
+    /// Seconds the epoch has run, and of them training steps and averaging over ranks.
+    pub seconds: f64,
+    pub train_seconds: f64,
+    pub all_reduce_seconds: f64,
+    /// The epoch's gradient-angle measurements (`--angle-every`).
+    pub angles: Vec<BTreeMap<String, f64>>,
 }
 
 /// A map keyed by layer name (`layers.{k}`) as a JSON object in the order of `k` (a
@@ -222,6 +258,24 @@ pub struct TrainSummary {
     /// Set when a resumed run had already reached its target (epochs or `--steps`), so that
     /// nothing was trained and no file was touched.
     pub reached: Option<Reached>,
+    /// Set when the run stopped before its last epoch ended: by `--steps`, or interrupted.
+    pub stopped: Option<Stopped>,
+}
+
+/// Where a run stopped before the end of its last epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stopped {
+    /// The epoch in progress, and the steps of it taken (`steps_per_epoch`: it had ended).
+    pub epoch: usize,
+    pub step: usize,
+    pub steps_per_epoch: usize,
+    /// Optimizer steps of the whole run.
+    pub total_steps: usize,
+    /// Stopped by `TrainOptions::interrupt` (else by `--steps`).
+    pub interrupted: bool,
+    /// `last.safetensors` holds the run at this point (false: nothing was trained since the
+    /// run started or resumed, so nothing was written).
+    pub saved: bool,
 }
 
 /// Where a resumed run stood when it had nothing left to train.
@@ -365,6 +419,8 @@ pub struct RunState<T> {
     pub best_epoch: usize,
     /// What the run's steps compute and read, recorded for `--resume`.
     pub options: Option<RunOptions>,
+    /// The epoch after `epoch`, when the run stopped in its middle.
+    pub partial: Option<EpochProgress>,
 }
 
 /// The options of a run that change what a step computes or reads: `--exact` / `--no-fusion`
@@ -431,6 +487,27 @@ pub fn recorded_options(last: &Path) -> Result<Option<RunOptions>, TrainError> {
     Ok(run.options)
 }
 
+/// The spec a run was started with: its `last.safetensors`' metadata `spec` (so that `snfc
+/// train --resume RUN` needs no spec).
+pub fn recorded_spec(last: &Path) -> Result<FlowSpec, TrainError> {
+    let bad = |message: String| TrainError::Setup(format!("{}: {message}", last.display()));
+    let bytes = std::fs::read(last).map_err(io_err(last))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let text = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("spec"))
+        .ok_or_else(|| {
+            bad(
+                "has no metadata `spec`; give the run's spec: `snfc train SPEC --resume RUN`"
+                    .into(),
+            )
+        })?;
+    snfc_compiler::spec::parse_spec(text)
+        .map_err(|e| bad(format!("metadata `spec` is invalid: {e}")))
+}
+
 /// `last.safetensors`' metadata `run` (JSON), besides the model's own keys.
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct RunMeta {
@@ -446,6 +523,10 @@ struct RunMeta {
     best_epoch: usize,
     #[serde(default)]
     options: Option<RunOptions>,
+    /// Set when the run stopped within an epoch: `order` is then that epoch's, already
+    /// shuffled, and the generator stands after its last step's draws.
+    #[serde(default)]
+    partial: Option<EpochProgress>,
 }
 
 const RUN_META: &str = "run";
@@ -501,6 +582,7 @@ pub fn last_bytes<T: Real>(
         best: state.best.clone(),
         best_epoch: state.best_epoch,
         options: state.options.clone(),
+        partial: state.partial.clone(),
     };
     let json = serde_json::to_string(&meta)
         .map_err(|e| TrainError::Setup(format!("cannot encode the run state: {e}")))?;
@@ -740,6 +822,16 @@ pub fn load_last_bytes<T: Real>(
             order.len()
         )));
     }
+    let steps_per_epoch = n_train / spec.train.batch_size.max(1);
+    if let Some(p) = &run.partial {
+        if p.steps == 0 || p.steps >= steps_per_epoch {
+            return Err(bad(format!(
+                "metadata `{RUN_META}`: stopped after step {} of an epoch of {steps_per_epoch} \
+                 steps",
+                p.steps
+            )));
+        }
+    }
     Ok((
         model,
         RunState {
@@ -755,6 +847,7 @@ pub fn load_last_bytes<T: Real>(
             best: run.best,
             best_epoch: run.best_epoch,
             options: run.options,
+            partial: run.partial,
         },
     ))
 }
@@ -827,10 +920,51 @@ fn remove_stale_temporaries(out: &Path) {
     }
 }
 
+/// What a run has on disk: where `last.safetensors` stands and the best checkpoint's epoch.
+#[derive(Debug, Clone, Default)]
+struct OnDisk {
+    /// "after epoch 3, step 270 of the run" (none: not written by this run).
+    last: Option<String>,
+    best_epoch: Option<usize>,
+}
+
+impl OnDisk {
+    fn last_at(state_epoch: usize, total_steps: usize, partial: Option<&EpochProgress>) -> String {
+        match partial {
+            Some(p) => format!(
+                "at step {} of epoch {}, step {total_steps} of the run",
+                p.steps,
+                state_epoch + 1
+            ),
+            None => format!("after epoch {state_epoch}, step {total_steps} of the run"),
+        }
+    }
+
+    /// The files that hold the run, in words.
+    fn describe(&self, out: &Path) -> String {
+        let mut files = Vec::new();
+        if let Some(at) = &self.last {
+            files.push(format!("{} ({at})", out.join(LAST_CHECKPOINT).display()));
+        }
+        if let Some(e) = self.best_epoch {
+            files.push(format!(
+                "{} (epoch {e}, the best validation NLL)",
+                out.join(BEST_CHECKPOINT).display()
+            ));
+        }
+        match files.len() {
+            0 => "nothing was saved".to_string(),
+            1 => format!("{} is intact", files[0]),
+            _ => format!("{} are intact", files.join(" and ")),
+        }
+    }
+}
+
 /// A non-finite loss or gradient: the error that stops the run, with where and why.
 fn diverged(
     spec: &FlowSpec,
-    opts: &TrainOptions,
+    out: &Path,
+    on_disk: &OnDisk,
     geco: Option<&Geco>,
     (epoch, step, total): (usize, usize, usize),
     what: &str,
@@ -865,14 +999,7 @@ fn diverged(
             spec.train.optimizer.adam.lr
         )
     };
-    let kept = if earlier_run_files(&opts.out).is_empty() {
-        "nothing was saved".to_string()
-    } else {
-        format!(
-            "the checkpoints of the last good epoch in {} are intact",
-            opts.out.display()
-        )
-    };
+    let kept = on_disk.describe(out);
     TrainError::Diverged(format!(
         "training diverged at epoch {epoch}, step {step} (step {total} of the run): {what}; \
          {cause}; {kept}"
@@ -928,14 +1055,28 @@ pub fn train<T: Real + 'static>(
     let checkpoint = opts.out.join(BEST_CHECKPOINT);
     let last_path = opts.out.join(LAST_CHECKPOINT);
     let metrics_path = opts.out.join(METRICS);
+    // One run per directory: rank 0 holds the lock for the run's life, before it looks at
+    // what the directory holds (a run that cannot start removes a directory it created).
+    let _lock = if leader {
+        let lock = crate::run_lock::RunLock::acquire(&opts.out)
+            .map_err(|e| TrainError::Setup(e.to_string()))?;
+        if let (Some(pid), true) = (lock.stale_pid, progress) {
+            eprintln!(
+                "note: {}: the run of pid {pid} did not end cleanly (killed?); this run takes \
+                 the directory over",
+                opts.out.display()
+            );
+        }
+        Some(lock)
+    } else {
+        None
+    };
     // Rank 0 looks at the directory (the others may not see it) and tells them what it found.
     let earlier = if leader {
         earlier_run_files(&opts.out)
     } else {
         Vec::new()
     };
-    // `--resume` with no `last` checkpoint (a new directory, or a run killed in its first
-    // epoch) starts from the beginning.
     let mut last_bytes_read = Vec::new();
     let mut found = vec![0u8; 2];
     if leader {
@@ -946,6 +1087,31 @@ pub fn train<T: Real + 'static>(
     }
     comm.broadcast_bytes(0, &mut found);
     let (resume, has_earlier) = (found[0] == 1, found[1] == 1);
+    if opts.resume && !resume {
+        let holds = if earlier.is_empty() {
+            "no run".to_string()
+        } else {
+            format!(
+                "{} but no run to continue",
+                earlier
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(TrainError::Setup(format!(
+            "--resume: {} does not exist ({} holds {holds}); start the run without --resume{}",
+            last_path.display(),
+            opts.out.display(),
+            if earlier.is_empty() {
+                ""
+            } else {
+                " and with --force (the files there are moved to previous-N)"
+            }
+        )));
+    }
     if !opts.resume && !opts.force && has_earlier {
         return Err(TrainError::Setup(format!(
             "{} already holds a run ({}); pass --resume to continue it, or --force to start over \
@@ -1037,12 +1203,7 @@ pub fn train<T: Real + 'static>(
     if leader && !resume && !earlier.is_empty() {
         let dir = keep_aside(&opts.out, &earlier)?;
         eprintln!(
-            "{}: moved the earlier run's files to {}",
-            if opts.force {
-                "--force"
-            } else {
-                "--resume found no last.safetensors"
-            },
+            "--force: moved the earlier run's files to {}",
             dir.display()
         );
     }
@@ -1062,6 +1223,7 @@ pub fn train<T: Real + 'static>(
                     steps: state.total_steps,
                     epochs,
                 }),
+                stopped: None,
             });
         }
         Some((model, state)) => {
@@ -1071,10 +1233,9 @@ pub fn train<T: Real + 'static>(
             backend.set_adam_state(&state.adam)?;
             if progress {
                 eprintln!(
-                    "resuming {} after epoch {} (step {})",
+                    "resuming {} {}",
                     last_path.display(),
-                    state.epoch,
-                    state.total_steps
+                    OnDisk::last_at(state.epoch, state.total_steps, state.partial.as_ref())
                 );
             }
             (model, state)
@@ -1091,6 +1252,7 @@ pub fn train<T: Real + 'static>(
                 best: None,
                 best_epoch: 0,
                 options: None,
+                partial: None,
             },
         ),
     };
@@ -1127,12 +1289,11 @@ pub fn train<T: Real + 'static>(
     // of one process), and this rank's rows of it.
     let mut x = vec![T::zero(); d * batch];
     let mut noise = vec![T::zero(); d * batch];
-    let mut reduce_secs = 0.0;
     let mut records = Vec::new();
     let mut writer = crate::atomic::BackgroundWriter::new();
-    // Read back after every step, in one read: the loss and GECO's per-layer reconstruction
-    // errors (GECO's layers are fixed for the run).
-    let mut read_back = vec!["loss".to_string()];
+    // Read back after every step, in one read: the loss, the f-flow's data terms of the NLL,
+    // and GECO's per-layer reconstruction errors (GECO's layers are fixed for the run).
+    let mut read_back = vec!["loss".to_string(), "nll_data".to_string()];
     if let Some(g) = &state.geco {
         read_back.extend(g.lambda.keys().map(|layer| format!("recon.{layer}")));
     }
@@ -1150,33 +1311,78 @@ pub fn train<T: Real + 'static>(
         })?),
         None => None,
     };
+    let mut on_disk = match resume {
+        true => OnDisk {
+            last: Some(OnDisk::last_at(
+                state.epoch,
+                state.total_steps,
+                state.partial.as_ref(),
+            )),
+            best_epoch: state.best.is_some().then_some(state.best_epoch),
+        },
+        false => OnDisk::default(),
+    };
 
     // Each step sets the schedule's rate; which parameters are R is fixed for the run.
     let mut rates = LearningRates::for_spec(spec, adam_spec.lr);
+    // A stop asked for by `opts.interrupt`: alone, read before every step; with several ranks,
+    // summed over them with every step's loss, so that all stop after the same step.
+    let mut stop_asked = false;
+    let interrupt = || opts.interrupt.load(Ordering::Relaxed);
+    let mut steps_this_run = 0;
+    let mut stopped = None;
     for epoch in state.epoch + 1..=epochs {
         if state.total_steps >= max_steps {
             break;
         }
+        stop_asked |= ranks == 1 && interrupt();
+        if stop_asked {
+            // Between epochs: the last epoch's files are written (or being written).
+            stopped = Some(Stopped {
+                epoch: epoch - 1,
+                step: steps_per_epoch,
+                steps_per_epoch,
+                total_steps: state.total_steps,
+                interrupted: true,
+                saved: steps_this_run > 0,
+            });
+            break;
+        }
         let started = Instant::now();
-        let rng = &mut state.rng;
-        state.order.shuffle(rng);
+        // An epoch that a stopped run left in its middle goes on from there: its order is
+        // shuffled already and the generator stands after the last step's draws.
+        let earlier = state.partial.take().unwrap_or_default();
+        if earlier.steps == 0 {
+            state.order.shuffle(&mut state.rng);
+        }
         let bar = if progress {
             ProgressBar::new(steps_per_epoch as u64)
         } else {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] step {pos}/{len} {msg} {elapsed_precise} (ETA {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(format!("{epoch}/{epochs}"));
-        let mut loss_sum = 0.0;
-        let mut steps = 0;
+        bar.set_position(earlier.steps as u64);
+        let mut loss_sum = earlier.loss_sum;
+        let mut nll_data_sum = earlier.nll_data_sum;
+        let mut steps = earlier.steps;
+        let mut reduce_secs = earlier.all_reduce_seconds;
+        let mut angles = earlier.angles;
         let mut lr = adam_spec.lr;
-        let mut angles = Vec::new();
-        for s in 0..steps_per_epoch {
+        let mut interrupted = false;
+        for s in earlier.steps..steps_per_epoch {
             if state.total_steps >= max_steps {
+                break;
+            }
+            stop_asked |= ranks == 1 && interrupt();
+            if stop_asked {
+                interrupted = true;
                 break;
             }
             fill_columns(
@@ -1239,7 +1445,9 @@ pub fn train<T: Real + 'static>(
             if ranks > 1 {
                 let reduce_started = Instant::now();
                 backend.all_reduce_grads(comm.as_ref())?;
+                values.push(f64::from(u8::from(interrupt())));
                 all_reduce_sum(comm.as_ref(), &mut values);
+                stop_asked |= values.pop().is_some_and(|asked| asked > 0.0);
                 values.iter_mut().for_each(|v| *v /= ranks as f64);
                 reduce_secs += reduce_started.elapsed().as_secs_f64();
             }
@@ -1272,19 +1480,21 @@ pub fn train<T: Real + 'static>(
                 bar.finish_and_clear();
                 return Err(diverged(
                     spec,
-                    opts,
+                    &opts.out,
+                    &on_disk,
                     state.geco.as_ref(),
                     (epoch, s + 1, state.total_steps),
                     &what,
                 ));
             }
             loss_sum += loss;
+            nll_data_sum += values[1];
             if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {
                 let recon: BTreeMap<String, f64> = g
                     .lambda
                     .keys()
                     .cloned()
-                    .zip(values[1..].iter().copied())
+                    .zip(values[2..].iter().copied())
                     .collect();
                 g.update(gs, &recon);
                 for (name, v) in g.feeds() {
@@ -1299,7 +1509,8 @@ pub fn train<T: Real + 'static>(
             rates.base = lr;
             backend.adam_step(&rates, adam_spec.betas, adam_spec.eps, grad_scale)?;
             steps += 1;
-            let secs = started.elapsed().as_secs_f64();
+            steps_this_run += 1;
+            let secs = earlier.train_seconds + started.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "loss {:.2}  {:.0} ex/s",
                 loss_sum / steps as f64,
@@ -1307,8 +1518,21 @@ pub fn train<T: Real + 'static>(
             ));
             bar.inc(1);
         }
-        let train_secs = started.elapsed().as_secs_f64();
+        let train_secs = earlier.train_seconds + started.elapsed().as_secs_f64();
         bar.finish_and_clear();
+        let complete = steps == steps_per_epoch;
+        if interrupted && steps_this_run == 0 {
+            // Nothing trained since the run started or resumed: nothing to write.
+            stopped = Some(Stopped {
+                epoch,
+                step: steps,
+                steps_per_epoch,
+                total_steps: state.total_steps,
+                interrupted: true,
+                saved: false,
+            });
+            break;
+        }
         // The parameters as trained (on a GPU they live on the device).
         let names: Vec<String> = model.values.keys().cloned().collect();
         for name in names {
@@ -1318,7 +1542,8 @@ pub fn train<T: Real + 'static>(
                 let what = format!("parameter `{name}` became non-finite in an Adam update");
                 return Err(diverged(
                     spec,
-                    opts,
+                    &opts.out,
+                    &on_disk,
                     state.geco.as_ref(),
                     (epoch, steps, state.total_steps),
                     &what,
@@ -1329,86 +1554,135 @@ pub fn train<T: Real + 'static>(
         if ranks > 1 {
             same_parameters_on_every_rank(&model, comm.as_ref(), epoch)?;
         }
-        let val = evaluate_sharded(
-            &model.cast::<f64>(),
-            &data.valid,
-            batch.max(100),
-            0,
-            comm.as_ref(),
-        )?;
-        let record = EpochRecord {
-            epoch,
-            steps: state.total_steps,
-            train_loss: loss_sum / steps.max(1) as f64,
-            val_nll_nats: val.nll_nats,
-            val_bits_per_dim: val.bits_per_dim,
-            val_recon: val.recon,
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
-            examples_per_sec: (steps * batch) as f64 / train_secs,
-            lambda: state.geco.as_ref().map(|g| g.lambda.clone()),
-            grad_angle_deg: AngleStats::of(&angles),
-            ranks,
-            all_reduce_seconds: (ranks > 1).then_some(reduce_secs),
-        };
-        reduce_secs = 0.0;
-        if let Some(metrics) = metrics.as_mut() {
-            let line = serde_json::to_string(&record).unwrap_or_default();
-            writeln!(metrics, "{line}")
-                .and_then(|()| metrics.sync_data())
-                .map_err(io_err(&metrics_path))?;
-        }
-        if progress {
-            eprintln!(
-                "epoch {epoch}/{epochs}: train loss {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}{}, {:.1} s, {:.0} examples/s",
-                record.train_loss,
-                val.nll_nats,
-                val.bits_per_dim,
-                val.recon.map(|r| format!(", recon {r:.3e}")).unwrap_or_default(),
-                record
-                    .grad_angle_deg
-                    .as_ref()
-                    .map(|a| format!(", gradient angle {:.3}°", a.mean))
-                    .unwrap_or_default(),
-                record.seconds,
-                record.examples_per_sec
-            );
-        }
         let mut files = Vec::new();
-        let improved = state
-            .best
-            .as_ref()
-            .is_none_or(|b| val.nll_nats < b.nll_nats)
-            && val.nll_nats.is_finite();
-        if improved {
-            let mut meta = HashMap::from([
-                ("epoch".to_string(), epoch.to_string()),
-                ("steps".to_string(), state.total_steps.to_string()),
-                ("val_nll_nats".to_string(), val.nll_nats.to_string()),
-                ("dtype".to_string(), T::NAME.to_string()),
-            ]);
-            if let Some(g) = &state.geco {
-                // GECO's λ and EMA per layer, as they were at this epoch.
-                meta.insert(
-                    "geco".to_string(),
-                    serde_json::to_string(g).unwrap_or_default(),
+        // An interrupted run writes its state at once; an epoch's end, or a `--steps` stop
+        // within one, is validated and logged first.
+        if !interrupted {
+            let val = evaluate_sharded(
+                &model.cast::<f64>(),
+                &data.valid,
+                batch.max(100),
+                0,
+                comm.as_ref(),
+                &crate::progress::Progress::new(
+                    data.valid.n as u64,
+                    &format!("epoch {epoch}/{epochs}: validation"),
+                    "examples",
+                    progress,
+                ),
+            )?;
+            // The data-independent −Σ ln|det W| of the parameters as they are now, once.
+            let train_nll = nll_data_sum / steps.max(1) as f64 - crate::eval::logdet_sum(&model);
+            let record = EpochRecord {
+                epoch,
+                steps: state.total_steps,
+                train_nll_nats: train_nll,
+                train_bits_per_dim: train_nll / (d as f64 * std::f64::consts::LN_2),
+                train_objective_data_terms: loss_sum / steps.max(1) as f64,
+                val_nll_nats: val.nll_nats,
+                val_bits_per_dim: val.bits_per_dim,
+                val_recon: val.recon,
+                lr,
+                seconds: earlier.seconds + started.elapsed().as_secs_f64(),
+                examples_per_sec: (steps * batch) as f64 / train_secs,
+                lambda: state.geco.as_ref().map(|g| g.lambda.clone()),
+                grad_angle_deg: AngleStats::of(&angles),
+                ranks,
+                all_reduce_seconds: (ranks > 1).then_some(reduce_secs),
+                partial: !complete,
+            };
+            if let Some(metrics) = metrics.as_mut() {
+                let line = serde_json::to_string(&record).unwrap_or_default();
+                writeln!(metrics, "{line}")
+                    .and_then(|()| metrics.sync_data())
+                    .map_err(io_err(&metrics_path))?;
+            }
+            if progress {
+                eprintln!(
+                    "epoch {epoch}/{epochs}{}: train NLL {:.2}, validation NLL {:.2} nats ({:.4} bits/dim){}{}, {:.1} s, {:.0} examples/s",
+                    if complete {
+                        String::new()
+                    } else {
+                        format!(" (steps 1–{steps} of {steps_per_epoch})")
+                    },
+                    record.train_nll_nats,
+                    val.nll_nats,
+                    val.bits_per_dim,
+                    val.recon.map(|r| format!(", recon {r:.3e}")).unwrap_or_default(),
+                    record
+                        .grad_angle_deg
+                        .as_ref()
+                        .map(|a| format!(", gradient angle {:.3}°", a.mean))
+                        .unwrap_or_default(),
+                    record.seconds,
+                    record.examples_per_sec
                 );
             }
-            if leader {
-                files.push((checkpoint.clone(), model.to_bytes(&checkpoint, &[], meta)?));
+            let improved = state
+                .best
+                .as_ref()
+                .is_none_or(|b| val.nll_nats < b.nll_nats)
+                && val.nll_nats.is_finite();
+            if improved {
+                let mut meta = HashMap::from([
+                    ("epoch".to_string(), epoch.to_string()),
+                    ("steps".to_string(), state.total_steps.to_string()),
+                    ("val_nll_nats".to_string(), val.nll_nats.to_string()),
+                    ("dtype".to_string(), T::NAME.to_string()),
+                ]);
+                if let Some(g) = &state.geco {
+                    // GECO's λ and EMA per layer, as they were at this epoch.
+                    meta.insert(
+                        "geco".to_string(),
+                        serde_json::to_string(g).unwrap_or_default(),
+                    );
+                }
+                if leader {
+                    files.push((checkpoint.clone(), model.to_bytes(&checkpoint, &[], meta)?));
+                }
+                state.best = Some(val);
+                state.best_epoch = epoch;
+                on_disk.best_epoch = Some(epoch);
             }
-            state.best = Some(val);
-            state.best_epoch = epoch;
+            records.push(record);
         }
-        state.epoch = epoch;
+        if complete {
+            state.epoch = epoch;
+        } else {
+            state.partial = Some(EpochProgress {
+                steps,
+                loss_sum,
+                nll_data_sum,
+                seconds: earlier.seconds + started.elapsed().as_secs_f64(),
+                train_seconds: train_secs,
+                all_reduce_seconds: reduce_secs,
+                angles,
+            });
+        }
         state.adam = backend.adam_state()?;
         if leader {
             files.push((last_path.clone(), last_bytes(&last_path, &model, &state)?));
         }
+        on_disk.last = Some(OnDisk::last_at(
+            state.epoch,
+            state.total_steps,
+            state.partial.as_ref(),
+        ));
         // The disk work (tens of ms with fsync) overlaps the next epoch; the previous epoch's
         // files are complete before these start, and before any return (the writer's drop).
         writer.submit(files).map_err(crate::model::write_error)?;
-        records.push(record);
+        stop_asked |= ranks == 1 && interrupt();
+        if !complete || stop_asked {
+            stopped = Some(Stopped {
+                epoch,
+                step: steps,
+                steps_per_epoch,
+                total_steps: state.total_steps,
+                interrupted: interrupted || stop_asked,
+                saved: true,
+            });
+            break;
+        }
     }
     writer.wait().map_err(crate::model::write_error)?;
     Ok(TrainSummary {
@@ -1417,6 +1691,7 @@ pub fn train<T: Real + 'static>(
         best_epoch: state.best_epoch,
         checkpoint,
         reached: None,
+        stopped,
     })
 }
 
@@ -1434,7 +1709,9 @@ mod tests {
         let text = serde_json::to_string(&EpochRecord {
             epoch: 1,
             steps: 1,
-            train_loss: 0.0,
+            train_nll_nats: 0.0,
+            train_bits_per_dim: 0.0,
+            train_objective_data_terms: 0.0,
             val_nll_nats: 0.0,
             val_bits_per_dim: 0.0,
             val_recon: None,
@@ -1445,6 +1722,7 @@ mod tests {
             grad_angle_deg: None,
             ranks: 1,
             all_reduce_seconds: None,
+            partial: false,
         })
         .unwrap();
         let at = |k: usize| text.find(&format!("\"layers.{k}\"")).unwrap();
@@ -1465,7 +1743,8 @@ mod tests {
         let fixed = snfc_compiler::spec::parse_spec(&text("0.01")).unwrap();
         let e = diverged(
             &fixed,
-            &TrainOptions::new(dir.path().join("r")),
+            &dir.path().join("r"),
+            &OnDisk::default(),
             None,
             (3, 7, 167),
             "the loss is NaN",
@@ -1486,9 +1765,14 @@ mod tests {
         .unwrap();
         let mut geco = Geco::new(&spec).unwrap();
         geco.lambda.insert("layers.0".into(), 2.5e20);
+        let on_disk = OnDisk {
+            last: Some(OnDisk::last_at(76, 6080, None)),
+            best_epoch: Some(70),
+        };
         let m = diverged(
             &spec,
-            &TrainOptions::new(dir.path().join("r")),
+            &dir.path().join("r"),
+            &on_disk,
             Some(&geco),
             (77, 62, 6142),
             "x",
@@ -1497,6 +1781,29 @@ mod tests {
         assert!(
             m.contains("layers.0 has grown to 2.500e20") && m.contains("κ = 5"),
             "{m}"
+        );
+        assert!(
+            m.contains("last.safetensors (after epoch 76, step 6080 of the run) and ")
+                && m.contains(
+                    "checkpoint.safetensors (epoch 70, the best validation NLL) are intact"
+                ),
+            "{m}"
+        );
+        let only_last = OnDisk {
+            last: Some(OnDisk::last_at(
+                0,
+                37,
+                Some(&EpochProgress {
+                    steps: 37,
+                    ..Default::default()
+                }),
+            )),
+            best_epoch: None,
+        };
+        let m = only_last.describe(Path::new("r"));
+        assert_eq!(
+            m,
+            "r/last.safetensors (at step 37 of epoch 1, step 37 of the run) is intact"
         );
     }
 }

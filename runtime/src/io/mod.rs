@@ -1,5 +1,6 @@
 //! Files and data: data sets (IDX, `.npy`, the embedded MNIST digits) and batching, `.npy`
-//! arrays, PNG images, and parameters with their safetensors checkpoints.
+//! arrays, PNG images, parameters with their safetensors checkpoints, and the lock that keeps one
+//! training run per directory.
 
 pub mod atomic;
 pub mod batch;
@@ -7,3 +8,4 @@ pub mod data;
 pub mod image;
 pub mod model;
 pub mod npy;
+pub mod run_lock;
