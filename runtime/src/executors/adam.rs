@@ -3,7 +3,7 @@
 //! instructions the CPU has. The GPU executors run the same update as a kernel; both take the
 //! per-parameter learning rates of [`LearningRates`].
 
-use crate::host::linalg::Real;
+use crate::executors::values::{Real, Tensor};
 use crate::model::Model;
 use rayon::prelude::*;
 use snfc_compiler::ir::lower::{parameters, ParamKind};
@@ -164,12 +164,7 @@ impl<T: Real> Adam<T> {
 
     /// One update of every parameter that has a `grad.<name>` output, at learning rate `lr`;
     /// returns the step's `loss` output.
-    pub fn update(
-        &mut self,
-        model: &mut Model<T>,
-        outs: &[(String, crate::host::exec::Tensor<T>)],
-        lr: f64,
-    ) -> f64 {
+    pub fn update(&mut self, model: &mut Model<T>, outs: &[(String, Tensor<T>)], lr: f64) -> f64 {
         self.update_values(&mut model.values, outs, &LearningRates::uniform(lr), 1.0)
     }
 
@@ -178,7 +173,7 @@ impl<T: Real> Adam<T> {
     pub fn update_values(
         &mut self,
         values: &mut HashMap<String, Arc<Vec<T>>>,
-        outs: &[(String, crate::host::exec::Tensor<T>)],
+        outs: &[(String, Tensor<T>)],
         lr: &LearningRates,
         grad_scale: f64,
     ) -> f64 {

@@ -4,7 +4,11 @@
 
 pub mod adam;
 pub mod backend;
+pub mod conv_taps;
 pub mod cube;
+pub mod denormals;
 pub mod elementwise;
 pub mod host;
+pub mod linalg;
 pub mod profile;
+pub mod values;

@@ -3,7 +3,7 @@
 //! `Σ_{j ∈ ptr[o]..ptr[o+1]} input[idx[j]] · weight[j]`. Built once per plan on the host, from
 //! the shapes alone, and uploaded with the plan.
 
-use crate::host::shape_ops::{multiplicity, taps};
+use crate::executors::conv_taps::{multiplicity, taps};
 use snfc_compiler::ir::Op;
 
 /// A compressed-row table: the input elements (and weights) each output sums.

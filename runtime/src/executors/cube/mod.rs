@@ -18,8 +18,8 @@ pub mod source;
 pub mod tensor_kernels;
 
 use crate::executors::adam::AdamState;
-use crate::host::exec::{ExecError, Tensor};
-use crate::host::linalg;
+use crate::executors::linalg;
+use crate::executors::values::{ExecError, Tensor};
 use crate::profile::{Profile, ProfileRow, Work};
 use cubecl::prelude::*;
 use cubecl::server::Handle;

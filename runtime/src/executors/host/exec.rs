@@ -11,6 +11,7 @@ use super::shape_ops;
 use super::spline::{Spline, SplineGrads, SplineParams};
 use crate::executors::elementwise::{host_unary_in_place, host_unary_slice};
 use crate::executors::profile::{Profile, ProfileRow, Work};
+pub use crate::executors::values::{ExecError, Feeds, Tensor};
 use rayon::prelude::*;
 use snfc_compiler::ir::{Graph, Op, Shape, SplinePart};
 use snfc_compiler::plan::{FusedKernel, Instr, Plan};
@@ -24,49 +25,6 @@ fn spline_params<T>(args: &[Arc<Vec<T>>]) -> SplineParams<'_, T> {
         heights: &args[2],
         derivatives: &args[3],
     }
-}
-
-/// A named tensor handed to or returned from the executor (row-major).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor<T> {
-    pub shape: Shape,
-    pub data: Vec<T>,
-}
-
-impl<T: Real> Tensor<T> {
-    pub fn scalar(&self) -> T {
-        self.data[0]
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("graph {graph}: no value fed for {kind} `{name}`")]
-    Missing {
-        graph: String,
-        kind: &'static str,
-        name: String,
-    },
-    #[error("graph {graph}: {kind} `{name}` has {got} elements, expected shape {shape:?}")]
-    BadShape {
-        graph: String,
-        kind: &'static str,
-        name: String,
-        got: usize,
-        shape: Shape,
-    },
-    #[error("graph {graph}: node %{node} ({op}): {source}")]
-    Linalg {
-        graph: String,
-        node: usize,
-        op: String,
-        source: linalg::LinalgError,
-    },
-    #[error("graph {graph}: device error: {message}")]
-    Device { graph: String, message: String },
-    /// The step could not be compiled (a rewrite phase reached a limit).
-    #[error(transparent)]
-    Compile(#[from] snfc_compiler::rewrite::RewriteError),
 }
 
 /// A plan ready for the host executor.
@@ -173,9 +131,6 @@ impl<T: Real> Value<T> {
         }
     }
 }
-
-/// Tensors fed to a run, by name (inputs and parameters share one namespace).
-pub type Feeds<T> = HashMap<String, Arc<Vec<T>>>;
 
 /// Runs programs, recycling buffers between runs.
 #[derive(Default)]

@@ -1,11 +1,12 @@
 //! The CPU ("host") executor.
 
-pub mod denormals;
 pub mod exec;
 pub mod fused;
-pub mod linalg;
 pub mod shape_ops;
 pub mod spline;
 #[cfg(test)]
-mod test_rng;
+pub(crate) mod test_rng;
 pub mod vmath;
+
+// Shared with the GPU executor, and reachable here as before.
+pub use super::{denormals, linalg};

@@ -15,6 +15,7 @@
 //! kernels are one GEMM with no im2col at all.
 
 use super::linalg::{matmul, MatRef, Real};
+pub use crate::executors::conv_taps::{multiplicity, taps};
 use rayon::prelude::*;
 
 /// Row-major strides of `shape`.
@@ -1050,33 +1051,6 @@ fn kgrad_gemm<T: Real>(dy: &[T], dy_shape: &[usize], x: &[T], ci: usize, k: usiz
     out
 }
 
-/// The taps of output pixel `(y, x)` of a `C → C`, K × K conv on `H × W` maps: for each input
-/// channel `i` and kernel offset `(u, v)` that lands inside the map, `f(column of the input
-/// pixel in the flat (c, h, w) order, index (i, u, v) within the output channel's kernel)`.
-/// The one walk [`toeplitz`] and [`toeplitz_adjoint`] share.
-pub fn taps(
-    c: usize,
-    h: usize,
-    w: usize,
-    kk: usize,
-    y: usize,
-    x: usize,
-    mut f: impl FnMut(usize, usize),
-) {
-    let p = kk / 2;
-    for i in 0..c {
-        for u in 0..kk {
-            for v in 0..kk {
-                let (sy, sx) = (y + u, x + v);
-                if sy < p || sy - p >= h || sx < p || sx - p >= w {
-                    continue;
-                }
-                f((i * h + sy - p) * w + sx - p, (i * kk + u) * kk + v);
-            }
-        }
-    }
-}
-
 /// The dense `[C·H·W, C·H·W]` matrix of the `C → C` convolution `k` on one `H × W` example.
 pub fn toeplitz<T: Real>(k: &[T], k_shape: &[usize], h: usize, w: usize) -> Vec<T> {
     let (c, kk) = (k_shape[0], k_shape[2]);
@@ -1088,16 +1062,6 @@ pub fn toeplitz<T: Real>(k: &[T], k_shape: &[usize], h: usize, w: usize) -> Vec<
         taps(c, h, w, kk, y, x, |col, tap| dst[col] = kernel[tap]);
     });
     t
-}
-
-/// How often each element `(u, v)` of a K × K kernel appears in the Toeplitz matrix of its conv
-/// on `H × W` maps (per input/output channel pair): `(H − |u − p|)(W − |v − p|)` (paper A.2).
-pub fn multiplicity(h: usize, w: usize, kk: usize) -> Vec<usize> {
-    let p = kk / 2;
-    let count = |n: usize, u: usize| n.saturating_sub(u.abs_diff(p));
-    (0..kk * kk)
-        .map(|i| count(h, i / kk) * count(w, i % kk))
-        .collect()
 }
 
 /// `k ⊙ m` for a kernel `[O, I, K, K]` on `H × W` maps (see [`multiplicity`]).

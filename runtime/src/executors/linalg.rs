@@ -16,59 +16,7 @@ use faer::linalg::lu::partial_pivoting as plu;
 use faer::Par;
 
 use super::denormals::flush_denormals;
-
-/// Scalar type the host executor computes in (`f32` or `f64`).
-///
-/// The `faer::traits::RealField` supertrait lets the LU routines run directly on `T`; its
-/// methods are all suffixed `_impl`, so it does not clash with `num_traits::Float` methods.
-/// `matmul` panics for any other type than `f32` / `f64` (a `gemm` crate restriction), so do not
-/// implement this trait for other types.
-pub trait Real:
-    num_traits::Float
-    + num_traits::FromPrimitive
-    + Copy
-    + Send
-    + Sync
-    + Default
-    + std::fmt::Debug
-    + std::fmt::Display
-    + std::iter::Sum
-    + faer::traits::RealField
-    + 'static
-{
-    /// `"f32"` or `"f64"`.
-    const NAME: &'static str;
-    /// Lossless (f32) / identity (f64) conversion to `f64`.
-    /// (Not `to_f64`: that name is taken by `num_traits::ToPrimitive`.)
-    fn as_f64(self) -> f64;
-    /// Conversion from `f64` (rounding for f32).
-    /// (Not `from_f64`: that name is taken by `num_traits::FromPrimitive`.)
-    fn of_f64(v: f64) -> Self;
-}
-
-impl Real for f32 {
-    const NAME: &'static str = "f32";
-    #[inline(always)]
-    fn as_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn of_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Real for f64 {
-    const NAME: &'static str = "f64";
-    #[inline(always)]
-    fn as_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn of_f64(v: f64) -> Self {
-        v
-    }
-}
+pub use crate::executors::values::{LinalgError, Real};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -172,15 +120,6 @@ impl<'a, T> MatRef<'a, T> {
             ),
         }
     }
-}
-
-/// Errors of the LU-based routines.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum LinalgError {
-    #[error("matrix is singular (LU pivot {index} is zero)")]
-    Singular { index: usize },
-    #[error("matrix is not finite (LU pivot {index} is {value})")]
-    NonFinite { index: usize, value: f64 },
 }
 
 /// Number of threads the executor uses (the size of the current rayon pool: the global pool,
