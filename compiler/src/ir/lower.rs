@@ -17,7 +17,10 @@
 use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use super::{Op, SplinePart};
 use crate::autodiff;
-use crate::spec::{FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec, Preprocess, ReconTrains};
+use crate::spec::{
+    AffineCouplingSpec, ConvSpec, FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec,
+    LinearSpec, Preprocess, ReconTrains, SmoothLeakyReluSpec, SplineSpec,
+};
 use petgraph::stable_graph::NodeIndex;
 
 /// What a parameter is to its layer.
@@ -196,6 +199,32 @@ struct FlowTerms {
     recon_layers: Vec<(usize, NodeIndex)>,
 }
 
+/// The terms one flow's layers contribute, gathered in layer order.
+#[derive(Default)]
+struct FlowTermParts {
+    /// Per-example log-det terms (`[B]`).
+    data: Vec<NodeIndex>,
+    /// Data-independent ln|det| terms (scalars).
+    consts: Vec<NodeIndex>,
+    /// Per-example reconstruction errors, and the same by layer index.
+    recon: Vec<NodeIndex>,
+    recon_layers: Vec<(usize, NodeIndex)>,
+}
+
+/// Where a layer sits in the flow being lowered, and how the flow is lowered.
+struct LayerAt {
+    /// The layer's index in the spec.
+    i: usize,
+    /// Its input's size per example, and shape.
+    d: usize,
+    layer: LayerShape,
+    batch: usize,
+    inverse_model: bool,
+    with_recon: bool,
+    recon_trains: ReconTrains,
+    learns_inverses: bool,
+}
+
 struct Lowering<'a> {
     spec: &'a FlowSpec,
     b: GraphBuilder,
@@ -259,7 +288,8 @@ impl<'a> Lowering<'a> {
         }
     }
 
-    /// The flow from `h0`: the f-flow, or with `inverse_model` the g-flow `R⁻¹ h + b`.
+    /// The flow from `h0`: the f-flow, or with `inverse_model` the g-flow `R⁻¹ h + b`; each layer
+    /// type is lowered by its own method below.
     fn flow(&mut self, h0: NodeIndex, inverse_model: bool, with_recon: bool) -> FlowTerms {
         // Every layer's activations are the flat batch [D_i, B] (D_i its input's size: a split
         // halves it); image layers reshape (a view).
@@ -268,318 +298,29 @@ impl<'a> Lowering<'a> {
         let recon_trains = self.spec.objective.recon_trains;
         let learns_inverses = self.spec.objective.gradient == GradientMode::SelfNormalizing;
         let mut h = h0;
-        let mut data_terms: Vec<NodeIndex> = Vec::new();
-        let mut const_terms: Vec<NodeIndex> = Vec::new();
-        let mut recon_terms: Vec<NodeIndex> = Vec::new();
-        let mut recon_layers: Vec<(usize, NodeIndex)> = Vec::new();
+        let mut terms = FlowTermParts::default();
         for (i, layer) in self.spec.layers.iter().enumerate() {
-            let b = &mut self.b;
-            b.set_region(Region::Layer(i));
-            let d = shapes[i].numel();
-            let shape = vec![d, batch];
-            match layer {
-                LayerSpec::Linear(l) => {
-                    let (w_name, r_name) = (
-                        param_name(i, ParamKind::Weight),
-                        param_name(i, ParamKind::WeightInv),
-                    );
-                    let w = b.param(&w_name, vec![d, d]);
-                    let r = b.param(&r_name, vec![d, d]);
-                    // A pair only where R is learned (an exact spec has no R).
-                    if learns_inverses {
-                        b.declare_inverse_pair(&w_name, &r_name);
-                    }
-                    if with_recon {
-                        let hs = b.stop_grad(h);
-                        let wh = b.matmul(w, hs);
-                        let wh = recon_w_term(b, wh, recon_trains);
-                        let rwh = b.matmul(r, wh);
-                        let e = b.sub(rwh, hs);
-                        let e2 = b.unary(Unary::Square, e);
-                        let r = b.sum(e2, Some(0));
-                        recon_terms.push(r);
-                        recon_layers.push((i, r));
-                    }
-                    let z = if inverse_model {
-                        let r_inv = b.inverse(r);
-                        let ld = b.logdet(r);
-                        const_terms.push(b.neg(ld));
-                        b.matmul(r_inv, h)
-                    } else {
-                        const_terms.push(b.logdet(w));
-                        b.matmul(w, h)
-                    };
-                    h = if l.bias {
-                        let bias = b.param(&param_name(i, ParamKind::Bias), vec![d]);
-                        let bb = b.broadcast(bias, shape.clone(), Some(1));
-                        b.add2(z, bb)
-                    } else {
-                        z
-                    };
-                }
-                LayerSpec::Conv(c) => {
-                    let (ch, hh, ww) = shapes[i].image();
-                    let k = c.kernel_size;
-                    let (w_name, r_name) = (
-                        param_name(i, ParamKind::Weight),
-                        param_name(i, ParamKind::WeightInv),
-                    );
-                    let w = b.param(&w_name, vec![ch, ch, k, k]);
-                    let r = b.param(&r_name, vec![ch, ch, k, k]);
-                    // A pair only where R is learned (an exact spec has no R).
-                    if learns_inverses {
-                        b.declare_inverse_pair(&w_name, &r_name);
-                    }
-                    let image = vec![ch, hh, ww, batch];
-                    // conv(K) applied to a flat batch [C·H·W, B]: free reshapes around conv2d.
-                    let conv = |b: &mut GraphBuilder, x: NodeIndex, kernel: NodeIndex| {
-                        let img = b.add(Op::Reshape { to: image.clone() }, &[x]);
-                        let y = b.add(Op::Conv2d, &[img, kernel]);
-                        b.add(Op::Reshape { to: shape.clone() }, &[y])
-                    };
-                    if with_recon {
-                        let hs = b.stop_grad(h);
-                        let wh = conv(b, hs, w);
-                        let wh = recon_w_term(b, wh, recon_trains);
-                        let rwh = conv(b, wh, r);
-                        let e = b.sub(rwh, hs);
-                        let e2 = b.unary(Unary::Square, e);
-                        let r = b.sum(e2, Some(0));
-                        recon_terms.push(r);
-                        recon_layers.push((i, r));
-                    }
-                    let z = if inverse_model {
-                        // g⁻¹(h) = T(r)⁻¹ h: the exact inverse of the learned inverse conv.
-                        let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[r]);
-                        let t_inv = b.inverse(t);
-                        let ld = b.logdet(t);
-                        const_terms.push(b.neg(ld));
-                        b.matmul(t_inv, h)
-                    } else {
-                        let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[w]);
-                        const_terms.push(b.logdet(t));
-                        conv(b, h, w)
-                    };
-                    h = if c.bias {
-                        let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
-                        let per_channel = b.add(
-                            Op::Expand {
-                                to: vec![ch, hh * ww, batch],
-                                axes: vec![1, 2],
-                            },
-                            &[bias],
-                        );
-                        let bb = b.add(Op::Reshape { to: shape.clone() }, &[per_channel]);
-                        b.add2(z, bb)
-                    } else {
-                        z
-                    };
-                }
-                LayerSpec::Squeeze(_) => {
-                    let (ch, hh, ww) = shapes[i].image();
-                    // [C, H/2, 2, W/2, 2, B] → [C, 2, 2, H/2, W/2, B]: a permutation, log-det 0.
-                    let split = b.add(
-                        Op::Reshape {
-                            to: vec![ch, hh / 2, 2, ww / 2, 2, batch],
-                        },
-                        &[h],
-                    );
-                    let moved = b.add(
-                        Op::Permute {
-                            perm: vec![0, 2, 4, 1, 3, 5],
-                        },
-                        &[split],
-                    );
-                    h = b.add(Op::Reshape { to: shape.clone() }, &[moved]);
-                }
-                LayerSpec::Spline(sp) => {
-                    let params: Vec<NodeIndex> = [
-                        (ParamKind::SplineWidths, sp.bins),
-                        (ParamKind::SplineHeights, sp.bins),
-                        (ParamKind::SplineDerivatives, sp.bins - 1),
-                    ]
-                    .into_iter()
-                    .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
-                    .collect();
-                    let operands = [h, params[0], params[1], params[2]];
-                    let spline = |part| Op::Spline {
-                        bins: sp.bins,
-                        bound: sp.tail_bound.to_bits(),
-                        part,
-                    };
-                    let ld = b.add(spline(SplinePart::LogDet), &operands);
-                    data_terms.push(b.sum(ld, Some(0)));
-                    h = b.add(spline(SplinePart::Value), &operands);
-                }
-                LayerSpec::Split(_) => {
-                    // The second half of the channels leaves the flow under N(0, I); the first
-                    // goes on. In the flat (c, h, w) order the halves are the two row blocks.
-                    let halves = b.add(
-                        Op::Reshape {
-                            to: vec![2, d / 2, batch],
-                        },
-                        &[h],
-                    );
-                    let out = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
-                    h = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
-                    let sq = b.unary(Unary::Square, out);
-                    let ss = b.sum(sq, Some(0));
-                    let half = b.scale(ss, -0.5);
-                    let c = b.constant(-0.25 * d as f64 * (2.0 * std::f64::consts::PI).ln());
-                    data_terms.push(b.add2(half, c));
-                }
-                LayerSpec::AffineCoupling(a) => {
-                    let (c, hh, ww) = shapes[i].image();
-                    let c2 = c / 2;
-                    let params: Vec<NodeIndex> = coupling_params(c, a.width)
-                        .into_iter()
-                        .map(|(kind, s)| b.param(&param_name(i, kind), s))
-                        .collect();
-                    // conv + per-channel bias on [C_in, H, W, B] → [C_out, H, W, B].
-                    let conv_bias = |b: &mut GraphBuilder, x, k, bias, cout: usize| {
-                        let y = b.add(Op::Conv2d, &[x, k]);
-                        let bb = b.add(
-                            Op::Expand {
-                                to: vec![cout, hh, ww, batch],
-                                axes: vec![1, 2, 3],
-                            },
-                            &[bias],
-                        );
-                        b.add2(y, bb)
-                    };
-                    let halves = b.add(
-                        Op::Reshape {
-                            to: vec![2, c2, hh, ww, batch],
-                        },
-                        &[h],
-                    );
-                    let x1 = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
-                    let x2 = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
-                    let a0 = conv_bias(b, x1, params[0], params[1], a.width);
-                    let r0 = b.unary(Unary::Relu, a0);
-                    let a1 = conv_bias(b, r0, params[2], params[3], a.width);
-                    let r1 = b.unary(Unary::Relu, a1);
-                    let a2 = conv_bias(b, r1, params[4], params[5], c);
-                    let logs3 = b.scale(params[6], 3.0);
-                    let gain = b.unary(Unary::Exp, logs3);
-                    let gain = b.add(
-                        Op::Expand {
-                            to: vec![c, hh, ww, batch],
-                            axes: vec![1, 2, 3],
-                        },
-                        &[gain],
-                    );
-                    let net = b.mul(a2, gain);
-                    // Even channels scale, odd channels shift.
-                    let pairs = b.add(
-                        Op::Reshape {
-                            to: vec![c2, 2, hh, ww, batch],
-                        },
-                        &[net],
-                    );
-                    let raw = b.add(Op::Take { axis: 1, index: 0 }, &[pairs]);
-                    let t = b.add(Op::Take { axis: 1, index: 1 }, &[pairs]);
-                    let half = b.scale(raw, 0.5);
-                    let th = b.unary(Unary::Tanh, half);
-                    let log_s = b.scale(th, 2.0);
-                    let s = b.unary(Unary::Exp, log_s);
-                    let scaled = b.mul(x2, s);
-                    let z2 = b.add2(scaled, t);
-                    let first = b.add(
-                        Op::Embed {
-                            axis: 0,
-                            index: 0,
-                            size: 2,
-                        },
-                        &[x1],
-                    );
-                    let second = b.add(
-                        Op::Embed {
-                            axis: 0,
-                            index: 1,
-                            size: 2,
-                        },
-                        &[z2],
-                    );
-                    let joined = b.add2(first, second);
-                    h = b.add(Op::Reshape { to: shape.clone() }, &[joined]);
-                    let ld = b.add(
-                        Op::ReduceSum {
-                            axes: vec![0, 1, 2],
-                        },
-                        &[log_s],
-                    );
-                    data_terms.push(ld);
-                }
-                LayerSpec::Actnorm(_) => {
-                    let (c, hw) = shapes[i].channels();
-                    let grid = vec![c, hw, batch];
-                    let per_channel = |b: &mut GraphBuilder, v: NodeIndex| {
-                        b.add(
-                            Op::Expand {
-                                to: grid.clone(),
-                                axes: vec![1, 2],
-                            },
-                            &[v],
-                        )
-                    };
-                    let x = b.add(Op::Reshape { to: grid.clone() }, &[h]);
-                    let (t, s) = if self.actnorm_from_data {
-                        // t = mean, s = ln(std + ε) per channel over the positions and batch.
-                        let n = (hw * batch) as f64;
-                        let sum = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[x]);
-                        let t = b.scale(sum, 1.0 / n);
-                        let tt = per_channel(b, t);
-                        let centered = b.sub(x, tt);
-                        let sq = b.unary(Unary::Square, centered);
-                        let ss = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[sq]);
-                        let var = b.scale(ss, 1.0 / n);
-                        // std = exp(½ ln var): 0 for a constant channel, which ε keeps finite.
-                        let log_var = b.unary(Unary::Log, var);
-                        let half = b.scale(log_var, 0.5);
-                        let std = b.unary(Unary::Exp, half);
-                        let eps = b.constant(ACTNORM_EPS);
-                        let std_eps = b.add2(std, eps);
-                        let s = b.unary(Unary::Log, std_eps);
-                        let out = &mut self.init_outputs;
-                        out.push((param_name(i, ParamKind::ActnormTranslation), t));
-                        out.push((param_name(i, ParamKind::ActnormLogScale), s));
-                        out.push((format!("layers.{i}.variance"), var));
-                        (t, s)
-                    } else {
-                        (
-                            b.param(&param_name(i, ParamKind::ActnormTranslation), vec![c]),
-                            b.param(&param_name(i, ParamKind::ActnormLogScale), vec![c]),
-                        )
-                    };
-                    let tt = per_channel(b, t);
-                    let centered = b.sub(x, tt);
-                    let neg_s = b.neg(s);
-                    let inv_scale = b.unary(Unary::Exp, neg_s);
-                    let ss = per_channel(b, inv_scale);
-                    let y = b.mul(centered, ss);
-                    h = b.add(Op::Reshape { to: shape.clone() }, &[y]);
-                    // log-det −H·W·Σ s, the same for every example (cheap: kept per example,
-                    // so it is part of the reported loss and of the evaluation graph).
-                    let total = b.add(Op::ReduceSum { axes: vec![0] }, &[s]);
-                    let ld = b.scale(total, -(hw as f64));
-                    data_terms.push(b.broadcast(ld, vec![batch], None));
-                }
-                LayerSpec::SmoothLeakyRelu(a) => {
-                    let alpha = a.alpha;
-                    // s(z) = αz + (1−α) softplus(z); ln s'(z) = ln(α + (1−α) σ(z))
-                    let az = b.scale(h, alpha);
-                    let sp = b.unary(Unary::Softplus, h);
-                    let bsp = b.scale(sp, 1.0 - alpha);
-                    let sig = b.unary(Unary::Sigmoid, h);
-                    let bsig = b.scale(sig, 1.0 - alpha);
-                    let ac = b.constant(alpha);
-                    let deriv = b.add2(ac, bsig);
-                    let ln_deriv = b.unary(Unary::Log, deriv);
-                    data_terms.push(b.sum(ln_deriv, Some(0)));
-                    h = b.add2(az, bsp);
-                }
-            }
+            self.b.set_region(Region::Layer(i));
+            let at = LayerAt {
+                i,
+                d: shapes[i].numel(),
+                layer: shapes[i],
+                batch,
+                inverse_model,
+                with_recon,
+                recon_trains,
+                learns_inverses,
+            };
+            h = match layer {
+                LayerSpec::Linear(l) => self.linear(l, h, &at, &mut terms),
+                LayerSpec::Conv(c) => self.conv(c, h, &at, &mut terms),
+                LayerSpec::Squeeze(_) => self.squeeze(h, &at),
+                LayerSpec::Spline(sp) => self.spline(sp, h, &at, &mut terms),
+                LayerSpec::Split(_) => self.split(h, &at, &mut terms),
+                LayerSpec::AffineCoupling(a) => self.affine_coupling(a, h, &at, &mut terms),
+                LayerSpec::Actnorm(_) => self.actnorm(h, &at, &mut terms),
+                LayerSpec::SmoothLeakyRelu(a) => self.smooth_leaky_relu(a, h, &mut terms),
+            };
         }
         // Base density: ln N(z) = −½‖z‖² − (D/2) ln 2π per example, D what is left after the
         // splits.
@@ -591,15 +332,410 @@ impl<'a> Lowering<'a> {
         let half = b.scale(zz, -0.5);
         let c = b.constant(-0.5 * d as f64 * (2.0 * std::f64::consts::PI).ln());
         let mut logp = b.add2(half, c);
-        for t in data_terms {
+        for t in terms.data {
             logp = b.add2(logp, t);
         }
         FlowTerms {
             logp_data: logp,
-            logdet_const: sum_all(b, const_terms),
-            recon: sum_all(b, recon_terms),
-            recon_layers,
+            logdet_const: sum_all(b, terms.consts),
+            recon: sum_all(b, terms.recon),
+            recon_layers: terms.recon_layers,
         }
+    }
+
+    /// `z = W h + b` (or the g-flow's `R⁻¹ h + b`), its log-det and reconstruction term.
+    fn linear(
+        &mut self,
+        l: &LinearSpec,
+        h: NodeIndex,
+        at: &LayerAt,
+        terms: &mut FlowTermParts,
+    ) -> NodeIndex {
+        let b = &mut self.b;
+        let i = at.i;
+        let d = at.d;
+        let inverse_model = at.inverse_model;
+        let with_recon = at.with_recon;
+        let recon_trains = at.recon_trains;
+        let learns_inverses = at.learns_inverses;
+        let shape = vec![at.d, at.batch];
+        let const_terms = &mut terms.consts;
+        let recon_terms = &mut terms.recon;
+        let recon_layers = &mut terms.recon_layers;
+        let (w_name, r_name) = (
+            param_name(i, ParamKind::Weight),
+            param_name(i, ParamKind::WeightInv),
+        );
+        let w = b.param(&w_name, vec![d, d]);
+        let r = b.param(&r_name, vec![d, d]);
+        // A pair only where R is learned (an exact spec has no R).
+        if learns_inverses {
+            b.declare_inverse_pair(&w_name, &r_name);
+        }
+        if with_recon {
+            let hs = b.stop_grad(h);
+            let wh = b.matmul(w, hs);
+            let wh = recon_w_term(b, wh, recon_trains);
+            let rwh = b.matmul(r, wh);
+            let e = b.sub(rwh, hs);
+            let e2 = b.unary(Unary::Square, e);
+            let r = b.sum(e2, Some(0));
+            recon_terms.push(r);
+            recon_layers.push((i, r));
+        }
+        let z = if inverse_model {
+            let r_inv = b.inverse(r);
+            let ld = b.logdet(r);
+            const_terms.push(b.neg(ld));
+            b.matmul(r_inv, h)
+        } else {
+            const_terms.push(b.logdet(w));
+            b.matmul(w, h)
+        };
+        if l.bias {
+            let bias = b.param(&param_name(i, ParamKind::Bias), vec![d]);
+            let bb = b.broadcast(bias, shape.clone(), Some(1));
+            b.add2(z, bb)
+        } else {
+            z
+        }
+    }
+
+    /// The `C → C` convolution as a flat-batch op, its Toeplitz log-det and reconstruction term.
+    fn conv(
+        &mut self,
+        c: &ConvSpec,
+        h: NodeIndex,
+        at: &LayerAt,
+        terms: &mut FlowTermParts,
+    ) -> NodeIndex {
+        let b = &mut self.b;
+        let i = at.i;
+        let batch = at.batch;
+        let inverse_model = at.inverse_model;
+        let with_recon = at.with_recon;
+        let recon_trains = at.recon_trains;
+        let learns_inverses = at.learns_inverses;
+        let shape = vec![at.d, at.batch];
+        let const_terms = &mut terms.consts;
+        let recon_terms = &mut terms.recon;
+        let recon_layers = &mut terms.recon_layers;
+        let (ch, hh, ww) = at.layer.image();
+        let k = c.kernel_size;
+        let (w_name, r_name) = (
+            param_name(i, ParamKind::Weight),
+            param_name(i, ParamKind::WeightInv),
+        );
+        let w = b.param(&w_name, vec![ch, ch, k, k]);
+        let r = b.param(&r_name, vec![ch, ch, k, k]);
+        // A pair only where R is learned (an exact spec has no R).
+        if learns_inverses {
+            b.declare_inverse_pair(&w_name, &r_name);
+        }
+        let image = vec![ch, hh, ww, batch];
+        // conv(K) applied to a flat batch [C·H·W, B]: free reshapes around conv2d.
+        let conv = |b: &mut GraphBuilder, x: NodeIndex, kernel: NodeIndex| {
+            let img = b.add(Op::Reshape { to: image.clone() }, &[x]);
+            let y = b.add(Op::Conv2d, &[img, kernel]);
+            b.add(Op::Reshape { to: shape.clone() }, &[y])
+        };
+        if with_recon {
+            let hs = b.stop_grad(h);
+            let wh = conv(b, hs, w);
+            let wh = recon_w_term(b, wh, recon_trains);
+            let rwh = conv(b, wh, r);
+            let e = b.sub(rwh, hs);
+            let e2 = b.unary(Unary::Square, e);
+            let r = b.sum(e2, Some(0));
+            recon_terms.push(r);
+            recon_layers.push((i, r));
+        }
+        let z = if inverse_model {
+            // g⁻¹(h) = T(r)⁻¹ h: the exact inverse of the learned inverse conv.
+            let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[r]);
+            let t_inv = b.inverse(t);
+            let ld = b.logdet(t);
+            const_terms.push(b.neg(ld));
+            b.matmul(t_inv, h)
+        } else {
+            let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[w]);
+            const_terms.push(b.logdet(t));
+            conv(b, h, w)
+        };
+        if c.bias {
+            let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
+            let per_channel = b.add(
+                Op::Expand {
+                    to: vec![ch, hh * ww, batch],
+                    axes: vec![1, 2],
+                },
+                &[bias],
+            );
+            let bb = b.add(Op::Reshape { to: shape.clone() }, &[per_channel]);
+            b.add2(z, bb)
+        } else {
+            z
+        }
+    }
+
+    /// Space-to-depth: a permutation, log-det 0.
+    fn squeeze(&mut self, h: NodeIndex, at: &LayerAt) -> NodeIndex {
+        let b = &mut self.b;
+        let batch = at.batch;
+        let shape = vec![at.d, at.batch];
+        let (ch, hh, ww) = at.layer.image();
+        // [C, H/2, 2, W/2, 2, B] → [C, 2, 2, H/2, W/2, B]: a permutation, log-det 0.
+        let split = b.add(
+            Op::Reshape {
+                to: vec![ch, hh / 2, 2, ww / 2, 2, batch],
+            },
+            &[h],
+        );
+        let moved = b.add(
+            Op::Permute {
+                perm: vec![0, 2, 4, 1, 3, 5],
+            },
+            &[split],
+        );
+        b.add(Op::Reshape { to: shape.clone() }, &[moved])
+    }
+
+    /// The rational-quadratic spline and its per-example log-det.
+    fn spline(
+        &mut self,
+        sp: &SplineSpec,
+        h: NodeIndex,
+        at: &LayerAt,
+        terms: &mut FlowTermParts,
+    ) -> NodeIndex {
+        let b = &mut self.b;
+        let i = at.i;
+        let d = at.d;
+        let data_terms = &mut terms.data;
+        let params: Vec<NodeIndex> = [
+            (ParamKind::SplineWidths, sp.bins),
+            (ParamKind::SplineHeights, sp.bins),
+            (ParamKind::SplineDerivatives, sp.bins - 1),
+        ]
+        .into_iter()
+        .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
+        .collect();
+        let operands = [h, params[0], params[1], params[2]];
+        let spline = |part| Op::Spline {
+            bins: sp.bins,
+            bound: sp.tail_bound.to_bits(),
+            part,
+        };
+        let ld = b.add(spline(SplinePart::LogDet), &operands);
+        data_terms.push(b.sum(ld, Some(0)));
+        b.add(spline(SplinePart::Value), &operands)
+    }
+
+    /// Half the channels leave the flow under N(0, I); the other half goes on.
+    fn split(&mut self, mut h: NodeIndex, at: &LayerAt, terms: &mut FlowTermParts) -> NodeIndex {
+        let b = &mut self.b;
+        let d = at.d;
+        let batch = at.batch;
+        let data_terms = &mut terms.data;
+        // The second half of the channels leaves the flow under N(0, I); the first
+        // goes on. In the flat (c, h, w) order the halves are the two row blocks.
+        let halves = b.add(
+            Op::Reshape {
+                to: vec![2, d / 2, batch],
+            },
+            &[h],
+        );
+        let out = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
+        h = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
+        let sq = b.unary(Unary::Square, out);
+        let ss = b.sum(sq, Some(0));
+        let half = b.scale(ss, -0.5);
+        let c = b.constant(-0.25 * d as f64 * (2.0 * std::f64::consts::PI).ln());
+        data_terms.push(b.add2(half, c));
+        h
+    }
+
+    /// Glow's affine coupling: a conv network of one half scales and shifts the other.
+    fn affine_coupling(
+        &mut self,
+        a: &AffineCouplingSpec,
+        mut h: NodeIndex,
+        at: &LayerAt,
+        terms: &mut FlowTermParts,
+    ) -> NodeIndex {
+        let b = &mut self.b;
+        let i = at.i;
+        let batch = at.batch;
+        let shape = vec![at.d, at.batch];
+        let data_terms = &mut terms.data;
+        let (c, hh, ww) = at.layer.image();
+        let c2 = c / 2;
+        let params: Vec<NodeIndex> = coupling_params(c, a.width)
+            .into_iter()
+            .map(|(kind, s)| b.param(&param_name(i, kind), s))
+            .collect();
+        // conv + per-channel bias on [C_in, H, W, B] → [C_out, H, W, B].
+        let conv_bias = |b: &mut GraphBuilder, x, k, bias, cout: usize| {
+            let y = b.add(Op::Conv2d, &[x, k]);
+            let bb = b.add(
+                Op::Expand {
+                    to: vec![cout, hh, ww, batch],
+                    axes: vec![1, 2, 3],
+                },
+                &[bias],
+            );
+            b.add2(y, bb)
+        };
+        let halves = b.add(
+            Op::Reshape {
+                to: vec![2, c2, hh, ww, batch],
+            },
+            &[h],
+        );
+        let x1 = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
+        let x2 = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
+        let a0 = conv_bias(b, x1, params[0], params[1], a.width);
+        let r0 = b.unary(Unary::Relu, a0);
+        let a1 = conv_bias(b, r0, params[2], params[3], a.width);
+        let r1 = b.unary(Unary::Relu, a1);
+        let a2 = conv_bias(b, r1, params[4], params[5], c);
+        let logs3 = b.scale(params[6], 3.0);
+        let gain = b.unary(Unary::Exp, logs3);
+        let gain = b.add(
+            Op::Expand {
+                to: vec![c, hh, ww, batch],
+                axes: vec![1, 2, 3],
+            },
+            &[gain],
+        );
+        let net = b.mul(a2, gain);
+        // Even channels scale, odd channels shift.
+        let pairs = b.add(
+            Op::Reshape {
+                to: vec![c2, 2, hh, ww, batch],
+            },
+            &[net],
+        );
+        let raw = b.add(Op::Take { axis: 1, index: 0 }, &[pairs]);
+        let t = b.add(Op::Take { axis: 1, index: 1 }, &[pairs]);
+        let half = b.scale(raw, 0.5);
+        let th = b.unary(Unary::Tanh, half);
+        let log_s = b.scale(th, 2.0);
+        let s = b.unary(Unary::Exp, log_s);
+        let scaled = b.mul(x2, s);
+        let z2 = b.add2(scaled, t);
+        let first = b.add(
+            Op::Embed {
+                axis: 0,
+                index: 0,
+                size: 2,
+            },
+            &[x1],
+        );
+        let second = b.add(
+            Op::Embed {
+                axis: 0,
+                index: 1,
+                size: 2,
+            },
+            &[z2],
+        );
+        let joined = b.add2(first, second);
+        h = b.add(Op::Reshape { to: shape.clone() }, &[joined]);
+        let ld = b.add(
+            Op::ReduceSum {
+                axes: vec![0, 1, 2],
+            },
+            &[log_s],
+        );
+        data_terms.push(ld);
+        h
+    }
+
+    /// Per-channel `(x − t)·exp(−s)`, with t and s from the batch during the data-dependent
+    /// initialization.
+    fn actnorm(&mut self, mut h: NodeIndex, at: &LayerAt, terms: &mut FlowTermParts) -> NodeIndex {
+        let b = &mut self.b;
+        let i = at.i;
+        let batch = at.batch;
+        let shape = vec![at.d, at.batch];
+        let data_terms = &mut terms.data;
+        let (c, hw) = at.layer.channels();
+        let grid = vec![c, hw, batch];
+        let per_channel = |b: &mut GraphBuilder, v: NodeIndex| {
+            b.add(
+                Op::Expand {
+                    to: grid.clone(),
+                    axes: vec![1, 2],
+                },
+                &[v],
+            )
+        };
+        let x = b.add(Op::Reshape { to: grid.clone() }, &[h]);
+        let (t, s) = if self.actnorm_from_data {
+            // t = mean, s = ln(std + ε) per channel over the positions and batch.
+            let n = (hw * batch) as f64;
+            let sum = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[x]);
+            let t = b.scale(sum, 1.0 / n);
+            let tt = per_channel(b, t);
+            let centered = b.sub(x, tt);
+            let sq = b.unary(Unary::Square, centered);
+            let ss = b.add(Op::ReduceSum { axes: vec![1, 2] }, &[sq]);
+            let var = b.scale(ss, 1.0 / n);
+            // std = exp(½ ln var): 0 for a constant channel, which ε keeps finite.
+            let log_var = b.unary(Unary::Log, var);
+            let half = b.scale(log_var, 0.5);
+            let std = b.unary(Unary::Exp, half);
+            let eps = b.constant(ACTNORM_EPS);
+            let std_eps = b.add2(std, eps);
+            let s = b.unary(Unary::Log, std_eps);
+            let out = &mut self.init_outputs;
+            out.push((param_name(i, ParamKind::ActnormTranslation), t));
+            out.push((param_name(i, ParamKind::ActnormLogScale), s));
+            out.push((format!("layers.{i}.variance"), var));
+            (t, s)
+        } else {
+            (
+                b.param(&param_name(i, ParamKind::ActnormTranslation), vec![c]),
+                b.param(&param_name(i, ParamKind::ActnormLogScale), vec![c]),
+            )
+        };
+        let tt = per_channel(b, t);
+        let centered = b.sub(x, tt);
+        let neg_s = b.neg(s);
+        let inv_scale = b.unary(Unary::Exp, neg_s);
+        let ss = per_channel(b, inv_scale);
+        let y = b.mul(centered, ss);
+        h = b.add(Op::Reshape { to: shape.clone() }, &[y]);
+        // log-det −H·W·Σ s, the same for every example (cheap: kept per example,
+        // so it is part of the reported loss and of the evaluation graph).
+        let total = b.add(Op::ReduceSum { axes: vec![0] }, &[s]);
+        let ld = b.scale(total, -(hw as f64));
+        data_terms.push(b.broadcast(ld, vec![batch], None));
+        h
+    }
+
+    /// `s(z) = αz + (1−α) softplus(z)` and its log-derivative.
+    fn smooth_leaky_relu(
+        &mut self,
+        a: &SmoothLeakyReluSpec,
+        h: NodeIndex,
+        terms: &mut FlowTermParts,
+    ) -> NodeIndex {
+        let b = &mut self.b;
+        let data_terms = &mut terms.data;
+        let alpha = a.alpha;
+        // s(z) = αz + (1−α) softplus(z); ln s'(z) = ln(α + (1−α) σ(z))
+        let az = b.scale(h, alpha);
+        let sp = b.unary(Unary::Softplus, h);
+        let bsp = b.scale(sp, 1.0 - alpha);
+        let sig = b.unary(Unary::Sigmoid, h);
+        let bsig = b.scale(sig, 1.0 - alpha);
+        let ac = b.constant(alpha);
+        let deriv = b.add2(ac, bsig);
+        let ln_deriv = b.unary(Unary::Log, deriv);
+        data_terms.push(b.sum(ln_deriv, Some(0)));
+        b.add2(az, bsp)
     }
 }
 
