@@ -398,6 +398,32 @@ fn a_non_finite_value_on_one_rank_stops_every_rank() {
     );
 }
 
+/// The arguments of a 150-epoch f64 run of the FC spec on 120 images written into `dir`, into
+/// the `--out` given, with `extra` flags: the long runs that are stopped and resumed.
+fn fc_run_150_epochs(dir: &Path, extra: &[&str]) -> impl Fn(&Path) -> Vec<String> {
+    let data = images(dir, 120);
+    let spec = spec_file(dir, "fc", FC, "", "{}");
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    move |out: &Path| {
+        let mut a: Vec<String> = [
+            "train",
+            p(&spec),
+            "--data",
+            p(&data),
+            "--dtype",
+            "f64",
+            "--epochs",
+            "150",
+            "--out",
+            p(out),
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().cloned());
+        a
+    }
+}
+
 /// A rank killed with SIGKILL ends the job with a failure status within a bounded time; the
 /// last complete checkpoint is intact, and resuming from it ends bit-identical to a run that
 /// was never interrupted.
@@ -407,25 +433,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let data = images(dir.path(), 120);
-    let spec = spec_file(dir.path(), "fc", FC, "", "{}");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            p(&spec),
-            "--data",
-            p(&data),
-            "--dtype",
-            "f64",
-            "-q",
-            "--epochs",
-            "150",
-            "--out",
-            p(out),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = fc_run_150_epochs(dir.path(), &["-q"]);
     let whole = dir.path().join("whole");
     let a = args(&whole);
     ok(2, &a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -513,24 +521,7 @@ fn an_interrupted_rank_stops_every_rank_after_the_same_step() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let data = images(dir.path(), 120);
-    let spec = spec_file(dir.path(), "fc", FC, "", "{}");
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            p(&spec),
-            "--data",
-            p(&data),
-            "--dtype",
-            "f64",
-            "--epochs",
-            "150",
-            "--out",
-            p(out),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = fc_run_150_epochs(dir.path(), &[]);
     let whole = dir.path().join("whole");
     let a = args(&whole);
     ok(2, &a.iter().map(String::as_str).collect::<Vec<_>>());

@@ -212,6 +212,7 @@ struct FlowTermParts {
 }
 
 /// Where a layer sits in the flow being lowered, and how the flow is lowered.
+#[derive(Clone, Copy)]
 struct LayerAt {
     /// The layer's index in the spec.
     i: usize,
@@ -352,12 +353,15 @@ impl<'a> Lowering<'a> {
         terms: &mut FlowTermParts,
     ) -> NodeIndex {
         let b = &mut self.b;
-        let i = at.i;
-        let d = at.d;
-        let inverse_model = at.inverse_model;
-        let with_recon = at.with_recon;
-        let recon_trains = at.recon_trains;
-        let learns_inverses = at.learns_inverses;
+        let LayerAt {
+            i,
+            d,
+            inverse_model,
+            with_recon,
+            recon_trains,
+            learns_inverses,
+            ..
+        } = *at;
         let shape = vec![at.d, at.batch];
         let const_terms = &mut terms.consts;
         let recon_terms = &mut terms.recon;
@@ -410,12 +414,15 @@ impl<'a> Lowering<'a> {
         terms: &mut FlowTermParts,
     ) -> NodeIndex {
         let b = &mut self.b;
-        let i = at.i;
-        let batch = at.batch;
-        let inverse_model = at.inverse_model;
-        let with_recon = at.with_recon;
-        let recon_trains = at.recon_trains;
-        let learns_inverses = at.learns_inverses;
+        let LayerAt {
+            i,
+            batch,
+            inverse_model,
+            with_recon,
+            recon_trains,
+            learns_inverses,
+            ..
+        } = *at;
         let shape = vec![at.d, at.batch];
         let const_terms = &mut terms.consts;
         let recon_terms = &mut terms.recon;
@@ -481,7 +488,7 @@ impl<'a> Lowering<'a> {
     /// Space-to-depth: a permutation, log-det 0.
     fn squeeze(&mut self, h: NodeIndex, at: &LayerAt) -> NodeIndex {
         let b = &mut self.b;
-        let batch = at.batch;
+        let LayerAt { batch, .. } = *at;
         let shape = vec![at.d, at.batch];
         let (ch, hh, ww) = at.layer.image();
         // [C, H/2, 2, W/2, 2, B] → [C, 2, 2, H/2, W/2, B]: a permutation, log-det 0.
@@ -509,8 +516,7 @@ impl<'a> Lowering<'a> {
         terms: &mut FlowTermParts,
     ) -> NodeIndex {
         let b = &mut self.b;
-        let i = at.i;
-        let d = at.d;
+        let LayerAt { i, d, .. } = *at;
         let data_terms = &mut terms.data;
         let params: Vec<NodeIndex> = [
             (ParamKind::SplineWidths, sp.bins),
@@ -534,8 +540,7 @@ impl<'a> Lowering<'a> {
     /// Half the channels leave the flow under N(0, I); the other half goes on.
     fn split(&mut self, mut h: NodeIndex, at: &LayerAt, terms: &mut FlowTermParts) -> NodeIndex {
         let b = &mut self.b;
-        let d = at.d;
-        let batch = at.batch;
+        let LayerAt { d, batch, .. } = *at;
         let data_terms = &mut terms.data;
         // The second half of the channels leaves the flow under N(0, I); the first
         // goes on. In the flat (c, h, w) order the halves are the two row blocks.
@@ -564,8 +569,7 @@ impl<'a> Lowering<'a> {
         terms: &mut FlowTermParts,
     ) -> NodeIndex {
         let b = &mut self.b;
-        let i = at.i;
-        let batch = at.batch;
+        let LayerAt { i, batch, .. } = *at;
         let shape = vec![at.d, at.batch];
         let data_terms = &mut terms.data;
         let (c, hh, ww) = at.layer.image();
@@ -656,8 +660,7 @@ impl<'a> Lowering<'a> {
     /// initialization.
     fn actnorm(&mut self, mut h: NodeIndex, at: &LayerAt, terms: &mut FlowTermParts) -> NodeIndex {
         let b = &mut self.b;
-        let i = at.i;
-        let batch = at.batch;
+        let LayerAt { i, batch, .. } = *at;
         let shape = vec![at.d, at.batch];
         let data_terms = &mut terms.data;
         let (c, hw) = at.layer.channels();
