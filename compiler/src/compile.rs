@@ -1,8 +1,10 @@
-//! The compiler pipeline as one function: spec → exact training graph → rewritten step graph.
+//! The compiler pipeline as one function: spec → exact training graph → rewritten step graph
+//! (the rewrite passes run by [`crate::passes::PassManager`]).
 
 use crate::ir::{lower, Graph};
-use crate::rewrite::{self, EGraphStats, Limits, RewriteError};
-use crate::spec::{FlowSpec, GradientMode};
+use crate::passes::{PassContext, PassManager};
+use crate::rewrite::{EGraphStats, Limits, RewriteError};
+use crate::spec::FlowSpec;
 use crate::verify;
 
 /// How far to rewrite the training step.
@@ -41,26 +43,12 @@ pub fn compile_train(
     verify::pairs_resolve(&exact, "lowering")?;
     // The step reports the loss without the data-independent log-dets: dropping the full
     // objective drops every `logdet` node (their gradients stay, as inverses or substitutes).
-    let mut step = exact.without_outputs(&["objective"]);
-    let mut egraph = Vec::new();
-    let limits = Limits::default();
-    let self_normalizing = spec.objective.gradient == GradientMode::SelfNormalizing;
-    if level != OptLevel::None && self_normalizing {
-        let (g, s) = rewrite::self_normalize(&step, limits)?;
-        verify::outputs_kept(&step, &g, "self_normalize")?;
-        verify::self_normalized(&g, spec, "self_normalize", true)?;
-        step = g;
-        egraph.push(s);
-    }
-    if level == OptLevel::Full {
-        let (g, s) = rewrite::optimize(&step, limits)?;
-        verify::outputs_kept(&step, &g, "optimize")?;
-        if self_normalizing {
-            verify::self_normalized(&g, spec, "optimize", false)?;
-        }
-        step = g;
-        egraph.push(s);
-    }
+    let step = exact.without_outputs(&["objective"]);
+    let cx = PassContext {
+        spec: Some(spec),
+        limits: Limits::default(),
+    };
+    let (step, egraph) = PassManager::for_level(spec, level).run(&step, &cx)?;
     Ok(Compiled {
         spec: spec.clone(),
         batch,

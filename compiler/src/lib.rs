@@ -9,6 +9,7 @@ pub mod autodiff;
 pub mod compile;
 pub mod fuse;
 pub mod ir;
+pub mod passes;
 pub mod plan;
 pub mod rewrite;
 pub mod spec;

@@ -19,10 +19,10 @@
 //! }
 //! ```
 //!
-//! - `; run: PHASES` (exactly one such line, before `; expect:`) lists the phases applied in
-//!   order, separated by commas: `self_normalize`
-//!   ([`snfc_compiler::rewrite::self_normalize`]) and `optimize`
-//!   ([`snfc_compiler::rewrite::optimize`]), each with `Limits::default()`.
+//! - `; run: PHASES` (exactly one such line, before `; expect:`) lists the passes applied in
+//!   order, separated by commas: `self_normalize` and `optimize`, run by the pass manager that
+//!   `compile` uses ([`snfc_compiler::passes::PassManager::named`]), each with
+//!   `Limits::default()` and each checked to keep every output at its shape.
 //! - The input is the graph in the IR text form (`Graph::from_text`; `;` lines are comments, so
 //!   the whole text above `; expect:` is handed to the parser). Node numbers need only be defined
 //!   before use.
@@ -42,7 +42,8 @@
 
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::Graph;
-use snfc_compiler::rewrite::{optimize, self_normalize, Limits};
+use snfc_compiler::passes::{PassContext, PassManager};
+use snfc_compiler::rewrite::Limits;
 use snfc_compiler::spec::load_spec;
 use std::path::{Path, PathBuf};
 
@@ -215,20 +216,18 @@ fn normalize(s: &str) -> String {
 }
 
 fn run_phases(t: &FileTest) -> Result<Graph, String> {
-    let mut g = Graph::from_text(&t.input).map_err(|e| format!("input: {e}"))?;
-    for phase in &t.phases {
-        let out = match phase.as_str() {
-            "self_normalize" => self_normalize(&g, Limits::default()),
-            "optimize" => optimize(&g, Limits::default()),
-            other => {
-                return Err(format!(
-                    "unknown phase {other:?} in `{RUN}` (self_normalize, optimize)"
-                ))
-            }
-        };
-        g = out.map_err(|e| format!("{phase}: {e}"))?.0;
-    }
-    Ok(g)
+    let g = Graph::from_text(&t.input).map_err(|e| format!("input: {e}"))?;
+    // The passes `compile` runs, by name; a graph from text has no spec, so only the checks
+    // every pass makes (each output kept at its shape) apply.
+    let passes = PassManager::named(&t.phases).map_err(|e| format!("`{RUN}`: {e}"))?;
+    let cx = PassContext {
+        spec: None,
+        limits: Limits::default(),
+    };
+    passes
+        .run(&g, &cx)
+        .map(|(g, _)| g)
+        .map_err(|e| e.to_string())
 }
 
 #[test]
