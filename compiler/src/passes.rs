@@ -19,10 +19,20 @@ pub struct PassContext<'a> {
 }
 
 impl PassContext<'_> {
-    /// Whether the spec trains with the self-normalizing gradient.
-    fn self_normalizing(&self) -> bool {
-        self.spec
-            .is_some_and(|s| s.objective.gradient == GradientMode::SelfNormalizing)
+    /// [`verify::self_normalized`] after `pass`, for a spec that trains with the
+    /// self-normalizing gradient (nothing to check otherwise, or without a spec).
+    fn check_self_normalized(
+        &self,
+        after: &Graph,
+        pass: &str,
+        dense_convolutions: bool,
+    ) -> Result<(), verify::Violation> {
+        match self.spec {
+            Some(spec) if spec.objective.gradient == GradientMode::SelfNormalizing => {
+                verify::self_normalized(after, spec, pass, dense_convolutions)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -49,12 +59,7 @@ impl Pass for SelfNormalize {
         rewrite::self_normalize(g, cx.limits)
     }
     fn post_condition(&self, after: &Graph, cx: &PassContext) -> Result<(), verify::Violation> {
-        match cx.spec {
-            Some(spec) if cx.self_normalizing() => {
-                verify::self_normalized(after, spec, self.name(), true)
-            }
-            _ => Ok(()),
-        }
+        cx.check_self_normalized(after, self.name(), true)
     }
 }
 
@@ -70,12 +75,7 @@ impl Pass for Optimize {
         rewrite::optimize(g, cx.limits)
     }
     fn post_condition(&self, after: &Graph, cx: &PassContext) -> Result<(), verify::Violation> {
-        match cx.spec {
-            Some(spec) if cx.self_normalizing() => {
-                verify::self_normalized(after, spec, self.name(), false)
-            }
-            _ => Ok(()),
-        }
+        cx.check_self_normalized(after, self.name(), false)
     }
 }
 

@@ -357,36 +357,11 @@ impl<'a> Lowering<'a> {
             i,
             d,
             inverse_model,
-            with_recon,
-            recon_trains,
-            learns_inverses,
             ..
         } = *at;
         let shape = vec![at.d, at.batch];
+        let (w, r) = learned_pair(b, at, vec![d, d], h, terms, |b, m, x| b.matmul(m, x));
         let const_terms = &mut terms.consts;
-        let recon_terms = &mut terms.recon;
-        let recon_layers = &mut terms.recon_layers;
-        let (w_name, r_name) = (
-            param_name(i, ParamKind::Weight),
-            param_name(i, ParamKind::WeightInv),
-        );
-        let w = b.param(&w_name, vec![d, d]);
-        let r = b.param(&r_name, vec![d, d]);
-        // A pair only where R is learned (an exact spec has no R).
-        if learns_inverses {
-            b.declare_inverse_pair(&w_name, &r_name);
-        }
-        if with_recon {
-            let hs = b.stop_grad(h);
-            let wh = b.matmul(w, hs);
-            let wh = recon_w_term(b, wh, recon_trains);
-            let rwh = b.matmul(r, wh);
-            let e = b.sub(rwh, hs);
-            let e2 = b.unary(Unary::Square, e);
-            let r = b.sum(e2, Some(0));
-            recon_terms.push(r);
-            recon_layers.push((i, r));
-        }
         let z = if inverse_model {
             let r_inv = b.inverse(r);
             let ld = b.logdet(r);
@@ -418,27 +393,11 @@ impl<'a> Lowering<'a> {
             i,
             batch,
             inverse_model,
-            with_recon,
-            recon_trains,
-            learns_inverses,
             ..
         } = *at;
         let shape = vec![at.d, at.batch];
-        let const_terms = &mut terms.consts;
-        let recon_terms = &mut terms.recon;
-        let recon_layers = &mut terms.recon_layers;
         let (ch, hh, ww) = at.layer.image();
         let k = c.kernel_size;
-        let (w_name, r_name) = (
-            param_name(i, ParamKind::Weight),
-            param_name(i, ParamKind::WeightInv),
-        );
-        let w = b.param(&w_name, vec![ch, ch, k, k]);
-        let r = b.param(&r_name, vec![ch, ch, k, k]);
-        // A pair only where R is learned (an exact spec has no R).
-        if learns_inverses {
-            b.declare_inverse_pair(&w_name, &r_name);
-        }
         let image = vec![ch, hh, ww, batch];
         // conv(K) applied to a flat batch [C·H·W, B]: free reshapes around conv2d.
         let conv = |b: &mut GraphBuilder, x: NodeIndex, kernel: NodeIndex| {
@@ -446,17 +405,8 @@ impl<'a> Lowering<'a> {
             let y = b.add(Op::Conv2d, &[img, kernel]);
             b.add(Op::Reshape { to: shape.clone() }, &[y])
         };
-        if with_recon {
-            let hs = b.stop_grad(h);
-            let wh = conv(b, hs, w);
-            let wh = recon_w_term(b, wh, recon_trains);
-            let rwh = conv(b, wh, r);
-            let e = b.sub(rwh, hs);
-            let e2 = b.unary(Unary::Square, e);
-            let r = b.sum(e2, Some(0));
-            recon_terms.push(r);
-            recon_layers.push((i, r));
-        }
+        let (w, r) = learned_pair(b, at, vec![ch, ch, k, k], h, terms, |b, k, x| conv(b, x, k));
+        let const_terms = &mut terms.consts;
         let z = if inverse_model {
             // g⁻¹(h) = T(r)⁻¹ h: the exact inverse of the learned inverse conv.
             let t = b.add(Op::Toeplitz { h: hh, w: ww }, &[r]);
@@ -740,6 +690,40 @@ impl<'a> Lowering<'a> {
         data_terms.push(b.sum(ln_deriv, Some(0)));
         b.add2(az, bsp)
     }
+}
+
+/// A layer's W and R as parameters of `param_shape`, declared an inverse pair where R is learned
+/// (an exact spec has no R to pair), and, when the flow asks for it, the layer's reconstruction
+/// term ‖R W h − h‖² with h gradient-stopped, `apply(b, K, x)` being the layer's product `K x`.
+fn learned_pair(
+    b: &mut GraphBuilder,
+    at: &LayerAt,
+    param_shape: Shape,
+    h: NodeIndex,
+    terms: &mut FlowTermParts,
+    apply: impl Fn(&mut GraphBuilder, NodeIndex, NodeIndex) -> NodeIndex,
+) -> (NodeIndex, NodeIndex) {
+    let (w_name, r_name) = (
+        param_name(at.i, ParamKind::Weight),
+        param_name(at.i, ParamKind::WeightInv),
+    );
+    let w = b.param(&w_name, param_shape.clone());
+    let r = b.param(&r_name, param_shape);
+    if at.learns_inverses {
+        b.declare_inverse_pair(&w_name, &r_name);
+    }
+    if at.with_recon {
+        let hs = b.stop_grad(h);
+        let wh = apply(b, w, hs);
+        let wh = recon_w_term(b, wh, at.recon_trains);
+        let rwh = apply(b, r, wh);
+        let e = b.sub(rwh, hs);
+        let e2 = b.unary(Unary::Square, e);
+        let error = b.sum(e2, Some(0));
+        terms.recon.push(error);
+        terms.recon_layers.push((at.i, error));
+    }
+    (w, r)
 }
 
 fn sum_all(b: &mut GraphBuilder, terms: Vec<NodeIndex>) -> Option<NodeIndex> {

@@ -99,12 +99,23 @@ pub fn log_likelihoods_of<T: Real>(
     batch: usize,
     noise_seed: u64,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
-    log_likelihoods_showing(model, split, range, batch, noise_seed, &Progress::hidden())
+    let logdets = logdet_sum(model);
+    log_likelihoods_showing(
+        model,
+        logdets,
+        split,
+        range,
+        batch,
+        noise_seed,
+        &Progress::hidden(),
+    )
 }
 
-/// [`log_likelihoods_of`], counting the examples done on `progress`.
+/// [`log_likelihoods_of`] given the model's [`logdet_sum`], counting the examples done on
+/// `progress`.
 fn log_likelihoods_showing<T: Real>(
     model: &Model<T>,
+    ld: f64,
     split: &Split,
     range: std::ops::Range<usize>,
     batch: usize,
@@ -116,7 +127,6 @@ fn log_likelihoods_showing<T: Real>(
     let batch = eval_batch::<T>(spec, batch.min(range.len()).max(1));
     let program = Program::new(&eval_graph(spec, batch));
     let mut exec = Executor::<T>::new();
-    let ld = logdet_sum(model);
     let mut feeds: Feeds<T> = model.values.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(noise_seed);
     // Each example's D uniforms are D `u64` draws: two 32-bit words each.
@@ -177,8 +187,24 @@ pub fn evaluate_sharded<T: Real>(
     comm: &dyn crate::distributed::Communicator,
     progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
+    let logdets = logdet_sum(model);
+    evaluate_given_logdets(model, logdets, split, batch, noise_seed, comm, progress)
+}
+
+/// [`evaluate_sharded`] given the model's [`logdet_sum`] (computed once by a caller that needs
+/// it too: training adds it to the training batches' data terms).
+pub fn evaluate_given_logdets<T: Real>(
+    model: &Model<T>,
+    logdets: f64,
+    split: &Split,
+    batch: usize,
+    noise_seed: u64,
+    comm: &dyn crate::distributed::Communicator,
+    progress: &Progress,
+) -> Result<EvalResult, ExecError> {
     let range = crate::distributed::shard(split.n, comm.rank(), comm.size());
-    let (logp, recon) = log_likelihoods_showing(model, split, range, batch, noise_seed, progress)?;
+    let (logp, recon) =
+        log_likelihoods_showing(model, logdets, split, range, batch, noise_seed, progress)?;
     progress.finish();
     let has_recon = recon.is_some();
     let mut sums = vec![

@@ -7,7 +7,7 @@ use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform, hflip, pad_crop};
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
-use crate::eval::{evaluate_sharded, EvalResult};
+use crate::eval::{evaluate_given_logdets, logdet_sum, EvalResult};
 use crate::host::exec::ExecError;
 use crate::host::exec::{Executor, Program};
 use crate::host::linalg::Real;
@@ -1558,8 +1558,12 @@ pub fn train<T: Real + 'static>(
         // An interrupted run writes its state at once; an epoch's end, or a `--steps` stop
         // within one, is validated and logged first.
         if !interrupted {
-            let val = evaluate_sharded(
+            // The data-independent Σ ln|det W| of the parameters as they are now, once for the
+            // validation NLL and the training NLL both.
+            let logdets = logdet_sum(&model);
+            let val = evaluate_given_logdets(
                 &model.cast::<f64>(),
+                logdets,
                 &data.valid,
                 batch.max(100),
                 0,
@@ -1571,8 +1575,7 @@ pub fn train<T: Real + 'static>(
                     progress,
                 ),
             )?;
-            // The data-independent −Σ ln|det W| of the parameters as they are now, once.
-            let train_nll = nll_data_sum / steps.max(1) as f64 - crate::eval::logdet_sum(&model);
+            let train_nll = nll_data_sum / steps.max(1) as f64 - logdets;
             let record = EpochRecord {
                 epoch,
                 steps: state.total_steps,
