@@ -28,15 +28,94 @@ pub struct FusionPlan {
     pub kernels: usize,
 }
 
-fn fusable(op: &Op) -> bool {
-    op.is_elementwise() || matches!(op, Op::Broadcast { .. } | Op::Sum { .. })
+/// `n = alpha·(a·b) + beta·c`: an `add`/`sub` of a GEMM result that nothing else reads, which
+/// the GEMM computes by accumulating into `c` (one pass over the output and one buffer saved).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmEpilogue {
+    /// The `add`/`sub` that becomes the GEMM.
+    pub sum: NodeIndex,
+    /// The `matmul a b` it consumes.
+    pub product: NodeIndex,
+    /// The value accumulated into.
+    pub c: NodeIndex,
+    pub alpha: f64,
+    pub beta: f64,
+    /// Negations and constant multiples between the sum and `c`, each read by nothing else,
+    /// folded into `beta` (a weight gradient's −½ Rᵀ is read by the GEMM, not scaled in a pass).
+    pub folded: Vec<NodeIndex>,
 }
 
-fn is_kernel(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose
-    )
+/// Every GEMM epilogue of `g`, in node order: the one definition that fusion, the kernel count
+/// and the plan use.
+pub fn gemm_epilogues(g: &Graph) -> Vec<GemmEpilogue> {
+    let nodes = g.nodes();
+    let mut uses: HashMap<NodeIndex, usize> = HashMap::new();
+    for &n in &nodes {
+        for i in g.inputs(n) {
+            *uses.entry(i).or_default() += 1;
+        }
+    }
+    for (_, o) in &g.outputs {
+        *uses.entry(*o).or_default() += 1;
+    }
+    let single_use = |n: NodeIndex| uses.get(&n) == Some(&1);
+    // Products consumed and scalings folded by an epilogue found earlier.
+    let mut taken: HashSet<NodeIndex> = HashSet::new();
+    let mut found = Vec::new();
+    for &n in &nodes {
+        let op = &g.node(n).op;
+        if !matches!(op, Op::Add | Op::Sub) {
+            continue;
+        }
+        let ins = g.inputs(n);
+        let shape = &g.node(n).shape;
+        for pos in 0..2 {
+            let (product, other) = (ins[pos], ins[1 - pos]);
+            let fits = g.node(product).op == Op::MatMul
+                && !taken.contains(&product)
+                && single_use(product)
+                && other != product
+                && g.node(other).shape == *shape;
+            if !fits {
+                continue;
+            }
+            // add: ab + c; sub with the product first: ab − c; second: c − ab.
+            let (alpha, mut beta) = match (op, pos) {
+                (Op::Add, _) => (1.0, 1.0),
+                (_, 0) => (1.0, -1.0),
+                _ => (-1.0, 1.0),
+            };
+            let (mut c, mut folded) = (other, Vec::new());
+            while single_use(c) && !taken.contains(&c) {
+                let args = g.inputs(c);
+                let scaled = match g.node(c).op {
+                    Op::Neg => Some((args[0], -1.0)),
+                    Op::Mul => (0..2).find_map(|k| {
+                        let factor = g.node(args[k]).op.const_value()?;
+                        let y = args[1 - k];
+                        (g.node(y).shape == *shape).then_some((y, factor))
+                    }),
+                    _ => None,
+                };
+                let Some((y, factor)) = scaled else { break };
+                taken.insert(c);
+                folded.push(c);
+                c = y;
+                beta *= factor;
+            }
+            taken.insert(product);
+            found.push(GemmEpilogue {
+                sum: n,
+                product,
+                c,
+                alpha,
+                beta,
+                folded,
+            });
+            break;
+        }
+    }
+    found
 }
 
 /// Group the elementwise work of `g`.
@@ -75,59 +154,16 @@ pub fn plan(g: &Graph) -> FusionPlan {
         }
         false
     };
-    let mut uses: HashMap<NodeIndex, usize> = HashMap::new();
-    for &n in &nodes {
-        for i in g.inputs(n) {
-            *uses.entry(i).or_default() += 1;
-        }
-    }
-    for (_, o) in &g.outputs {
-        *uses.entry(*o).or_default() += 1;
-    }
-    // `A·B ± C` with the product used nowhere else is a GEMM epilogue: the GEMM accumulates
-    // into C, so the add is no elementwise kernel of its own.
-    let epilogue = |n: NodeIndex| {
-        matches!(g.node(n).op, Op::Add | Op::Sub)
-            && g.inputs(n).iter().any(|i| {
-                g.node(*i).op == Op::MatMul && uses[i] == 1 && g.node(*i).shape == g.node(n).shape
-            })
-    };
-    // A constant multiple or negation whose only use is the added operand of such an epilogue
-    // (or of another such node) scales the GEMM's `beta` instead (`Plan::new` folds it): no
-    // kernel either. Users come after their operands, so walk the nodes backwards.
-    let mut users: HashMap<NodeIndex, NodeIndex> = HashMap::new();
-    for &n in &nodes {
-        for i in g.inputs(n) {
-            users.insert(i, n);
-        }
-    }
-    let mut folded: HashSet<NodeIndex> = HashSet::new();
-    for &n in nodes.iter().rev() {
-        if uses.get(&n) != Some(&1) {
-            continue;
-        }
-        let Some(&user) = users.get(&n) else {
-            continue;
-        };
-        let ins = g.inputs(n);
-        let scaled = match g.node(n).op {
-            Op::Neg => Some(ins[0]),
-            Op::Mul => (0..2).find_map(|k| {
-                g.node(ins[k]).op.const_value()?;
-                Some(ins[1 - k])
-            }),
-            _ => None,
-        };
-        let Some(y) = scaled else { continue };
-        let into_epilogue = epilogue(user) && g.node(user).shape == g.node(y).shape;
-        if (into_epilogue || folded.contains(&user)) && g.node(y).shape == g.node(n).shape {
-            folded.insert(n);
-        }
-    }
+    // GEMM epilogues run inside their GEMM: their sums and folded scalings join no group.
+    let epilogues = gemm_epilogues(g);
+    let in_epilogue: HashSet<NodeIndex> = epilogues
+        .iter()
+        .flat_map(|e| std::iter::once(e.sum).chain(e.folded.iter().copied()))
+        .collect();
     for &n in &nodes {
         let node = g.node(n);
         let ins = g.inputs(n);
-        if epilogue(n) || folded.contains(&n) {
+        if in_epilogue.contains(&n) {
             let mut d = BTreeSet::new();
             for &x in &ins {
                 d.extend(needs(x, &group_of, &deps));
@@ -138,7 +174,7 @@ pub fn plan(g: &Graph) -> FusionPlan {
         // Fused kernels walk matrices (rows × columns); values of higher rank (convolution
         // kernels, image batches) run their elementwise ops one kernel each.
         let matrices = node.shape.len() <= 2 && ins.iter().all(|i| g.node(*i).shape.len() <= 2);
-        if fusable(&node.op) && matrices {
+        if node.op.kernel_class().fusable() && matrices {
             // The shape the node iterates over: its output, or for a sum its operand.
             let shape = if matches!(node.op, Op::Sum { .. }) {
                 g.node(ins[0]).shape.clone()
@@ -189,9 +225,8 @@ pub fn plan(g: &Graph) -> FusionPlan {
         .iter()
         .filter(|n| {
             !group_of.contains_key(n)
-                && is_kernel(&g.node(**n).op)
-                && !epilogue(**n)
-                && !folded.contains(n)
+                && g.node(**n).op.kernel_class().launches()
+                && !in_epilogue.contains(n)
         })
         .count();
     FusionPlan {

@@ -11,7 +11,7 @@ mod op;
 pub mod parse;
 pub(crate) mod print;
 
-pub use op::{Op, Shape, SplinePart, Unary};
+pub use op::{KernelClass, Op, Shape, SplinePart, Unary};
 
 pub use petgraph::stable_graph::NodeIndex;
 use petgraph::stable_graph::StableDiGraph;

@@ -2,68 +2,27 @@
 
 use super::*;
 
-/// Fold `add`/`sub` of a GEMM result that has no other use into the GEMM (accumulating into the
-/// other operand), saving a pass over the output and a buffer.
-pub(super) fn fuse_gemm_epilogues(instrs: &mut [Instr], outputs: &[(String, usize)]) {
-    let mut uses = vec![0usize; instrs.len()];
-    for ins in instrs.iter() {
-        for a in &ins.args {
-            uses[*a] += 1;
+/// Make each GEMM epilogue of `g` ([`crate::fuse::gemm_epilogues`]) one GEMM instruction at
+/// its sum, `alpha·a·b + beta·c`; its product and folded scalings are skipped.
+pub(super) fn fuse_gemm_epilogues(
+    g: &Graph,
+    slot: &HashMap<NodeIndex, usize>,
+    instrs: &mut [Instr],
+) {
+    for e in crate::fuse::gemm_epilogues(g) {
+        let product = slot[&e.product];
+        let (a, b) = (instrs[product].args[0], instrs[product].args[1]);
+        instrs[product].skip = true;
+        for f in &e.folded {
+            instrs[slot[f]].skip = true;
         }
-    }
-    for (_, o) in outputs {
-        uses[*o] += 1;
-    }
-    for n in 0..instrs.len() {
-        if !matches!(instrs[n].op, Op::Add | Op::Sub) || instrs[n].skip || instrs[n].group.is_some()
-        {
-            continue;
-        }
-        for pos in 0..2 {
-            let m = instrs[n].args[pos];
-            let other = instrs[n].args[1 - pos];
-            let fusable = instrs[m].op == Op::MatMul
-                && !instrs[m].skip
-                && instrs[m].epilogue.is_none()
-                && uses[m] == 1
-                && other != m
-                && instrs[other].shape == instrs[n].shape;
-            if !fusable {
-                continue;
-            }
-            // add: ab + c; sub with the product first: ab − c; second: c − ab.
-            let (alpha, beta) = match (&instrs[n].op, pos) {
-                (Op::Add, _) => (1.0, 1.0),
-                (_, 0) => (1.0, -1.0),
-                _ => (-1.0, 1.0),
-            };
-            // A constant multiple (or negation) of a value that nothing else reads scales
-            // `beta` instead of taking a pass of its own over the matrix (the −½ Rᵀ of a
-            // weight gradient): ab + k·y is ab + k·y with y read by the GEMM.
-            let (mut other, mut beta) = (other, beta);
-            while uses[other] == 1 && !instrs[other].skip && instrs[other].group.is_none() {
-                let scaled = match instrs[other].op {
-                    Op::Neg => Some((instrs[other].args[0], -1.0)),
-                    Op::Mul => (0..2).find_map(|k| {
-                        let (c, y) = (instrs[other].args[k], instrs[other].args[1 - k]);
-                        let factor = instrs[c].op.const_value()?;
-                        (instrs[y].shape == instrs[n].shape).then_some((y, factor))
-                    }),
-                    _ => None,
-                };
-                let Some((y, factor)) = scaled else { break };
-                instrs[other].skip = true;
-                other = y;
-                beta *= factor;
-            }
-            let (a, b) = (instrs[m].args[0], instrs[m].args[1]);
-            instrs[m].skip = true;
-            let ins = &mut instrs[n];
-            ins.op = Op::MatMul;
-            ins.args = vec![a, b, other];
-            ins.epilogue = Some(Epilogue { alpha, beta });
-            break;
-        }
+        let ins = &mut instrs[slot[&e.sum]];
+        ins.op = Op::MatMul;
+        ins.args = vec![a, b, slot[&e.c]];
+        ins.epilogue = Some(Epilogue {
+            alpha: e.alpha,
+            beta: e.beta,
+        });
     }
 }
 
@@ -154,9 +113,7 @@ pub(super) fn fuse_groups(
 /// A single elementwise, broadcast or sum instruction as a one-member fused kernel (backends
 /// that run every elementwise op through the fused kernel use this for unfused plans).
 pub fn single_op_kernel(ins: &Instr, instrs: &[Instr]) -> Option<FusedKernel> {
-    let fusable =
-        ins.op.is_elementwise() || matches!(ins.op, Op::Broadcast { .. } | Op::Sum { .. });
-    if !fusable || ins.group.is_some() {
+    if !ins.op.kernel_class().fusable() || ins.group.is_some() {
         return None;
     }
     let space = if matches!(ins.op, Op::Sum { .. }) {

@@ -92,13 +92,10 @@ pub struct Instr {
 }
 
 impl Instr {
-    /// Whether running the instruction launches a kernel (leaves and transposes do not).
+    /// Whether running the instruction launches a kernel that writes a buffer (leaves and
+    /// views do not; see [`KernelClass`](crate::ir::KernelClass)).
     pub fn is_kernel(&self) -> bool {
-        self.group.is_some()
-            || !matches!(
-                self.op,
-                Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose
-            )
+        self.group.is_some() || self.op.kernel_class().launches()
     }
 }
 
@@ -215,7 +212,7 @@ impl Plan {
             .collect();
         if fuse {
             fuse_groups(g, &slot, &mut instrs, &outputs);
-            fuse_gemm_epilogues(&mut instrs, &outputs);
+            fuse_gemm_epilogues(g, &slot, &mut instrs);
         }
         let order = schedule(&instrs).expect("fusion keeps the graph acyclic");
         set_releases(&mut instrs, &order, &outputs);

@@ -85,12 +85,7 @@ pub(super) fn assign_buffers(p: &Plan) -> Buffers {
         };
         for &s in &defined {
             *views.entry(p.storage_slot(s)).or_default() += 1;
-            let writes = ins.group.is_some()
-                || !matches!(
-                    ins.op,
-                    Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Transpose
-                );
-            if !writes {
+            if !ins.is_kernel() {
                 continue;
             }
             let len = numel(&p.instrs[s].shape);

@@ -237,7 +237,7 @@ pub(super) fn validate_group(
         ));
     }
     for (m, mem) in k.members.iter().enumerate() {
-        if !(mem.op.is_elementwise() || matches!(mem.op, Op::Broadcast { .. } | Op::Sum { .. })) {
+        if !mem.op.kernel_class().fusable() {
             return Err(format!(
                 "{at}/kernel/members/{m}: {} cannot be fused",
                 mem.op

@@ -1,6 +1,6 @@
 //! The IR as an egg language: an e-node is an [`Op`] and its operand e-classes.
 
-use crate::ir::{Graph, Op, Shape, SplinePart};
+use crate::ir::{Graph, Op, Shape};
 use egg::{Analysis, DidMerge, EGraph, FromOp, Id, Language};
 use std::fmt;
 
@@ -79,31 +79,10 @@ fn numel(s: &Shape) -> f64 {
     s.iter().product::<usize>() as f64
 }
 
-/// Floating-point operations of one op given its operand shapes and result shape.
+/// Floating-point operations of one op given its operand shapes and result shape
+/// ([`Op::flops`], part of the op's definition).
 pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
-    match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => 0.0,
-        Op::MatMul => 2.0 * ins[0][0] as f64 * ins[0][1] as f64 * ins[1][1] as f64,
-        // LU with partial pivoting is (2/3)n³; the inverse from it another (4/3)n³.
-        Op::Inverse => 2.0 * (ins[0][0] as f64).powi(3),
-        Op::LogDet => 2.0 / 3.0 * (ins[0][0] as f64).powi(3),
-        // A transpose is a stride change for a GEMM operand; a reshape is a view.
-        Op::Transpose | Op::Reshape { .. } => 0.0,
-        // 2 · (output elements) · (C_in · K²): one multiply-add per kernel tap.
-        Op::Conv2d => 2.0 * numel(out) * (ins[1][1] * ins[1][2] * ins[1][3]) as f64,
-        Op::ConvKernelGrad { .. } => 2.0 * numel(out) * (ins[0][1] * ins[0][2] * ins[0][3]) as f64,
-        Op::ToeplitzAdjoint { h, w, .. } => numel(out) * (*h * *w) as f64,
-        // A bin search and a rational function per element (about 40 operations); the
-        // vector-Jacobian product about twice that.
-        Op::Spline { .. } => 40.0 * numel(out),
-        Op::SplineGrad {
-            part: SplinePart::Both,
-            ..
-        } => 100.0 * numel(ins[0]),
-        Op::SplineGrad { .. } => 80.0 * numel(ins[0]),
-        Op::Sum { .. } => numel(ins[0]),
-        _ => numel(out),
-    }
+    op.flops(ins, out)
 }
 
 /// Fixed cost of launching a non-elementwise kernel, in FLOP-equivalents: about 2 µs of a
@@ -112,30 +91,30 @@ pub fn op_flops(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
 /// nothing real.
 pub const LAUNCH_COST: f64 = 100_000.0;
 
-/// Elements one op reads and writes (a transpose is a stride change and moves nothing).
+/// Elements one op reads and writes, by its [`KernelClass`](crate::ir::KernelClass): nothing for leaves and views (a
+/// transpose is a stride change), the value written for fused elementwise work, operands and
+/// result for every other kernel.
 pub fn op_bytes(op: &Op, ins: &[&Shape], out: &Shape) -> f64 {
-    match op {
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Const { .. }
-        | Op::Transpose
-        | Op::Reshape { .. } => 0.0,
-        // Elementwise chains are fused into one kernel: count only the value written.
-        _ if op.is_elementwise() => numel(out),
-        _ => ins.iter().map(|s| numel(s)).sum::<f64>() + numel(out),
+    let class = op.kernel_class();
+    if !class.launches() {
+        0.0
+    } else if class.fusable() {
+        numel(out)
+    } else {
+        ins.iter().map(|s| numel(s)).sum::<f64>() + numel(out)
     }
 }
 
-/// Kernel launches of one op: none for views and leaves, a fraction for fusable elementwise ops.
+/// Kernel launches of one op, by its [`KernelClass`](crate::ir::KernelClass): none for leaves and views, a fraction for
+/// fused elementwise work.
 pub fn op_launches(op: &Op) -> f64 {
-    match op {
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Const { .. }
-        | Op::Transpose
-        | Op::Reshape { .. } => 0.0,
-        _ if op.is_elementwise() => 0.1,
-        _ => 1.0,
+    let class = op.kernel_class();
+    if !class.launches() {
+        0.0
+    } else if class.fusable() {
+        0.1
+    } else {
+        1.0
     }
 }
 

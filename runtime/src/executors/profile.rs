@@ -3,7 +3,7 @@
 //! step lands in one category (what no kernel accounts for is [`Work::Other`]).
 
 use serde::Serialize;
-use snfc_compiler::ir::Op;
+use snfc_compiler::ir::{KernelClass, Op};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -19,7 +19,8 @@ pub enum Work {
     Spline,
     /// Elementwise work and reductions: fused groups and single elementwise ops.
     Elementwise,
-    /// Layout changes: transposes, reshapes, permutes, slices, broadcasts along new axes.
+    /// Layout changes: transposes, reshapes, permutes, slices, broadcasts along new axes, sums
+    /// over axes of a higher-rank tensor (`reduce_sum`).
     Shape,
     /// LU-based inverses and log-determinants (exact steps).
     Linalg,
@@ -55,34 +56,17 @@ impl Work {
         }
     }
 
-    /// The work one op of the plan does when it runs as a kernel of its own.
+    /// The work one op of the plan does when it runs as a kernel of its own: its
+    /// [`KernelClass`].
     pub fn of(op: &Op) -> Work {
-        match op {
-            Op::MatMul => Work::Gemm,
-            Op::Conv2d
-            | Op::ConvKernelGrad { .. }
-            | Op::FlipKernel
-            | Op::Toeplitz { .. }
-            | Op::ToeplitzAdjoint { .. }
-            | Op::Multiplicity { .. } => Work::Conv,
-            Op::Spline { .. } | Op::SplineGrad { .. } => Work::Spline,
-            Op::Inverse | Op::LogDet => Work::Linalg,
-            Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Neg
-            | Op::Unary(_)
-            | Op::Sum { .. }
-            | Op::ReduceSum { .. }
-            | Op::StopGrad => Work::Elementwise,
-            Op::Transpose
-            | Op::Broadcast { .. }
-            | Op::Reshape { .. }
-            | Op::Permute { .. }
-            | Op::Expand { .. }
-            | Op::Take { .. }
-            | Op::Embed { .. } => Work::Shape,
-            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => Work::Other,
+        match op.kernel_class() {
+            KernelClass::Gemm => Work::Gemm,
+            KernelClass::Conv => Work::Conv,
+            KernelClass::Spline => Work::Spline,
+            KernelClass::Linalg => Work::Linalg,
+            KernelClass::Elementwise | KernelClass::Reduction => Work::Elementwise,
+            KernelClass::Broadcast | KernelClass::View | KernelClass::Layout => Work::Shape,
+            KernelClass::Leaf => Work::Other,
         }
     }
 }
