@@ -212,7 +212,7 @@ mod tests {
             "{e}"
         );
         let dense = graph(
-            "%0 = param w : [1, 1, 3, 3]\n%1 = toeplitz h=4 w=4 %0 : [16, 16] @layers.0\noutput y = %1",
+            "%0 = param w : [1, 1, 3, 3]\n%1 = toeplitz:4x4 %0 : [16, 16] @layers.0\noutput y = %1",
         );
         // The substitution's term-by-term step may hold the dense form; the algebra's may not.
         assert_eq!(

@@ -6,8 +6,8 @@
 //!   %1 = param layers.0.weight : [784, 784]
 //!   %2 = const 0.5 : []
 //!   %3 = matmul %1, %0 : [784, 100] @layers.0
-//!   %4 = sum axis=0 %3 : [100] @layers.0
-//!   %5 = broadcast axis=0 %4 : [784, 100] @layers.0
+//!   %4 = sum0 %3 : [100] @layers.0
+//!   %5 = bcast0:784x100 %4 : [784, 100] @layers.0
 //!   inverse_pair layers.0.weight, layers.0.weight_inv
 //!   output y = %5
 //! }
@@ -18,11 +18,12 @@
 //! they like): the graph is rebuilt through [`GraphBuilder`], so printing it again numbers
 //! densely, and identical lines (same op, same operands) become one node. Every node's declared
 //! shape `: [..]` must equal the shape its op infers from its operands (a leaf's shape is its
-//! declaration; a `broadcast`'s declared shape is its target). `@region` (`input`, `layers.K`,
+//! declaration). An op is its token (`Op`'s `FromStr`, the e-graph's spelling: `sum0`,
+//! `toeplitz:4x4`, `reshape:1x4x4x2`); leaves are `input NAME`, `param NAME`, `const VALUE`. `@region` (`input`, `layers.K`,
 //! `loss`) may follow non-leaf nodes. Every malformed input is a [`ParseError`] naming the line,
 //! never a panic.
 
-use super::{Graph, GraphBuilder, NodeIndex, Op, Region, Shape, SplinePart, Unary};
+use super::{Graph, GraphBuilder, NodeIndex, Op, Region, Shape};
 use std::collections::HashMap;
 
 /// Why a text is not a graph: the 1-based line and what is wrong there.
@@ -193,21 +194,6 @@ impl Parser {
     }
 }
 
-/// Leading `key=value` words (before the first operand) and the rest.
-fn attributes(mut rest: &str) -> (Vec<(&str, &str)>, &str) {
-    let mut attrs = Vec::new();
-    loop {
-        let (word, after) = split_word(rest);
-        match word.split_once('=') {
-            Some((k, v)) if !word.starts_with('%') => {
-                attrs.push((k, v));
-                rest = after;
-            }
-            _ => return (attrs, rest),
-        }
-    }
-}
-
 /// The first whitespace-separated word and the rest.
 fn split_word(s: &str) -> (&str, &str) {
     match s.split_once(char::is_whitespace) {
@@ -268,23 +254,7 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
         }
         Ok(name.to_string())
     };
-    // Optional `axis=K` before the operands.
-    let axis = |rest: &'a str| -> Res<(Option<usize>, &'a str)> {
-        match rest.strip_prefix("axis=") {
-            None => Ok((None, rest)),
-            Some(r) => {
-                let (k, r) = split_word(r);
-                let k = k
-                    .parse::<usize>()
-                    .map_err(|e| format!("bad axis {k:?} of {word}: {e}"))?;
-                if k > 1 {
-                    return Err(format!("{word} axis={k}: the axis is 0 or 1"));
-                }
-                Ok((Some(k), r))
-            }
-        }
-    };
-    let (op, rest) = match word {
+    let op = match word {
         "input" => {
             let name = leaf("input")?;
             return Ok((
@@ -312,132 +282,14 @@ fn op_of<'a>(body: &'a str, declared: &Shape) -> Res<(Op, Vec<&'a str>)> {
                 .map_err(|e| format!("bad number {v:?} in const: {e}"))?;
             return Ok((Op::constant(v), vec![]));
         }
-        "sum" => {
-            let (axis, rest) = axis(rest)?;
-            (Op::Sum { axis }, rest)
-        }
-        "broadcast" => {
-            let (new_axis, rest) = axis(rest)?;
-            let op = Op::Broadcast {
-                to: declared.clone(),
-                new_axis,
-            };
-            (op, rest)
-        }
-        "reshape" => (
-            Op::Reshape {
-                to: declared.clone(),
-            },
-            rest,
-        ),
-        "permute" | "take" | "embed" | "reduce_sum" | "expand" | "conv_kernel_grad"
-        | "toeplitz" | "toeplitz_adjoint" | "multiplicity" | "spline" | "spline_grad" => {
-            let (attrs, rest) = attributes(rest);
-            let get = |key: &str| -> Res<&str> {
-                attrs
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| *v)
-                    .ok_or_else(|| format!("{word} needs {key}=…"))
-            };
-            let num = |key: &str| -> Res<usize> {
-                let v = get(key)?;
-                v.parse()
-                    .map_err(|e| format!("bad {key}={v:?} of {word}: {e}"))
-            };
-            let list = |key: &str| -> Res<Vec<usize>> {
-                let v = get(key)?;
-                if v.is_empty() {
-                    return Ok(vec![]);
-                }
-                v.split('.')
-                    .map(|d| {
-                        d.parse()
-                            .map_err(|e| format!("bad {key}={v:?} of {word}: {e}"))
-                    })
-                    .collect()
-            };
-            let op = match word {
-                "permute" => Op::Permute {
-                    perm: list("perm")?,
-                },
-                "take" => Op::Take {
-                    axis: num("axis")?,
-                    index: num("index")?,
-                },
-                "embed" => Op::Embed {
-                    axis: num("axis")?,
-                    index: num("index")?,
-                    size: num("size")?,
-                },
-                "reduce_sum" => Op::ReduceSum {
-                    axes: list("axes")?,
-                },
-                "expand" => Op::Expand {
-                    to: declared.clone(),
-                    axes: list("axes")?,
-                },
-                "conv_kernel_grad" => Op::ConvKernelGrad { k: num("k")? },
-                "toeplitz" => Op::Toeplitz {
-                    h: num("h")?,
-                    w: num("w")?,
-                },
-                "multiplicity" => Op::Multiplicity {
-                    h: num("h")?,
-                    w: num("w")?,
-                },
-                "spline" | "spline_grad" => {
-                    let bound = get("bound")?;
-                    let bound = bound
-                        .parse::<f64>()
-                        .map_err(|e| format!("bad bound={bound:?} of {word}: {e}"))?
-                        .to_bits();
-                    let part = match get("part")? {
-                        "value" => SplinePart::Value,
-                        "logdet" => SplinePart::LogDet,
-                        "both" if word == "spline_grad" => SplinePart::Both,
-                        p => {
-                            return Err(format!(
-                                "bad part={p:?} of {word}: value, logdet (or both, for spline_grad)"
-                            ))
-                        }
-                    };
-                    let bins = num("bins")?;
-                    if word == "spline" {
-                        Op::Spline { bins, bound, part }
-                    } else {
-                        Op::SplineGrad {
-                            bins,
-                            bound,
-                            part,
-                            wrt: num("wrt")?,
-                        }
-                    }
-                }
-                _ => Op::ToeplitzAdjoint {
-                    h: num("h")?,
-                    w: num("w")?,
-                    k: num("k")?,
-                },
-            };
-            (op, rest)
-        }
-        "conv2d" => (Op::Conv2d, rest),
-        "flip_kernel" => (Op::FlipKernel, rest),
-        "matmul" => (Op::MatMul, rest),
-        "transpose" => (Op::Transpose, rest),
-        "inverse" => (Op::Inverse, rest),
-        "logdet" => (Op::LogDet, rest),
-        "add" => (Op::Add, rest),
-        "sub" => (Op::Sub, rest),
-        "mul" => (Op::Mul, rest),
-        "neg" => (Op::Neg, rest),
-        "stop_grad" => (Op::StopGrad, rest),
-        w => match Unary::ALL.iter().find(|u| u.name() == w) {
-            Some(u) => (Op::Unary(*u), rest),
-            None => return Err(format!("unknown op {w:?}")),
-        },
+        // Every other op is its token, as the e-graph spells it.
+        token => token.parse::<Op>()?,
     };
+    if matches!(op, Op::Input { .. } | Op::Param { .. } | Op::Const { .. }) {
+        return Err(format!(
+            "{word}: a leaf is written `input NAME`, `param NAME` or `const VALUE`"
+        ));
+    }
     let args: Vec<&str> = if rest.trim().is_empty() {
         vec![]
     } else {
@@ -464,13 +316,13 @@ mod tests {
   %1 = param k : [1, 1, 3, 3]
   %2 = conv2d %0, %1 : [1, 4, 4, 2] @layers.0
   %3 = flip_kernel %1 : [1, 1, 3, 3] @layers.0
-  %4 = conv_kernel_grad k=3 %2, %0 : [1, 1, 3, 3] @layers.0
-  %5 = toeplitz h=4 w=4 %1 : [16, 16] @layers.0
-  %6 = toeplitz_adjoint h=4 w=4 k=3 %5 : [1, 1, 3, 3] @layers.0
-  %7 = reshape %2 : [16, 2] @layers.0
-  %8 = permute perm=1.0 %7 : [2, 16] @layers.0
-  %9 = reduce_sum axes=0.1.2 %2 : [2] @loss
-  %10 = expand axes=0.1.2 %9 : [1, 4, 4, 2] @loss
+  %4 = conv_kernel_grad:3 %2, %0 : [1, 1, 3, 3] @layers.0
+  %5 = toeplitz:4x4 %1 : [16, 16] @layers.0
+  %6 = toeplitz_adjoint:4x4:3 %5 : [1, 1, 3, 3] @layers.0
+  %7 = reshape:16x2 %2 : [16, 2] @layers.0
+  %8 = permute:1.0 %7 : [2, 16] @layers.0
+  %9 = reduce_sum:0.1.2 %2 : [2] @loss
+  %10 = expand:0.1.2:1x4x4x2 %9 : [1, 4, 4, 2] @loss
   output a = %3
   output b = %4
   output c = %6
@@ -480,9 +332,9 @@ mod tests {
 ";
         let g = parse(text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(g.to_text(), text);
-        let bad = text.replace("permute perm=1.0", "permute perm=0.0");
+        let bad = text.replace("permute:1.0", "permute:0.0");
         assert!(parse(&bad).is_err());
-        let missing = text.replace("toeplitz h=4 w=4 %1", "toeplitz h=4 %1");
+        let missing = text.replace("toeplitz:4x4 %1", "toeplitz:4 %1");
         let e = parse(&missing).expect_err("w is missing");
         assert_eq!(e.line, 7, "{e}");
     }
@@ -496,8 +348,8 @@ graph t {
   %2 = const 0.5 : []
   %3 = matmul %1, %0 : [3, 2] @layers.0
   %4 = mul %3, %2 : [3, 2] @layers.0
-  %5 = sum axis=0 %4 : [2] @loss
-  %6 = broadcast axis=0 %5 : [3, 2] @loss
+  %5 = sum0 %4 : [2] @loss
+  %6 = bcast0:3x2 %5 : [3, 2] @loss
   %7 = sum %6 : [] @loss
   inverse_pair w, w_inv
   output y = %7
@@ -594,15 +446,21 @@ graph t {
                 "matrix",
             ),
             (
-                "graph t {\n  %0 = param w : [2, 2]\n  %1 = sum axis=2 %0 : [2]\n}",
+                "graph t {\n  %0 = param w : [2, 2]\n  %1 = sum2 %0 : [2]\n}",
                 3,
-                "axis",
+                "sum2",
             ),
             (
-                "graph t {\n  %0 = param w : [2]\n  %1 = broadcast axis=1 %0 : [3, 4]\n}",
+                "graph t {\n  %0 = param w : [2]\n  %1 = bcast1:3x4 %0 : [3, 4]\n}",
                 3,
                 "broadcast",
             ),
+            (
+                "graph t {\n  %0 = param w : [2, 2]\n  %1 = reshape:4 %0 : [2, 2]\n}",
+                3,
+                "declared [2, 2]",
+            ),
+            ("graph t {\n  %0 = param:w:2x2 : [2, 2]\n}", 2, "param NAME"),
             ("graph t {\n  %0 = const 1.0 : [2]\n}", 2, "declared [2]"),
             ("graph t {\n  output y = %0\n}", 2, "%0"),
             (

@@ -12,7 +12,8 @@
 //! ```
 //! Node numbers are dense and follow creation order, so the text only changes when the graph does.
 //! `@region` follows nodes outside the default region `input` (leaves have none);
-//! `inverse_pair W, R` lines are the learned-inverse declarations.
+//! `inverse_pair W, R` lines are the learned-inverse declarations. An op is printed as its
+//! token, the same text that names it in the e-graph and in rewrite rules.
 
 use super::{Graph, Op, Region};
 use std::collections::HashMap;
@@ -23,52 +24,17 @@ pub(crate) fn shape_text(s: &[usize]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
-/// The op's name and attributes as printed (leaves print their name, not their shape twice).
+/// The op as printed: its token (`matmul`, `sum0`, `toeplitz:4x4`, `reshape:1x4x4x2`), which is
+/// also its e-graph operator. Leaves print their name (`input x`, `param layers.0.weight`,
+/// `const 0.5`): their shape is the line's, and their e-graph token carries it
+/// (`param:layers.0.weight:784x784`).
 pub(crate) fn op_text(op: &Op) -> String {
     match op {
         Op::Input { name, .. } => format!("input {name}"),
         Op::Param { name, .. } => format!("param {name}"),
         Op::Const { bits } => format!("const {:?}", f64::from_bits(*bits)),
-        Op::Sum { axis: None } => "sum".into(),
-        Op::Sum { axis: Some(a) } => format!("sum axis={a}"),
-        Op::Broadcast { new_axis: None, .. } => "broadcast".into(),
-        Op::Broadcast {
-            new_axis: Some(a), ..
-        } => format!("broadcast axis={a}"),
-        Op::Reshape { .. } => "reshape".into(),
-        Op::Permute { perm } => format!("permute perm={}", dotted(perm)),
-        Op::Take { axis, index } => format!("take axis={axis} index={index}"),
-        Op::Embed { axis, index, size } => format!("embed axis={axis} index={index} size={size}"),
-        Op::ReduceSum { axes } => format!("reduce_sum axes={}", dotted(axes)),
-        Op::Expand { axes, .. } => format!("expand axes={}", dotted(axes)),
-        Op::ConvKernelGrad { k } => format!("conv_kernel_grad k={k}"),
-        Op::Toeplitz { h, w } => format!("toeplitz h={h} w={w}"),
-        Op::Multiplicity { h, w } => format!("multiplicity h={h} w={w}"),
-        Op::Spline { bins, bound, part } => format!(
-            "spline bins={bins} bound={:?} part={}",
-            f64::from_bits(*bound),
-            part.name()
-        ),
-        Op::SplineGrad {
-            bins,
-            bound,
-            part,
-            wrt,
-        } => format!(
-            "spline_grad bins={bins} bound={:?} part={} wrt={wrt}",
-            f64::from_bits(*bound),
-            part.name()
-        ),
-        Op::ToeplitzAdjoint { h, w, k } => format!("toeplitz_adjoint h={h} w={w} k={k}"),
         other => other.to_string(),
     }
-}
-
-fn dotted(v: &[usize]) -> String {
-    v.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 pub fn to_text(g: &Graph) -> String {

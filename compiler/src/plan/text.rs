@@ -8,7 +8,7 @@ impl Plan {
     ///
     /// ```text
     /// k4 = gemm %1, %0ᵀ, +1·%3 -> %5 in b2 : [784, 100]
-    /// k5 = fused [784 x 100] (%5, %6) { .0 = softplus e0; .1 = sum axis=0 .0 } -> %9 = .1 in b3
+    /// k5 = fused [784 x 100] (%5, %6) { .0 = softplus e0; .1 = sum0 .0 } -> %9 = .1 in b3
     /// ```
     pub fn to_text(&self) -> String {
         use crate::ir::print::{op_text, shape_text};
