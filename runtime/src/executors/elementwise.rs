@@ -44,6 +44,8 @@ pub fn host_unary<T: Real>(u: Unary, x: T) -> T {
             }
         }
         Unary::Tanh => x.tanh(),
+        #[cfg(feature = "example-op")]
+        Unary::Cube => x * x * x,
     }
 }
 
@@ -92,6 +94,12 @@ macro_rules! with_unary {
                 let $f = |x| host_unary(U::Tanh, x);
                 $body
             }
+            // A function without an arm of its own above runs too, dispatching per element.
+            #[allow(unreachable_patterns)]
+            other => {
+                let $f = |x| host_unary(other, x);
+                $body
+            }
         }
     }};
 }
@@ -131,18 +139,33 @@ pub fn host_unary_in_place<T: Real>(u: Unary, data: &mut [T]) {
     with_unary!(u, |f| data.iter_mut().for_each(|x| *x = f(*x)))
 }
 
-/// `u(x)` in a CubeCL kernel (`u` is known when the kernel is compiled).
-#[cube]
-pub fn gpu_unary<F: Float>(x: F, #[comptime] u: Unary) -> F {
-    match comptime![u] {
-        Unary::Exp => F::exp(x),
-        Unary::Log => F::ln(x),
-        Unary::Softplus => F::max(x, F::new(0.0)) + F::log1p(F::exp(F::new(0.0) - F::abs(x))),
-        Unary::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - x)),
-        Unary::Square => x * x,
-        Unary::Recip => F::new(1.0) / x,
-        Unary::Relu => F::max(x, F::new(0.0)),
-        Unary::Step => select(x > F::new(0.0), F::new(1.0), F::new(0.0)),
-        Unary::Tanh => F::tanh(x),
-    }
+/// Defines `gpu_unary`, `u(x)` in a CubeCL kernel, with the arms of every shipped function and
+/// `$extra` (the `#[cube]` macro does not honour `#[cfg]` on a match arm, so the feature
+/// `example-op` passes its arm in here).
+macro_rules! gpu_unary_with {
+    ($x:ident; $($extra:tt)*) => {
+        /// `u(x)` in a CubeCL kernel (`u` is known when the kernel is compiled).
+        #[cube]
+        pub fn gpu_unary<F: Float>($x: F, #[comptime] u: Unary) -> F {
+            match comptime![u] {
+                Unary::Exp => F::exp($x),
+                Unary::Log => F::ln($x),
+                Unary::Softplus => {
+                    F::max($x, F::new(0.0)) + F::log1p(F::exp(F::new(0.0) - F::abs($x)))
+                }
+                Unary::Sigmoid => F::new(1.0) / (F::new(1.0) + F::exp(F::new(0.0) - $x)),
+                Unary::Square => $x * $x,
+                Unary::Recip => F::new(1.0) / $x,
+                Unary::Relu => F::max($x, F::new(0.0)),
+                Unary::Step => select($x > F::new(0.0), F::new(1.0), F::new(0.0)),
+                Unary::Tanh => F::tanh($x),
+                $($extra)*
+            }
+        }
+    };
 }
+
+#[cfg(not(feature = "example-op"))]
+gpu_unary_with!(x;);
+#[cfg(feature = "example-op")]
+gpu_unary_with!(x; Unary::Cube => x * x * x,);

@@ -29,10 +29,14 @@ pub enum Unary {
     /// 1 for x > 0, else 0 (ReLU's derivative; its own derivative is 0).
     Step,
     Tanh,
+    /// x³: the recipe for an elementwise function carried out (`runtime/tests/example_op.rs`).
+    #[cfg(feature = "example-op")]
+    Cube,
 }
 
 impl Unary {
-    pub const ALL: [Unary; 9] = [
+    #[cfg(not(feature = "example-op"))]
+    pub const ALL: &'static [Unary] = &[
         Unary::Exp,
         Unary::Log,
         Unary::Softplus,
@@ -42,6 +46,19 @@ impl Unary {
         Unary::Relu,
         Unary::Step,
         Unary::Tanh,
+    ];
+    #[cfg(feature = "example-op")]
+    pub const ALL: &'static [Unary] = &[
+        Unary::Exp,
+        Unary::Log,
+        Unary::Softplus,
+        Unary::Sigmoid,
+        Unary::Square,
+        Unary::Recip,
+        Unary::Relu,
+        Unary::Step,
+        Unary::Tanh,
+        Unary::Cube,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -54,6 +71,8 @@ impl Unary {
             Unary::Relu => "relu",
             Unary::Step => "step",
             Unary::Tanh => "tanh",
+            #[cfg(feature = "example-op")]
+            Unary::Cube => "cube",
         }
     }
 
@@ -91,6 +110,11 @@ impl Unary {
                 let one = b.constant(1.0);
                 let sq = b.unary(Unary::Square, y);
                 b.sub(one, sq)
+            }
+            #[cfg(feature = "example-op")]
+            Unary::Cube => {
+                let sq = b.unary(Unary::Square, x);
+                b.scale(sq, 3.0)
             }
         }
     }
