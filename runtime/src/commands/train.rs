@@ -474,10 +474,8 @@ pub fn options_differ(recorded: &RunOptions, now: &RunOptions) -> Option<String>
 /// were recorded).
 pub fn recorded_options(last: &Path) -> Result<Option<RunOptions>, TrainError> {
     let bad = |message: String| TrainError::Setup(format!("{}: {message}", last.display()));
-    let bytes = std::fs::read(last).map_err(io_err(last))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(RUN_META)) else {
+    let meta = crate::io::model::header_metadata(last).map_err(bad)?;
+    let Some(json) = meta.get(RUN_META) else {
         return Err(bad(format!(
             "has no metadata `{RUN_META}`: not a `last` checkpoint"
         )));
@@ -491,19 +489,10 @@ pub fn recorded_options(last: &Path) -> Result<Option<RunOptions>, TrainError> {
 /// train --resume RUN` needs no spec).
 pub fn recorded_spec(last: &Path) -> Result<FlowSpec, TrainError> {
     let bad = |message: String| TrainError::Setup(format!("{}: {message}", last.display()));
-    let bytes = std::fs::read(last).map_err(io_err(last))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let text = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("spec"))
-        .ok_or_else(|| {
-            bad(
-                "has no metadata `spec`; give the run's spec: `snfc train SPEC --resume RUN`"
-                    .into(),
-            )
-        })?;
+    let meta = crate::io::model::header_metadata(last).map_err(bad)?;
+    let text = meta.get("spec").ok_or_else(|| {
+        bad("has no metadata `spec`; give the run's spec: `snfc train SPEC --resume RUN`".into())
+    })?;
     snfc_compiler::spec::parse_spec(text)
         .map_err(|e| bad(format!("metadata `spec` is invalid: {e}")))
 }

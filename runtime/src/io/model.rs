@@ -24,6 +24,36 @@ pub enum ModelError {
     File { path: String, message: String },
 }
 
+/// The string metadata of a safetensors file, read from its header alone (the first 8 bytes
+/// give the header's length): what a run's spec and options need, without reading the
+/// tensors. The tensors are checked when the file is loaded.
+pub fn header_metadata(path: &Path) -> Result<HashMap<String, String>, String> {
+    use std::io::Read;
+    // safetensors' own limit on a header.
+    const MAX_HEADER: u64 = 100_000_000;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| "not a safetensors file: shorter than its 8-byte header length".to_string())?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(format!(
+            "not a safetensors file: a header of {len} bytes (at most {MAX_HEADER})"
+        ));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|_| {
+        format!("not a safetensors file: the file ends inside its {len}-byte header")
+    })?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| format!("not a safetensors file: its header is not JSON: {e}"))?;
+    let Some(meta) = header.get("__metadata__") else {
+        return Ok(HashMap::new());
+    };
+    serde_json::from_value(meta.clone())
+        .map_err(|e| format!("not a safetensors file: its `__metadata__` is not strings: {e}"))
+}
+
 fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::File {
         path: path.display().to_string(),
@@ -459,6 +489,39 @@ mod tests {
             .collect::<Vec<_>>();
         let meta = HashMap::from([("spec".to_string(), spec.to_json_pretty())]);
         safetensors::serialize(views, Some(meta)).unwrap()
+    }
+
+    /// The header alone gives the metadata of a whole file; a file cut anywhere inside its
+    /// header, or with a header that is no JSON or too long, is an error, never a panic.
+    #[test]
+    fn header_metadata_reads_only_the_header() {
+        let spec = small();
+        let bytes = file_with(&spec, RawTensor::of("layers.0.bias", &[2], &[0.5, 1.5]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let meta = header_metadata(&path).unwrap();
+        assert_eq!(meta["spec"], spec.to_json_pretty());
+        // The tensors are not read: a file cut after its header still gives its metadata.
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        std::fs::write(&path, &bytes[..header_end]).unwrap();
+        assert_eq!(
+            header_metadata(&path).unwrap()["spec"],
+            spec.to_json_pretty()
+        );
+        for end in [0, 5, 8, 20, header_end - 1] {
+            std::fs::write(&path, &bytes[..end]).unwrap();
+            let e = header_metadata(&path).unwrap_err();
+            assert!(e.starts_with("not a safetensors file"), "{end}: {e}");
+        }
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &huge).unwrap();
+        assert!(header_metadata(&path).unwrap_err().contains("header of"));
+        let mut junk = bytes.clone();
+        junk[8] = b'!';
+        std::fs::write(&path, &junk).unwrap();
+        assert!(header_metadata(&path).unwrap_err().contains("not JSON"));
     }
 
     #[test]
