@@ -2,6 +2,7 @@
 //! `train` → `eval` → `sample` round trip on the embedded MNIST subset, and `grad` files.
 
 use snfc_compiler::spec::parse_spec;
+use snfc_runtime::cube::probe::DeviceKind;
 use snfc_runtime::data::Split;
 use snfc_runtime::model::Model;
 use std::collections::{BTreeMap, HashMap};
@@ -450,15 +451,10 @@ fn missing_gpu_devices_are_a_clear_error() {
     assert!(err.contains("--device cuda"), "{err}");
 }
 
-/// Whether a wgpu adapter exists here (lavapipe in CI); says so when not.
-fn wgpu_present() -> bool {
-    match snfc_runtime::cube::probe::wgpu_adapter() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            false
-        }
-    }
+/// Whether a wgpu adapter exists here (lavapipe in CI); says so when not, and fails when
+/// `SNFC_REQUIRE_GPU` requires wgpu.
+fn wgpu_present(test: &str) -> bool {
+    snfc_runtime::cube::probe::device_for_test(DeviceKind::Wgpu, test).is_some()
 }
 
 #[test]
@@ -586,7 +582,7 @@ fn train_runs_a_compiled_plan_and_rejects_a_broken_one() {
 /// the validation NLL.
 #[test]
 fn wgpu_training_follows_the_host_curve() {
-    if !wgpu_present() {
+    if !wgpu_present("wgpu_training_follows_the_host_curve") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -648,7 +644,7 @@ fn wgpu_training_follows_the_host_curve() {
 
 #[test]
 fn gpu_backends_refuse_f64_before_writing_anything() {
-    if !wgpu_present() {
+    if !wgpu_present("gpu_backends_refuse_f64_before_writing_anything") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -672,7 +668,7 @@ fn gpu_backends_refuse_f64_before_writing_anything() {
 
 #[test]
 fn grad_on_wgpu_matches_the_host() {
-    if !wgpu_present() {
+    if !wgpu_present("grad_on_wgpu_matches_the_host") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1291,8 +1287,9 @@ fn image_specs_take_bchw_arrays_and_their_gradients_match_on_wgpu() {
         err.contains("x_wrong.npy") && err.contains("[1, 4, 4]"),
         "{err}"
     );
-    if !wgpu_present() {
-        eprintln!("skipped the wgpu half: no wgpu adapter");
+    if !wgpu_present(
+        "the wgpu half of image_specs_take_bchw_arrays_and_their_gradients_match_on_wgpu",
+    ) {
         return;
     }
     let g = run(&bchw, "g.safetensors", "wgpu");
@@ -1380,8 +1377,7 @@ fn a_small_glow_trains_evaluates_and_samples() {
 /// same loss, validation NLL and λ after a few steps.
 #[test]
 fn a_small_glow_trains_on_wgpu_like_the_host() {
-    if !wgpu_present() {
-        eprintln!("skipped: no wgpu adapter");
+    if !wgpu_present("a_small_glow_trains_on_wgpu_like_the_host") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -625,8 +625,13 @@ fn two_wgpu_ranks_train_what_one_wgpu_process_trains() {
     if !mpirun_available() {
         return;
     }
-    if let Err(e) = snfc_runtime::cube::probe::wgpu_adapter() {
-        eprintln!("skipped: {e}");
+    let wgpu = snfc_runtime::cube::probe::DeviceKind::Wgpu;
+    if snfc_runtime::cube::probe::device_for_test(
+        wgpu,
+        "two_wgpu_ranks_train_what_one_wgpu_process_trains",
+    )
+    .is_none()
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 //!
 //! `wgpu` runs wherever an adapter exists (in CI: Mesa's lavapipe on the CPU, installed by
 //! `.ci/run`); `cuda` where a CUDA driver and device exist. A backend that is absent skips its
-//! tests with a message on stderr (run with `--nocapture` to see it).
+//! tests with a message on stderr (run with `--nocapture` to see it), unless `SNFC_REQUIRE_GPU`
+//! names it (`probe::device_for_test`): `.ci/run` requires wgpu and lists the skips at the end.
 
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::eval_graph;
@@ -12,7 +13,7 @@ use snfc_compiler::ir::{Graph, GraphBuilder, Op, SplinePart, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
 use snfc_runtime::backend::{open, open_variant, Backend};
-use snfc_runtime::cube::probe::{choose, Chosen, DeviceKind};
+use snfc_runtime::cube::probe::{device_for_test, Chosen, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
 use snfc_runtime::model::Model;
 use std::sync::Arc;
@@ -22,16 +23,6 @@ use common::Rng;
 
 /// Relative error allowed in f32 against the f64 host.
 const TOL: f64 = 1e-4;
-
-fn device(kind: DeviceKind) -> Option<Chosen> {
-    match choose(kind) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 /// Random feeds for every input and parameter of `g`, in `[lo, hi)`.
 fn random_feeds(g: &Graph, rng: &mut Rng, lo: f64, hi: f64) -> Feeds<f64> {
@@ -723,7 +714,8 @@ macro_rules! backend_suite {
         $(
             #[test]
             fn $name() {
-                if let Some(d) = device($kind) {
+                let test = concat!(module_path!(), "::", stringify!($name));
+                if let Some(d) = device_for_test($kind, test) {
                     $check(&d)
                 }
             }

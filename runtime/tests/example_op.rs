@@ -10,7 +10,7 @@ use snfc_compiler::autodiff;
 use snfc_compiler::ir::{Graph, GraphBuilder, Op, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_runtime::backend::open;
-use snfc_runtime::cube::probe::{choose, DeviceKind};
+use snfc_runtime::cube::probe::{choose, device_for_test, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,10 +119,7 @@ fn runs_fused_in_f32_on_the_host_and_the_gpu_backends() {
     let f = feeds(5);
     let want = run(&g, &f);
     let mut backends = vec![choose(DeviceKind::Host).expect("host")];
-    match choose(DeviceKind::Wgpu) {
-        Ok(c) => backends.push(c),
-        Err(e) => eprintln!("skipped wgpu: {e}"),
-    }
+    backends.extend(device_for_test(DeviceKind::Wgpu, "example_op"));
     for chosen in backends {
         let mut b = open::<f32>(&chosen, plan.clone()).expect("backend opens");
         for (name, v) in &f {

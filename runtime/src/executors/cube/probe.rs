@@ -150,3 +150,41 @@ pub fn wgpu_client() -> cubecl::prelude::ComputeClient<WgpuRuntime> {
 pub fn cuda_client() -> cubecl::prelude::ComputeClient<CudaRuntime> {
     CudaRuntime::client(&CudaDevice::new(0))
 }
+
+/// The device of `kind` for a test, or `None` to skip it where the device is absent. Tests of
+/// a GPU backend call this, so one policy holds for every test crate:
+/// - `SNFC_REQUIRE_GPU` (comma-separated: `wgpu`, `cuda`) names backends whose absence is a
+///   failure, not a skip (`.ci/run` sets `wgpu`: lavapipe is installed there, so a broken
+///   probe must not pass silently);
+/// - a skip is said on stderr and, when `SNFC_SKIP_LOG` names a file, appended to it, so that a
+///   run of many test binaries can list what it skipped in one line at the end.
+pub fn device_for_test(kind: DeviceKind, test: &str) -> Option<Chosen> {
+    let e = match choose(kind) {
+        Ok(c) => return Some(c),
+        Err(e) => e,
+    };
+    let name = match kind {
+        DeviceKind::Wgpu => "wgpu",
+        DeviceKind::Cuda => "cuda",
+        DeviceKind::Host | DeviceKind::Auto => {
+            panic!("{test}: no {kind:?} device: {e}")
+        }
+    };
+    let required = std::env::var("SNFC_REQUIRE_GPU").unwrap_or_default();
+    if required.split(',').any(|r| r.trim() == name) {
+        panic!("{test}: SNFC_REQUIRE_GPU={required} requires the {name} backend, but: {e}");
+    }
+    eprintln!("skipped {test} on {name}: {e}");
+    if let Ok(path) = std::env::var("SNFC_SKIP_LOG") {
+        use std::io::Write;
+        // One line per skip; concurrent test processes append whole lines.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{name}: {e}");
+        }
+    }
+    None
+}
