@@ -21,18 +21,23 @@
 //! runs the two phases and counts what they produced.
 
 mod extract;
+mod holes;
 mod instantiate;
 mod lang;
 mod rules;
 
 pub use extract::{DagExtraction, PathExtraction};
+pub use holes::{conv_rule_instance, spline_rule_instance};
+use holes::{conv_rules, pair_rules, spline_rules};
 use instantiate::*;
-pub use instantiate::{conv_rule_instance, spline_rule_instance};
 pub use lang::{op_cost, ShapeAnalysis, TensorNode, LAUNCH_COST};
 pub use rules::*;
 
 use crate::ir::{Graph, GraphBuilder, Op, Region, Shape, SplinePart};
-use egg::{Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, Var};
+use egg::{
+    Applier, ConditionalApplier, EGraph, Id, Pattern, Rewrite, Runner, SearchMatches, Searcher,
+    Subst, Var,
+};
 use petgraph::stable_graph::NodeIndex;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -142,9 +147,9 @@ pub fn self_normalize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats),
     let start = Instant::now();
     // A pair that named no parameter would leave its layer unsubstituted without a word.
     crate::verify::pairs_resolve(g, "the graph given to self_normalize")?;
-    let mut rules = compile_pair_rules(SUBSTITUTION, g);
-    rules.extend(compile_pair_rules(CONV_SUBSTITUTION, g));
-    rules.extend(conv_rules(CONV_MERGE, g));
+    let mut rules = pair_rules(SUBSTITUTION, g);
+    rules.extend(pair_rules(CONV_SUBSTITUTION, g));
+    rules.extend(conv_rules(CONV_MERGE));
     let mut eg = TEGraph::default();
     let mut ids: HashMap<NodeIndex, Id> = HashMap::new();
     let mut regions: HashMap<Id, Region> = HashMap::new();
@@ -390,10 +395,10 @@ pub fn optimize(g: &Graph, limits: Limits) -> Result<(Graph, EGraphStats), Rewri
     let phase = "optimize";
     let start = Instant::now();
     let mut rules = compile_rules(ALGEBRA);
-    rules.extend(conv_rules(CONV_OPERATOR, g));
-    rules.extend(conv_rules(CONV_ADJOINT, g));
-    rules.extend(conv_rules(CONV_POINTWISE, g));
-    rules.extend(spline_rules(SPLINE, g));
+    rules.extend(conv_rules(CONV_OPERATOR));
+    rules.extend(conv_rules(CONV_ADJOINT));
+    rules.extend(conv_rules(CONV_POINTWISE));
+    rules.extend(spline_rules(SPLINE));
     let order = g.nodes();
     let is_leaf = |n: NodeIndex| g.node(n).op.arity() == 0;
     // Roots: values used outside their region, and outputs.

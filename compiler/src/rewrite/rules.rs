@@ -77,8 +77,9 @@ pub const CONV_SUBSTITUTION: &[PairRule] = &[PairRule {
     rhs: "({T} ?R)",
 }];
 
-/// A convolution identity, written with placeholders that [`conv_rules`] fills in for each
-/// convolution of the graph: `{T}` its Toeplitz op (`toeplitz:HxW`), `{ADJ}` the adjoint
+/// A convolution identity, written with holes for the ops that carry sizes (`rewrite/holes.rs`:
+/// on the left a hole matches its op at any size and binds the sizes, on the right it is built
+/// from them): `{T}` a Toeplitz op (`toeplitz:HxW`), `{ADJ}` the adjoint
 /// (`toeplitz_adjoint:HxW:K`), `{IMG}` / `{FLAT}` the reshapes between the flat batch
 /// `[C·H·W, B]` and the image batch `[C, H, W, B]`, `{KG}` the kernel gradient
 /// (`conv_kernel_grad:K`), `{MULT}` the multiplicity (`multiplicity:HxW`), `{MAT}` / `{KER}`
@@ -329,9 +330,9 @@ pub const ALGEBRA: &[RuleSpec] = &[
     ),
 ];
 
-/// A spline identity, with placeholders that [`spline_rules`] fills in for each spline op of the
-/// graph and each operand: `{VALUE}`, `{LOGDET}` and `{BOTH}` are its `spline_grad` ops of one
-/// `wrt` for the value's cotangent, the log-det's, and both at once.
+/// A spline identity, with holes (as in [`ConvRule`]) for its `spline_grad` ops of one spline
+/// (bins, bound) and one operand `wrt`: `{VALUE}`, `{LOGDET}` and `{BOTH}`, for the value's
+/// cotangent, the log-det's, and both at once.
 pub const SPLINE: &[RuleSpec] = &[rule(
     // The VJP is linear in the cotangents: the value's and the log-det's VJPs, summed, are one
     // pass over the spline with both cotangents.
