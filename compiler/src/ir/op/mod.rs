@@ -13,6 +13,24 @@ use serde::{Deserialize, Serialize};
 /// `[C, H, W, B]` for images, so `reshape` between the two is free.
 pub type Shape = Vec<usize>;
 
+/// The shipped functions, then `$extra`.
+macro_rules! unary_list {
+    ($($extra:expr),*) => {
+        &[
+            Unary::Exp,
+            Unary::Log,
+            Unary::Softplus,
+            Unary::Sigmoid,
+            Unary::Square,
+            Unary::Recip,
+            Unary::Relu,
+            Unary::Step,
+            Unary::Tanh,
+            $($extra),*
+        ]
+    };
+}
+
 /// Elementwise functions of one argument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Unary {
@@ -35,31 +53,12 @@ pub enum Unary {
 }
 
 impl Unary {
+    /// Every function, in the order of `Unary`'s variants.
     #[cfg(not(feature = "example-op"))]
-    pub const ALL: &'static [Unary] = &[
-        Unary::Exp,
-        Unary::Log,
-        Unary::Softplus,
-        Unary::Sigmoid,
-        Unary::Square,
-        Unary::Recip,
-        Unary::Relu,
-        Unary::Step,
-        Unary::Tanh,
-    ];
+    pub const ALL: &'static [Unary] = unary_list!();
     #[cfg(feature = "example-op")]
-    pub const ALL: &'static [Unary] = &[
-        Unary::Exp,
-        Unary::Log,
-        Unary::Softplus,
-        Unary::Sigmoid,
-        Unary::Square,
-        Unary::Recip,
-        Unary::Relu,
-        Unary::Step,
-        Unary::Tanh,
-        Unary::Cube,
-    ];
+    pub const ALL: &'static [Unary] = unary_list!(Unary::Cube);
+
     pub fn name(self) -> &'static str {
         match self {
             Unary::Exp => "exp",

@@ -92,3 +92,14 @@ fn shapes() {
     assert!(b.infer_shape(&[vec![9]]).is_err());
     assert!(Op::LogDet.infer_shape(&[vec![2, 3]]).is_err());
 }
+
+#[test]
+fn every_function_is_its_name() {
+    assert_eq!(
+        Unary::ALL.len(),
+        9 + usize::from(cfg!(feature = "example-op"))
+    );
+    for u in Unary::ALL {
+        assert_eq!(u.name().parse::<Op>(), Ok(Op::Unary(*u)));
+    }
+}
