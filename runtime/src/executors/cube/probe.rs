@@ -177,13 +177,15 @@ pub fn device_for_test(kind: DeviceKind, test: &str) -> Option<Chosen> {
     eprintln!("skipped {test} on {name}: {e}");
     if let Ok(path) = std::env::var("SNFC_SKIP_LOG") {
         use std::io::Write;
-        // One line per skip; concurrent test processes append whole lines.
+        // One line per skip, written by one `write` to a file opened for appending, so that
+        // test processes running at once do not interleave their lines.
+        let line = format!("{name}: {e}\n");
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{name}: {e}");
+            let _ = f.write_all(line.as_bytes());
         }
     }
     None
