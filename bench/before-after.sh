@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two release builds of snfc side by side: training-step time (mnist_fc2, mnist_cnn9,
-# mnist_glow) and compile time (cifar_glow, a 512-layer FC flow), each measurement taken for
+# mnist_glow on the host; mnist_fc2 and mnist_cnn9 on wgpu, i.e. lavapipe on a CPU machine) and
+# compile time (cifar_glow, a 512-layer FC flow), each measurement taken for
 # BEFORE and AFTER in turn, ROUNDS times, so that background load on a shared machine hits
 # both alike.
 #
@@ -50,8 +51,10 @@ echo "# snfc before/after, $(date -u +%Y-%m-%d), at commit $commit"
 echo "# before: $before (${BEFORE_REV:-rev not given}), after: $after (${AFTER_REV:-rev not given})"
 echo "# CPU: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, RAYON_NUM_THREADS=$threads"
 
-step_ms() { # BIN SPEC STEPS: the median ms per training step
-    RAYON_NUM_THREADS=$threads "$1" bench "$2" --steps "$3" --json 2>/dev/null |
+step_ms() { # BIN SPEC STEPS [FLAGS...]: the median ms per training step
+    local bin=$1 spec=$2 steps=$3
+    shift 3
+    RAYON_NUM_THREADS=$threads "$bin" bench "$spec" --steps "$steps" --json "$@" 2>/dev/null |
         python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["median_step_ms"])'
 }
 compile_s() { # BIN SPEC: seconds of `snfc compile --emit stats`, wall clock
@@ -72,6 +75,15 @@ for round in $(seq "$rounds"); do
         a=$(step_ms "$after" "$2" "$3")
         printf '%-6s %-26s %10s %10s\n' "$round" "$1 step ms" "$b" "$a"
     done
+    # The GPU kernels on the CPU's Vulkan driver (lavapipe), where one exists (WGPU=0: skip).
+    if [ "${WGPU:-1}" = 1 ]; then
+        for case in "mnist_fc2 specs/mnist_fc2.json 3" "mnist_cnn9 specs/mnist_cnn9.json 2"; do
+            set -- $case
+            b=$(step_ms "$before" "$2" "$3" --warmup 1 --device wgpu)
+            a=$(step_ms "$after" "$2" "$3" --warmup 1 --device wgpu)
+            printf '%-6s %-26s %10s %10s\n' "$round" "$1 wgpu step ms" "$b" "$a"
+        done
+    fi
     for case in "cifar_glow $tmp/cifar_glow.json" "fc512 $tmp/fc512.json"; do
         set -- $case
         b=$(compile_s "$before" "$2")

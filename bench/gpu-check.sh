@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: on a machine with an NVIDIA GPU and the binaries built elsewhere (the GPU machine
 # has no internet), run the CUDA backend test suite, time a training step of
-# specs/mnist_fc2.json and specs/mnist_cnn9.json (SNF and exact) on cuda vs host, train one
-# epoch of each on cuda, and write a short table.
+# specs/mnist_fc2.json, specs/mnist_cnn9.json and specs/mnist_glow.json (SNF and exact; TF32
+# and full-f32 products) on cuda vs host with the products' rate against the device's FP32 and
+# TF32 peaks, train one epoch of FC2 and CNN9 on cuda, and write a table.
 #
 # Build on a machine with the Rust toolchain (bind the CUDA driver API the GPU's driver has;
 # 13000 = CUDA 13.0, driver 580):
@@ -35,18 +36,41 @@ fi
 [ $tests_rc -eq 0 ] || status=1
 tests_line=$(grep -E "^test result" "$TMP/tests.txt" | tail -1)
 
-# 2. Step time, cuda vs host, same spec and batch.
-bench() { # spec device steps
-    "$SNFC" bench "specs/$1.json" --device "$2" --steps "$3" --warmup 5 --json 2>"$TMP/bench-$1-$2.err" | head -1
+# 2. Step time, cuda vs host, same spec and batch: FC2, CNN9 and mnist_glow, self-normalizing
+#    and exact (--compare-exact prints both), profiled separately for the products' rate; on
+#    cuda with TF32 tensor cores allowed (the default) and with full f32 products.
+bench() { # spec device steps [extra flags...]: one JSON line per gradient mode
+    local spec=$1 device=$2 steps=$3
+    shift 3
+    "$SNFC" bench "specs/$spec.json" --device "$device" --steps "$steps" --warmup 5 --compare-exact --json "$@" \
+        2>>"$TMP/bench-$spec-$device.err"
 }
-cuda_json=$(bench mnist_fc2 cuda 100) || status=1
-host_json=$(bench mnist_fc2 host 20) || status=1
-cnn_cuda_json=$(bench mnist_cnn9 cuda 50) || status=1
-cnn_exact_cuda_json=$(bench mnist_cnn9_exact cuda 20) || status=1
-cnn_host_json=$(bench mnist_cnn9 host 10) || status=1
 field() { # json key
-    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d.get(sys.argv[2], "")) if d else print("")' "$1" "$2" 2>/dev/null
+    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); v=d.get(sys.argv[2], ""); print("%.4g" % v if isinstance(v, float) else v)' "$1" "$2" 2>/dev/null
 }
+rows=()
+for spec_steps in "mnist_fc2 100" "mnist_cnn9 50" "mnist_glow 10"; do
+    set -- $spec_steps
+    for matmul in tf32 f32; do
+        while IFS= read -r j; do rows+=("$matmul|$j"); done < <(bench "$1" cuda "$2" --matmul "$matmul" || status=1)
+        while IFS= read -r j; do rows+=("$matmul profiled|$j"); done < <(bench "$1" cuda 5 --matmul "$matmul" --profile || status=1)
+    done
+    host_steps=$(( $2 / 5 > 2 ? $2 / 5 : 2 ))
+    while IFS= read -r j; do rows+=("host|$j"); done < <(bench "$1" host "$host_steps" || status=1)
+done
+
+# The device's peak rates (dense, no sparsity; NVIDIA data sheets) for the products' share.
+peaks() { # GPU name -> "FP32 TF32" TFLOP/s
+    case "$1" in
+        *H200*|*"H100 80GB HBM3"*|*H100*SXM*) echo "67 495" ;;
+        *H100*PCIe*|*"H100 PCIe"*) echo "51 378" ;;
+        *H100*NVL*) echo "60 418" ;;
+        *A100*) echo "19.5 156" ;;
+        *L40S*) echo "91.6 183" ;;
+        *) echo "" ;;
+    esac
+}
+read -r peak_fp32 peak_tf32 <<<"$(peaks "$gpu")"
 
 # 3. One epoch of training on cuda (validation NLL in nats).
 "$SNFC" train specs/mnist_fc2.json --device cuda --epochs 1 --out "$TMP/run" --quiet >"$TMP/train.txt" 2>&1 || status=1
@@ -61,17 +85,23 @@ cnn_line=$(tail -1 "$TMP/cnn.txt")
     echo
     echo "CUDA backend tests: ${tests_line:-did not run} (exit $tests_rc)"
     echo
-    echo "| spec | device | median step (ms) | min step (ms) | examples/s | GFLOP/s | kernels | learned-inverse sample (ms/sample) | exact-inverse sample (ms/sample) |"
-    echo "|---|---|---|---|---|---|---|---|---|"
-    for j in "$cuda_json" "$host_json" "$cnn_cuda_json" "$cnn_exact_cuda_json" "$cnn_host_json"; do
+    echo "Peaks used for the products' share: FP32 ${peak_fp32:-?} TFLOP/s, TF32 ${peak_tf32:-?} TFLOP/s (dense)."
+    echo
+    echo "| spec | gradient | device | products | median step (ms) | examples/s | GFLOP/s | products' GFLOP/s | of FP32 peak | of TF32 peak | reads/step | uploads/step | launches/step |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    for row in "${rows[@]}"; do
+        mode=${row%%|*}
+        j=${row#*|}
         [ -n "$j" ] || continue
-        smp=$(python3 -c 'import json,sys
-d = json.loads(sys.argv[1]).get("sampling") or {}
-f = lambda k: "%.3f" % d[k] if isinstance(d.get(k), (int, float)) else "-"
-print(f("learned_ms_per_sample") + " | " + f("exact_ms_per_sample"))' "$j" 2>/dev/null || echo "- | -")
-        printf '| %s | %s | %.2f | %.2f | %.0f | %.1f | %s | %s |\n' \
-            "$(field "$j" spec)" "$(field "$j" device)" "$(field "$j" median_step_ms)" "$(field "$j" min_step_ms)" \
-            "$(field "$j" examples_per_sec)" "$(field "$j" gflops)" "$(field "$j" kernels)" "$smp"
+        rate=$(field "$j" gemm_rate_gflops)
+        share() { # peak TFLOP/s
+            [ -n "$rate" ] && [ -n "$1" ] && python3 -c "print('%.1f %%' % (100 * $rate / ($1 * 1000)))" || echo "-"
+        }
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+            "$(field "$j" spec)" "$(field "$j" gradient)" "$(field "$j" device)" "$mode" \
+            "$(field "$j" median_step_ms)" "$(field "$j" examples_per_sec)" "$(field "$j" gflops)" \
+            "${rate:--}" "$(share "$peak_fp32")" "$(share "$peak_tf32")" \
+            "$(field "$j" host_reads_per_step)" "$(field "$j" uploads_per_step)" "$(field "$j" launches_per_step)"
     done
     echo
     echo "One epoch on cuda: ${train_line}"

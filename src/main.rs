@@ -57,6 +57,31 @@ impl Device {
     }
 }
 
+/// Where `train` draws dequantization noise.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum NoiseSource {
+    Device,
+    Host,
+}
+
+/// The arithmetic of f32 matrix products on a GPU.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum Matmul {
+    /// Tensor cores where the device has them (operands rounded to TF32, f32 sums).
+    Tf32,
+    /// Full f32 products on every device.
+    F32,
+}
+
+impl Matmul {
+    fn precision(self) -> snfc_runtime::cube::matmul::MatmulPrecision {
+        match self {
+            Matmul::Tf32 => snfc_runtime::cube::matmul::MatmulPrecision::Tf32,
+            Matmul::F32 => snfc_runtime::cube::matmul::MatmulPrecision::F32,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum Dtype {
     F32,
@@ -157,6 +182,16 @@ struct TrainArgs {
     /// Where the step runs: auto picks CUDA, else a real GPU through wgpu, else the host.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// Matrix products on a GPU: tf32 lets tensor cores round their operands to TF32 (where
+    /// the device has them); f32 keeps full f32 products. The host ignores it.
+    #[arg(long, value_enum, default_value = "tf32")]
+    matmul: Matmul,
+    /// Where the dequantization noise of 8-bit specs is drawn: device (a GPU draws it from a
+    /// seed of the run's generator, and the step uploads only its batch) or host (the run's
+    /// generator on the CPU: the same numbers on every device, uploaded each step). The host
+    /// backend always draws on the host.
+    #[arg(long, value_enum, default_value = "device")]
+    noise: NoiseSource,
     /// Precision of the step (the GPU backends run f32 only); default f32, or with
     /// --resume the run's own.
     #[arg(long, value_enum)]
@@ -209,7 +244,8 @@ struct EvalArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Evaluation runs on the host in f64 (exact log-determinants by LU).
+    /// Where the examples are evaluated: the host in f64, or a GPU in f32 (every example's
+    /// terms on the device; Σ ln|det W| once, by LU on the host in f64).
     #[arg(long, value_enum, default_value = "host")]
     device: Device,
 }
@@ -321,6 +357,9 @@ struct BenchArgs {
     /// Where the step runs.
     #[arg(long, value_enum, default_value = "host")]
     device: Device,
+    /// Matrix products on a GPU: tf32 (tensor cores where the device has them) or f32.
+    #[arg(long, value_enum, default_value = "tf32")]
+    matmul: Matmul,
 }
 
 /// The arguments of `snfc plot`.

@@ -1392,8 +1392,8 @@ fn cases() -> Vec<Case> {
             &["'gpu'", "--device"],
         ),
         case(
-            "cli: eval on a GPU",
-            &["eval", "@c.safetensors", "--device", "cuda"],
+            "cli: sample on a GPU",
+            &["sample", "@c.safetensors", "--device", "cuda"],
             vec![("c.safetensors", ckpt())],
             &["--device", "host"],
         ),

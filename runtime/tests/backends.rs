@@ -13,6 +13,7 @@ use snfc_compiler::ir::{Graph, GraphBuilder, Op, SplinePart, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
 use snfc_runtime::backend::{open, open_variant, Backend};
+use snfc_runtime::cube::matmul::{MatmulKernel, MatmulOptions, MatmulPrecision};
 use snfc_runtime::cube::probe::{device_for_test, Chosen, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
 use snfc_runtime::model::Model;
@@ -23,6 +24,19 @@ use common::Rng;
 
 /// Relative error allowed in f32 against the f64 host.
 const TOL: f64 = 1e-4;
+
+/// Relative error allowed for products on tensor cores, whose operands are rounded to TF32
+/// (a 10-bit mantissa: 2⁻¹¹ ≈ 5e-4 per operand, summed over the inner dimension).
+const TF32_TOL: f64 = 1e-2;
+
+/// Full f32 products, the first kernel that runs (no timing).
+fn exact_products() -> MatmulOptions {
+    MatmulOptions {
+        precision: MatmulPrecision::F32,
+        tune: false,
+        only: None,
+    }
+}
 
 /// Random feeds for every input and parameter of `g`, in `[lo, hi)`.
 fn random_feeds(g: &Graph, rng: &mut Rng, lo: f64, hi: f64) -> Feeds<f64> {
@@ -39,7 +53,7 @@ fn random_feeds(g: &Graph, rng: &mut Rng, lo: f64, hi: f64) -> Feeds<f64> {
 
 /// Run `plan` on the device and compare every output with the host f64 run of the same plan.
 fn check_plan(chosen: &Chosen, plan: Plan, feeds: &Feeds<f64>, what: &str) {
-    check_variant(chosen, plan, feeds, what, None)
+    check_variant(chosen, plan, feeds, what, exact_products())
 }
 
 fn check_variant(
@@ -47,13 +61,18 @@ fn check_variant(
     plan: Plan,
     feeds: &Feeds<f64>,
     what: &str,
-    staged: Option<bool>,
+    matmul: MatmulOptions,
 ) {
+    let tol = if matmul.precision == MatmulPrecision::Tf32 {
+        TF32_TOL
+    } else {
+        TOL
+    };
     let want = Executor::<f64>::new()
         .run(&Program::from_plan(plan.clone()), feeds)
         .expect("host f64 run");
     let mut b: Box<dyn Backend<f32>> =
-        open_variant(chosen, plan, true, staged).expect("backend opens");
+        open_variant(chosen, plan, true, matmul).expect("backend opens");
     for (name, v) in feeds {
         let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
         b.set(name, &v32).expect("set");
@@ -81,10 +100,20 @@ fn check_variant(
             .map(|(a, b)| (*a as f64 - b).abs())
             .fold(0.0, f64::max);
         assert!(
-            err / scale <= TOL,
+            err / scale <= tol,
             "{what} on {}: output {gn}: max error {err:.3e} relative to {scale:.3e}",
             b.device()
         );
+    }
+}
+
+/// Whether the GEMM test runs `kernel` on `chosen`: tensor-core kernels on CUDA only (WGSL
+/// has no cooperative matrices); the host has one GEMM, checked once.
+fn runs_on(chosen: &Chosen, kernel: MatmulKernel) -> bool {
+    match chosen {
+        Chosen::Host => kernel == MatmulKernel::SimpleUnit,
+        Chosen::Wgpu { .. } => !kernel.tensor_cores(),
+        Chosen::Cuda { .. } => true,
     }
 }
 
@@ -136,14 +165,26 @@ fn gemm(chosen: &Chosen) {
                     b.output("out", out);
                     let g = b.finish();
                     let feeds = random_feeds(&g, &mut rng, -1.0, 1.0);
-                    // Both GEMM kernels on every device: operands staged in shared memory
-                    // (GPUs) and read directly (CPU adapters).
-                    for staged in [true, false] {
+                    // Every cubek-matmul kernel the device runs (tensor-core kernels at
+                    // TF32 tolerance; a kernel the device lacks is skipped by name).
+                    for kernel in MatmulKernel::ALL {
+                        let matmul = MatmulOptions {
+                            precision: if kernel.tensor_cores() {
+                                MatmulPrecision::Tf32
+                            } else {
+                                MatmulPrecision::F32
+                            },
+                            tune: false,
+                            only: Some(kernel),
+                        };
+                        if !runs_on(chosen, kernel) {
+                            continue;
+                        }
                         let what = format!(
-                            "gemm {m}x{k}x{n} ta={ta} tb={tb} epilogue={epilogue} staged={staged}"
+                            "gemm {m}x{k}x{n} ta={ta} tb={tb} epilogue={epilogue} {kernel:?}"
                         );
                         for plan in [Plan::new(&g), Plan::unfused(&g)] {
-                            check_variant(chosen, plan, &feeds, &what, Some(staged));
+                            check_variant(chosen, plan, &feeds, &what, matmul.clone());
                         }
                     }
                 }
@@ -551,8 +592,9 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
     let plan = Plan::new(&c.step);
     let eight_bit = s.input.preprocess != snfc_compiler::spec::Preprocess::None;
     let feeds = step_feeds(s, batch, 9, eight_bit);
-    let mut host: Box<dyn Backend<f64>> = open(&Chosen::Host, plan.clone()).expect("host");
-    let mut dev: Box<dyn Backend<f32>> = open(chosen, plan).expect("device");
+    let mut host: Box<dyn Backend<f64>> =
+        open(&Chosen::Host, plan.clone(), MatmulPrecision::F32).expect("host");
+    let mut dev: Box<dyn Backend<f32>> = open(chosen, plan, MatmulPrecision::F32).expect("device");
     for (name, v) in &feeds {
         host.set(name, v).expect("set");
         let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
@@ -668,6 +710,14 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
         dev.first_nonfinite_grad().expect("check").is_some(),
         "{device}"
     );
+    // The step's read-back names the same parameter on both, with a non-finite norm.
+    let loss = ["loss".to_string()];
+    let (hr, dr) = (
+        host.step_readback(&loss, true).expect("read-back"),
+        dev.step_readback(&loss, true).expect("read-back"),
+    );
+    assert_eq!(hr.nonfinite, dr.nonfinite, "{device}");
+    assert!(!dr.norm.expect("norm").is_finite(), "{device}");
     for name in Model::<f64>::init(s, 0).values.keys() {
         let start = &feeds[name];
         let want: Vec<f64> = host
@@ -693,6 +743,115 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
     }
 }
 
+/// A training step as `train` runs it talks to the device once each way: one upload (the
+/// batch) and one read (the loss with every gradient's Σ g², from which the norm and the
+/// non-finite check come); its launches are the plan's kernels, the gradient sums' one and
+/// Adam's one (five parameters: within one launch's bindings on lavapipe too). The host has
+/// no device traffic.
+fn step_traffic(chosen: &Chosen) {
+    let s = spec(
+        r#"{"name": "two", "input": {"shape": [24], "preprocess": "none"},
+            "layers": [{"type": "linear", "bias": true}, {"type": "smooth_leaky_relu", "alpha": 0.3},
+                       {"type": "linear", "bias": false}],
+            "train": {"batch_size": 10}}"#,
+    );
+    let batch = 10;
+    let c = compile_train(&s, batch, OptLevel::Full).expect("the spec compiles");
+    let feeds = step_feeds(&s, batch, 4, false);
+    let mut dev: Box<dyn Backend<f32>> =
+        open(chosen, Plan::new(&c.step), MatmulPrecision::F32).expect("device");
+    for (name, v) in &feeds {
+        dev.set(name, &v.iter().map(|x| *x as f32).collect::<Vec<_>>())
+            .expect("set");
+    }
+    let x: Vec<f32> = feeds["x"].iter().map(|v| *v as f32).collect();
+    let lr = snfc_runtime::train::LearningRates::for_spec(&s, 1e-3);
+    let names = ["loss".to_string()];
+    let step = |dev: &mut Box<dyn Backend<f32>>| {
+        dev.set("x", &x).expect("set");
+        dev.run().expect("run");
+        let read = dev.step_readback(&names, true).expect("read-back");
+        dev.adam_step(&lr, [0.9, 0.999], 1e-8, 1.0).expect("adam");
+        read
+    };
+    // The first step also creates Adam's moments and picks the products' kernels.
+    step(&mut dev);
+    let Some(before) = dev.traffic() else {
+        assert_eq!(*chosen, Chosen::Host, "a GPU backend counts its traffic");
+        return;
+    };
+    let steps = 3;
+    for _ in 0..steps {
+        let read = step(&mut dev);
+        assert!(read.scalars[0].is_finite() && read.nonfinite.is_none());
+        assert!(read.norm.is_some_and(|n| n.is_finite() && n > 0.0));
+    }
+    let after = dev.traffic().expect("traffic");
+    let device = dev.device();
+    assert_eq!(after.reads - before.reads, steps, "reads on {device}");
+    assert_eq!(after.uploads - before.uploads, steps, "uploads on {device}");
+    assert_eq!(
+        after.launches - before.launches,
+        steps * (dev.kernels() as u64 + 2),
+        "launches on {device}"
+    );
+}
+
+/// Uniform noise drawn on the device (cubek-random): every value in [0, 1), mean ½ and
+/// variance 1/12 within 5 standard errors over 300,000 draws, no two neighbours correlated
+/// beyond noise; the same seed draws the same values, another seed others. The host draws
+/// on the host (the caller's generator), so it has nothing to check.
+fn device_noise(chosen: &Chosen) {
+    let (d, batch) = (300, 1000);
+    let mut b = GraphBuilder::new("noise");
+    let u = b.input("noise", vec![d, batch]);
+    let two = b.constant(2.0);
+    let out = b.mul(u, two);
+    b.output("twice", out);
+    let g = b.finish();
+    let mut dev: Box<dyn Backend<f32>> =
+        open(chosen, Plan::new(&g), MatmulPrecision::F32).expect("device");
+    if !dev.draws_on_device() {
+        assert_eq!(*chosen, Chosen::Host);
+        assert!(dev.draw_uniform("noise", 1).is_err());
+        return;
+    }
+    let mut draw = |seed: u64| -> Vec<f64> {
+        dev.draw_uniform("noise", seed).expect("draw");
+        dev.run().expect("run");
+        let twice = dev.output("twice").expect("output").data;
+        twice.iter().map(|v| f64::from(*v) / 2.0).collect()
+    };
+    let first = draw(7);
+    let n = first.len() as f64;
+    assert!(first.iter().all(|v| (0.0..1.0).contains(v)));
+    let mean = first.iter().sum::<f64>() / n;
+    let var = first.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    // Standard errors: of the mean √(1/12/n); of the variance √(1/180/n) for U(0, 1).
+    assert!(
+        (mean - 0.5).abs() < 5.0 * (1.0 / 12.0 / n).sqrt(),
+        "mean {mean}"
+    );
+    assert!(
+        (var - 1.0 / 12.0).abs() < 5.0 * (1.0 / 180.0 / n).sqrt(),
+        "variance {var}"
+    );
+    let lag1 = first
+        .windows(2)
+        .map(|w| (w[0] - mean) * (w[1] - mean))
+        .sum::<f64>()
+        / (n - 1.0)
+        / var;
+    assert!(lag1.abs() < 5.0 / n.sqrt(), "neighbour correlation {lag1}");
+    assert_eq!(draw(7), first, "the same seed draws the same values");
+    let other = draw(8);
+    let same = other.iter().zip(&first).filter(|(a, b)| a == b).count();
+    assert!(
+        same < first.len() / 100,
+        "another seed: {same} equal values"
+    );
+}
+
 /// One `#[test]` per check, run on the device of `$kind` (skipped when it is absent).
 macro_rules! backend_suite {
     ($module:ident, $kind:expr) => {
@@ -707,7 +866,9 @@ macro_rules! backend_suite {
                 spline_values_and_vjps => spline_ops,
                 image_flow_steps_and_eval => image_steps,
                 whole_training_steps_and_eval => training_steps,
-                adam_update_fc_and_cnn => adam);
+                adam_update_fc_and_cnn => adam,
+                one_read_and_one_upload_per_step => step_traffic,
+                uniform_noise_drawn_on_the_device => device_noise);
         }
     };
     (@tests $kind:expr; $($name:ident => $check:ident),*) => {

@@ -601,3 +601,68 @@ fn deeper_flow_with_and_without_biases() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation on a GPU
+// ---------------------------------------------------------------------------------------------
+
+/// `evaluate_on` a GPU (lavapipe in CI) gives the host's f64 result within f32 precision, for
+/// the paper's FC and CNN flows and a small Glow (actnorm, 1×1 convs, affine couplings, a
+/// split): every example's terms run on the device, the log-dets once on the host. The noise
+/// comes from the same host stream, so the two evaluate the same numbers.
+#[test]
+fn evaluation_on_a_gpu_matches_the_host() {
+    use snfc_runtime::cube::probe::{device_for_test, DeviceKind};
+    let Some(gpu) = device_for_test(
+        DeviceKind::Wgpu,
+        "eval_sample::evaluation_on_a_gpu_matches_the_host",
+    ) else {
+        return;
+    };
+    let glow = parse_spec(
+        r#"{"name": "glow_small", "input": {"shape": [1, 28, 28], "preprocess": "dequantize_logit"},
+            "layers": [{"type": "squeeze"},
+                       {"type": "repeat", "times": 2, "layers": [
+                           {"type": "actnorm"}, {"type": "conv", "kernel_size": 1, "bias": false},
+                           {"type": "affine_coupling", "width": 16}]},
+                       {"type": "split"}, {"type": "squeeze"},
+                       {"type": "actnorm"}, {"type": "conv", "kernel_size": 1, "bias": false},
+                       {"type": "affine_coupling", "width": 16}],
+            "objective": {"gradient": "self_normalizing", "lambda": 1.0},
+            "train": {"batch_size": 4}}"#,
+    )
+    .expect("spec");
+    let data = snfc_runtime::data::embedded_mnist().expect("embedded digits");
+    let split = data.valid.take(11);
+    for spec in [
+        parse_spec(include_str!("../../specs/mnist_fc2.json")).expect("spec"),
+        parse_spec(include_str!("../../specs/mnist_cnn9.json")).expect("spec"),
+        glow,
+    ] {
+        let host = Model::<f64>::init(&spec, 5);
+        let want = evaluate(&host, &split, 4, 7).expect("host evaluation");
+        let got = snfc_runtime::eval::evaluate_on(
+            &host.cast::<f32>(),
+            &split,
+            4,
+            7,
+            &gpu,
+            &snfc_runtime::distributed::Solo,
+            &snfc_runtime::progress::Progress::hidden(),
+        )
+        .expect("GPU evaluation");
+        assert_eq!(got.examples, want.examples);
+        assert_close(
+            got.nll_nats,
+            want.nll_nats,
+            1e-4,
+            &format!("{}: NLL", spec.name),
+        );
+        let (w, g) = (want.recon.expect("recon"), got.recon.expect("recon"));
+        assert!(
+            (w - g).abs() <= 1e-3 * w.abs().max(1e-3),
+            "{}: recon host {w} vs {gpu} {g}",
+            spec.name
+        );
+    }
+}

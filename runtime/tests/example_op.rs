@@ -10,6 +10,7 @@ use snfc_compiler::autodiff;
 use snfc_compiler::ir::{Graph, GraphBuilder, Op, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_runtime::backend::open;
+use snfc_runtime::cube::matmul::MatmulPrecision;
 use snfc_runtime::cube::probe::{choose, device_for_test, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
 use std::collections::HashMap;
@@ -121,7 +122,8 @@ fn runs_fused_in_f32_on_the_host_and_the_gpu_backends() {
     let mut backends = vec![choose(DeviceKind::Host).expect("host")];
     backends.extend(device_for_test(DeviceKind::Wgpu, "example_op"));
     for chosen in backends {
-        let mut b = open::<f32>(&chosen, plan.clone()).expect("backend opens");
+        let mut b =
+            open::<f32>(&chosen, plan.clone(), MatmulPrecision::F32).expect("backend opens");
         for (name, v) in &f {
             let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
             b.set(name, &v32).expect("set");

@@ -7,6 +7,12 @@ use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::parse_spec;
 use snfc_runtime::cube::source::{plan_sources, Target};
 
+/// A matrix product's entry (`k003_matmul`, `k007_conv2d_matmul`) or a whole-tensor sum's
+/// last pass (`k005_sum_partials`): cubek kernels, built on the device, so no source of ours.
+fn is_library(name: &str) -> bool {
+    name.ends_with("matmul") || name.ends_with("sum_partials")
+}
+
 fn small_plan() -> Plan {
     let spec = parse_spec(
         r#"{"name": "tiny", "input": {"shape": [4], "preprocess": "none"},
@@ -64,13 +70,24 @@ fn cuda_sources_of_a_small_plan() {
     let cuda = plan_sources(&plan, Target::Cuda).expect("CUDA source");
     assert!(cuda.len() >= plan.kernels());
     insta::assert_snapshot!("tiny.plan", plan.to_text());
+    let mut products = 0;
     for k in &cuda {
-        assert!(k.source.contains("extern \"C\" __global__"), "{}", k.name);
+        if is_library(&k.name) {
+            // cubek's kernels depend on the device: the entry says so, with the shape.
+            assert!(k.source.starts_with("// cubek-"), "{}", k.source);
+            products += usize::from(k.name.ends_with("matmul"));
+        } else {
+            assert!(k.source.contains("extern \"C\" __global__"), "{}", k.name);
+        }
         insta::assert_snapshot!(format!("tiny.{}.cu", k.name), stable(&k.source));
     }
+    // The tiny flow's forward product, its two gradient products and the inverse's ones.
+    assert!(products >= 3, "{products} products");
     let wgsl = plan_sources(&plan, Target::Wgsl).expect("WGSL source");
     assert_eq!(wgsl.len(), cuda.len());
-    assert!(wgsl.iter().all(|k| k.source.contains("@compute")));
+    assert!(wgsl
+        .iter()
+        .all(|k| is_library(&k.name) || k.source.contains("@compute")));
 }
 
 /// Every kernel kind of the image flows (gathers, convolutions, kernel gradients, splines)
@@ -89,17 +106,20 @@ fn cuda_and_wgsl_sources_of_the_cnn_plans() {
         assert_eq!(wgsl.len(), cuda.len());
         assert!(cuda
             .iter()
-            .all(|k| k.source.contains("extern \"C\" __global__")));
-        assert!(wgsl.iter().all(|k| k.source.contains("@compute")));
+            .all(|k| is_library(&k.name) || k.source.contains("extern \"C\" __global__")));
+        assert!(wgsl
+            .iter()
+            .all(|k| is_library(&k.name) || k.source.contains("@compute")));
         let kinds: std::collections::BTreeSet<&str> = cuda
             .iter()
             .map(|k| k.name.split_once('_').map_or("", |(_, kind)| kind))
             .collect();
-        // Convolutions are implicit GEMMs (the im2col matrix gathered tile by tile).
+        // Convolutions are im2col gathers feeding cubek-matmul products.
         for kind in [
             "gather",
-            "conv2d_gemm",
-            "conv_kernel_grad_gemm",
+            "im2col",
+            "conv2d_matmul",
+            "conv_kernel_grad_matmul",
             "spline",
             "fused",
         ] {

@@ -18,6 +18,7 @@ pub fn run(args: BenchArgs, comm: &distributed::Comm) -> Result<()> {
             warmup,
             dtype,
             device,
+            matmul,
             ..
         } => {
             let chosen = resolve_device(device)?;
@@ -30,6 +31,7 @@ pub fn run(args: BenchArgs, comm: &distributed::Comm) -> Result<()> {
                 level: OptLevel::Full,
                 profile: false,
                 device: chosen,
+                matmul: matmul.precision(),
                 sampling: false,
                 comm: distributed::solo(),
             };
@@ -85,6 +87,7 @@ pub fn run(args: BenchArgs, comm: &distributed::Comm) -> Result<()> {
             profile,
             json,
             device,
+            matmul,
             ..
         } => {
             // Under `mpirun`, every rank times its share of the batch and rank 0 reports.
@@ -108,6 +111,7 @@ pub fn run(args: BenchArgs, comm: &distributed::Comm) -> Result<()> {
                     level: OptLevel::Full,
                     profile,
                     device: chosen.clone(),
+                    matmul: matmul.precision(),
                     // Sampling is timed alone, not over the ranks.
                     sampling: comm.size() == 1,
                     comm: comm.clone(),

@@ -19,6 +19,15 @@ pub fn resolve_device(d: Device) -> Result<Chosen> {
     Ok(chosen)
 }
 
+/// [`resolve_device`], saying nothing when `quiet` (`--json`).
+pub fn resolve_device_quietly(d: Device, quiet: bool) -> Result<Chosen> {
+    if quiet {
+        choose(d.kind()).map_err(|e| anyhow!(e))
+    } else {
+        resolve_device(d)
+    }
+}
+
 /// [`resolve_device`] for a rank of a data-parallel job: only rank 0 says which device, and
 /// not under `--quiet`.
 pub fn resolve_device_on(d: Device, comm: &distributed::Comm, quiet: bool) -> Result<Chosen> {
@@ -29,7 +38,7 @@ pub fn resolve_device_on(d: Device, comm: &distributed::Comm, quiet: bool) -> Re
     }
 }
 
-/// Evaluation and sampling run in f64 on the host (exact log-determinants by LU).
+/// Sampling runs in f64 on the host (exact inverses by LU, Newton steps per element).
 pub fn host_only(d: Device, what: &str) -> Result<()> {
     if matches!(d, Device::Wgpu | Device::Cuda) {
         bail!("--device {d:?}: `snfc {what}` runs on the host in f64 (exact log-determinants by LU); use --device host or auto");

@@ -4,6 +4,7 @@ use crate::commands::common::*;
 use crate::*;
 use anyhow::{bail, Result};
 use snfc_compiler::spec::FlowSpec;
+use snfc_runtime::cube::probe::Chosen;
 use snfc_runtime::data::{load_data, Split};
 use snfc_runtime::distributed;
 use snfc_runtime::model::Model;
@@ -20,20 +21,28 @@ pub fn run(args: EvalArgs, _comm: &distributed::Comm) -> Result<()> {
         json,
         device,
     } = args;
-    host_only(device, "eval")?;
     let spec = spec.as_deref().map(spec_from).transpose()?;
     checkpoint_path(&checkpoint)?;
+    let chosen = resolve_device_quietly(device, json)?;
     let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
     let (split, measured) = eval_split(&model.spec, data.as_deref(), split.as_deref())?;
     let progress = Progress::new(split.n as u64, "evaluating", "examples", !json);
-    let r = snfc_runtime::eval::evaluate_sharded(
-        &model,
-        &split,
-        500,
-        0,
-        &distributed::Solo,
-        &progress,
-    )?;
+    let r = if chosen == Chosen::Host {
+        snfc_runtime::eval::evaluate_sharded(&model, &split, 500, 0, &distributed::Solo, &progress)?
+    } else {
+        // A GPU evaluates in f32: the checkpoint's parameters rounded once, the log-dets
+        // still by LU in f64 on the host.
+        let (model32, _) = Model::<f32>::load(&checkpoint, spec.as_ref())?;
+        snfc_runtime::eval::evaluate_on(
+            &model32,
+            &split,
+            500,
+            0,
+            &chosen,
+            &distributed::Solo,
+            &progress,
+        )?
+    };
     if json {
         let mut v = serde_json::to_value(&r)?;
         v["data"] = serde_json::Value::String(measured);

@@ -3,6 +3,7 @@
 
 use crate::backend::open;
 use crate::batch::fill_uniform;
+use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
 use crate::host::exec::ExecError;
 use crate::host::linalg::{GemmShape, Real};
@@ -48,6 +49,16 @@ pub struct BenchResult {
     pub includes: String,
     /// Kernel launches per step (after fusion).
     pub kernels: usize,
+    /// Blocking device-to-host reads per timed step (GPU backends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_reads_per_step: Option<f64>,
+    /// Host-to-device uploads per timed step (GPU backends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads_per_step: Option<f64>,
+    /// Kernel launches per timed step, the optimizer's and the gradient check's included
+    /// (GPU backends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launches_per_step: Option<f64>,
     /// Time per sample through the learned inverse and the exact one (host, f64).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingTime>,
@@ -61,8 +72,9 @@ pub struct BenchResult {
     /// The mean time of the profiled steps (on the host, the timed steps themselves).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiled_step_ms: Option<f64>,
-    /// The GFLOP/s the step's own matrix products reach when each is timed alone, in cache
-    /// (host, with `profile`): the rate the step is measured against.
+    /// The GFLOP/s the step's own matrix products reach (with `profile`): on the host each
+    /// timed alone, in cache; on a GPU as the profiled steps launched them, each waited for.
+    /// The rate the step is measured against.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gemm_rate_gflops: Option<f64>,
     /// `gflops / gemm_rate_gflops`: the step's share of its GEMMs' rate.
@@ -94,6 +106,8 @@ pub struct BenchOptions {
     /// Time per op kind (host backend only).
     pub profile: bool,
     pub device: Chosen,
+    /// The arithmetic of matrix products on a GPU.
+    pub matmul: MatmulPrecision,
     /// Also time sampling through the learned and the exact inverses.
     pub sampling: bool,
     /// The processes timing the step together (data-parallel, as `train` runs it).
@@ -101,7 +115,7 @@ pub struct BenchOptions {
 }
 
 /// What a timed step does: the same work as a step of `snfc train`.
-pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs), forward and backward pass, loss read-back, gradient all-reduce (more than one rank), Adam update of every parameter";
+pub const STEP_INCLUDES: &str = "batch upload, fresh dequantization noise (8-bit specs), forward and backward pass, read-back of the loss and the gradients' health (non-finite check), gradient all-reduce (more than one rank), Adam update of every parameter";
 
 /// Time `steps` whole training steps (the compiled graph: forward, loss and every gradient; then
 /// the Adam update of every parameter) after `warmup` untimed ones.
@@ -137,7 +151,7 @@ pub fn bench_step<T: Real + 'static>(
     // profiled; a GPU backend synchronizes after every launch when profiling, so it gets
     // separate profiled steps after the timed ones.
     let profile_timed = profile && opts.device == Chosen::Host;
-    let mut backend = open::<T>(&opts.device, plan)?;
+    let mut backend = open::<T>(&opts.device, plan, opts.matmul)?;
     let model = Model::<T>::init(spec, 0);
     for (name, v) in &model.values {
         backend.set(name, v)?;
@@ -168,6 +182,7 @@ pub fn bench_step<T: Real + 'static>(
     let rates = crate::train::LearningRates::for_spec(spec, 1e-4);
     let mut times = Vec::with_capacity(steps);
     let mut reduce_times = Vec::with_capacity(steps);
+    let loss_name = ["loss".to_string()];
     let mut step =
         |backend: &mut Box<dyn crate::backend::Backend<T>>| -> Result<(f64, f64), ExecError> {
             backend.sync()?;
@@ -175,13 +190,15 @@ pub fn bench_step<T: Real + 'static>(
             // A step as `train` runs it: upload the batch and fresh noise, run, read the loss
             // back, update.
             backend.set(INPUT_X, &x)?;
-            if dequantize {
+            if dequantize && backend.draws_on_device() {
+                backend.draw_uniform(INPUT_NOISE, rand::RngExt::random(&mut rng))?;
+            } else if dequantize {
                 fill_uniform(&mut rng, &mut noise);
                 backend.set(INPUT_NOISE, &noise)?;
             }
             backend.run()?;
-            let loss = backend.output("loss")?.scalar().as_f64();
-            std::hint::black_box(loss);
+            let read = backend.step_readback(&loss_name, false)?;
+            std::hint::black_box(read);
             let reduce_started = Instant::now();
             backend.all_reduce_grads(comm.as_ref())?;
             let reduce = reduce_started.elapsed().as_secs_f64();
@@ -189,9 +206,13 @@ pub fn bench_step<T: Real + 'static>(
             backend.sync()?;
             Ok((t.elapsed().as_secs_f64(), reduce))
         };
+    let mut traffic_before = None;
     for i in 0..warmup + steps {
         if profile_timed && i == warmup {
             backend.enable_profile();
+        }
+        if i == warmup {
+            traffic_before = backend.traffic();
         }
         let (seconds, reduce) = step(&mut backend)?;
         if i >= warmup {
@@ -199,6 +220,15 @@ pub fn bench_step<T: Real + 'static>(
             reduce_times.push(reduce);
         }
     }
+    // Per timed step: what the device was asked to do.
+    let traffic = traffic_before.zip(backend.traffic()).map(|(a, b)| {
+        let per = |x: u64, y: u64| (y - x) as f64 / steps as f64;
+        (
+            per(a.reads, b.reads),
+            per(a.uploads, b.uploads),
+            per(a.launches, b.launches),
+        )
+    });
     reduce_times.sort_by(|a, b| a.total_cmp(b));
     let reduce_median = reduce_times.get(reduce_times.len() / 2).copied();
     let mut profiled_seconds = times.iter().sum::<f64>();
@@ -243,6 +273,10 @@ pub fn bench_step<T: Real + 'static>(
             flops += shape.flops() * *count as f64;
             seconds += shape.best_time::<T>(10) * *count as f64;
         }
+        // On a GPU: the products as the profiled steps ran them, each launch waited for.
+        if let Some((f, s)) = backend.product_time() {
+            (flops, seconds) = (f, s);
+        }
         if seconds > 0.0 {
             let rate = flops / seconds / 1e9;
             gemm_rate_gflops = Some(rate);
@@ -275,6 +309,9 @@ pub fn bench_step<T: Real + 'static>(
         inverse: counts.inverse,
         includes: STEP_INCLUDES.to_string(),
         kernels: backend.kernels(),
+        host_reads_per_step: traffic.map(|t| t.0),
+        uploads_per_step: traffic.map(|t| t.1),
+        launches_per_step: traffic.map(|t| t.2),
         sampling,
         profile: profile_rows,
         breakdown,

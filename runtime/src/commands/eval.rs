@@ -1,9 +1,12 @@
 //! Exact log-likelihood (paper eq. 7): the data-independent Σ_k ln|det W_k| is computed once per
 //! evaluation by LU and added to every example's data-dependent terms.
 
+use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform_columns};
+use crate::cube::matmul::MatmulPrecision;
+use crate::cube::probe::Chosen;
 use crate::data::Split;
-use crate::host::exec::{ExecError, Executor, Feeds, Program};
+use crate::host::exec::ExecError;
 use crate::host::linalg::{slogdet, Real};
 use crate::host::shape_ops::toeplitz;
 use crate::model::Model;
@@ -14,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use snfc_compiler::ir::lower::{eval_graph, ParamKind, INPUT_NOISE, INPUT_X};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{FlowSpec, LayerShape, Preprocess};
-use std::sync::Arc;
 
 /// Exact negative log-likelihood of a data split.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,7 +82,7 @@ fn batch_within<T: Real>(spec: &FlowSpec, max: usize, bytes: usize) -> usize {
 
 /// Per-example ln p(x) for every example of `split`, and per-example reconstruction errors,
 /// in batches of at most `batch` (fewer where [`eval_batch`] says the memory calls for it).
-pub fn log_likelihoods<T: Real>(
+pub fn log_likelihoods<T: Real + 'static>(
     model: &Model<T>,
     split: &Split,
     batch: usize,
@@ -92,7 +94,7 @@ pub fn log_likelihoods<T: Real>(
 /// [`log_likelihoods`] of the examples `range` of `split` only, each with the noise it gets in
 /// the whole split's evaluation (the stream is positioned at the range's first example), so
 /// ranges evaluated apart (one per rank) give the whole split's values.
-pub fn log_likelihoods_of<T: Real>(
+pub fn log_likelihoods_of<T: Real + 'static>(
     model: &Model<T>,
     split: &Split,
     range: std::ops::Range<usize>,
@@ -107,27 +109,34 @@ pub fn log_likelihoods_of<T: Real>(
         range,
         batch,
         noise_seed,
+        &Chosen::Host,
         &Progress::hidden(),
     )
 }
 
-/// [`log_likelihoods_of`] given the model's [`logdet_sum`], counting the examples done on
-/// `progress`.
-fn log_likelihoods_showing<T: Real>(
+/// [`log_likelihoods_of`] given the model's [`logdet_sum`], on `device` (the batches' plan
+/// there, its products in full f32 on a GPU; the log-dets stay the host's f64), counting the
+/// examples done on `progress`.
+#[allow(clippy::too_many_arguments)]
+fn log_likelihoods_showing<T: Real + 'static>(
     model: &Model<T>,
     ld: f64,
     split: &Split,
     range: std::ops::Range<usize>,
     batch: usize,
     noise_seed: u64,
+    device: &Chosen,
     progress: &Progress,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
     let spec = &model.spec;
     let d = spec.input.dim();
     let batch = eval_batch::<T>(spec, batch.min(range.len()).max(1));
-    let program = Program::new(&eval_graph(spec, batch));
-    let mut exec = Executor::<T>::new();
-    let mut feeds: Feeds<T> = model.values.clone();
+    let plan = Plan::new(&eval_graph(spec, batch));
+    let has_recon = plan.outputs.iter().any(|(n, _)| n == "recon");
+    let mut backend = open::<T>(device, plan, MatmulPrecision::F32)?;
+    for (name, v) in &model.values {
+        backend.set(name, v)?;
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(noise_seed);
     // Each example's D uniforms are D `u64` draws: two 32-bit words each.
     rng.set_word_pos(2 * (d * range.start) as u128);
@@ -138,19 +147,22 @@ fn log_likelihoods_showing<T: Real>(
         let idx: Vec<usize> = (start..(start + batch).min(range.end)).collect();
         let mut x = vec![T::zero(); d * batch];
         fill_columns(split, &idx, batch, &mut x);
-        feeds.insert(INPUT_X.into(), Arc::new(x));
+        backend.set(INPUT_X, &x)?;
+        // The noise comes from the host's stream on every device, so an evaluation gives the
+        // same numbers wherever it runs (to the device's precision).
         if spec.input.preprocess == Preprocess::DequantizeLogit {
             let mut u = vec![T::zero(); d * batch];
             fill_uniform_columns(&mut rng, &mut u, batch, idx.len());
-            feeds.insert(INPUT_NOISE.into(), Arc::new(u));
+            backend.set(INPUT_NOISE, &u)?;
         }
-        for (name, t) in exec.run(&program, &feeds)? {
-            let vals = t.data[..idx.len()].iter().map(|v| v.as_f64());
-            match name.as_str() {
-                "logp_data" => logp.extend(vals.map(|v| v + ld)),
-                "recon" => recon.get_or_insert_with(Vec::new).extend(vals),
-                _ => {}
-            }
+        backend.run()?;
+        let data = backend.output("logp_data")?.data;
+        logp.extend(data[..idx.len()].iter().map(|v| v.as_f64() + ld));
+        if has_recon {
+            let r = backend.output("recon")?.data;
+            recon
+                .get_or_insert_with(Vec::new)
+                .extend(r[..idx.len()].iter().map(|v| v.as_f64()));
         }
         progress.inc(idx.len() as u64);
         start += batch;
@@ -160,7 +172,7 @@ fn log_likelihoods_showing<T: Real>(
 
 /// Exact NLL of `split` (dequantization noise drawn from `noise_seed`, example by example, so
 /// repeatable and the same at any batch size).
-pub fn evaluate<T: Real>(
+pub fn evaluate<T: Real + 'static>(
     model: &Model<T>,
     split: &Split,
     batch: usize,
@@ -179,7 +191,7 @@ pub fn evaluate<T: Real>(
 /// [`evaluate`] over the ranks of `comm`: each rank evaluates its contiguous share of the
 /// examples, and the f64 sums (ln p, reconstruction error, count) are summed over the ranks, so
 /// every rank gets the whole split's result. `progress` counts this rank's examples.
-pub fn evaluate_sharded<T: Real>(
+pub fn evaluate_sharded<T: Real + 'static>(
     model: &Model<T>,
     split: &Split,
     batch: usize,
@@ -187,13 +199,37 @@ pub fn evaluate_sharded<T: Real>(
     comm: &dyn crate::distributed::Communicator,
     progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
+    evaluate_on(
+        model,
+        split,
+        batch,
+        noise_seed,
+        &Chosen::Host,
+        comm,
+        progress,
+    )
+}
+
+/// [`evaluate_sharded`] with every example on `device` (a GPU evaluates in f32: the model is
+/// f32 there); Σ ln|det W| is computed once, by LU on the host in f64.
+pub fn evaluate_on<T: Real + 'static>(
+    model: &Model<T>,
+    split: &Split,
+    batch: usize,
+    noise_seed: u64,
+    device: &Chosen,
+    comm: &dyn crate::distributed::Communicator,
+    progress: &Progress,
+) -> Result<EvalResult, ExecError> {
     let logdets = logdet_sum(model);
-    evaluate_given_logdets(model, logdets, split, batch, noise_seed, comm, progress)
+    evaluate_with(
+        model, logdets, split, batch, noise_seed, device, comm, progress,
+    )
 }
 
 /// [`evaluate_sharded`] given the model's [`logdet_sum`] (computed once by a caller that needs
 /// it too: training adds it to the training batches' data terms).
-pub fn evaluate_given_logdets<T: Real>(
+pub fn evaluate_given_logdets<T: Real + 'static>(
     model: &Model<T>,
     logdets: f64,
     split: &Split,
@@ -202,9 +238,33 @@ pub fn evaluate_given_logdets<T: Real>(
     comm: &dyn crate::distributed::Communicator,
     progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
+    evaluate_with(
+        model,
+        logdets,
+        split,
+        batch,
+        noise_seed,
+        &Chosen::Host,
+        comm,
+        progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate_with<T: Real + 'static>(
+    model: &Model<T>,
+    logdets: f64,
+    split: &Split,
+    batch: usize,
+    noise_seed: u64,
+    device: &Chosen,
+    comm: &dyn crate::distributed::Communicator,
+    progress: &Progress,
+) -> Result<EvalResult, ExecError> {
     let range = crate::distributed::shard(split.n, comm.rank(), comm.size());
-    let (logp, recon) =
-        log_likelihoods_showing(model, logdets, split, range, batch, noise_seed, progress)?;
+    let (logp, recon) = log_likelihoods_showing(
+        model, logdets, split, range, batch, noise_seed, device, progress,
+    )?;
     progress.finish();
     let has_recon = recon.is_some();
     let mut sums = vec![

@@ -2,6 +2,7 @@
 
 use crate::backend::open;
 use crate::batch::fill_uniform;
+use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
 use crate::eval::logdet_sum;
 use crate::host::exec::{ExecError, Executor, Feeds, Program};
@@ -74,7 +75,12 @@ pub fn gradients<T: Real + 'static>(
     progress.inc(1);
     progress.set_message("running the step".into());
     // The step on the chosen device; the exact NLL and reconstruction error on the host.
-    let mut backend = open::<T>(device, Plan::for_level(&compiled.step, level))?;
+    // Full f32 products: `grad` is the tool that checks gradients.
+    let mut backend = open::<T>(
+        device,
+        Plan::for_level(&compiled.step, level),
+        MatmulPrecision::F32,
+    )?;
     for (name, v) in &feeds {
         backend.set(name, v)?;
     }

@@ -5,6 +5,7 @@
 use crate::angle::{feeds_f64, AngleProbe, AngleStats};
 use crate::backend::open;
 use crate::batch::{fill_columns, fill_uniform, hflip, pad_crop};
+use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
 use crate::eval::{evaluate_given_logdets, logdet_sum, EvalResult};
@@ -77,6 +78,11 @@ pub struct TrainOptions {
     pub angle_every: Option<usize>,
     /// Where the step runs.
     pub device: Chosen,
+    /// The arithmetic of matrix products on a GPU (TF32 tensor cores allowed, or full f32).
+    pub matmul: MatmulPrecision,
+    /// Draw the dequantization noise on the device where the backend can (a GPU); otherwise
+    /// on the host from the run's generator, the same numbers on every backend.
+    pub device_noise: bool,
     /// A step plan compiled earlier (`plan.json`); compiled from the spec when `None`.
     pub plan: Option<Plan>,
     /// What `--data` named (recorded in `last.safetensors`; none: the embedded digits).
@@ -106,6 +112,8 @@ impl TrainOptions {
             resume: false,
             angle_every: None,
             device: Chosen::Host,
+            matmul: MatmulPrecision::default(),
+            device_noise: true,
             plan: None,
             data: None,
             comm: crate::distributed::solo(),
@@ -1184,7 +1192,7 @@ pub fn train<T: Real + 'static>(
             opts.level,
         ),
     };
-    let mut backend = open::<T>(&opts.device, plan)?;
+    let mut backend = open::<T>(&opts.device, plan, opts.matmul)?;
     if leader {
         std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
         remove_stale_temporaries(&opts.out);
@@ -1393,7 +1401,16 @@ pub fn train<T: Real + 'static>(
             } else {
                 backend.set(INPUT_X, &columns(&x, batch, rows.clone()))?;
             }
-            if dequantize {
+            // A GPU draws the noise itself from a seed of the run's generator (so a resumed
+            // run draws the same), except for Actnorm's initializing batch, whose noise the
+            // host needs too, and under MPI, where every rank takes its rows of one draw.
+            let device_noise = opts.device_noise
+                && backend.draws_on_device()
+                && model.data_initialized
+                && ranks == 1;
+            if dequantize && device_noise {
+                backend.draw_uniform(INPUT_NOISE, rand::RngExt::random(&mut state.rng))?;
+            } else if dequantize {
                 fill_uniform(&mut state.rng, &mut noise);
                 if ranks == 1 {
                     backend.set(INPUT_NOISE, &noise)?;
@@ -1428,9 +1445,25 @@ pub fn train<T: Real + 'static>(
                 }
             }
             backend.run()?;
+            // The loss, the reconstruction errors and the gradients' health, read back
+            // together (on a GPU, the step's one device read). With clipping
+            // (`train.grad_clip_norm`) the global norm is one reduction over every gradient,
+            // and a finite norm means finite gradients; without it the gradients are checked
+            // for non-finite values (host: a scan of memory the step just wrote; GPU: the
+            // device-side sums of squares).
+            let clip = tr.grad_clip_norm.is_some();
             // Every rank's gradients, loss and reconstruction errors are means over its rows:
-            // their mean over the ranks is the global batch's.
-            let mut values = backend.scalars(&read_back)?;
+            // their mean over the ranks is the global batch's, so with several ranks the
+            // gradients are checked after their all-reduce.
+            let mut checked = if ranks == 1 {
+                Some(backend.step_readback(&read_back, clip)?)
+            } else {
+                None
+            };
+            let mut values = match checked.as_mut() {
+                Some(c) => std::mem::take(&mut c.scalars),
+                None => backend.scalars(&read_back)?,
+            };
             if ranks > 1 {
                 let reduce_started = Instant::now();
                 backend.all_reduce_grads(comm.as_ref())?;
@@ -1447,23 +1480,18 @@ pub fn train<T: Real + 'static>(
                 adam_spec.lr
             };
             let loss = values[0];
-            // With clipping (`train.grad_clip_norm`) the global norm is one reduction over
-            // every gradient, and a finite norm means finite gradients; without it the
-            // gradients are checked for non-finite values (host: a scan of memory the step
-            // just wrote; GPU: device-side sums of squares, partials read back).
-            let norm = match tr.grad_clip_norm {
-                Some(_) => Some(backend.grad_norm()?),
-                None => None,
+            let checked = match checked {
+                Some(c) => c,
+                None => backend.step_readback(&[], clip)?,
             };
+            let norm = checked.norm;
             let problem = if !loss.is_finite() {
                 Some(format!("the loss is {loss}"))
-            } else if norm.is_some_and(f64::is_finite) {
-                None
+            } else if let Some(name) = checked.nonfinite {
+                Some(format!("the gradient of `{name}` has a non-finite value"))
             } else {
-                backend
-                    .first_nonfinite_grad()?
-                    .map(|name| format!("the gradient of `{name}` has a non-finite value"))
-                    .or_else(|| norm.map(|n| format!("the gradient norm is {n}")))
+                norm.filter(|n| !n.is_finite())
+                    .map(|n| format!("the gradient norm is {n}"))
             };
             if let Some(what) = problem {
                 bar.finish_and_clear();

@@ -1,6 +1,7 @@
 //! One interface over every executor: a plan loaded on a device. The training loop, `grad`,
 //! `bench` and the backend test suite drive `host`, `wgpu` and `cuda` through it alike.
 
+use crate::cube::matmul::{MatmulOptions, MatmulPrecision};
 use crate::cube::probe::Chosen;
 use crate::cube::GpuProgram;
 use crate::distributed::Communicator;
@@ -61,6 +62,45 @@ pub trait Backend<T: Real> {
             .find(|(n, t)| n.starts_with("grad.") && t.data.iter().any(|v| !v.as_f64().is_finite()))
             .map(|(n, _)| n["grad.".len()..].to_string()))
     }
+    /// What a training step reads back after [`run`](Self::run): the first value of each of
+    /// `names` (loss, NLL, reconstruction errors) and the gradients' health — their global
+    /// norm when `norm` is asked (clipping) and the first parameter whose gradient has a NaN
+    /// or infinite value. A GPU computes Σ g² per gradient on the device and reads it with
+    /// the scalars: one device read per step.
+    fn step_readback(&mut self, names: &[String], norm: bool) -> Result<StepReadback, ExecError> {
+        let scalars = self.scalars(names)?;
+        let norm = if norm { Some(self.grad_norm()?) } else { None };
+        // A finite norm means finite gradients; otherwise scan.
+        let nonfinite = if norm.is_some_and(f64::is_finite) {
+            None
+        } else {
+            self.first_nonfinite_grad()?
+        };
+        Ok(StepReadback {
+            scalars,
+            norm,
+            nonfinite,
+        })
+    }
+    /// Whether [`draw_uniform`](Self::draw_uniform) draws where the tensors live (a GPU);
+    /// otherwise the caller draws on the host and uploads.
+    fn draws_on_device(&self) -> bool {
+        false
+    }
+    /// Fill the fed tensor `name` with uniform values in [0, 1) drawn on the device from
+    /// `seed` (the same seed gives the same values on the same device).
+    fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
+        let _ = seed;
+        Err(ExecError::Device {
+            graph: String::new(),
+            message: format!("`{name}`: this backend draws random numbers on the host"),
+        })
+    }
+    /// Device reads, uploads and kernel launches so far (`None` on the host, which has no
+    /// device to talk to).
+    fn traffic(&self) -> Option<DeviceTraffic> {
+        None
+    }
     /// The plan's `all_reduce`: replace every gradient output of the last run by its mean over
     /// the ranks of `comm`, through one buffer holding them all and one collective call (the
     /// Horovod / DDP recipe), before the divergence check and Adam see the gradients (a GPU
@@ -79,10 +119,36 @@ pub trait Backend<T: Real> {
     fn profile(&self) -> Vec<ProfileRow> {
         Vec::new()
     }
+    /// The FLOPs and seconds of the matrix products a GPU ran since `enable_profile` (each
+    /// launch waited for); `None` on the host, whose products [`gemm_calls`](Self::gemm_calls)
+    /// lists.
+    fn product_time(&self) -> Option<(f64, f64)> {
+        None
+    }
     /// The matrix products run on the host since `enable_profile`, one entry per call.
     fn gemm_calls(&self) -> Vec<GemmShape> {
         Vec::new()
     }
+}
+
+/// A step's read-back ([`Backend::step_readback`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReadback {
+    /// The first value of each named output, in order.
+    pub scalars: Vec<f64>,
+    /// ‖g‖₂ over every gradient, when asked.
+    pub norm: Option<f64>,
+    /// The first parameter whose gradient has a NaN or infinite value.
+    pub nonfinite: Option<String>,
+}
+
+/// Blocking device-to-host reads, host-to-device uploads and kernel launches of a GPU program
+/// since it was made (each counted once however many buffers it moves).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceTraffic {
+    pub reads: u64,
+    pub uploads: u64,
+    pub launches: u64,
 }
 
 /// ‖g‖₂ over the `grad.<name>` tensors of a run's outputs.
@@ -265,6 +331,14 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     }
 }
 
+/// The first parameter whose Σ g² is non-finite: a NaN or ∞ in its gradient (or a square
+/// beyond f32's range, a gradient above 1.8e19: diverging as well).
+fn first_nonfinite(sums: Vec<(String, f64)>) -> Option<String> {
+    sums.into_iter()
+        .find(|(_, s)| !s.is_finite())
+        .map(|(n, _)| n)
+}
+
 impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     fn device(&self) -> String {
         self.1.clone()
@@ -306,18 +380,32 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
         })
     }
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
-        let sums = self.0.grad_sum_squares()?;
+        let (_, sums) = self.0.scalars_and_grad_sums(&[])?;
         Ok(sums.iter().map(|(_, s)| s).sum::<f64>().sqrt())
     }
     fn first_nonfinite_grad(&mut self) -> Result<Option<String>, ExecError> {
-        // Σ g² is non-finite when any value is (or when a value's square overflows f32, a
-        // gradient beyond 1.8e19: diverging as well).
-        Ok(self
-            .0
-            .grad_sum_squares()?
-            .into_iter()
-            .find(|(_, s)| !s.is_finite())
-            .map(|(n, _)| n))
+        let (_, sums) = self.0.scalars_and_grad_sums(&[])?;
+        Ok(first_nonfinite(sums))
+    }
+    fn step_readback(&mut self, names: &[String], norm: bool) -> Result<StepReadback, ExecError> {
+        let (scalars, sums) = self.0.scalars_and_grad_sums(names)?;
+        Ok(StepReadback {
+            scalars,
+            norm: norm.then(|| sums.iter().map(|(_, s)| s).sum::<f64>().sqrt()),
+            nonfinite: first_nonfinite(sums),
+        })
+    }
+    fn traffic(&self) -> Option<DeviceTraffic> {
+        Some(self.0.traffic())
+    }
+    fn product_time(&self) -> Option<(f64, f64)> {
+        Some(self.0.product_time())
+    }
+    fn draws_on_device(&self) -> bool {
+        true
+    }
+    fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
+        self.0.draw_uniform(name, seed)
     }
     fn adam_state(&mut self) -> Result<AdamState<f32>, ExecError> {
         self.0.adam_state()
@@ -342,31 +430,38 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     }
 }
 
-/// Load `plan` on the chosen device in precision `T` (the GPU backends run f32 only).
+/// Load `plan` on the chosen device in precision `T` (the GPU backends run f32 only), its
+/// matrix products on a GPU at `precision`.
 pub fn open<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,
+    precision: MatmulPrecision,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
-    open_variant(chosen, plan, false, None)
+    let matmul = MatmulOptions {
+        precision,
+        tune: !chosen.is_cpu_adapter(),
+        only: None,
+    };
+    open_variant(chosen, plan, false, matmul)
 }
 
 /// [`open`], with every device buffer first filled with NaN when `poison` is set (so a test
-/// sees any output element that no kernel wrote), and GEMMs forced to stage operands in shared
-/// memory or not (`None`: staged except on CPU adapters), so tests cover both kernels.
+/// sees any output element that no kernel wrote), and the products' kernels chosen as
+/// `matmul` says (tests run each kernel).
 pub fn open_variant<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,
     poison: bool,
-    staged: Option<bool>,
+    matmul: MatmulOptions,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
     fn gpu<R: cubecl::Runtime>(
         client: cubecl::prelude::ComputeClient<R>,
         plan: Plan,
         poison: bool,
-        staged: bool,
+        matmul: MatmulOptions,
         name: String,
     ) -> Box<dyn Backend<f32>> {
-        let mut p = GpuProgram::with_staging(client, plan, staged);
+        let mut p = GpuProgram::new(client, plan, matmul);
         if poison {
             p.poison();
         }
@@ -389,15 +484,14 @@ pub fn open_variant<T: Real + 'static>(
             crate::cube::probe::wgpu_client(),
             plan.clone(),
             poison,
-            // On a CPU adapter caches stage operands better than emulated shared memory.
-            staged.unwrap_or(!crate::cube::probe::wgpu_adapter().is_ok_and(|a| a.cpu)),
+            matmul,
             chosen.to_string(),
         ),
         Chosen::Cuda { .. } => gpu(
             crate::cube::probe::cuda_client(),
             plan.clone(),
             poison,
-            staged.unwrap_or(true),
+            matmul,
             chosen.to_string(),
         ),
     };

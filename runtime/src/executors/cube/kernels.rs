@@ -1,7 +1,9 @@
-//! The CubeCL kernels every GPU backend runs: a GEMM with transposed operands and a fused
-//! `alpha·a·b + beta·c` epilogue, one generic fused elementwise kernel specialized at JIT time by
-//! a `comptime` op list (each fusion group of the plan becomes one kernel), a partial-sum
-//! finisher for whole-tensor reductions and the Adam update.
+//! The hand-written CubeCL kernels every GPU backend runs, where cubek has no counterpart: one
+//! generic fused elementwise kernel specialized at JIT time by a `comptime` op list (each
+//! fusion group of the plan becomes one kernel; cubek has no elementwise fusion), the im2col
+//! gather feeding convolutions to cubek-matmul, the gradients' sums of squares and the Adam
+//! update. (Matrix products: `matmul.rs`; the final sum of a whole-tensor reduction:
+//! cubek-reduce, in `mod.rs`.)
 
 use crate::executors::elementwise::gpu_unary;
 use cubecl::prelude::*;
@@ -177,78 +179,80 @@ fn fused_body<F: Float>(
     }
 }
 
-/// `out[0] = Σ partials` (the second pass of a whole-tensor sum).
-#[cube(launch)]
-pub fn sum_partials(partials: &Array<f32>, out: &mut Array<f32>, #[comptime] n: usize) {
-    if ABSOLUTE_POS == 0 {
-        let mut acc = 0.0f32;
-        for i in 0..n {
-            acc += partials[i];
+/// Tensors handled by one launch, one cube row (`CUBE_POS_Y`) each: their lengths, and
+/// where each tensor's results start in a shared output.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Segments {
+    pub sizes: Vec<usize>,
+    pub offsets: Vec<usize>,
+}
+
+impl Segments {
+    /// `per(n)` output slots for a tensor of `n` values, packed in order.
+    pub fn new(sizes: Vec<usize>, per: impl Fn(usize) -> usize) -> Segments {
+        let mut offsets = Vec::with_capacity(sizes.len());
+        let mut at = 0;
+        for &n in &sizes {
+            offsets.push(at);
+            at += per(n);
         }
-        out[0] = acc;
+        offsets.push(at);
+        Segments { sizes, offsets }
+    }
+
+    /// Output slots in all.
+    pub fn total(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Cubes of 256 units along x that cover the longest segment of `per(n)` units.
+    pub fn grid(&self, per: impl Fn(usize) -> usize) -> (CubeCount, CubeDim) {
+        let units = self.sizes.iter().map(|&n| per(n)).max().unwrap_or(0).max(1);
+        let rows = self.sizes.len().max(1) as u32;
+        (
+            CubeCount::Static((units as u32).div_ceil(256), rows, 1),
+            CubeDim::new_1d(256),
+        )
     }
 }
 
-/// `partials[u] = Σ g[k]²` over the unit's chunk `k ∈ [u·chunk, (u+1)·chunk) ∩ [0, n)`: the
-/// first pass of a gradient's squared norm (a NaN or ∞ anywhere makes its partial non-finite).
+/// `partials[offsets[j] + u] = Σ g_j[k]²` over chunk `u` of gradient `j`, `k ∈ [u·chunk,
+/// (u+1)·chunk) ∩ [0, n_j)`: every gradient's squared norm in partial sums, in one launch (a
+/// NaN or ∞ anywhere makes its partial non-finite). The square is fused into the sum, which
+/// cubek-reduce cannot do, and the partials are read back with the step's scalars.
 #[cube(launch)]
 pub fn sum_squares_partials(
-    g: &Array<f32>,
+    grads: &Sequence<Array<f32>>,
     partials: &mut Array<f32>,
-    #[comptime] n: usize,
+    #[comptime] seg: Segments,
     #[comptime] chunk: usize,
 ) {
-    let start = ABSOLUTE_POS * chunk;
-    if start < n {
-        let mut acc = 0.0f32;
-        for j in 0..chunk {
-            let k = start + j;
-            if k < n {
-                let v = g[k];
-                acc += v * v;
+    let u = CUBE_POS_X as usize * 256 + UNIT_POS_X as usize;
+    let row = CUBE_POS_Y as usize;
+    #[unroll]
+    for j in 0..seg.sizes.len() {
+        let n = comptime![seg.sizes[j]];
+        let offset = comptime![seg.offsets[j]];
+        if row == j && u * chunk < n {
+            let g = grads.index(j);
+            let start = u * chunk;
+            let mut acc = 0.0f32;
+            for c in 0..chunk {
+                let k = start + c;
+                if k < n {
+                    let v = g[k];
+                    acc += v * v;
+                }
             }
+            partials[offset + u] = acc;
         }
-        partials[ABSOLUTE_POS] = acc;
     }
 }
 
-/// A GEMM specialization: logical `A` is `m × k`, `B` is `k × n`; a `*_t` flag means the
-/// buffer holds the row-major transpose (a view, no copy was made).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct GemmConfig {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub a_t: bool,
-    pub b_t: bool,
-    /// `out = alpha·a·b + beta·c` (f32 bits) when set; `c_t` as for `a_t`.
-    pub epilogue: Option<(u32, u32, bool)>,
-    /// Stage A and B slices in shared memory (GPUs); without, every unit reads its operands
-    /// straight from memory — faster on CPU adapters (lavapipe), where workgroup barriers are
-    /// emulated and caches do the staging.
-    pub staged: bool,
-    /// An implicit-GEMM convolution: `B` is not stored but gathered from the image (the
-    /// im2col matrix, never materialized; with `b_t` its transpose, as a kernel gradient
-    /// `dy · im2col(x)ᵀ` reads it); `None` for a plain GEMM.
-    pub im2col: Option<Im2col>,
-    /// Split the inner dimension into this many slices, one cube layer (`CUBE_POS_Z`) each:
-    /// a product with a long inner dimension and few output tiles (a kernel gradient sums
-    /// over every pixel of the batch) then still fills the device. With more than one slice
-    /// `out` is `[m·n, split_k]` partial sums (no epilogue), finished by a row sum.
-    pub split_k: usize,
-}
-
-impl GemmConfig {
-    /// The inner-dimension slice of each cube layer: a multiple of [`DEPTH`].
-    pub fn k_per_split(&self) -> usize {
-        self.k.div_ceil(self.split_k.max(1)).div_ceil(DEPTH) * DEPTH
-    }
-}
-
-/// The image behind an implicit GEMM's `B`: `x` is `[ci, h, w, b]` (batch last) and
+/// The im2col matrix of a convolution's image: `x` is `[ci, h, w, b]` (batch last) and
 /// `B[(i·k + u)·k + v, (y·w + x)·b + bb] = x[i, y + u − k/2, x + v − k/2, bb]`, zero outside
-/// the image ("same" zero padding). With the kernel `[co, ci, k, k]` as `A` (`m = co`,
-/// `k = ci·k²`, `n = h·w·b`), `A·B` is the convolution `[co, h, w, b]`.
+/// the image ("same" zero padding). With the kernel `[co, ci, k, k]` as `A` (`co × ci·k²`),
+/// `A·B` is the convolution `[co, h, w, b]`.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
 pub struct Im2col {
     pub ci: usize,
@@ -278,253 +282,109 @@ fn im2col_value<F: Float>(x: &Array<F>, gk: usize, gj: usize, #[comptime] c: Im2
     value
 }
 
-/// Output tile of one cube (`TILE × TILE`), computed by `UNITS × UNITS` units holding
-/// `WORK × WORK` accumulators each; `DEPTH` is the slice of the inner dimension staged in
-/// shared memory per step.
-pub const TILE: usize = 64;
-pub const UNITS: usize = 16;
-pub const WORK: usize = TILE / UNITS;
-pub const DEPTH: usize = 16;
-
-/// `out = A·B` or `alpha·A·B + beta·C`: `TILE × TILE` output tiles, `A` and `B` slices staged
-/// through shared memory, `WORK × WORK` register-blocked outputs per unit.
-#[cube(launch, launch_unchecked)]
-pub fn gemm(
-    a: &Array<f32>,
-    b: &Array<f32>,
-    c: &Array<f32>,
-    out: &mut Array<f32>,
-    #[comptime] g: GemmConfig,
-) {
-    gemm_body::<f32>(a, b, c, out, g);
-}
-
-#[cube]
-fn gemm_body<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    c: &Array<F>,
-    out: &mut Array<F>,
-    #[comptime] g: GemmConfig,
-) {
-    let m = comptime![g.m];
-    let n = comptime![g.n];
-    let k = comptime![g.k];
-    let tx = UNIT_POS_X as usize;
-    let ty = UNIT_POS_Y as usize;
-    let tid = ty * UNITS + tx;
-    let row0 = CUBE_POS_Y as usize * TILE;
-    let col0 = CUBE_POS_X as usize * TILE;
-    // a_tile[kk·TILE + i] = A[row0 + i, p + kk]; b_tile[kk·TILE + j] = B[p + kk, col0 + j].
-    let mut a_tile = SharedMemory::<F>::new(TILE * DEPTH);
-    let mut b_tile = SharedMemory::<F>::new(TILE * DEPTH);
-    let mut acc = Array::<F>::new(WORK * WORK);
-    let mut av = Array::<F>::new(WORK);
-    let mut bv = Array::<F>::new(WORK);
-    #[unroll]
-    for q in 0..WORK * WORK {
-        acc[q] = F::new(0.0);
+impl Im2col {
+    /// Rows of the matrix: `ci·k²`.
+    pub fn rows(&self) -> usize {
+        self.ci * self.k * self.k
     }
-    // This cube layer's slice of the inner dimension.
-    let kc = comptime![g.k_per_split()];
-    let k_begin = CUBE_POS_Z as usize * kc;
-    let mut k_end = k_begin + kc;
-    if k_end > k {
-        k_end = k;
-    }
-    if comptime![!g.staged] {
-        for p in k_begin..k_end {
-            #[unroll]
-            for r in 0..WORK {
-                let i = row0 + ty + r * UNITS;
-                let j = col0 + tx + r * UNITS;
-                let mut x = F::new(0.0);
-                if i < m {
-                    if comptime![g.a_t] {
-                        x = a[p * m + i];
-                    } else {
-                        x = a[i * k + p];
-                    }
-                }
-                av[r] = x;
-                let mut y = F::new(0.0);
-                if j < n {
-                    if comptime![g.im2col.is_some() && g.b_t] {
-                        y = im2col_value::<F>(
-                            b,
-                            j,
-                            p,
-                            comptime![g.im2col.clone().unwrap_or_default()],
-                        );
-                    } else if comptime![g.im2col.is_some()] {
-                        y = im2col_value::<F>(
-                            b,
-                            p,
-                            j,
-                            comptime![g.im2col.clone().unwrap_or_default()],
-                        );
-                    } else if comptime![g.b_t] {
-                        y = b[j * k + p];
-                    } else {
-                        y = b[p * n + j];
-                    }
-                }
-                bv[r] = y;
-            }
-            #[unroll]
-            for r in 0..WORK {
-                #[unroll]
-                for q in 0..WORK {
-                    acc[r * WORK + q] += av[r] * bv[q];
-                }
-            }
-        }
-    }
-    let steps = comptime![if g.staged { kc / DEPTH } else { 0 }];
-    let loads = comptime![TILE * DEPTH / (UNITS * UNITS)];
-    for t in 0..steps {
-        let p = k_begin + t * DEPTH;
-        #[unroll]
-        for s in 0..loads {
-            let e = tid + s * UNITS * UNITS;
-            // A: consecutive units walk the inner dimension (contiguous when A is plain),
-            // or the rows (contiguous when A is stored transposed).
-            let (i, kk) = if comptime![g.a_t] {
-                (e % TILE, e / TILE)
-            } else {
-                (e / DEPTH, e % DEPTH)
-            };
-            let (gi, gk) = (row0 + i, p + kk);
-            let mut v = F::new(0.0);
-            if gi < m && gk < k_end {
-                if comptime![g.a_t] {
-                    v = a[gk * m + gi];
-                } else {
-                    v = a[gi * k + gk];
-                }
-            }
-            a_tile[kk * TILE + i] = v;
-            let (kk, j) = if comptime![g.b_t] {
-                (e % DEPTH, e / DEPTH)
-            } else {
-                (e / TILE, e % TILE)
-            };
-            let (gk, gj) = (p + kk, col0 + j);
-            let mut w = F::new(0.0);
-            if gk < k_end && gj < n {
-                if comptime![g.im2col.is_some() && g.b_t] {
-                    w = im2col_value::<F>(
-                        b,
-                        gj,
-                        gk,
-                        comptime![g.im2col.clone().unwrap_or_default()],
-                    );
-                } else if comptime![g.im2col.is_some()] {
-                    w = im2col_value::<F>(
-                        b,
-                        gk,
-                        gj,
-                        comptime![g.im2col.clone().unwrap_or_default()],
-                    );
-                } else if comptime![g.b_t] {
-                    w = b[gj * k + gk];
-                } else {
-                    w = b[gk * n + gj];
-                }
-            }
-            b_tile[kk * TILE + j] = w;
-        }
-        sync_cube();
-        #[unroll]
-        for kk in 0..DEPTH {
-            #[unroll]
-            for r in 0..WORK {
-                av[r] = a_tile[kk * TILE + ty + r * UNITS];
-                bv[r] = b_tile[kk * TILE + tx + r * UNITS];
-            }
-            #[unroll]
-            for r in 0..WORK {
-                #[unroll]
-                for q in 0..WORK {
-                    acc[r * WORK + q] += av[r] * bv[q];
-                }
-            }
-        }
-        sync_cube();
-    }
-    #[unroll]
-    for r in 0..WORK {
-        #[unroll]
-        for q in 0..WORK {
-            let i = row0 + ty + r * UNITS;
-            let j = col0 + tx + q * UNITS;
-            if i < m && j < n {
-                let v = acc[r * WORK + q];
-                match comptime![g.epilogue] {
-                    Some((alpha, beta, c_t)) => {
-                        let cv = if comptime![c_t] {
-                            c[j * m + i]
-                        } else {
-                            c[i * n + j]
-                        };
-                        out[i * n + j] = F::new(comptime![f32::from_bits(alpha)]) * v
-                            + F::new(comptime![f32::from_bits(beta)]) * cv;
-                    }
-                    None => {
-                        if comptime![g.split_k > 1] {
-                            out[(i * n + j) * comptime![g.split_k] + CUBE_POS_Z as usize] = v;
-                        } else {
-                            out[i * n + j] = v;
-                        }
-                    }
-                }
-            }
-        }
+    /// Columns of the matrix: every pixel of the batch, `h·w·b`.
+    pub fn positions(&self) -> usize {
+        self.h * self.w * self.b
     }
 }
 
-/// One Adam step on a parameter: `m, v` updated in place, `p -= step · m / (√v · c2s + eps)`.
+/// The im2col matrix stored row-major, one unit per element. cubek has convolutions on
+/// tensor cores only (none on plain units, so none on lavapipe or WGSL devices) and in
+/// channels-last layout; an explicit im2col feeding cubek-matmul runs on every device.
 #[cube(launch)]
+pub fn im2col_matrix(x: &Array<f32>, out: &mut Array<f32>, #[comptime] c: Im2col) {
+    let n = comptime![c.h * c.w * c.b];
+    let t = ABSOLUTE_POS;
+    if t < comptime![c.ci * c.k * c.k * n] {
+        out[t] = im2col_value::<f32>(x, t / n, t % n, c);
+    }
+}
+
+/// One Adam step of every parameter in one launch, cube row `j` updating parameter `j`
+/// (`params`, `grads`, `m`, `v` in the same order): `step` is the learning rate over Adam's
+/// first bias correction, `step_inverse` the same for learned inverses (`inverse[j]`), `c2s`
+/// 1/√(second bias correction); the gradients are scaled by `grad_scale` first (clipping).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn adam(
-    param: &mut Array<f32>,
-    grad: &Array<f32>,
-    m: &mut Array<f32>,
-    v: &mut Array<f32>,
+    params: &mut Sequence<Array<f32>>,
+    grads: &Sequence<Array<f32>>,
+    m: &mut Sequence<Array<f32>>,
+    v: &mut Sequence<Array<f32>>,
     step: f32,
+    step_inverse: f32,
     c2s: f32,
     grad_scale: f32,
-    #[comptime] b1: u32,
-    #[comptime] b2: u32,
-    #[comptime] eps: u32,
-    #[comptime] n: usize,
+    #[comptime] c: AdamConfig,
 ) {
-    adam_body::<f32>(param, grad, m, v, step, c2s, grad_scale, b1, b2, eps, n);
+    let i = CUBE_POS_X as usize * 256 + UNIT_POS_X as usize;
+    let row = CUBE_POS_Y as usize;
+    #[unroll]
+    for j in 0..c.sizes.len() {
+        let n = comptime![c.sizes[j]];
+        let inverse = comptime![c.inverse[j]];
+        if row == j && i < n {
+            let lr = if comptime![inverse] {
+                step_inverse
+            } else {
+                step
+            };
+            adam_element::<f32>(
+                params.index_mut(j),
+                grads.index(j),
+                m.index_mut(j),
+                v.index_mut(j),
+                i,
+                lr,
+                c2s,
+                grad_scale,
+                c.b1,
+                c.b2,
+                c.eps,
+            );
+        }
+    }
+}
+
+/// The parameters of one [`adam`] launch.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct AdamConfig {
+    /// Each parameter's length.
+    pub sizes: Vec<usize>,
+    /// Whether each parameter is a learned inverse (its own learning rate).
+    pub inverse: Vec<bool>,
+    /// β₁, β₂ and ε as f32 bits.
+    pub b1: u32,
+    pub b2: u32,
+    pub eps: u32,
 }
 
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn adam_body<F: Float>(
+fn adam_element<F: Float>(
     param: &mut Array<F>,
     grad: &Array<F>,
     m: &mut Array<F>,
     v: &mut Array<F>,
+    i: usize,
     step: F,
     c2s: F,
     grad_scale: F,
     #[comptime] b1: u32,
     #[comptime] b2: u32,
     #[comptime] eps: u32,
-    #[comptime] n: usize,
 ) {
-    let i = ABSOLUTE_POS;
-    if i < n {
-        let b1 = F::new(comptime![f32::from_bits(b1)]);
-        let b2 = F::new(comptime![f32::from_bits(b2)]);
-        let g = grad[i] * grad_scale;
-        let mi = b1 * m[i] + (F::new(1.0) - b1) * g;
-        let vi = b2 * v[i] + (F::new(1.0) - b2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        param[i] -= step * mi / (F::sqrt(vi) * c2s + F::new(comptime![f32::from_bits(eps)]));
-    }
+    let b1 = F::new(comptime![f32::from_bits(b1)]);
+    let b2 = F::new(comptime![f32::from_bits(b2)]);
+    let g = grad[i] * grad_scale;
+    let mi = b1 * m[i] + (F::new(1.0) - b1) * g;
+    let vi = b2 * v[i] + (F::new(1.0) - b2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] -= step * mi / (F::sqrt(vi) * c2s + F::new(comptime![f32::from_bits(eps)]));
 }

@@ -13,20 +13,24 @@
 
 pub mod index_tables;
 pub mod kernels;
+pub mod matmul;
 pub mod probe;
 pub mod source;
 pub mod tensor_kernels;
 
 use crate::executors::adam::AdamState;
+use crate::executors::backend::DeviceTraffic;
 use crate::executors::linalg;
 use crate::executors::values::{ExecError, Tensor};
 use crate::profile::{Profile, ProfileRow, Work};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
-use kernels::{Access, FusedProgram, GemmConfig, KOp, Mode, Store};
+use kernels::{Access, FusedProgram, Im2col, KOp, Mode, Store};
+use matmul::{MatmulKernel, MatmulOptions, Product};
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use tensor_kernels as kernels_t;
 use tensor_kernels::{GatherConfig, SplineConfig, SplineOut};
@@ -53,9 +57,18 @@ enum Launch {
         from: Buf,
         to: Buf,
     },
-    Gemm {
-        config: GemmConfig,
-        args: Vec<Buf>,
+    /// `out = a·b` through cubek-matmul; the kernel is chosen at the product's first launch.
+    Matmul {
+        product: Product,
+        role: ProductRole,
+        a: Buf,
+        b: Buf,
+        out: Buf,
+    },
+    /// The im2col matrix of a convolution's image, stored `[ci·k², h·w·b]` for a product.
+    Im2col {
+        image: Im2col,
+        x: Buf,
         out: Buf,
     },
     /// An index op through its table (`tables[table]`).
@@ -80,6 +93,17 @@ enum Launch {
     },
 }
 
+/// Σ g² of each gradient, by parameter name.
+pub type GradSums = Vec<(String, f64)>;
+
+/// What a matrix product computes (for profiles and `--emit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProductRole {
+    Gemm { epilogue: bool },
+    Conv,
+    ConvKernelGrad { slices: usize },
+}
+
 /// A plan compiled for one CubeCL runtime: launches, buffers and resident tensors.
 pub struct GpuProgram<R: Runtime> {
     client: ComputeClient<R>,
@@ -96,6 +120,12 @@ pub struct GpuProgram<R: Runtime> {
     adam_t: i32,
     /// Seconds and launches per kernel kind, when profiling (each launch is then waited for).
     profile: Option<Profile>,
+    matmul: MatmulOptions,
+    /// The kernel each product shape runs, chosen at its first launch.
+    matmul_kernels: HashMap<Product, MatmulKernel>,
+    traffic: Cell<DeviceTraffic>,
+    /// FLOPs and seconds of the products launched while profiling.
+    product_time: (f64, f64),
 }
 
 fn f32_bits(v: f64) -> u32 {
@@ -103,19 +133,14 @@ fn f32_bits(v: f64) -> u32 {
 }
 
 impl<R: Runtime> GpuProgram<R> {
-    /// Compile `plan` for `client` (kernels are JIT-compiled at their first launch).
-    pub fn new(client: ComputeClient<R>, plan: Plan) -> GpuProgram<R> {
-        Self::with_staging(client, plan, true)
-    }
-
-    /// [`new`](Self::new), choosing whether GEMMs stage operands in shared memory (`false`
-    /// for CPU adapters such as lavapipe).
-    pub fn with_staging(client: ComputeClient<R>, plan: Plan, staged: bool) -> GpuProgram<R> {
+    /// Compile `plan` for `client` (kernels are JIT-compiled at their first launch), its
+    /// matrix products chosen as `matmul` says.
+    pub fn new(client: ComputeClient<R>, plan: Plan, matmul: MatmulOptions) -> GpuProgram<R> {
         let Lowered {
             launches,
             temps,
             tables,
-        } = lower_plan(&plan, staged);
+        } = lower_plan(&plan);
         let tables = tables
             .iter()
             .map(|t| {
@@ -152,7 +177,57 @@ impl<R: Runtime> GpuProgram<R> {
             moments: HashMap::new(),
             adam_t: 0,
             profile: None,
+            matmul,
+            matmul_kernels: HashMap::new(),
+            traffic: Cell::new(DeviceTraffic::default()),
+            product_time: (0.0, 0.0),
         }
+    }
+
+    /// Reads, uploads and launches since the program was made.
+    pub fn traffic(&self) -> DeviceTraffic {
+        self.traffic.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut DeviceTraffic)) {
+        let mut t = self.traffic.get();
+        f(&mut t);
+        self.traffic.set(t);
+    }
+
+    fn count_launch(&self) {
+        self.count(|t| t.launches += 1);
+    }
+
+    /// A new device buffer holding `data` (one upload).
+    fn upload(&self, data: &[f32]) -> Handle {
+        self.count(|t| t.uploads += 1);
+        self.client.create_from_slice(f32::as_bytes(data))
+    }
+
+    /// The f32 contents of `handles`, in one blocking read.
+    fn read_all(&self, handles: Vec<Handle>) -> Result<Vec<Vec<f32>>, ExecError> {
+        let n = handles.len();
+        self.count(|t| t.reads += 1);
+        let read = self.client.read(handles);
+        if read.len() != n {
+            return Err(ExecError::Device {
+                graph: self.plan.name.clone(),
+                message: format!("read back {} of {n} buffers", read.len()),
+            });
+        }
+        Ok(read.iter().map(|b| f32::from_bytes(b).to_vec()).collect())
+    }
+
+    /// The kernel chosen for each product shape so far.
+    pub fn matmul_kernels(&self) -> Vec<(Product, MatmulKernel)> {
+        let mut v: Vec<_> = self
+            .matmul_kernels
+            .iter()
+            .map(|(p, k)| (p.clone(), *k))
+            .collect();
+        v.sort_by_key(|(p, _)| (p.m, p.n, p.k, p.batch));
+        v
     }
 
     /// Fill every buffer with NaN, so that an element a kernel fails to write shows in the
@@ -196,12 +271,62 @@ impl<R: Runtime> GpuProgram<R> {
                     }
                     // An empty tensor (a one-bin spline's derivatives) still binds a buffer.
                     let data = if data.is_empty() { &[0.0][..] } else { data };
-                    self.leaves
-                        .insert(s, self.client.create_from_slice(f32::as_bytes(data)));
+                    self.leaves.insert(s, self.upload(data));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Fill input `name` with uniform values in [0, 1) drawn by cubek-random from `seed`: no
+    /// upload. cubek-random keeps its seed in one process-wide generator, so the seeding and
+    /// the draw hold a lock together (other programs of the process may draw meanwhile).
+    pub fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
+        static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let slot = self
+            .plan
+            .instrs
+            .iter()
+            .position(|i| matches!(&i.op, Op::Input { name: n, .. } if n == name))
+            .ok_or_else(|| ExecError::Missing {
+                graph: self.plan.name.clone(),
+                kind: "input",
+                name: name.to_string(),
+            })?;
+        let n = numel(&self.plan.instrs[slot].shape);
+        if n == 0 {
+            return Ok(());
+        }
+        let handle = match self.leaves.get(&slot) {
+            Some(h) if h.size() as usize >= n * 4 => h.clone(),
+            _ => {
+                let h = self.client.empty(n * 4);
+                self.leaves.insert(slot, h.clone());
+                h
+            }
+        };
+        // SAFETY: the buffer holds at least n values.
+        let out = unsafe {
+            TensorBinding::<R>::from_raw_parts(
+                handle,
+                cubecl::zspace::Strides::from([1usize]),
+                cubecl::zspace::Shape::from([n]),
+            )
+        };
+        let _held = DRAW.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cubek_random::seed(seed);
+        self.count_launch();
+        cubek_random::random_uniform(
+            &self.client,
+            0.0,
+            1.0,
+            out,
+            f32::as_type_native_unchecked().storage_type(),
+        )
+        .map_err(|e| ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!("drawing `{name}` with cubek-random: {e:?}"),
+        })
     }
 
     fn handle(&self, b: Buf) -> Result<Handle, ExecError> {
@@ -245,12 +370,7 @@ impl<R: Runtime> GpuProgram<R> {
             .iter()
             .map(|&s| self.handle(Buf::Slot(s)))
             .collect::<Result<_, _>>()?;
-        let mut whole: Vec<Vec<f32>> = self
-            .client
-            .read(handles)
-            .iter()
-            .map(|b| f32::from_bytes(b).to_vec())
-            .collect();
+        let mut whole = self.read_all(handles)?;
         let lens: Vec<usize> = slots
             .iter()
             .map(|&s| numel(&self.plan.instrs[s].shape))
@@ -264,7 +384,7 @@ impl<R: Runtime> GpuProgram<R> {
         for ((values, &n), &s) in whole.iter_mut().zip(&lens).zip(&slots) {
             values[..n].copy_from_slice(&packed[at..at + n]);
             at += n;
-            let handle = self.client.create_from_slice(f32::as_bytes(values));
+            let handle = self.upload(values);
             match self.plan.buffers.of_slot[s] {
                 Some(b) => self.buffers[b] = handle,
                 None => {
@@ -293,6 +413,13 @@ impl<R: Runtime> GpuProgram<R> {
     /// Time every launch from now on (synchronizing after each: slower, but per kernel).
     pub fn enable_profile(&mut self) {
         self.profile = Some(Profile::default());
+        self.product_time = (0.0, 0.0);
+    }
+
+    /// The FLOPs and seconds of every matrix product launched since
+    /// [`enable_profile`](Self::enable_profile), each launch waited for.
+    pub fn product_time(&self) -> (f64, f64) {
+        self.product_time
     }
 
     /// Seconds and launches per kernel kind since [`enable_profile`](Self::enable_profile).
@@ -311,6 +438,10 @@ impl<R: Runtime> GpuProgram<R> {
             self.launch(l)?;
             if let Some(t) = started {
                 self.sync()?;
+                if let Launch::Matmul { product, .. } = l {
+                    self.product_time.0 += product.flops();
+                    self.product_time.1 += t.elapsed().as_secs_f64();
+                }
                 if let Some(p) = self.profile.as_mut() {
                     p.add(launch_work(l), launch_kind(l), t);
                 }
@@ -320,6 +451,13 @@ impl<R: Runtime> GpuProgram<R> {
     }
 
     fn launch(&mut self, l: &Launch) -> Result<(), ExecError> {
+        // Products and sums count where they launch; host LU is no launch.
+        if !matches!(
+            l,
+            Launch::Matmul { .. } | Launch::SumPartials { .. } | Launch::HostLinalg { .. }
+        ) {
+            self.count_launch();
+        }
         {
             match l {
                 Launch::Fused {
@@ -354,55 +492,30 @@ impl<R: Runtime> GpuProgram<R> {
                 }
                 Launch::SumPartials { n, from, to } => {
                     let (f, t) = (self.handle(*from)?, self.handle(*to)?);
-                    kernels::sum_partials::launch::<R>(
-                        &self.client,
-                        CubeCount::Static(1, 1, 1),
-                        CubeDim::new_1d(1),
-                        unsafe { ArrayArg::from_raw_parts(f, *n) },
-                        unsafe { ArrayArg::from_raw_parts(t, 1) },
-                        *n,
-                    );
+                    self.sum_all(f, *n, t)?;
                 }
-                Launch::Gemm { config, args, out } => {
-                    let a = self.handle(args[0])?;
-                    let b = self.handle(args[1])?;
-                    // Without an epilogue `c` is never read; any buffer binds.
-                    let c = match args.get(2) {
-                        Some(c) => self.handle(*c)?,
-                        None => a.clone(),
-                    };
-                    let o = self.handle(*out)?;
-                    let t = kernels::TILE as u32;
-                    let count = CubeCount::Static(
-                        (config.n as u32).div_ceil(t),
-                        (config.m as u32).div_ceil(t),
-                        config.split_k as u32,
+                Launch::Matmul {
+                    product, a, b, out, ..
+                } => {
+                    let (a, b, o) = (self.handle(*a)?, self.handle(*b)?, self.handle(*out)?);
+                    match self.matmul_kernels.get(product) {
+                        Some(&kernel) => self.launch_product(kernel, product, a, b, o)?,
+                        None => {
+                            let kernel = self.choose_kernel(product, a, b, o)?;
+                            self.matmul_kernels.insert(product.clone(), kernel);
+                        }
+                    }
+                }
+                Launch::Im2col { image, x, out } => {
+                    let (count, dim) = grid_1d(image.ci * image.k * image.k * image.positions());
+                    kernels::im2col_matrix::launch::<R>(
+                        &self.client,
+                        count,
+                        dim,
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*x)?, self.len_of(*x)) },
+                        unsafe { ArrayArg::from_raw_parts(self.handle(*out)?, self.len_of(*out)) },
+                        image.clone(),
                     );
-                    let units = kernels::UNITS as u32;
-                    let c_len = if args.len() > 2 {
-                        config.m * config.n
-                    } else {
-                        config.m * config.k
-                    };
-                    let b_len = match &config.im2col {
-                        Some(c) => c.ci * c.h * c.w * c.b,
-                        None => config.k * config.n,
-                    };
-                    // SAFETY: every access is guarded by the matrix bounds (i < m, j < n,
-                    // p + kk < k; an im2col gather also by the image bounds) and the arrays
-                    // have exactly the lengths given here.
-                    unsafe {
-                        kernels::gemm::launch_unchecked::<R>(
-                            &self.client,
-                            count,
-                            CubeDim::new_2d(units, units),
-                            ArrayArg::from_raw_parts(a, config.m * config.k),
-                            ArrayArg::from_raw_parts(b, b_len),
-                            ArrayArg::from_raw_parts(c, c_len),
-                            ArrayArg::from_raw_parts(o, config.m * config.n * config.split_k),
-                            config.clone(),
-                        )
-                    };
                 }
                 Launch::Gather {
                     config,
@@ -471,7 +584,7 @@ impl<R: Runtime> GpuProgram<R> {
                             .collect()
                     };
                     let b = self.plan.buffers.of_slot[*slot].expect("a computed value");
-                    self.buffers[b] = self.client.create_from_slice(f32::as_bytes(&result));
+                    self.buffers[b] = self.upload(&result);
                 }
             }
         }
@@ -479,6 +592,143 @@ impl<R: Runtime> GpuProgram<R> {
     }
 
     /// A slot's value in its logical (row-major) layout.
+    /// `out[0] = Σ input[..n]` through cubek-reduce: one cube sums the values together
+    /// (without plane operations, which CPU adapters lack).
+    fn sum_all(&self, input: Handle, n: usize, out: Handle) -> Result<(), ExecError> {
+        use cubek_reduce::components::instructions::ReduceOperationConfig;
+        use cubek_reduce::launch::{RoutineStrategy, VectorizationStrategy};
+        use cubek_reduce::routines::{cube::CubeStrategy, BlueprintStrategy};
+        let f32_storage = f32::as_type_native_unchecked().storage_type();
+        // SAFETY: `input` holds at least n values and `out` at least one.
+        let (input, output) = unsafe {
+            (
+                TensorBinding::<R>::from_raw_parts(
+                    input,
+                    cubecl::zspace::Strides::from([1usize]),
+                    cubecl::zspace::Shape::from([n]),
+                ),
+                TensorBinding::<R>::from_raw_parts(
+                    out,
+                    cubecl::zspace::Strides::from([1usize]),
+                    cubecl::zspace::Shape::from([1usize]),
+                ),
+            )
+        };
+        self.count_launch();
+        cubek_reduce::reduce(
+            &self.client,
+            input,
+            output,
+            0,
+            cubek_reduce::ReduceStrategy {
+                routine: RoutineStrategy::Cube(BlueprintStrategy::Inferred(CubeStrategy {
+                    use_planes: false,
+                })),
+                vectorization: VectorizationStrategy {
+                    parallel_output_vectorization: false,
+                },
+            },
+            ReduceOperationConfig::Sum,
+            cubek_reduce::ReduceDtypes {
+                input: f32_storage,
+                output: f32_storage,
+                accumulation: f32_storage,
+            },
+        )
+        .map_err(|e| ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!("cubek-reduce sum of {n} values: {e:?}"),
+        })
+    }
+
+    fn launch_product(
+        &self,
+        kernel: MatmulKernel,
+        p: &Product,
+        a: Handle,
+        b: Handle,
+        out: Handle,
+    ) -> Result<(), ExecError> {
+        self.count_launch();
+        matmul::launch(&self.client, kernel, p, a, b, out)
+            .map_err(|e| self.product_error(kernel, p, &e))
+    }
+
+    fn product_error(
+        &self,
+        kernel: MatmulKernel,
+        p: &Product,
+        e: &cubek_matmul::definition::MatmulSetupError,
+    ) -> ExecError {
+        ExecError::Device {
+            graph: self.plan.name.clone(),
+            message: format!(
+                "cubek-matmul {kernel:?} on the {}x{}x{} product (batch {}): {}",
+                p.m,
+                p.k,
+                p.n,
+                p.batch,
+                matmul::message(e)
+            ),
+        }
+    }
+
+    /// Run `p` with the first candidate kernel that the device can run, or (tuning) with
+    /// each, timed over a few launches, and then once more with the fastest so that `out`
+    /// holds its result. Returns the kernel.
+    fn choose_kernel(
+        &self,
+        p: &Product,
+        a: Handle,
+        b: Handle,
+        out: Handle,
+    ) -> Result<MatmulKernel, ExecError> {
+        const TIMED: usize = 3;
+        let mut best: Option<(std::time::Duration, MatmulKernel)> = None;
+        let mut last_run = None;
+        let mut unavailable = Vec::new();
+        for kernel in self.matmul.candidates() {
+            match matmul::launch(&self.client, kernel, p, a.clone(), b.clone(), out.clone()) {
+                Ok(()) => self.count_launch(),
+                Err(e) if matmul::unavailable(&e) => {
+                    unavailable.push(format!("{kernel:?}: {}", matmul::message(&e)));
+                    continue;
+                }
+                Err(e) => return Err(self.product_error(kernel, p, &e)),
+            }
+            if !self.matmul.tune {
+                return Ok(kernel);
+            }
+            self.sync()?;
+            let started = std::time::Instant::now();
+            for _ in 0..TIMED {
+                self.launch_product(kernel, p, a.clone(), b.clone(), out.clone())?;
+            }
+            self.sync()?;
+            let took = started.elapsed();
+            last_run = Some(kernel);
+            if best.is_none_or(|(t, _)| took < t) {
+                best = Some((took, kernel));
+            }
+        }
+        let Some((_, kernel)) = best else {
+            return Err(ExecError::Device {
+                graph: self.plan.name.clone(),
+                message: format!(
+                    "no cubek-matmul kernel runs the {}x{}x{} product on this device ({})",
+                    p.m,
+                    p.k,
+                    p.n,
+                    unavailable.join("; ")
+                ),
+            });
+        };
+        if last_run != Some(kernel) {
+            self.launch_product(kernel, p, a, b, out)?;
+        }
+        Ok(kernel)
+    }
+
     fn read_buf(&self, b: Buf) -> Result<Vec<f32>, ExecError> {
         let data = self.read_handle(self.handle(b)?, self.len_of(b))?;
         match b {
@@ -521,23 +771,17 @@ impl<R: Runtime> GpuProgram<R> {
         })
     }
 
-    /// The first value of each named output, read back together (one device round trip).
+    /// The first value of each named output, read back together (one device read).
     pub fn scalars(&self, names: &[String]) -> Result<Vec<f64>, ExecError> {
         let mut handles = Vec::with_capacity(names.len());
         for name in names {
             handles.push(self.handle(Buf::Slot(self.output_slot(name)?))?);
         }
-        let read = self.client.read(handles);
-        if read.len() != names.len() {
-            return Err(ExecError::Device {
-                graph: self.plan.name.clone(),
-                message: format!("read back {} of {} outputs", read.len(), names.len()),
-            });
-        }
-        read.iter()
+        self.read_all(handles)?
+            .iter()
             .zip(names)
-            .map(|(bytes, name)| {
-                f32::from_bytes(bytes)
+            .map(|(values, name)| {
+                values
                     .first()
                     .map(|&v| f64::from(v))
                     .ok_or_else(|| ExecError::Device {
@@ -605,14 +849,12 @@ impl<R: Runtime> GpuProgram<R> {
         let t = self.adam_t;
         let c1 = 1.0 - betas[0].powi(t);
         let c2 = 1.0 - betas[1].powi(t);
-        let c2s = (1.0 / c2.sqrt()) as f32;
-        let grads: Vec<(String, usize)> = self
-            .plan
-            .outputs
-            .iter()
-            .filter_map(|(n, s)| n.strip_prefix("grad.").map(|p| (p.to_string(), *s)))
-            .collect();
-        for (param, gslot) in grads {
+        // Every parameter's rate is the base rate, or for learned inverses the inverses'
+        // rate: two launch scalars serve them all.
+        let (base, inverse_rate) = (lr.base, lr.base * lr.inverse_scale);
+        // (parameter, gradient, m, v, length, is a learned inverse)
+        let mut entries = Vec::new();
+        for (param, gslot) in self.gradients() {
             let Some(pslot) = self.param_slot(&param) else {
                 continue;
             };
@@ -623,83 +865,154 @@ impl<R: Runtime> GpuProgram<R> {
                 });
             }
             let n = numel(&self.plan.instrs[pslot].shape);
+            if n == 0 {
+                continue;
+            }
+            if !self.moments.contains_key(&param) {
+                let zeros = vec![0f32; n];
+                let moments = (self.upload(&zeros), self.upload(&zeros));
+                self.moments.insert(param.clone(), moments);
+            }
+            let (m, v) = self.moments[&param].clone();
             let p = self.handle(Buf::Slot(pslot))?;
             let g = self.handle(Buf::Slot(gslot))?;
-            let client = self.client.clone();
-            let (m, v) = self
-                .moments
-                .entry(param.clone())
-                .or_insert_with(|| {
-                    let zeros = vec![0f32; n];
-                    (
-                        client.create_from_slice(f32::as_bytes(&zeros)),
-                        client.create_from_slice(f32::as_bytes(&zeros)),
-                    )
-                })
-                .clone();
-            let step = (lr.of(&param) / c1) as f32;
-            let (count, dim) = grid_1d(n);
+            entries.push((p, g, m, v, n, lr.of(&param) != base));
+        }
+        // One launch for all of them, or as many as the device's bindings per kernel require
+        // (four per parameter and one for the launch's scalars: CUDA takes 255 parameters
+        // per launch, lavapipe 7).
+        for group in entries.chunks(self.bindings_per_launch().saturating_sub(1).max(4) / 4) {
+            let mut params = SequenceArg::<R, Array<f32>>::new();
+            let mut grads = SequenceArg::<R, Array<f32>>::new();
+            let mut ms = SequenceArg::<R, Array<f32>>::new();
+            let mut vs = SequenceArg::<R, Array<f32>>::new();
+            let mut config = kernels::AdamConfig {
+                sizes: Vec::new(),
+                inverse: Vec::new(),
+                b1: f32_bits(betas[0]),
+                b2: f32_bits(betas[1]),
+                eps: f32_bits(eps),
+            };
+            for (p, g, m, v, n, inverse) in group {
+                params.push(unsafe { ArrayArg::from_raw_parts(p.clone(), *n) });
+                grads.push(unsafe { ArrayArg::from_raw_parts(g.clone(), *n) });
+                ms.push(unsafe { ArrayArg::from_raw_parts(m.clone(), *n) });
+                vs.push(unsafe { ArrayArg::from_raw_parts(v.clone(), *n) });
+                config.sizes.push(*n);
+                config.inverse.push(*inverse);
+            }
+            let (count, dim) = kernels::Segments::new(config.sizes.clone(), |n| n).grid(|n| n);
+            self.count_launch();
             kernels::adam::launch::<R>(
                 &self.client,
                 count,
                 dim,
-                unsafe { ArrayArg::from_raw_parts(p, n) },
-                unsafe { ArrayArg::from_raw_parts(g, n) },
-                unsafe { ArrayArg::from_raw_parts(m, n) },
-                unsafe { ArrayArg::from_raw_parts(v, n) },
-                step,
-                c2s,
+                params,
+                grads,
+                ms,
+                vs,
+                (base / c1) as f32,
+                (inverse_rate / c1) as f32,
+                (1.0 / c2.sqrt()) as f32,
                 grad_scale as f32,
-                f32_bits(betas[0]),
-                f32_bits(betas[1]),
-                f32_bits(eps),
-                n,
+                config,
             );
         }
         Ok(())
     }
 
-    /// Σ g² of every `grad.<name>` output of the last run, per parameter name, reduced on the
-    /// device to one partial per 256 values; only the partials are read back (summed in f64).
-    pub fn grad_sum_squares(&mut self) -> Result<Vec<(String, f64)>, ExecError> {
-        const CHUNK: usize = 256;
-        let grads: Vec<(String, usize)> = self
-            .plan
+    /// Buffers one kernel may bind on this device.
+    fn bindings_per_launch(&self) -> usize {
+        self.client.properties().hardware.max_bindings as usize
+    }
+
+    /// The `grad.<name>` outputs: parameter name and slot.
+    fn gradients(&self) -> Vec<(String, usize)> {
+        self.plan
             .outputs
             .iter()
             .filter_map(|(n, s)| n.strip_prefix("grad.").map(|p| (p.to_string(), *s)))
+            .collect()
+    }
+
+    /// The first value of each named output, and Σ g² of every `grad.<name>` output per
+    /// parameter name, of the last run, in one device read: the squares are summed on the
+    /// device to one partial per 256 values (one launch for every gradient), and the partials
+    /// come back with the scalars (summed in f64 here).
+    pub fn scalars_and_grad_sums(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<f64>, GradSums), ExecError> {
+        const CHUNK: usize = 256;
+        let mut handles = Vec::with_capacity(names.len() + 1);
+        for name in names {
+            handles.push(self.handle(Buf::Slot(self.output_slot(name)?))?);
+        }
+        let grads = self.gradients();
+        let sizes: Vec<usize> = grads
+            .iter()
+            .map(|(_, s)| numel(&self.plan.instrs[*s].shape))
             .collect();
-        let mut pending = Vec::with_capacity(grads.len());
-        for (name, slot) in grads {
-            let n = numel(&self.plan.instrs[slot].shape);
-            let units = n.div_ceil(CHUNK).max(1);
-            let partials = self.client.empty(units * 4);
-            if n > 0 {
-                let g = self.handle(Buf::Slot(slot))?;
-                let (count, dim) = grid_1d(units);
+        // Every gradient in as few launches as the device's bindings allow (one per
+        // gradient, one for the partials, one for the launch's scalars); each launch writes
+        // its gradients' partials into a buffer of its own, and all are read back together
+        // with the scalars.
+        let per_launch = self.bindings_per_launch().saturating_sub(2).max(1);
+        let mut groups = Vec::new();
+        for (first, group) in sizes.chunks(per_launch).enumerate() {
+            let first = first * per_launch;
+            let segments = kernels::Segments::new(group.to_vec(), |n| n.div_ceil(CHUNK));
+            let partials = self.client.empty(segments.total().max(1) * 4);
+            if segments.total() > 0 {
+                let mut args = SequenceArg::<R, Array<f32>>::new();
+                for ((_, slot), &n) in grads[first..].iter().zip(group) {
+                    let h = self.handle(Buf::Slot(*slot))?;
+                    args.push(unsafe { ArrayArg::from_raw_parts(h, n.max(1)) });
+                }
+                let (count, dim) = segments.grid(|n| n.div_ceil(CHUNK));
+                self.count_launch();
                 kernels::sum_squares_partials::launch::<R>(
                     &self.client,
                     count,
                     dim,
-                    unsafe { ArrayArg::from_raw_parts(g, n) },
-                    unsafe { ArrayArg::from_raw_parts(partials.clone(), units) },
-                    n,
+                    args,
+                    unsafe { ArrayArg::from_raw_parts(partials.clone(), segments.total()) },
+                    segments.clone(),
                     CHUNK,
                 );
             }
-            pending.push((name, partials, units, n));
+            handles.push(partials);
+            groups.push(segments);
         }
-        pending
-            .into_iter()
-            .map(|(name, h, units, n)| {
-                let sum = if n == 0 {
-                    0.0
-                } else {
-                    self.read_handle(h, units)?.iter().map(|&v| v as f64).sum()
-                };
-                Ok((name, sum))
+        let mut read = self.read_all(handles)?;
+        let partials = read.split_off(names.len());
+        let scalars = read
+            .iter()
+            .zip(names)
+            .map(|(values, name)| {
+                values
+                    .first()
+                    .map(|&v| f64::from(v))
+                    .ok_or_else(|| ExecError::Device {
+                        graph: self.plan.name.clone(),
+                        message: format!("output `{name}` read back empty"),
+                    })
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        // Σ g² of gradient `j` of each group: the sum of its partials.
+        let group_sums = groups.iter().zip(&partials).flat_map(|(seg, values)| {
+            (0..seg.sizes.len()).map(move |j| {
+                values
+                    .get(seg.offsets[j]..seg.offsets[j + 1])
+                    .map_or(f64::NAN, |p| p.iter().map(|&v| f64::from(v)).sum())
+            })
+        });
+        let sums = grads
+            .into_iter()
+            .zip(group_sums)
+            .map(|((name, _), sum)| (name, sum))
+            .collect();
+        Ok((scalars, sums))
     }
 
     /// Adam's step count and moments, read back from the device.
@@ -736,13 +1049,7 @@ impl<R: Runtime> GpuProgram<R> {
                     ),
                 });
             }
-            moments.insert(
-                name.clone(),
-                (
-                    self.client.create_from_slice(f32::as_bytes(m)),
-                    self.client.create_from_slice(f32::as_bytes(v)),
-                ),
-            );
+            moments.insert(name.clone(), (self.upload(m), self.upload(v)));
         }
         self.moments = moments;
         self.adam_t = state.t;
@@ -770,11 +1077,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// The first `len` f32 values of a device buffer.
     fn read_handle(&self, h: Handle, len: usize) -> Result<Vec<f32>, ExecError> {
-        let bytes = self.client.read_one(h).map_err(|e| ExecError::Device {
-            graph: self.plan.name.clone(),
-            message: format!("{e:?}"),
-        })?;
-        let values = f32::from_bytes(&bytes);
+        let values = self.read_all(vec![h])?.pop().unwrap_or_default();
         if values.len() < len {
             return Err(ExecError::Device {
                 graph: self.plan.name.clone(),
@@ -794,7 +1097,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// The kernel specializations a plan launches, in order (for `--emit cuda,wgsl`).
     pub fn kernel_specs(plan: &Plan) -> Vec<source::KernelSpec> {
-        lower_plan(plan, true)
+        lower_plan(plan)
             .launches
             .into_iter()
             .filter_map(|l| match l {
@@ -804,7 +1107,11 @@ impl<R: Runtime> GpuProgram<R> {
                     program,
                     inputs: inputs.len(),
                 }),
-                Launch::Gemm { config, .. } => Some(source::KernelSpec::Gemm(config)),
+                Launch::Matmul { product, role, .. } => Some(source::KernelSpec::Matmul {
+                    product,
+                    what: role_name(role),
+                }),
+                Launch::Im2col { image, .. } => Some(source::KernelSpec::Im2col(image)),
                 Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
                 Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
                 Launch::Spline { config, .. } => Some(source::KernelSpec::Spline(config)),
@@ -866,6 +1173,17 @@ impl Lowered {
         self.tables.push(table);
     }
 
+    /// The im2col matrix of `x`, stored in scratch.
+    fn im2col(&mut self, image: &Im2col, x: Buf) -> Buf {
+        let out = self.temp(image.rows() * image.positions());
+        self.launches.push(Launch::Im2col {
+            image: image.clone(),
+            x,
+            out,
+        });
+        out
+    }
+
     fn temp(&mut self, len: usize) -> Buf {
         self.temps.push(len);
         Buf::Temp(self.temps.len() - 1)
@@ -895,7 +1213,7 @@ impl Lowered {
 }
 
 /// Every launch of a plan, in order, the sizes of the scratch buffers and the index tables.
-fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
+fn lower_plan(plan: &Plan) -> Lowered {
     let mut low = Lowered {
         launches: Vec::new(),
         temps: Vec::new(),
@@ -916,23 +1234,54 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
             (None, Op::MatMul) => {
                 let t = |s: usize| transposed(plan, s);
                 let (m, k) = (ins.shape[0], plan.instrs[ins.args[0]].shape[1]);
-                let config = GemmConfig {
-                    m,
-                    n: ins.shape[1],
-                    k,
-                    a_t: t(ins.args[0]),
-                    b_t: t(ins.args[1]),
-                    epilogue: ins
-                        .epilogue
-                        .map(|e| (f32_bits(e.alpha), f32_bits(e.beta), t(ins.args[2]))),
-                    staged,
-                    im2col: None,
-                    split_k: 1,
+                let product = Product::plain(m, ins.shape[1], k, t(ins.args[0]), t(ins.args[1]));
+                let (a, b) = (Buf::Slot(ins.args[0]), Buf::Slot(ins.args[1]));
+                let role = ProductRole::Gemm {
+                    epilogue: ins.epilogue.is_some(),
                 };
-                low.launches.push(Launch::Gemm {
-                    config,
-                    args: ins.args.iter().map(|a| Buf::Slot(*a)).collect(),
-                    out: Buf::Slot(i),
+                let Some(e) = ins.epilogue else {
+                    low.launches.push(Launch::Matmul {
+                        product,
+                        role,
+                        a,
+                        b,
+                        out: Buf::Slot(i),
+                    });
+                    continue;
+                };
+                // cubek-matmul overwrites its output: the product goes to scratch, and
+                // `alpha·product + beta·c` is one elementwise pass.
+                let scratch = low.temp(m * ins.shape[1]);
+                low.launches.push(Launch::Matmul {
+                    product,
+                    role,
+                    a,
+                    b,
+                    out: scratch,
+                });
+                let c_access = if t(ins.args[2]) {
+                    Access::ElemT
+                } else {
+                    Access::Elem
+                };
+                low.launches.push(Launch::Fused {
+                    program: FusedProgram {
+                        mode: Mode::Elements,
+                        rows: m,
+                        cols: ins.shape[1],
+                        ops: vec![
+                            KOp::Load(0, Access::Elem),
+                            KOp::Load(1, c_access),
+                            KOp::Const(f32_bits(e.alpha)),
+                            KOp::Const(f32_bits(e.beta)),
+                            KOp::Mul(2, 0),
+                            KOp::Mul(3, 1),
+                            KOp::Add(4, 5),
+                        ],
+                        outputs: vec![(6, Store::Elem)],
+                    },
+                    inputs: vec![scratch, Buf::Slot(ins.args[2])],
+                    outputs: vec![Buf::Slot(i)],
                 });
             }
             (None, Op::Inverse | Op::LogDet) => low.launches.push(Launch::HostLinalg {
@@ -957,7 +1306,7 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
             }
             (None, Op::Conv2d) => {
                 let (xs, ks) = (operand_shape(0), operand_shape(1));
-                let image = kernels::Im2col {
+                let image = Im2col {
                     ci: xs[0],
                     h: xs[1],
                     w: xs[2],
@@ -968,75 +1317,71 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
                     low.contiguous(plan, ins.args[0]),
                     low.contiguous(plan, ins.args[1]),
                 );
-                // An implicit GEMM: kernel [co, ci·k²] times the im2col view of x, gathered
-                // tile by tile and never stored.
-                let gemm = GemmConfig {
-                    m: ks[0],
-                    n: image.h * image.w * image.b,
-                    k: image.ci * image.k * image.k,
-                    a_t: false,
-                    b_t: false,
-                    epilogue: None,
-                    staged,
-                    im2col: Some(image),
-                    split_k: 1,
-                };
-                low.launches.push(Launch::Gemm {
-                    config: gemm,
-                    args: vec![kernel, x],
+                // kernel [co, ci·k²] · im2col(x) [ci·k², h·w·b] = y [co, h, w, b].
+                let columns = low.im2col(&image, x);
+                low.launches.push(Launch::Matmul {
+                    product: Product::plain(ks[0], image.positions(), image.rows(), false, false),
+                    role: ProductRole::Conv,
+                    a: kernel,
+                    b: columns,
                     out: Buf::Slot(i),
                 });
             }
             (None, Op::ConvKernelGrad { k }) => {
                 let (dys, xs) = (operand_shape(0), operand_shape(1));
-                let image = kernels::Im2col {
+                let image = Im2col {
                     ci: xs[0],
                     h: xs[1],
                     w: xs[2],
                     b: xs[3],
                     k: *k,
                 };
-                let (m, n) = (dys[0], xs[0] * k * k);
-                let positions = dys[1] * dys[2] * dys[3];
-                // The same implicit GEMM with im2col(x) transposed: dy [co, h·w·b] ·
-                // im2col(x)ᵀ. Its inner dimension is every pixel of the batch and its output
-                // only co × ci·k², so the pixels are split across cube layers until about
-                // 256 cubes run, each summing at least 512 of them; a row sum finishes.
-                let tiles = m.div_ceil(kernels::TILE) * n.div_ceil(kernels::TILE);
-                let split_k = 256usize.div_ceil(tiles).clamp(1, (positions / 512).max(1));
-                let gemm = GemmConfig {
-                    m,
-                    n,
-                    k: positions,
-                    a_t: false,
-                    b_t: true,
-                    epilogue: None,
-                    staged,
-                    im2col: Some(image),
-                    split_k,
-                };
                 let (dy, x) = (
                     low.contiguous(plan, ins.args[0]),
                     low.contiguous(plan, ins.args[1]),
                 );
-                if split_k == 1 {
-                    low.launches.push(Launch::Gemm {
-                        config: gemm,
-                        args: vec![dy, x],
+                let columns = low.im2col(&image, x);
+                // dk [co, ci·k²] = dy [co, P] · im2col(x)ᵀ over the P pixels of the batch.
+                // The output is small and P long, so the pixels are cut into `slices`
+                // equal runs, one batch entry of the product each (a view: no copy), until
+                // about 256 output tiles exist with at least 512 pixels per slice; a column
+                // sum finishes.
+                let (m, n, pixels) = (dys[0], image.rows(), image.positions());
+                let tiles = m.div_ceil(64) * n.div_ceil(64);
+                let wanted = 256usize.div_ceil(tiles).clamp(1, (pixels / 512).max(1));
+                let slices = (1..=wanted).rev().find(|s| pixels % s == 0).unwrap_or(1);
+                let run = pixels / slices;
+                let product = Product {
+                    batch: slices,
+                    m,
+                    n,
+                    k: run,
+                    a_strides: [run, pixels, 1],
+                    b_strides: [run, 1, pixels],
+                };
+                let role = ProductRole::ConvKernelGrad { slices };
+                if slices == 1 {
+                    low.launches.push(Launch::Matmul {
+                        product,
+                        role,
+                        a: dy,
+                        b: columns,
                         out: Buf::Slot(i),
                     });
                 } else {
-                    let partials = low.temp(m * n * split_k);
-                    low.launches.push(Launch::Gemm {
-                        config: gemm,
-                        args: vec![dy, x],
+                    let partials = low.temp(slices * m * n);
+                    low.launches.push(Launch::Matmul {
+                        product,
+                        role,
+                        a: dy,
+                        b: columns,
                         out: partials,
                     });
                     low.launches.push(Launch::Fused {
                         program: FusedProgram {
-                            mode: Mode::Rows,
-                            rows: m * n,
-                            cols: split_k,
+                            mode: Mode::Columns,
+                            rows: slices,
+                            cols: m * n,
                             ops: vec![KOp::Load(0, Access::Elem)],
                             outputs: vec![(0, Store::LineSum)],
                         },
@@ -1133,11 +1478,23 @@ fn lower_plan(plan: &Plan, staged: bool) -> Lowered {
 fn launch_work(l: &Launch) -> Work {
     match l {
         Launch::Fused { .. } | Launch::SumPartials { .. } => Work::Elementwise,
-        Launch::Gemm { config, .. } if config.im2col.is_some() => Work::Conv,
-        Launch::Gemm { .. } => Work::Gemm,
+        Launch::Matmul {
+            role: ProductRole::Gemm { .. },
+            ..
+        } => Work::Gemm,
+        Launch::Matmul { .. } | Launch::Im2col { .. } => Work::Conv,
         Launch::Gather { .. } => Work::Shape,
         Launch::Spline { .. } => Work::Spline,
         Launch::HostLinalg { .. } => Work::Linalg,
+    }
+}
+
+/// What a product computes, in a word (a kernel's name in `--emit`).
+fn role_name(role: ProductRole) -> &'static str {
+    match role {
+        ProductRole::Gemm { .. } => "matmul",
+        ProductRole::Conv => "conv2d_matmul",
+        ProductRole::ConvKernelGrad { .. } => "conv_kernel_grad_matmul",
     }
 }
 
@@ -1152,29 +1509,30 @@ fn launch_kind(l: &Launch) -> String {
             program.ops.len()
         ),
         Launch::SumPartials { n, .. } => format!("sum of {n} partials"),
-        Launch::Gemm { config: g, .. } if g.im2col.is_some() && g.b_t => {
-            let c = g.im2col.clone().unwrap_or_default();
+        Launch::Matmul {
+            product: p, role, ..
+        } => {
+            let layout = |s: [usize; 3]| if s[2] == 1 { "N" } else { "T" };
+            let extra = match role {
+                ProductRole::Gemm { epilogue: true } => " (+acc pass)".to_string(),
+                ProductRole::ConvKernelGrad { slices } if *slices > 1 => {
+                    format!(" ({slices} pixel slices)")
+                }
+                _ => String::new(),
+            };
             format!(
-                "conv kernel grad as implicit gemm {}->{} {}x{} k{} b{} ({} slices)",
-                c.ci, g.m, c.h, c.w, c.k, c.b, g.split_k
+                "{} {}x{}x{} ({}{}){extra}",
+                role_name(*role),
+                p.m,
+                p.k,
+                p.n,
+                layout(p.a_strides),
+                layout(p.b_strides)
             )
         }
-        Launch::Gemm { config: g, .. } if g.im2col.is_some() => {
-            let c = g.im2col.clone().unwrap_or_default();
-            format!(
-                "conv2d as implicit gemm {}->{} {}x{} k{} b{}",
-                c.ci, g.m, c.h, c.w, c.k, c.b
-            )
+        Launch::Im2col { image: c, .. } => {
+            format!("im2col {}ch {}x{} k{} b{}", c.ci, c.h, c.w, c.k, c.b)
         }
-        Launch::Gemm { config: g, .. } => format!(
-            "gemm{} {}x{}x{} ({}{})",
-            if g.epilogue.is_some() { "+acc" } else { "" },
-            g.m,
-            g.k,
-            g.n,
-            if g.a_t { "T" } else { "N" },
-            if g.b_t { "T" } else { "N" }
-        ),
         Launch::Gather { config, .. } => format!(
             "gather{} [{}]",
             if config.weighted { " weighted" } else { "" },

@@ -23,6 +23,12 @@ pub enum Chosen {
 }
 
 impl Chosen {
+    /// A wgpu adapter that runs on the CPU (Mesa's lavapipe): kernels are checked there, not
+    /// timed, so products take the first kernel that runs instead of the fastest.
+    pub fn is_cpu_adapter(&self) -> bool {
+        matches!(self, Chosen::Wgpu { .. }) && wgpu_adapter().is_ok_and(|a| a.cpu)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Chosen::Host => "host",

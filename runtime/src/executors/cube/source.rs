@@ -1,7 +1,8 @@
 //! The source code CubeCL generates for a plan's kernels — CUDA C++ and WGSL — produced
 //! without a device (`snfc compile --emit cuda,wgsl`).
 
-use super::kernels::{self, FusedProgram, GemmConfig};
+use super::kernels::{self, FusedProgram, Im2col};
+use super::matmul::Product;
 use super::tensor_kernels::{self, GatherConfig, SplineConfig};
 use super::GpuProgram;
 use cubecl::cuda::{CudaCompiler, CudaRuntime};
@@ -77,33 +78,29 @@ pub fn fused(p: &FusedProgram, inputs: usize, target: Target) -> Result<String, 
     compile(b.build(settings), target)
 }
 
-/// The source of one GEMM specialization.
-pub fn gemm(g: &GemmConfig, target: Target) -> Result<String, String> {
+/// The source of one im2col gather.
+pub fn im2col(c: &Im2col, target: Target) -> Result<String, String> {
     let mut b = builder(target);
     let arg = ArrayCompilationArg { inplace: None };
-    let a = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let bb = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let c = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let x = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
     let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    kernels::gemm::expand(&mut b.scope, a, bb, c, out, g.clone());
-    let u = kernels::UNITS as u32;
-    let settings = KernelSettings::default()
-        .kernel_name("gemm")
-        .cube_dim(CubeDim::new_2d(u, u));
-    compile(b.build(settings), target)
+    kernels::im2col_matrix::expand(&mut b.scope, x, out, c.clone());
+    compile(b.build(settings("im2col")), target)
 }
 
-/// The source of the partial-sum finisher over `n` partials.
-pub fn sum_partials(n: usize, target: Target) -> Result<String, String> {
-    let mut b = builder(target);
-    let arg = ArrayCompilationArg { inplace: None };
-    let partials = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let out = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    kernels::sum_partials::expand(&mut b.scope, partials, out, n);
-    let settings = KernelSettings::default()
-        .kernel_name("sum_partials")
-        .cube_dim(CubeDim::new_1d(1));
-    compile(b.build(settings), target)
+/// A matrix product's entry: cubek-matmul picks its kernel (tile sizes, tensor cores) from
+/// the device at the first launch, so there is no source before a device runs it.
+fn product(p: &Product) -> String {
+    format!(
+        "// cubek-matmul: out[s] = A[s]·B[s], s < {}, A {}x{} (strides {:?}), B {}x{} \
+         (strides {:?}), out contiguous; kernel chosen on the device at first launch\n",
+        p.batch, p.m, p.k, p.a_strides, p.k, p.n, p.b_strides
+    )
+}
+
+/// A whole-tensor sum's last pass: a cubek-reduce kernel, chosen on the device.
+fn sum_partials(n: usize) -> String {
+    format!("// cubek-reduce: out[0] = sum of {n} partial sums (one cube); kernel built on the device\n")
 }
 
 fn array_args(b: &mut KernelBuilder, inputs: usize) -> Vec<<Array<f32> as CubeType>::ExpandType> {
@@ -156,12 +153,9 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
     {
         let (kind, src) = match launch {
             KernelSpec::Fused { program, inputs } => ("fused", fused(&program, inputs, target)?),
-            KernelSpec::Gemm(g) if g.im2col.is_some() && g.b_t => {
-                ("conv_kernel_grad_gemm", gemm(&g, target)?)
-            }
-            KernelSpec::Gemm(g) if g.im2col.is_some() => ("conv2d_gemm", gemm(&g, target)?),
-            KernelSpec::Gemm(g) => ("gemm", gemm(&g, target)?),
-            KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n, target)?),
+            KernelSpec::Matmul { product: p, what } => (what, product(&p)),
+            KernelSpec::Im2col(c) => ("im2col", im2col(&c, target)?),
+            KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n)),
             KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
             KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
         };
@@ -180,7 +174,12 @@ pub enum KernelSpec {
         program: FusedProgram,
         inputs: usize,
     },
-    Gemm(GemmConfig),
+    /// A cubek-matmul product, named by what it computes.
+    Matmul {
+        product: Product,
+        what: &'static str,
+    },
+    Im2col(Im2col),
     SumPartials(usize),
     Gather(GatherConfig),
     Spline(SplineConfig),
