@@ -222,36 +222,15 @@ pub fn evaluate_on<T: Real + 'static>(
     progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
     let logdets = logdet_sum(model);
-    evaluate_with(
+    evaluate_given_logdets(
         model, logdets, split, batch, noise_seed, device, comm, progress,
     )
 }
 
-/// [`evaluate_sharded`] given the model's [`logdet_sum`] (computed once by a caller that needs
-/// it too: training adds it to the training batches' data terms).
-pub fn evaluate_given_logdets<T: Real + 'static>(
-    model: &Model<T>,
-    logdets: f64,
-    split: &Split,
-    batch: usize,
-    noise_seed: u64,
-    comm: &dyn crate::distributed::Communicator,
-    progress: &Progress,
-) -> Result<EvalResult, ExecError> {
-    evaluate_with(
-        model,
-        logdets,
-        split,
-        batch,
-        noise_seed,
-        &Chosen::Host,
-        comm,
-        progress,
-    )
-}
-
+/// [`evaluate_on`] given the model's [`logdet_sum`] (computed once by a caller that needs it
+/// too: training adds it to the training batches' data terms).
 #[allow(clippy::too_many_arguments)]
-fn evaluate_with<T: Real + 'static>(
+pub fn evaluate_given_logdets<T: Real + 'static>(
     model: &Model<T>,
     logdets: f64,
     split: &Split,

@@ -1584,6 +1584,7 @@ pub fn train<T: Real + 'static>(
                 &data.valid,
                 batch.max(100),
                 0,
+                &Chosen::Host,
                 comm.as_ref(),
                 &crate::progress::Progress::new(
                     data.valid.n as u64,

@@ -773,12 +773,20 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// The first value of each named output, read back together (one device read).
     pub fn scalars(&self, names: &[String]) -> Result<Vec<f64>, ExecError> {
-        let mut handles = Vec::with_capacity(names.len());
-        for name in names {
-            handles.push(self.handle(Buf::Slot(self.output_slot(name)?))?);
-        }
-        self.read_all(handles)?
+        let read = self.read_all(self.output_handles(names)?)?;
+        self.first_values(&read, names)
+    }
+
+    fn output_handles(&self, names: &[String]) -> Result<Vec<Handle>, ExecError> {
+        names
             .iter()
+            .map(|name| self.handle(Buf::Slot(self.output_slot(name)?)))
+            .collect()
+    }
+
+    /// The first value of each read-back output, named for the error when one is empty.
+    fn first_values(&self, read: &[Vec<f32>], names: &[String]) -> Result<Vec<f64>, ExecError> {
+        read.iter()
             .zip(names)
             .map(|(values, name)| {
                 values
@@ -944,10 +952,7 @@ impl<R: Runtime> GpuProgram<R> {
         names: &[String],
     ) -> Result<(Vec<f64>, GradSums), ExecError> {
         const CHUNK: usize = 256;
-        let mut handles = Vec::with_capacity(names.len() + 1);
-        for name in names {
-            handles.push(self.handle(Buf::Slot(self.output_slot(name)?))?);
-        }
+        let mut handles = self.output_handles(names)?;
         let grads = self.gradients();
         let sizes: Vec<usize> = grads
             .iter()
@@ -986,19 +991,7 @@ impl<R: Runtime> GpuProgram<R> {
         }
         let mut read = self.read_all(handles)?;
         let partials = read.split_off(names.len());
-        let scalars = read
-            .iter()
-            .zip(names)
-            .map(|(values, name)| {
-                values
-                    .first()
-                    .map(|&v| f64::from(v))
-                    .ok_or_else(|| ExecError::Device {
-                        graph: self.plan.name.clone(),
-                        message: format!("output `{name}` read back empty"),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let scalars = self.first_values(&read, names)?;
         // Σ g² of gradient `j` of each group: the sum of its partials.
         let group_sums = groups.iter().zip(&partials).flat_map(|(seg, values)| {
             (0..seg.sizes.len()).map(move |j| {

@@ -1,8 +1,9 @@
-//! The CubeCL kernels of the IR's tensor ops of any rank: one index-table kernel for every op
-//! that only moves, repeats, sums or scales elements (`reshape`, `permute`, `expand`,
-//! `reduce_sum`, `flip_kernel`, `toeplitz`, `toeplitz_adjoint`, `multiplicity`), a direct
-//! convolution, the convolution's kernel gradient as partial sums, and the rational-quadratic
-//! spline with its vector-Jacobian product.
+//! The CubeCL kernels of the IR's tensor ops of any rank that cubek has no counterpart for: one
+//! index-table kernel for every op that only moves, repeats, sums or scales elements
+//! (`reshape`, `permute`, `expand`, `reduce_sum`, `flip_kernel`, `toeplitz`,
+//! `toeplitz_adjoint`, `multiplicity`; cubek's kernels are products, reductions along one axis,
+//! convolutions and random numbers, no gathers), and the rational-quadratic spline with its
+//! vector-Jacobian product. (Convolutions: im2col in `kernels.rs` and cubek-matmul.)
 //!
 //! Layouts are the IR's: row-major, batch last (`x [C, H, W, B]`, kernels `[O, I, K, K]`, spline
 //! activations `[D, B]` and parameters `[D, K]`, `[D, K−1]`).
