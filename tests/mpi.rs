@@ -644,6 +644,10 @@ fn two_wgpu_ranks_train_what_one_wgpu_process_trains() {
         p(&data),
         "--device",
         "wgpu",
+        // One process would draw the noise on the device, two ranks take their rows of one
+        // host draw: the host's noise for both, so they see the same numbers.
+        "--noise",
+        "host",
         "--epochs",
         "1",
         "-q",
