@@ -57,7 +57,7 @@ impl Device {
     }
 }
 
-/// Where `train` draws dequantization noise.
+/// Where a GPU run draws its random numbers (`train`'s dequantization noise, `sample`'s latent).
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum NoiseSource {
     Device,
@@ -275,9 +275,15 @@ struct SampleArgs {
     /// Override the spec stored in the checkpoint.
     #[arg(long)]
     spec: Option<PathBuf>,
-    /// Sampling runs on the host in f64.
+    /// Where the flow runs backwards: the host in f64 (LU solves, Newton's method to
+    /// tolerance), or a GPU in f32 (the compiled sampling graph; an exact inverse's W⁻¹ by
+    /// LU on the host).
     #[arg(long, value_enum, default_value = "host")]
     device: Device,
+    /// Where a GPU draws the latent: device (cubek-random, from --seed) or host (the host's
+    /// stream: the same samples as --device host, to f32 precision). The host ignores it.
+    #[arg(long, value_enum, default_value = "device")]
+    noise: NoiseSource,
 }
 
 /// The arguments of `snfc grad`.

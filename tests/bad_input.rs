@@ -1392,12 +1392,6 @@ fn cases() -> Vec<Case> {
             &["'gpu'", "--device"],
         ),
         case(
-            "cli: sample on a GPU",
-            &["sample", "@c.safetensors", "--device", "cuda"],
-            vec![("c.safetensors", ckpt())],
-            &["--device", "host"],
-        ),
-        case(
             "cli: checkpoint does not exist",
             &["eval", "@nope.safetensors"],
             vec![],

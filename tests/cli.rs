@@ -427,9 +427,6 @@ fn grad_input_of_wrong_width_names_file_and_expected_shape() {
 fn missing_gpu_devices_are_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    // Sampling is host-only (f64 LU, Newton steps); saying so beats silently ignoring it.
-    let err = fails(snfc(["sample", "no.safetensors", "--device", "wgpu"]));
-    assert!(err.contains("--device host"), "{err}");
     if snfc_runtime::cube::probe::cuda_devices().is_ok() {
         return; // a CUDA machine: nothing to refuse
     }
@@ -448,6 +445,9 @@ fn missing_gpu_devices_are_a_clear_error() {
     assert!(err.contains("CUDA"), "{err}");
     assert!(!out.join("checkpoint.safetensors").exists());
     let err = fails(snfc(["bench", "specs/mnist_fc2.json", "--device", "cuda"]));
+    assert!(err.contains("--device cuda"), "{err}");
+    // The device is checked before the checkpoint is read.
+    let err = fails(snfc(["sample", "no.safetensors", "--device", "cuda"]));
     assert!(err.contains("--device cuda"), "{err}");
 }
 
@@ -885,6 +885,42 @@ fn train_eval_sample_round_trip() {
     assert!(values
         .iter()
         .all(|v| v.is_finite() && (-1e-3..=256.001).contains(v)));
+    if wgpu_present("the wgpu sampling of train_eval_sample_round_trip") {
+        // The same latent (the host's stream) through the compiled sampling graph on the
+        // GPU: the host's samples to f32 precision; a latent drawn there gives other samples.
+        let sample_on_gpu = |noise: &str, file: &str| {
+            let out = dir.path().join(file);
+            ok(snfc([
+                "sample",
+                p(&ckpt),
+                "-n",
+                "3",
+                "-o",
+                p(&out),
+                "--seed",
+                "5",
+                "--device",
+                "wgpu",
+                "--noise",
+                noise,
+            ]));
+            let (shape, v) = snfc_runtime::npy::read_npy(&out).unwrap();
+            assert_eq!(shape, [3, 784]);
+            v
+        };
+        let same = sample_on_gpu("host", "s_wgpu.npy");
+        for (g, w) in same.iter().zip(&values) {
+            assert!(
+                (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+                "wgpu {g} vs host {w}"
+            );
+        }
+        let drawn = sample_on_gpu("device", "s_wgpu_drawn.npy");
+        assert!(drawn
+            .iter()
+            .all(|v| v.is_finite() && (-1e-3..=256.001).contains(v)));
+        assert_ne!(drawn, same);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use snfc_compiler::ir::lower::eval_graph;
 use snfc_compiler::ir::{Graph, GraphBuilder, Op, SplinePart, Unary};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{parse_spec, FlowSpec};
-use snfc_runtime::backend::{open, open_variant, Backend};
+use snfc_runtime::backend::{open, open_variant, Backend, Draw};
 use snfc_runtime::cube::matmul::{MatmulKernel, MatmulOptions, MatmulPrecision};
 use snfc_runtime::cube::probe::{device_for_test, Chosen, DeviceKind};
 use snfc_runtime::host::exec::{Executor, Feeds, Program};
@@ -799,8 +799,9 @@ fn step_traffic(chosen: &Chosen) {
 
 /// Uniform noise drawn on the device (cubek-random): every value in [0, 1), mean ½ and
 /// variance 1/12 within 5 standard errors over 300,000 draws, no two neighbours correlated
-/// beyond noise; the same seed draws the same values, another seed others. The host draws
-/// on the host (the caller's generator), so it has nothing to check.
+/// beyond noise; the same seed draws the same values, another seed others. Then a normal
+/// latent (below). The host draws on the host (the caller's generator), so it has nothing to
+/// check.
 fn device_noise(chosen: &Chosen) {
     let (d, batch) = (300, 1000);
     let mut b = GraphBuilder::new("noise");
@@ -813,11 +814,11 @@ fn device_noise(chosen: &Chosen) {
         open(chosen, Plan::new(&g), MatmulPrecision::F32).expect("device");
     if !dev.draws_on_device() {
         assert_eq!(*chosen, Chosen::Host);
-        assert!(dev.draw_uniform("noise", 1).is_err());
+        assert!(dev.draw("noise", 1, Draw::Uniform).is_err());
         return;
     }
     let mut draw = |seed: u64| -> Vec<f64> {
-        dev.draw_uniform("noise", seed).expect("draw");
+        dev.draw("noise", seed, Draw::Uniform).expect("draw");
         dev.run().expect("run");
         let twice = dev.output("twice").expect("output").data;
         twice.iter().map(|v| f64::from(*v) / 2.0).collect()
@@ -850,6 +851,32 @@ fn device_noise(chosen: &Chosen) {
         same < first.len() / 100,
         "another seed: {same} equal values"
     );
+    // A sampling latent: N(0, σ²) with σ = 0.7; mean, variance and the share beyond 2σ
+    // (4.55 %) within 5 standard errors.
+    let sigma = 0.7f64;
+    dev.draw("noise", 9, Draw::Normal { std: sigma as f32 })
+        .expect("draw");
+    dev.run().expect("run");
+    let normal: Vec<f64> = dev
+        .output("twice")
+        .expect("output")
+        .data
+        .iter()
+        .map(|v| f64::from(*v) / 2.0)
+        .collect();
+    let mean = normal.iter().sum::<f64>() / n;
+    let var = normal.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    assert!(mean.abs() < 5.0 * sigma / n.sqrt(), "normal mean {mean}");
+    assert!(
+        (var - sigma * sigma).abs() < 5.0 * sigma * sigma * (2.0 / n).sqrt(),
+        "normal variance {var}"
+    );
+    let p = 0.0455;
+    let tails = normal.iter().filter(|v| v.abs() > 2.0 * sigma).count() as f64 / n;
+    assert!(
+        (tails - p).abs() < 5.0 * (p * (1.0 - p) / n).sqrt(),
+        "share beyond 2σ {tails}"
+    );
 }
 
 /// One `#[test]` per check, run on the device of `$kind` (skipped when it is absent).
@@ -868,7 +895,7 @@ macro_rules! backend_suite {
                 whole_training_steps_and_eval => training_steps,
                 adam_update_fc_and_cnn => adam,
                 one_read_and_one_upload_per_step => step_traffic,
-                uniform_noise_drawn_on_the_device => device_noise);
+                noise_drawn_on_the_device => device_noise);
         }
     };
     (@tests $kind:expr; $($name:ident => $check:ident),*) => {

@@ -666,3 +666,161 @@ fn evaluation_on_a_gpu_matches_the_host() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sampling by the compiled sampling graph
+// ---------------------------------------------------------------------------------------------
+
+/// The flows the sampling graph is checked on: a flat flow with a spline (some latents beyond
+/// its tail bound) and a smooth leaky ReLU, the paper's FC and CNN flows, and a small Glow
+/// (squeezes, actnorm, 1×1 convs, affine couplings, a split, 8-bit data).
+fn sampling_specs() -> Vec<FlowSpec> {
+    let flat = parse_spec(
+        r#"{"name": "spline_flat", "input": {"shape": [12], "preprocess": "none"},
+            "layers": [{"type": "linear", "bias": true}, {"type": "spline", "bins": 6, "tail_bound": 2.0},
+                       {"type": "linear", "bias": true}, {"type": "smooth_leaky_relu", "alpha": 0.2},
+                       {"type": "linear", "bias": true}],
+            "objective": {"gradient": "self_normalizing", "lambda": 1.0},
+            "train": {"batch_size": 4}}"#,
+    )
+    .expect("spec");
+    let glow = parse_spec(
+        r#"{"name": "glow_small", "input": {"shape": [1, 28, 28], "preprocess": "dequantize_logit"},
+            "layers": [{"type": "squeeze"},
+                       {"type": "repeat", "times": 2, "layers": [
+                           {"type": "actnorm"}, {"type": "conv", "kernel_size": 1, "bias": false},
+                           {"type": "affine_coupling", "width": 8}]},
+                       {"type": "split"}, {"type": "squeeze"},
+                       {"type": "actnorm"}, {"type": "conv", "kernel_size": 1, "bias": true},
+                       {"type": "affine_coupling", "width": 8}],
+            "objective": {"gradient": "self_normalizing", "lambda": 1.0},
+            "train": {"batch_size": 4}}"#,
+    )
+    .expect("spec");
+    vec![
+        flat,
+        parse_spec(include_str!("../../specs/mnist_fc2.json")).expect("spec"),
+        parse_spec(include_str!("../../specs/mnist_cnn9.json")).expect("spec"),
+        glow,
+    ]
+}
+
+/// A fresh model of `spec` with every parameter moved off its initial value (weights by about
+/// 0.3 of their fan-in's scale, everything else by N(0, 0.3²), coupling log-scales by 0.1), so
+/// that no layer's inverse is the identity: fresh splines, couplings and actnorms are.
+fn moved_model(spec: &FlowSpec, seed: u64) -> Model<f64> {
+    use snfc_compiler::ir::lower::ParamKind;
+    let mut model = Model::<f64>::init(spec, seed);
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    for p in model.params.clone() {
+        let std = match p.kind {
+            ParamKind::Weight | ParamKind::WeightInv => {
+                0.3 / (p.shape[1..].iter().product::<usize>() as f64).sqrt()
+            }
+            ParamKind::CouplingWeight(_) => {
+                0.3 / (p.shape[1..].iter().product::<usize>() as f64).sqrt()
+            }
+            ParamKind::CouplingLogs => 0.1,
+            _ => 0.3,
+        };
+        let moved: Vec<f64> = model
+            .get(&p.name)
+            .iter()
+            .map(|v| v + std * rng.normal())
+            .collect();
+        model.values.insert(p.name.clone(), Arc::new(moved));
+    }
+    model
+}
+
+fn sample_options(n: usize, exact: bool, batch: usize) -> snfc_runtime::sample::SampleOptions {
+    snfc_runtime::sample::SampleOptions {
+        n,
+        seed: 11,
+        exact,
+        temperature: 0.8,
+        batch,
+        latent_on_device: false,
+    }
+}
+
+/// Largest |got − want| / max(|want|, scale) over two sample sets.
+fn worst_relative(got: &[f64], want: &[f64], scale: f64) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / w.abs().max(scale))
+        .fold(0.0, f64::max)
+}
+
+/// The compiled sampling graph, run by the host executor in f64, gives the host's own inverse
+/// (`sample_at`: LU solves, Newton to tolerance, the spline's inverse) to 1e-9, through the
+/// learned inverse and through W⁻¹, in batches of 2 (the last one padded).
+#[test]
+fn the_sampling_graph_inverts_as_the_host_does() {
+    use snfc_runtime::cube::probe::Chosen;
+    use snfc_runtime::progress::Progress;
+    for spec in sampling_specs() {
+        let model = moved_model(&spec, 3);
+        for exact in [false, true] {
+            let want = snfc_runtime::sample::sample_at(&model, 5, 11, exact, 0.8).expect("host");
+            let got = snfc_runtime::sample::sample_on(
+                &model,
+                &sample_options(5, exact, 2),
+                &Chosen::Host,
+                &Progress::hidden(),
+            )
+            .expect("sampling graph");
+            let worst = worst_relative(&got, &want, 1.0);
+            assert!(
+                worst < 1e-9,
+                "{} (exact {exact}): the graph's samples differ from the host inverse by {worst:e}",
+                spec.name
+            );
+        }
+    }
+}
+
+/// `sample_on` a GPU (lavapipe in CI) with the host's latent gives the host's f64 samples within
+/// f32 precision, every layer's inverse on the device; with the latent drawn on the device,
+/// the samples are finite, the same seed gives the same samples and another seed others.
+#[test]
+fn sampling_on_a_gpu_matches_the_host() {
+    use snfc_runtime::cube::probe::{device_for_test, DeviceKind};
+    use snfc_runtime::progress::Progress;
+    let Some(gpu) = device_for_test(
+        DeviceKind::Wgpu,
+        "eval_sample::sampling_on_a_gpu_matches_the_host",
+    ) else {
+        return;
+    };
+    for spec in sampling_specs() {
+        let model = moved_model(&spec, 4);
+        let model32 = model.cast::<f32>();
+        for exact in [false, true] {
+            let want = snfc_runtime::sample::sample_at(&model, 6, 11, exact, 0.8).expect("host");
+            let opts = sample_options(6, exact, 4);
+            let got = snfc_runtime::sample::sample_on(&model32, &opts, &gpu, &Progress::hidden())
+                .expect("GPU sampling");
+            let worst = worst_relative(&got, &want, 1.0);
+            assert!(
+                worst < 5e-4,
+                "{} (exact {exact}): {gpu} samples differ from the host's by {worst:e}",
+                spec.name
+            );
+        }
+        let drawn = |seed: u64| {
+            let opts = snfc_runtime::sample::SampleOptions {
+                seed,
+                latent_on_device: true,
+                ..sample_options(6, false, 4)
+            };
+            snfc_runtime::sample::sample_on(&model32, &opts, &gpu, &Progress::hidden())
+                .expect("GPU sampling")
+        };
+        let first = drawn(1);
+        assert!(first.iter().all(|v| v.is_finite()), "{}", spec.name);
+        assert_eq!(drawn(1), first, "{}: the same seed", spec.name);
+        assert_ne!(drawn(2), first, "{}: another seed", spec.name);
+    }
+}

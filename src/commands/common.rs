@@ -38,14 +38,6 @@ pub fn resolve_device_on(d: Device, comm: &distributed::Comm, quiet: bool) -> Re
     }
 }
 
-/// Sampling runs in f64 on the host (exact inverses by LU, Newton steps per element).
-pub fn host_only(d: Device, what: &str) -> Result<()> {
-    if matches!(d, Device::Wgpu | Device::Cuda) {
-        bail!("--device {d:?}: `snfc {what}` runs on the host in f64 (exact log-determinants by LU); use --device host or auto");
-    }
-    Ok(())
-}
-
 /// A spec file, or a plan file from `snfc compile --emit plan` with its spec (whose batch size
 /// becomes the plan's).
 pub fn spec_or_plan(path: &Path) -> Result<(FlowSpec, Option<TrainPlan>)> {

@@ -4,10 +4,15 @@ use crate::commands::common::*;
 use crate::*;
 use anyhow::{bail, Result};
 use snfc_compiler::spec::GradientMode;
+use snfc_runtime::cube::probe::Chosen;
 use snfc_runtime::distributed;
 use snfc_runtime::model::Model;
 use snfc_runtime::progress::Progress;
+use snfc_runtime::sample::SampleOptions;
 use std::path::PathBuf;
+
+/// The most samples a GPU draws at once (fewer where the sampling plan's memory calls for it).
+const SAMPLE_BATCH: usize = 256;
 
 /// `snfc sample` with its arguments.
 pub fn run(args: SampleArgs, _comm: &distributed::Comm) -> Result<()> {
@@ -20,14 +25,15 @@ pub fn run(args: SampleArgs, _comm: &distributed::Comm) -> Result<()> {
         temperature,
         spec,
         device,
+        noise,
     } = args;
-    host_only(device, "sample")?;
     if n == 0 {
         bail!("-n must be at least 1");
     }
     if !(temperature.is_finite() && temperature > 0.0) {
         bail!("--temperature must be a positive number, got {temperature}");
     }
+    let chosen = resolve_device(device)?;
     let spec = spec.as_deref().map(spec_from).transpose()?;
     checkpoint_path(&checkpoint)?;
     let (model, _) = Model::<f64>::load(&checkpoint, spec.as_ref())?;
@@ -76,9 +82,22 @@ pub fn run(args: SampleArgs, _comm: &distributed::Comm) -> Result<()> {
             out.display()
         ),
     }
-    let progress = Progress::new(model.spec.layers.len() as u64, "sampling", "layers", true);
-    let rows =
-        snfc_runtime::sample::sample_showing(&model, n, seed, exact, temperature, &progress)?;
+    let rows = if chosen == Chosen::Host {
+        let progress = Progress::new(model.spec.layers.len() as u64, "sampling", "layers", true);
+        snfc_runtime::sample::sample_showing(&model, n, seed, exact, temperature, &progress)?
+    } else {
+        // A GPU samples in f32: the checkpoint's parameters rounded once.
+        let opts = SampleOptions {
+            n,
+            seed,
+            exact,
+            temperature,
+            batch: SAMPLE_BATCH,
+            latent_on_device: noise == NoiseSource::Device,
+        };
+        let progress = Progress::new(n as u64, "sampling", "samples", true);
+        snfc_runtime::sample::sample_on(&model.cast::<f32>(), &opts, &chosen, &progress)?
+    };
     match grid {
         Some([c, h, w]) if extension.as_deref() == Some("png") => {
             let pixels = snfc_runtime::sample::to_pixels(&rows);

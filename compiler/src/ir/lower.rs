@@ -524,22 +524,7 @@ impl<'a> Lowering<'a> {
         let data_terms = &mut terms.data;
         let (c, hh, ww) = at.layer.image();
         let c2 = c / 2;
-        let params: Vec<NodeIndex> = coupling_params(c, a.width)
-            .into_iter()
-            .map(|(kind, s)| b.param(&param_name(i, kind), s))
-            .collect();
-        // conv + per-channel bias on [C_in, H, W, B] → [C_out, H, W, B].
-        let conv_bias = |b: &mut GraphBuilder, x, k, bias, cout: usize| {
-            let y = b.add(Op::Conv2d, &[x, k]);
-            let bb = b.add(
-                Op::Expand {
-                    to: vec![cout, hh, ww, batch],
-                    axes: vec![1, 2, 3],
-                },
-                &[bias],
-            );
-            b.add2(y, bb)
-        };
+        let params = coupling_param_nodes(b, i, c, a.width);
         let halves = b.add(
             Op::Reshape {
                 to: vec![2, c2, hh, ww, batch],
@@ -548,33 +533,7 @@ impl<'a> Lowering<'a> {
         );
         let x1 = b.add(Op::Take { axis: 0, index: 0 }, &[halves]);
         let x2 = b.add(Op::Take { axis: 0, index: 1 }, &[halves]);
-        let a0 = conv_bias(b, x1, params[0], params[1], a.width);
-        let r0 = b.unary(Unary::Relu, a0);
-        let a1 = conv_bias(b, r0, params[2], params[3], a.width);
-        let r1 = b.unary(Unary::Relu, a1);
-        let a2 = conv_bias(b, r1, params[4], params[5], c);
-        let logs3 = b.scale(params[6], 3.0);
-        let gain = b.unary(Unary::Exp, logs3);
-        let gain = b.add(
-            Op::Expand {
-                to: vec![c, hh, ww, batch],
-                axes: vec![1, 2, 3],
-            },
-            &[gain],
-        );
-        let net = b.mul(a2, gain);
-        // Even channels scale, odd channels shift.
-        let pairs = b.add(
-            Op::Reshape {
-                to: vec![c2, 2, hh, ww, batch],
-            },
-            &[net],
-        );
-        let raw = b.add(Op::Take { axis: 1, index: 0 }, &[pairs]);
-        let t = b.add(Op::Take { axis: 1, index: 1 }, &[pairs]);
-        let half = b.scale(raw, 0.5);
-        let th = b.unary(Unary::Tanh, half);
-        let log_s = b.scale(th, 2.0);
+        let (log_s, t) = coupling_scale_shift(b, &params, x1, [c, hh, ww, batch], a.width);
         let s = b.unary(Unary::Exp, log_s);
         let scaled = b.mul(x2, s);
         let z2 = b.add2(scaled, t);
@@ -724,6 +683,72 @@ fn learned_pair(
         terms.recon_layers.push((at.i, error));
     }
     (w, r)
+}
+
+/// The parameters of layer `i`'s affine coupling network, in [`coupling_params`] order.
+pub(crate) fn coupling_param_nodes(
+    b: &mut GraphBuilder,
+    i: usize,
+    c: usize,
+    width: usize,
+) -> Vec<NodeIndex> {
+    coupling_params(c, width)
+        .into_iter()
+        .map(|(kind, s)| b.param(&param_name(i, kind), s))
+        .collect()
+}
+
+/// The coupling network of Glow's affine coupling: from the conditioning half `x1`
+/// `[C/2, H, W, B]`, `(log_s, t)`, each `[C/2, H, W, B]` (a conv network whose last layer's
+/// gain is exp(3·logs); even output channels scale, odd ones shift, and log_s = 2 tanh(raw/2)).
+/// The forward flow and the sampling graph both build it here.
+pub(crate) fn coupling_scale_shift(
+    b: &mut GraphBuilder,
+    params: &[NodeIndex],
+    x1: NodeIndex,
+    [c, hh, ww, batch]: [usize; 4],
+    width: usize,
+) -> (NodeIndex, NodeIndex) {
+    let c2 = c / 2;
+    // conv + per-channel bias on [C_in, H, W, B] → [C_out, H, W, B].
+    let conv_bias = |b: &mut GraphBuilder, x, k, bias, cout: usize| {
+        let y = b.add(Op::Conv2d, &[x, k]);
+        let bb = b.add(
+            Op::Expand {
+                to: vec![cout, hh, ww, batch],
+                axes: vec![1, 2, 3],
+            },
+            &[bias],
+        );
+        b.add2(y, bb)
+    };
+    let a0 = conv_bias(b, x1, params[0], params[1], width);
+    let r0 = b.unary(Unary::Relu, a0);
+    let a1 = conv_bias(b, r0, params[2], params[3], width);
+    let r1 = b.unary(Unary::Relu, a1);
+    let a2 = conv_bias(b, r1, params[4], params[5], c);
+    let logs3 = b.scale(params[6], 3.0);
+    let gain = b.unary(Unary::Exp, logs3);
+    let gain = b.add(
+        Op::Expand {
+            to: vec![c, hh, ww, batch],
+            axes: vec![1, 2, 3],
+        },
+        &[gain],
+    );
+    let net = b.mul(a2, gain);
+    // Even channels scale, odd channels shift.
+    let pairs = b.add(
+        Op::Reshape {
+            to: vec![c2, 2, hh, ww, batch],
+        },
+        &[net],
+    );
+    let raw = b.add(Op::Take { axis: 1, index: 0 }, &[pairs]);
+    let t = b.add(Op::Take { axis: 1, index: 1 }, &[pairs]);
+    let half = b.scale(raw, 0.5);
+    let th = b.unary(Unary::Tanh, half);
+    (b.scale(th, 2.0), t)
 }
 
 fn sum_all(b: &mut GraphBuilder, terms: Vec<NodeIndex>) -> Option<NodeIndex> {

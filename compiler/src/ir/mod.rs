@@ -6,6 +6,7 @@
 //! Nodes are hash-consed by the [`GraphBuilder`] (one node per distinct op and operands) and are
 //! always created after their operands, so node index order is a topological order.
 
+pub mod inverse;
 pub mod lower;
 mod op;
 pub mod parse;

@@ -1,7 +1,7 @@
 //! Timing of the compiled training step (`snfc bench`): median over repeated steps after
 //! warm-up, and the achieved GFLOP/s from the graph's own FLOP count.
 
-use crate::backend::open;
+use crate::backend::{open, Draw};
 use crate::batch::fill_uniform;
 use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
@@ -191,7 +191,7 @@ pub fn bench_step<T: Real + 'static>(
             // back, update.
             backend.set(INPUT_X, &x)?;
             if dequantize && backend.draws_on_device() {
-                backend.draw_uniform(INPUT_NOISE, rand::RngExt::random(&mut rng))?;
+                backend.draw(INPUT_NOISE, rand::RngExt::random(&mut rng), Draw::Uniform)?;
             } else if dequantize {
                 fill_uniform(&mut rng, &mut noise);
                 backend.set(INPUT_NOISE, &noise)?;

@@ -69,8 +69,18 @@ pub fn eval_batch<T: Real>(spec: &FlowSpec, max: usize) -> usize {
 
 /// [`eval_batch`] for a memory budget of `bytes`.
 fn batch_within<T: Real>(spec: &FlowSpec, max: usize, bytes: usize) -> usize {
+    graph_batch_within::<T>(|b| eval_graph(spec, b), max, bytes)
+}
+
+/// The largest batch, at most `max`, whose plan of `graph(batch)` allocates at most `bytes` of
+/// `T` values (the evaluation's and the sampling's batches).
+pub(crate) fn graph_batch_within<T: Real>(
+    graph: impl Fn(usize) -> snfc_compiler::ir::Graph,
+    max: usize,
+    bytes: usize,
+) -> usize {
     let elements = |b: usize| {
-        let plan = Plan::new(&eval_graph(spec, b));
+        let plan = Plan::new(&graph(b));
         plan.buffers.footprint(&plan).0
     };
     let (one, two) = (elements(1), elements(2));

@@ -1,6 +1,10 @@
 //! Sampling: z ~ N(0, I) through the learned inverse g (R, and the activation inverted by
 //! Newton's method) or through the exact inverse (W⁻¹, by LU solves).
 
+use crate::backend::{open, Draw};
+use crate::cube::matmul::MatmulPrecision;
+use crate::cube::probe::Chosen;
+use crate::host::exec::ExecError;
 use crate::host::linalg::{inverse, matmul, solve, LinalgError, MatRef, Real};
 use crate::host::shape_ops::{conv2d, embed, permute, take, toeplitz};
 use crate::host::spline::{Spline, SplineParams};
@@ -10,7 +14,9 @@ use rand::RngExt;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use snfc_compiler::ir::inverse::{latent_inputs, sample_graph, OUTPUT_SAMPLES};
 use snfc_compiler::ir::lower::{param_name, ParamKind};
+use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{LayerSpec, Preprocess};
 
 /// s(x) = αx + (1−α) softplus(x) and s'(x).
@@ -284,6 +290,90 @@ pub fn sample_showing<T: Real>(
             *t = 256.0 * (s - a) / (1.0 - 2.0 * a);
         });
     }
+    Ok(rows)
+}
+
+/// How [`sample_on`] samples: `n` samples through the learned inverse (or W⁻¹ with `exact`)
+/// from the latent N(0, T² I) at `temperature` = T, drawn from `seed`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleOptions {
+    pub n: usize,
+    pub seed: u64,
+    pub exact: bool,
+    pub temperature: f64,
+    /// The most samples per batch (fewer where the memory calls for it).
+    pub batch: usize,
+    /// On a GPU, draw the latent there (cubek-random) instead of taking the host's stream;
+    /// the host's stream gives the same samples as [`sample_at`], to the device's precision.
+    pub latent_on_device: bool,
+}
+
+/// [`sample_at`] by the compiled sampling graph (`snfc_compiler::ir::inverse`) on `device`, in
+/// batches that fit [`EVAL_MEMORY_BYTES`](crate::eval::EVAL_MEMORY_BYTES): every layer's
+/// inverse runs there (W⁻¹ of an exact inverse by LU on the host, once per batch). Counts the
+/// samples done on `progress`.
+pub fn sample_on<T: Real + 'static>(
+    model: &Model<T>,
+    opts: &SampleOptions,
+    device: &Chosen,
+    progress: &Progress,
+) -> Result<Vec<f64>, ExecError> {
+    let spec = &model.spec;
+    let d = spec.input.dim();
+    let n = opts.n;
+    let batch = crate::eval::graph_batch_within::<T>(
+        |b| sample_graph(spec, b, opts.exact),
+        opts.batch.min(n).max(1),
+        crate::eval::EVAL_MEMORY_BYTES,
+    );
+    let plan = Plan::new(&sample_graph(spec, batch, opts.exact));
+    let mut backend = open::<T>(device, plan, MatmulPrecision::F32)?;
+    for (name, v) in &model.values {
+        backend.set(name, v)?;
+    }
+    let on_device = opts.latent_on_device && backend.draws_on_device();
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    // The host's latent: all of it, as `sample_at` draws it (one [D, n] column block).
+    let z: Vec<f64> = if on_device {
+        Vec::new()
+    } else {
+        (0..d * n)
+            .map(|_| opts.temperature * rng.sample::<f64, _>(StandardNormal))
+            .collect()
+    };
+    let latents = latent_inputs(spec);
+    let mut rows = Vec::with_capacity(n * d);
+    let mut start = 0;
+    while start < n {
+        let cols = batch.min(n - start);
+        // Latent block `k` holds rows [row0, row0 + len) of the [D, n] latent.
+        let mut row0 = 0;
+        for (name, len) in &latents {
+            if on_device {
+                let seed = rng.random::<u64>();
+                let std = opts.temperature as f32;
+                backend.draw(name, seed, Draw::Normal { std })?;
+            } else {
+                let mut block = vec![T::zero(); len * batch];
+                for r in 0..*len {
+                    let src = &z[(row0 + r) * n + start..][..cols];
+                    for (dst, v) in block[r * batch..][..cols].iter_mut().zip(src) {
+                        *dst = T::of_f64(*v);
+                    }
+                }
+                backend.set(name, &block)?;
+            }
+            row0 += len;
+        }
+        backend.run()?;
+        let x = backend.output(OUTPUT_SAMPLES)?.data;
+        for col in 0..cols {
+            rows.extend((0..d).map(|k| x[k * batch + col].as_f64()));
+        }
+        progress.inc(cols as u64);
+        start += cols;
+    }
+    progress.finish();
     Ok(rows)
 }
 

@@ -3,7 +3,7 @@
 //! best-validation checkpoint.
 
 use crate::angle::{feeds_f64, AngleProbe, AngleStats};
-use crate::backend::open;
+use crate::backend::{open, Draw};
 use crate::batch::{fill_columns, fill_uniform, hflip, pad_crop};
 use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
@@ -1409,7 +1409,11 @@ pub fn train<T: Real + 'static>(
                 && model.data_initialized
                 && ranks == 1;
             if dequantize && device_noise {
-                backend.draw_uniform(INPUT_NOISE, rand::RngExt::random(&mut state.rng))?;
+                backend.draw(
+                    INPUT_NOISE,
+                    rand::RngExt::random(&mut state.rng),
+                    Draw::Uniform,
+                )?;
             } else if dequantize {
                 fill_uniform(&mut state.rng, &mut noise);
                 if ranks == 1 {

@@ -82,15 +82,15 @@ pub trait Backend<T: Real> {
             nonfinite,
         })
     }
-    /// Whether [`draw_uniform`](Self::draw_uniform) draws where the tensors live (a GPU);
-    /// otherwise the caller draws on the host and uploads.
+    /// Whether [`draw`](Self::draw) draws where the tensors live (a GPU); otherwise the
+    /// caller draws on the host and uploads.
     fn draws_on_device(&self) -> bool {
         false
     }
-    /// Fill the fed tensor `name` with uniform values in [0, 1) drawn on the device from
-    /// `seed` (the same seed gives the same values on the same device).
-    fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
-        let _ = seed;
+    /// Fill the fed tensor `name` with values of `dist` drawn on the device from `seed` (the
+    /// same seed gives the same values on the same device).
+    fn draw(&mut self, name: &str, seed: u64, dist: Draw) -> Result<(), ExecError> {
+        let _ = (seed, dist);
         Err(ExecError::Device {
             graph: String::new(),
             message: format!("`{name}`: this backend draws random numbers on the host"),
@@ -140,6 +140,16 @@ pub struct StepReadback {
     pub norm: Option<f64>,
     /// The first parameter whose gradient has a NaN or infinite value.
     pub nonfinite: Option<String>,
+}
+
+/// A distribution [`Backend::draw`] draws from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Draw {
+    /// Uniform on [0, 1) (dequantization noise).
+    Uniform,
+    /// Normal with mean 0 and standard deviation `std` (a sampling latent at temperature
+    /// `std`).
+    Normal { std: f32 },
 }
 
 /// Blocking device-to-host reads, host-to-device uploads and kernel launches of a GPU program
@@ -404,8 +414,8 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     fn draws_on_device(&self) -> bool {
         true
     }
-    fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
-        self.0.draw_uniform(name, seed)
+    fn draw(&mut self, name: &str, seed: u64, dist: Draw) -> Result<(), ExecError> {
+        self.0.draw(name, seed, dist)
     }
     fn adam_state(&mut self) -> Result<AdamState<f32>, ExecError> {
         self.0.adam_state()

@@ -126,6 +126,9 @@ pub enum SplinePart {
     Value,
     /// `ln |s'(x)|`, elementwise.
     LogDet,
+    /// `s⁻¹(x)`, elementwise: the sampling direction (never differentiated: no objective
+    /// reads a sample's gradient).
+    Inverse,
     /// Only for [`Op::SplineGrad`]: the VJP of the value and of the log-det together, with a
     /// cotangent for each (`g_y`, `g_l`) — one pass instead of two (the optimizer merges the sum
     /// of the two VJPs into it).
@@ -137,6 +140,7 @@ impl SplinePart {
         match self {
             SplinePart::Value => "value",
             SplinePart::LogDet => "logdet",
+            SplinePart::Inverse => "inverse",
             SplinePart::Both => "both",
         }
     }
@@ -145,8 +149,9 @@ impl SplinePart {
         match s {
             "value" => Ok(SplinePart::Value),
             "logdet" => Ok(SplinePart::LogDet),
+            "inverse" => Ok(SplinePart::Inverse),
             "both" => Ok(SplinePart::Both),
-            _ => Err(format!("spline part {s:?}: value, logdet or both")),
+            _ => Err(format!("spline part {s:?}: value, logdet, inverse or both")),
         }
     }
 }

@@ -136,6 +136,10 @@ impl Op {
                     ));
                 }
                 match self {
+                    Op::SplineGrad {
+                        part: SplinePart::Inverse,
+                        ..
+                    } => Err(format!("{self}: the inverse spline has no gradient")),
                     Op::SplineGrad { wrt, .. } => {
                         if ins[4..].iter().any(|g| g != x) || *wrt > 3 {
                             return Err(format!(

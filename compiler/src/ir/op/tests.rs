@@ -58,6 +58,11 @@ fn text_round_trips() {
             bound: 10f64.to_bits(),
             part: SplinePart::LogDet,
         },
+        Op::Spline {
+            bins: 4,
+            bound: 2.5f64.to_bits(),
+            part: SplinePart::Inverse,
+        },
         Op::SplineGrad {
             bins: 5,
             bound: 3.5f64.to_bits(),

@@ -2,7 +2,7 @@
 //! flows expensive, `inverse` (`∂A = −Mᵀ G Mᵀ` for `M = A⁻¹`) and `logdet` (`∂A = g · A⁻ᵀ`),
 //! exactly.
 
-use super::Op;
+use super::{Op, SplinePart};
 use crate::ir::GraphBuilder;
 use petgraph::stable_graph::NodeIndex;
 
@@ -128,6 +128,12 @@ impl Op {
                 b.add(Op::ToeplitzAdjoint { h: *h, w: *w, k }, &[g])
             }
             Op::ToeplitzAdjoint { h, w, .. } => b.add(Op::Toeplitz { h: *h, w: *w }, &[g]),
+            Op::Spline {
+                part: SplinePart::Inverse,
+                ..
+            } => panic!(
+                "snfc internal error: the inverse spline is not differentiated (it only samples)"
+            ),
             Op::Spline { bins, bound, part } => b.add(
                 Op::SplineGrad {
                     bins: *bins,

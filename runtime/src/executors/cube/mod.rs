@@ -19,7 +19,7 @@ pub mod source;
 pub mod tensor_kernels;
 
 use crate::executors::adam::AdamState;
-use crate::executors::backend::DeviceTraffic;
+use crate::executors::backend::{DeviceTraffic, Draw};
 use crate::executors::linalg;
 use crate::executors::values::{ExecError, Tensor};
 use crate::profile::{Profile, ProfileRow, Work};
@@ -278,10 +278,10 @@ impl<R: Runtime> GpuProgram<R> {
         Ok(())
     }
 
-    /// Fill input `name` with uniform values in [0, 1) drawn by cubek-random from `seed`: no
-    /// upload. cubek-random keeps its seed in one process-wide generator, so the seeding and
-    /// the draw hold a lock together (other programs of the process may draw meanwhile).
-    pub fn draw_uniform(&mut self, name: &str, seed: u64) -> Result<(), ExecError> {
+    /// Fill input `name` with values of `dist` drawn by cubek-random from `seed`: no upload.
+    /// cubek-random keeps its seed in one process-wide generator, so the seeding and the draw
+    /// hold a lock together (other programs of the process may draw meanwhile).
+    pub fn draw(&mut self, name: &str, seed: u64, dist: Draw) -> Result<(), ExecError> {
         static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let slot = self
             .plan
@@ -316,13 +316,11 @@ impl<R: Runtime> GpuProgram<R> {
         let _held = DRAW.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         cubek_random::seed(seed);
         self.count_launch();
-        cubek_random::random_uniform(
-            &self.client,
-            0.0,
-            1.0,
-            out,
-            f32::as_type_native_unchecked().storage_type(),
-        )
+        let dtype = f32::as_type_native_unchecked().storage_type();
+        match dist {
+            Draw::Uniform => cubek_random::random_uniform(&self.client, 0.0, 1.0, out, dtype),
+            Draw::Normal { std } => cubek_random::random_normal(&self.client, 0.0, std, out, dtype),
+        }
         .map_err(|e| ExecError::Device {
             graph: self.plan.name.clone(),
             message: format!("drawing `{name}` with cubek-random: {e:?}"),
@@ -1392,6 +1390,7 @@ fn lower_plan(plan: &Plan) -> Lowered {
                     bound: f32_bits(f64::from_bits(*bound)),
                     out: match part {
                         SplinePart::Value => SplineOut::Value,
+                        SplinePart::Inverse => SplineOut::Inverse,
                         SplinePart::LogDet | SplinePart::Both => SplineOut::LogDet,
                     },
                     g_y: false,
@@ -1436,6 +1435,7 @@ fn lower_plan(plan: &Plan) -> Lowered {
                     SplinePart::Value => (a[4], a[0]),
                     SplinePart::LogDet => (a[0], a[4]),
                     SplinePart::Both => (a[4], a[5]),
+                    SplinePart::Inverse => unreachable!("the inverse spline has no gradient"),
                 };
                 low.launches.push(Launch::Spline {
                     config,

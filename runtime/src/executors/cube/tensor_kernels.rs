@@ -51,6 +51,8 @@ pub enum SplineOut {
     Value,
     /// `ln |dy/dx|`, per element.
     LogDet,
+    /// `x = s⁻¹(y)`, per element (the operand is `y`).
+    Inverse,
     /// The VJP with respect to `x`, per element.
     GradX,
     /// The VJP with respect to parameter array 1 (widths), 2 (heights) or 3 (derivatives),
@@ -78,7 +80,9 @@ const MIN_DERIVATIVE: f32 = 1e-3;
 
 /// Everything one element of the spline yields: `r[0] = y`, `r[1] = ln|dy/dx|`, `r[2] = g_x`,
 /// `r[3..3+K]` the widths' gradient, `r[3+K..3+2K]` the heights', `r[3+2K..2+3K]` the
-/// derivatives' (each only this element's contribution), for cotangents `(g_y, g_l)`.
+/// derivatives' (each only this element's contribution), for cotangents `(g_y, g_l)`; with
+/// `inverse`, only `r[0] = s⁻¹(xv)` (the root in [0, 1] of the bin's quadratic, as the host's
+/// `inverse_inside`).
 /// Knots are recomputed per element from the row's parameters: `K` is small and the loads are
 /// shared by the units of a row.
 #[cube]
@@ -95,6 +99,7 @@ fn spline_element<F: Float>(
     #[comptime] bins: usize,
     #[comptime] bound_bits: u32,
     #[comptime] grads: bool,
+    #[comptime] inverse: bool,
 ) {
     let kk = bins;
     let bound = F::new(comptime![f32::from_bits(bound_bits)]);
@@ -159,11 +164,16 @@ fn spline_element<F: Float>(
                 F::max(v, zero) + F::log1p(F::exp(zero - F::abs(v))) + F::new(MIN_DERIVATIVE);
             sig[j] = one / (one + F::exp(zero - v));
         }
-        // The bin: the last inner knot ≤ x (an input on a knot lies in the bin it starts).
+        // The bin: the last inner knot ≤ x (an input on a knot lies in the bin it starts); of
+        // the output knots for the inverse.
         let mut k = 0usize;
         #[unroll]
         for j in 1..bins {
-            if xs[j] <= xv {
+            if comptime![inverse] {
+                if ys[j] <= xv {
+                    k = j;
+                }
+            } else if xs[j] <= xv {
                 k = j;
             }
         }
@@ -173,85 +183,100 @@ fn spline_element<F: Float>(
         let dy = ys[k + 1] - y0;
         let d0 = ds[k];
         let d1 = ds[k + 1];
-        let xi = F::min(F::max((xv - x0) / dx, zero), one);
         let s = dy / dx;
-        let omega = xi * (one - xi);
         let beta = d0 + d1 - two * s;
-        let nn = s * xi * xi + d0 * omega;
-        let den = s + beta * omega;
-        let pp = d1 * xi * xi + two * s * omega + d0 * (one - xi) * (one - xi);
-        r[0] = y0 + dy * nn / den;
-        r[1] = two * F::ln(s) + F::ln(pp) - two * F::ln(den);
-        if comptime![grads] {
-            let inv_den = one / den;
-            let a_n = g_y * dy * inv_den;
-            let a_den = zero - g_y * dy * nn * inv_den * inv_den - two * g_l * inv_den;
-            let a_p = g_l / pp;
-            let w1 = one - two * xi;
-            let g_xi = a_n * (two * s * xi + d0 * w1)
-                + a_den * beta * w1
-                + a_p * (two * d1 * xi + two * s * w1 - two * d0 * (one - xi));
-            let g_s =
-                a_n * xi * xi + a_den * (one - two * omega) + a_p * two * omega + two * g_l / s;
-            let g_d0 = (a_n + a_den) * omega + a_p * (one - xi) * (one - xi);
-            let g_d1 = a_den * omega + a_p * xi * xi;
-            let g_dy = g_y * nn * inv_den + g_s / dx;
-            let g_dx = zero - (g_s * s + g_xi * xi) / dx;
-            let g_x = g_xi / dx;
-            r[2] = g_x;
-            // Knot cotangents (only inner knots carry parameters).
-            let g_x0 = zero - g_x - g_dx;
-            let g_y0 = g_y - g_dy;
-            let mut lo_x = zero;
-            let mut lo_y = zero;
-            if k >= 1 {
-                lo_x = span * g_x0;
-                lo_y = span * g_y0;
+        if comptime![inverse] {
+            // a ξ² + b ξ + c = 0 for the bin's rational quadratic, solved in the stable form.
+            let eta = xv - y0;
+            let qa = dy * (s - d0) + eta * beta;
+            let qb = dy * d0 - eta * beta;
+            let qc = zero - s * eta;
+            let disc = F::max(qb * qb - F::new(4.0) * qa * qc, zero);
+            let denom = zero - qb - F::sqrt(disc);
+            let mut root = zero;
+            if denom < zero {
+                root = F::min(F::max(two * qc / denom, zero), one);
             }
-            let mut hi_x = zero;
-            let mut hi_y = zero;
-            if k + 1 < kk {
-                hi_x = span * g_dx;
-                hi_y = span * g_dy;
-            }
-            // Bin size i feeds every knot after it: d knot_j / d size_i = 2B·[i < j].
-            let mut dot_w = zero;
-            let mut dot_h = zero;
-            let mut gsw = Array::<F>::new(comptime![bins]);
-            let mut gsh = Array::<F>::new(comptime![bins]);
-            #[unroll]
-            for i in 0..bins {
-                let mut a = zero;
-                let mut b = zero;
-                if i < k {
-                    a += lo_x;
-                    b += lo_y;
+            r[0] = x0 + root * dx;
+        } else {
+            let xi = F::min(F::max((xv - x0) / dx, zero), one);
+            let omega = xi * (one - xi);
+            let nn = s * xi * xi + d0 * omega;
+            let den = s + beta * omega;
+            let pp = d1 * xi * xi + two * s * omega + d0 * (one - xi) * (one - xi);
+            r[0] = y0 + dy * nn / den;
+            r[1] = two * F::ln(s) + F::ln(pp) - two * F::ln(den);
+            if comptime![grads] {
+                let inv_den = one / den;
+                let a_n = g_y * dy * inv_den;
+                let a_den = zero - g_y * dy * nn * inv_den * inv_den - two * g_l * inv_den;
+                let a_p = g_l / pp;
+                let w1 = one - two * xi;
+                let g_xi = a_n * (two * s * xi + d0 * w1)
+                    + a_den * beta * w1
+                    + a_p * (two * d1 * xi + two * s * w1 - two * d0 * (one - xi));
+                let g_s =
+                    a_n * xi * xi + a_den * (one - two * omega) + a_p * two * omega + two * g_l / s;
+                let g_d0 = (a_n + a_den) * omega + a_p * (one - xi) * (one - xi);
+                let g_d1 = a_den * omega + a_p * xi * xi;
+                let g_dy = g_y * nn * inv_den + g_s / dx;
+                let g_dx = zero - (g_s * s + g_xi * xi) / dx;
+                let g_x = g_xi / dx;
+                r[2] = g_x;
+                // Knot cotangents (only inner knots carry parameters).
+                let g_x0 = zero - g_x - g_dx;
+                let g_y0 = g_y - g_dy;
+                let mut lo_x = zero;
+                let mut lo_y = zero;
+                if k >= 1 {
+                    lo_x = span * g_x0;
+                    lo_y = span * g_y0;
                 }
-                if i < k + 1 {
-                    a += hi_x;
-                    b += hi_y;
+                let mut hi_x = zero;
+                let mut hi_y = zero;
+                if k + 1 < kk {
+                    hi_x = span * g_dx;
+                    hi_y = span * g_dy;
                 }
-                gsw[i] = a * scale;
-                gsh[i] = b * scale;
-                dot_w += sw[i] * gsw[i];
-                dot_h += sh[i] * gsh[i];
-            }
-            #[unroll]
-            for i in 0..bins {
-                r[3 + i] = sw[i] * (gsw[i] - dot_w);
-                r[3 + kk + i] = sh[i] * (gsh[i] - dot_h);
-            }
-            // Inner-knot derivative j + 1 is softplus(v_j) + min.
-            #[unroll]
-            for j in 0..comptime![bins - 1] {
-                let mut g = zero;
-                if j + 1 == k {
-                    g += g_d0;
+                // Bin size i feeds every knot after it: d knot_j / d size_i = 2B·[i < j].
+                let mut dot_w = zero;
+                let mut dot_h = zero;
+                let mut gsw = Array::<F>::new(comptime![bins]);
+                let mut gsh = Array::<F>::new(comptime![bins]);
+                #[unroll]
+                for i in 0..bins {
+                    let mut a = zero;
+                    let mut b = zero;
+                    if i < k {
+                        a += lo_x;
+                        b += lo_y;
+                    }
+                    if i < k + 1 {
+                        a += hi_x;
+                        b += hi_y;
+                    }
+                    gsw[i] = a * scale;
+                    gsh[i] = b * scale;
+                    dot_w += sw[i] * gsw[i];
+                    dot_h += sh[i] * gsh[i];
                 }
-                if j == k {
-                    g += g_d1;
+                #[unroll]
+                for i in 0..bins {
+                    r[3 + i] = sw[i] * (gsw[i] - dot_w);
+                    r[3 + kk + i] = sh[i] * (gsh[i] - dot_h);
                 }
-                r[3 + 2 * kk + j] = g * sig[j];
+                // Inner-knot derivative j + 1 is softplus(v_j) + min.
+                #[unroll]
+                for j in 0..comptime![bins - 1] {
+                    let mut g = zero;
+                    if j + 1 == k {
+                        g += g_d0;
+                    }
+                    if j == k {
+                        g += g_d1;
+                    }
+                    r[3 + 2 * kk + j] = g * sig[j];
+                }
             }
         }
     } else {
@@ -332,6 +357,7 @@ fn spline_body<F: Float>(
                     let (g_y, g_l) = cotangents::<F>(cot_y, cot_l, e, c.clone());
                     spline_element::<F>(
                         x[e], widths, heights, derivs, row, g_y, g_l, &mut r, kk, c.bound, true,
+                        false,
                     );
                     acc += r[base + j];
                 }
@@ -342,12 +368,14 @@ fn spline_body<F: Float>(
             if t < comptime![c.d * c.n] {
                 let row = t / n;
                 let grads = comptime![c.out == SplineOut::GradX];
+                let inverse = comptime![c.out == SplineOut::Inverse];
                 let (g_y, g_l) = cotangents::<F>(cot_y, cot_l, t, c.clone());
                 spline_element::<F>(
                     x[t], widths, heights, derivs, row, g_y, g_l, &mut r, kk, c.bound, grads,
+                    inverse,
                 );
                 let slot = comptime![match c.out {
-                    SplineOut::Value => 0,
+                    SplineOut::Value | SplineOut::Inverse => 0,
                     SplineOut::LogDet => 1,
                     _ => 2,
                 }];

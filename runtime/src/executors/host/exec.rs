@@ -862,11 +862,30 @@ impl<T: Real> Executor<T> {
                 let a = arg!(0).clone();
                 value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
             }
+            Op::Spline {
+                bins,
+                bound,
+                part: SplinePart::Inverse,
+            } => {
+                let args: Vec<Arc<Vec<T>>> = (0..4)
+                    .map(|k| {
+                        let a = arg!(k).clone();
+                        self.contiguous(&a)
+                    })
+                    .collect();
+                let n = ins.shape[1];
+                let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
+                let (mut x, mut ld) = (vec![T::zero(); numel], vec![T::zero(); numel]);
+                sp.inverse_batch(&args[0], n, spline_params(&args), &mut x, &mut ld);
+                value(x)
+            }
             Op::Spline { bins, bound, part } => {
                 let slot = match part {
                     SplinePart::Value => 0,
                     SplinePart::LogDet => 1,
-                    SplinePart::Both => unreachable!("a spline value has one part (shape rule)"),
+                    SplinePart::Inverse | SplinePart::Both => {
+                        unreachable!("a spline value has one part (shape rule)")
+                    }
                 };
                 if let Some(done) = self
                     .spline_values
@@ -919,13 +938,16 @@ impl<T: Real> Executor<T> {
                     match part {
                         SplinePart::Value => n,
                         SplinePart::LogDet => d * n,
-                        SplinePart::Both => 0,
+                        SplinePart::Both | SplinePart::Inverse => 0,
                     }
                 ];
                 let (g_y, g_l): (&[T], &[T]) = match part {
                     SplinePart::Value => (&args[4], &zeros),
                     SplinePart::LogDet => (&zeros, &args[4]),
                     SplinePart::Both => (&args[4], &args[5]),
+                    SplinePart::Inverse => {
+                        unreachable!("the inverse spline has no gradient (shape rule)")
+                    }
                 };
                 let mut g_x = vec![T::zero(); d * n];
                 let mut gw = vec![T::zero(); d * bins];
