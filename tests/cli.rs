@@ -488,10 +488,10 @@ fn compile_emits_plan_and_kernel_sources() {
     let cu = list("cuda");
     let wgsl = list("wgsl");
     assert_eq!(cu.len(), wgsl.len());
-    // cubek's kernels (products, the last pass of whole-tensor sums) are built on the device.
+    // cubek's kernels (products and sums) are built on the device.
     let is_library = |f: &String| {
         let stem = f.rsplit_once('.').map_or(f.as_str(), |(s, _)| s);
-        stem.ends_with("_matmul") || stem.ends_with("_sum_partials")
+        stem.ends_with("_matmul") || stem.ends_with("_reduce")
     };
     let products = cu.iter().filter(|f| f.ends_with("_matmul.cu")).count();
     assert_eq!(products, 12, "{cu:?}");

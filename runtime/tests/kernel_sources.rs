@@ -7,10 +7,10 @@ use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::parse_spec;
 use snfc_runtime::cube::source::{plan_sources, Target};
 
-/// A matrix product's entry (`k003_matmul`, `k007_conv2d_matmul`) or a whole-tensor sum's
-/// last pass (`k005_sum_partials`): cubek kernels, built on the device, so no source of ours.
+/// A matrix product's entry (`k003_matmul`, `k007_conv2d_matmul`) or a sum
+/// (`k005_reduce`): cubek kernels, built on the device, so no source of ours.
 fn is_library(name: &str) -> bool {
-    name.ends_with("matmul") || name.ends_with("sum_partials")
+    name.ends_with("matmul") || name.ends_with("reduce")
 }
 
 fn small_plan() -> Plan {

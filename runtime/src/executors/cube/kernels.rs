@@ -2,8 +2,8 @@
 //! generic fused elementwise kernel specialized at JIT time by a `comptime` op list (each
 //! fusion group of the plan becomes one kernel; cubek has no elementwise fusion), the im2col
 //! gather feeding convolutions to cubek-matmul, the gradients' sums of squares and the Adam
-//! update. (Matrix products: `matmul.rs`; the final sum of a whole-tensor reduction:
-//! cubek-reduce, in `mod.rs`.)
+//! update. (Matrix products: `matmul.rs`; sums, per line or of a whole tensor: cubek-reduce,
+//! in `mod.rs`.)
 
 use crate::executors::elementwise::gpu_unary;
 use cubecl::prelude::*;
@@ -38,35 +38,15 @@ pub enum KOp {
     Unary(usize, Unary),
 }
 
-/// What a fused kernel does with an output register.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Store {
-    /// One value per element.
-    Elem,
-    /// Sum over each line the unit walks (per column in `Columns` mode, per row in `Rows`).
-    LineSum,
-}
-
-/// How the units of a fused kernel cover `[rows, cols]`.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Mode {
-    /// One unit per element.
-    Elements,
-    /// One unit per column, walking its rows (sums over axis 0).
-    Columns,
-    /// One unit per row, walking its columns (sums over axis 1).
-    Rows,
-}
-
 /// A fusion group as a kernel specialization.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct FusedProgram {
-    pub mode: Mode,
     pub rows: usize,
     pub cols: usize,
     pub ops: Vec<KOp>,
-    /// Register and store kind of each output array, in order.
-    pub outputs: Vec<(usize, Store)>,
+    /// The register of each output array, in order (one value per element: sums that end a
+    /// group are cubek-reduce launches of their own).
+    pub outputs: Vec<usize>,
 }
 
 #[cube]
@@ -113,7 +93,7 @@ fn eval<F: Float>(
     regs
 }
 
-/// One fusion group: elementwise members, broadcasts of its inputs and sums ending it.
+/// One fusion group: elementwise members and broadcasts of its inputs, one unit per element.
 /// (The entry points are f32, not generic, so their source can be generated without a device.)
 #[cube(launch)]
 pub fn fused(
@@ -134,47 +114,13 @@ fn fused_body<F: Float>(
     let rows = comptime![p.rows];
     let cols = comptime![p.cols];
     let n_out = comptime![p.outputs.len()];
-    match comptime![p.mode] {
-        Mode::Elements => {
-            if t < rows * cols {
-                let regs = eval::<F>(inputs, t / cols, t % cols, p.clone());
-                #[unroll]
-                for k in 0..n_out {
-                    let reg = comptime![p.outputs[k].0];
-                    let out = outputs.index_mut(k);
-                    out[t] = *regs.index(reg);
-                }
-            }
-        }
-        // One unit per line — a column (sums over rows) or a row (sums over columns) —
-        // walking it and accumulating the line sums in place.
-        _ => {
-            let columns = comptime![p.mode == Mode::Columns];
-            let lines = comptime![if columns { cols } else { rows }];
-            let length = comptime![if columns { rows } else { cols }];
-            if t < lines {
-                #[unroll]
-                for k in 0..n_out {
-                    if comptime![p.outputs[k].1 == Store::LineSum] {
-                        let out = outputs.index_mut(k);
-                        out[t] = F::new(0.0);
-                    }
-                }
-                for w in 0..length {
-                    let (r, c) = if comptime![columns] { (w, t) } else { (t, w) };
-                    let regs = eval::<F>(inputs, r, c, p.clone());
-                    #[unroll]
-                    for k in 0..n_out {
-                        let reg = comptime![p.outputs[k].0];
-                        let out = outputs.index_mut(k);
-                        if comptime![p.outputs[k].1 == Store::LineSum] {
-                            out[t] += *regs.index(reg);
-                        } else {
-                            out[r * cols + c] = *regs.index(reg);
-                        }
-                    }
-                }
-            }
+    if t < rows * cols {
+        let regs = eval::<F>(inputs, t / cols, t % cols, p.clone());
+        #[unroll]
+        for k in 0..n_out {
+            let reg = comptime![p.outputs[k]];
+            let out = outputs.index_mut(k);
+            out[t] = *regs.index(reg);
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::profile::{Profile, ProfileRow, Work};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
-use kernels::{Access, FusedProgram, Im2col, KOp, Mode, Store};
+use kernels::{Access, FusedProgram, Im2col, KOp};
 use matmul::{MatmulKernel, MatmulOptions, Product};
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
@@ -40,7 +40,7 @@ use tensor_kernels::{GatherConfig, SplineConfig, SplineOut};
 enum Buf {
     /// The storage of a plan slot (a plan buffer, a fed tensor or a constant).
     Slot(usize),
-    /// A scratch buffer of the program (partial sums, split reductions).
+    /// A scratch buffer of the program (summands of a reduction, product partials).
     Temp(usize),
 }
 
@@ -52,8 +52,12 @@ enum Launch {
         inputs: Vec<Buf>,
         outputs: Vec<Buf>,
     },
-    SumPartials {
-        n: usize,
+    /// Sums of `from` viewed as `[rows, cols]` through cubek-reduce: over axis 0 (`[cols]`),
+    /// over axis 1 (`[rows]`) or of every value (`None`, one value).
+    Reduce {
+        rows: usize,
+        cols: usize,
+        axis: Option<usize>,
         from: Buf,
         to: Buf,
     },
@@ -66,11 +70,7 @@ enum Launch {
         out: Buf,
     },
     /// The im2col matrix of a convolution's image, stored `[ci·k², h·w·b]` for a product.
-    Im2col {
-        image: Im2col,
-        x: Buf,
-        out: Buf,
-    },
+    Im2col { image: Im2col, x: Buf, out: Buf },
     /// An index op through its table (`tables[table]`).
     Gather {
         config: GatherConfig,
@@ -86,11 +86,7 @@ enum Launch {
         out: Buf,
     },
     /// Inverse or log-determinant on the host (LU in f64).
-    HostLinalg {
-        slot: usize,
-        op: Op,
-        arg: Buf,
-    },
+    HostLinalg { slot: usize, op: Op, arg: Buf },
 }
 
 /// Σ g² of each gradient, by parameter name.
@@ -452,7 +448,7 @@ impl<R: Runtime> GpuProgram<R> {
         // Products and sums count where they launch; host LU is no launch.
         if !matches!(
             l,
-            Launch::Matmul { .. } | Launch::SumPartials { .. } | Launch::HostLinalg { .. }
+            Launch::Matmul { .. } | Launch::Reduce { .. } | Launch::HostLinalg { .. }
         ) {
             self.count_launch();
         }
@@ -463,11 +459,7 @@ impl<R: Runtime> GpuProgram<R> {
                     inputs,
                     outputs,
                 } => {
-                    let units = match program.mode {
-                        Mode::Elements => program.rows * program.cols,
-                        Mode::Columns => program.cols,
-                        Mode::Rows => program.rows,
-                    };
+                    let units = program.rows * program.cols;
                     let mut ins = SequenceArg::<R, Array<f32>>::new();
                     for b in inputs {
                         let h = self.handle(*b)?;
@@ -488,9 +480,15 @@ impl<R: Runtime> GpuProgram<R> {
                         program.clone(),
                     );
                 }
-                Launch::SumPartials { n, from, to } => {
+                Launch::Reduce {
+                    rows,
+                    cols,
+                    axis,
+                    from,
+                    to,
+                } => {
                     let (f, t) = (self.handle(*from)?, self.handle(*to)?);
-                    self.sum_all(f, *n, t)?;
+                    self.reduce(f, [*rows, *cols], *axis, t)?;
                 }
                 Launch::Matmul {
                     product, a, b, out, ..
@@ -589,26 +587,61 @@ impl<R: Runtime> GpuProgram<R> {
         Ok(())
     }
 
-    /// A slot's value in its logical (row-major) layout.
-    /// `out[0] = Σ input[..n]` through cubek-reduce: one cube sums the values together
-    /// (without plane operations, which CPU adapters lack).
-    fn sum_all(&self, input: Handle, n: usize, out: Handle) -> Result<(), ExecError> {
+    /// Sums of `input` viewed as `shape` = `[rows, cols]` into `out` through cubek-reduce: over
+    /// `axis` (0: one sum per column, 1: one per row) or, for `None`, of every value. A line of
+    /// at most [`UNIT_REDUCE_MAX`] values is summed by one unit (the slices of a conv kernel
+    /// gradient: few rows, thousands of columns), a longer one by a cube, without plane
+    /// operations (CPU adapters lack them).
+    fn reduce(
+        &self,
+        input: Handle,
+        [rows, cols]: [usize; 2],
+        axis: Option<usize>,
+        out: Handle,
+    ) -> Result<(), ExecError> {
+        use cubecl::zspace::{Shape, Strides};
         use cubek_reduce::components::instructions::ReduceOperationConfig;
         use cubek_reduce::launch::{RoutineStrategy, VectorizationStrategy};
-        use cubek_reduce::routines::{cube::CubeStrategy, BlueprintStrategy};
+        use cubek_reduce::routines::{cube::CubeStrategy, unit::UnitStrategy, BlueprintStrategy};
         let f32_storage = f32::as_type_native_unchecked().storage_type();
-        // SAFETY: `input` holds at least n values and `out` at least one.
+        // A whole-tensor sum is the axis-0 sum of its flat view.
+        let (in_shape, in_strides, out_shape, out_strides, along) = match axis {
+            None => (vec![rows * cols], vec![1], vec![1], vec![1], 0),
+            Some(0) => (
+                vec![rows, cols],
+                vec![cols, 1],
+                vec![1, cols],
+                vec![cols, 1],
+                0,
+            ),
+            Some(_) => (
+                vec![rows, cols],
+                vec![cols, 1],
+                vec![rows, 1],
+                vec![1, 1],
+                1,
+            ),
+        };
+        let line = in_shape[along];
+        let routine = if line <= UNIT_REDUCE_MAX {
+            RoutineStrategy::Unit(BlueprintStrategy::Inferred(UnitStrategy))
+        } else {
+            RoutineStrategy::Cube(BlueprintStrategy::Inferred(CubeStrategy {
+                use_planes: false,
+            }))
+        };
+        // SAFETY: `input` holds rows·cols values and `out` one per output line.
         let (input, output) = unsafe {
             (
                 TensorBinding::<R>::from_raw_parts(
                     input,
-                    cubecl::zspace::Strides::from([1usize]),
-                    cubecl::zspace::Shape::from([n]),
+                    Strides::from(in_strides),
+                    Shape::from(in_shape),
                 ),
                 TensorBinding::<R>::from_raw_parts(
                     out,
-                    cubecl::zspace::Strides::from([1usize]),
-                    cubecl::zspace::Shape::from([1usize]),
+                    Strides::from(out_strides),
+                    Shape::from(out_shape),
                 ),
             )
         };
@@ -617,11 +650,9 @@ impl<R: Runtime> GpuProgram<R> {
             &self.client,
             input,
             output,
-            0,
+            along,
             cubek_reduce::ReduceStrategy {
-                routine: RoutineStrategy::Cube(BlueprintStrategy::Inferred(CubeStrategy {
-                    use_planes: false,
-                })),
+                routine,
                 vectorization: VectorizationStrategy {
                     parallel_output_vectorization: false,
                 },
@@ -635,7 +666,10 @@ impl<R: Runtime> GpuProgram<R> {
         )
         .map_err(|e| ExecError::Device {
             graph: self.plan.name.clone(),
-            message: format!("cubek-reduce sum of {n} values: {e:?}"),
+            message: format!(
+                "cubek-reduce {} of [{rows} x {cols}]: {e:?}",
+                reduce_name(axis)
+            ),
         })
     }
 
@@ -1103,7 +1137,9 @@ impl<R: Runtime> GpuProgram<R> {
                     what: role_name(role),
                 }),
                 Launch::Im2col { image, .. } => Some(source::KernelSpec::Im2col(image)),
-                Launch::SumPartials { n, .. } => Some(source::KernelSpec::SumPartials(n)),
+                Launch::Reduce {
+                    rows, cols, axis, ..
+                } => Some(source::KernelSpec::Reduce { rows, cols, axis }),
                 Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
                 Launch::Spline { config, .. } => Some(source::KernelSpec::Spline(config)),
                 Launch::HostLinalg { .. } => None,
@@ -1190,11 +1226,10 @@ impl Lowered {
         let t = self.temp(rows * cols);
         self.launches.push(Launch::Fused {
             program: FusedProgram {
-                mode: Mode::Elements,
                 rows,
                 cols,
                 ops: vec![KOp::Load(0, Access::ElemT)],
-                outputs: vec![(0, Store::Elem)],
+                outputs: vec![0],
             },
             inputs: vec![Buf::Slot(slot)],
             outputs: vec![t],
@@ -1257,7 +1292,6 @@ fn lower_plan(plan: &Plan) -> Lowered {
                 };
                 low.launches.push(Launch::Fused {
                     program: FusedProgram {
-                        mode: Mode::Elements,
                         rows: m,
                         cols: ins.shape[1],
                         ops: vec![
@@ -1269,7 +1303,7 @@ fn lower_plan(plan: &Plan) -> Lowered {
                             KOp::Mul(3, 1),
                             KOp::Add(4, 5),
                         ],
-                        outputs: vec![(6, Store::Elem)],
+                        outputs: vec![6],
                     },
                     inputs: vec![scratch, Buf::Slot(ins.args[2])],
                     outputs: vec![Buf::Slot(i)],
@@ -1285,11 +1319,10 @@ fn lower_plan(plan: &Plan) -> Lowered {
                 let input = low.contiguous(plan, ins.args[0]);
                 low.launches.push(Launch::Fused {
                     program: FusedProgram {
-                        mode: Mode::Elements,
                         rows: 1,
                         cols: numel(&ins.shape),
                         ops: vec![KOp::Load(0, Access::Elem)],
-                        outputs: vec![(0, Store::Elem)],
+                        outputs: vec![0],
                     },
                     inputs: vec![input],
                     outputs: vec![Buf::Slot(i)],
@@ -1368,16 +1401,12 @@ fn lower_plan(plan: &Plan) -> Lowered {
                         b: columns,
                         out: partials,
                     });
-                    low.launches.push(Launch::Fused {
-                        program: FusedProgram {
-                            mode: Mode::Columns,
-                            rows: slices,
-                            cols: m * n,
-                            ops: vec![KOp::Load(0, Access::Elem)],
-                            outputs: vec![(0, Store::LineSum)],
-                        },
-                        inputs: vec![partials],
-                        outputs: vec![Buf::Slot(i)],
+                    low.launches.push(Launch::Reduce {
+                        rows: slices,
+                        cols: m * n,
+                        axis: Some(0),
+                        from: partials,
+                        to: Buf::Slot(i),
                     });
                 }
             }
@@ -1470,7 +1499,7 @@ fn lower_plan(plan: &Plan) -> Lowered {
 /// A launch's category for profiles.
 fn launch_work(l: &Launch) -> Work {
     match l {
-        Launch::Fused { .. } | Launch::SumPartials { .. } => Work::Elementwise,
+        Launch::Fused { .. } | Launch::Reduce { .. } => Work::Elementwise,
         Launch::Matmul {
             role: ProductRole::Gemm { .. },
             ..
@@ -1479,6 +1508,18 @@ fn launch_work(l: &Launch) -> Work {
         Launch::Gather { .. } => Work::Shape,
         Launch::Spline { .. } => Work::Spline,
         Launch::HostLinalg { .. } => Work::Linalg,
+    }
+}
+
+/// The longest line a reduction sums with one unit per output (longer: a cube per output).
+const UNIT_REDUCE_MAX: usize = 64;
+
+/// What a reduction sums, in words (profiles and errors).
+fn reduce_name(axis: Option<usize>) -> &'static str {
+    match axis {
+        None => "sum",
+        Some(0) => "column sums",
+        Some(_) => "row sums",
     }
 }
 
@@ -1495,13 +1536,14 @@ fn role_name(role: ProductRole) -> &'static str {
 fn launch_kind(l: &Launch) -> String {
     match l {
         Launch::Fused { program, .. } => format!(
-            "fused {:?} [{} x {}] ({} ops)",
-            program.mode,
+            "fused [{} x {}] ({} ops)",
             program.rows,
             program.cols,
             program.ops.len()
         ),
-        Launch::SumPartials { n, .. } => format!("sum of {n} partials"),
+        Launch::Reduce {
+            rows, cols, axis, ..
+        } => format!("{} [{rows} x {cols}]", reduce_name(*axis)),
         Launch::Matmul {
             product: p, role, ..
         } => {
@@ -1649,88 +1691,32 @@ fn lower_fused(
             _ => None,
         })
         .collect();
-    let has = |a: Option<usize>| axes.contains(&Some(a));
-    let split = has(Some(0)) && has(Some(1));
-    let mode = if split {
-        Mode::Elements
-    } else if has(Some(1)) {
-        Mode::Rows
-    } else if has(Some(0)) || has(None) {
-        Mode::Columns
-    } else {
-        Mode::Elements
-    };
     let mut outputs = Vec::new();
     let mut out_regs = Vec::new();
     let mut after: Vec<Launch> = Vec::new();
     for (j, (m, _)) in k.outputs.iter().enumerate() {
         let r = reg[*m];
         let slot = Buf::Slot(slots[j]);
+        out_regs.push(r);
         match axes[j] {
-            None => {
-                out_regs.push((r, Store::Elem));
-                outputs.push(slot);
-            }
-            Some(axis) if split => {
-                // Write the summands, then reduce them in a launch of their own.
+            None => outputs.push(slot),
+            Some(axis) => {
+                // The summands, one unit per element; then their sums in a launch of their own.
                 temps.push(rows * cols);
                 let t = Buf::Temp(temps.len() - 1);
-                out_regs.push((r, Store::Elem));
                 outputs.push(t);
-                let (smode, line) = match axis {
-                    Some(0) => (Mode::Columns, cols),
-                    _ => (Mode::Rows, rows),
-                };
-                let sum_program = FusedProgram {
-                    mode: smode,
+                after.push(Launch::Reduce {
                     rows,
                     cols,
-                    ops: vec![KOp::Load(0, Access::Elem)],
-                    outputs: vec![(0, Store::LineSum)],
-                };
-                if axis.is_none() {
-                    temps.push(line);
-                    let partial = Buf::Temp(temps.len() - 1);
-                    after.push(Launch::Fused {
-                        program: sum_program,
-                        inputs: vec![t],
-                        outputs: vec![partial],
-                    });
-                    after.push(Launch::SumPartials {
-                        n: line,
-                        from: partial,
-                        to: slot,
-                    });
-                } else {
-                    after.push(Launch::Fused {
-                        program: sum_program,
-                        inputs: vec![t],
-                        outputs: vec![slot],
-                    });
-                }
-            }
-            Some(None) => {
-                // Line sums into a partials buffer, then one pass over the partials.
-                let line = if mode == Mode::Rows { rows } else { cols };
-                temps.push(line);
-                let partial = Buf::Temp(temps.len() - 1);
-                out_regs.push((r, Store::LineSum));
-                outputs.push(partial);
-                after.push(Launch::SumPartials {
-                    n: line,
-                    from: partial,
+                    axis,
+                    from: t,
                     to: slot,
                 });
-            }
-            Some(Some(_)) => {
-                out_regs.push((r, Store::LineSum));
-                outputs.push(slot);
             }
         }
     }
     launches.push(Launch::Fused {
         program: FusedProgram {
-            mode,
             rows,
             cols,
             ops,

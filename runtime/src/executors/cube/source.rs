@@ -99,8 +99,13 @@ fn product(p: &Product) -> String {
 }
 
 /// A whole-tensor sum's last pass: a cubek-reduce kernel, chosen on the device.
-fn sum_partials(n: usize) -> String {
-    format!("// cubek-reduce: out[0] = sum of {n} partial sums (one cube); kernel built on the device\n")
+fn reduce(rows: usize, cols: usize, axis: Option<usize>) -> String {
+    let what = match axis {
+        None => "out[0] = the sum of every value".to_string(),
+        Some(0) => format!("out[c] = sum over the {rows} rows of column c ({cols} outputs)"),
+        Some(_) => format!("out[r] = sum over the {cols} columns of row r ({rows} outputs)"),
+    };
+    format!("// cubek-reduce of [{rows} x {cols}]: {what}, one cube per output; kernel built on the device\n")
 }
 
 fn array_args(b: &mut KernelBuilder, inputs: usize) -> Vec<<Array<f32> as CubeType>::ExpandType> {
@@ -155,7 +160,7 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
             KernelSpec::Fused { program, inputs } => ("fused", fused(&program, inputs, target)?),
             KernelSpec::Matmul { product: p, what } => (what, product(&p)),
             KernelSpec::Im2col(c) => ("im2col", im2col(&c, target)?),
-            KernelSpec::SumPartials(n) => ("sum_partials", sum_partials(n)),
+            KernelSpec::Reduce { rows, cols, axis } => ("reduce", reduce(rows, cols, axis)),
             KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
             KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
         };
@@ -180,7 +185,12 @@ pub enum KernelSpec {
         what: &'static str,
     },
     Im2col(Im2col),
-    SumPartials(usize),
+    /// A cubek-reduce sum (see `Launch::Reduce`).
+    Reduce {
+        rows: usize,
+        cols: usize,
+        axis: Option<usize>,
+    },
     Gather(GatherConfig),
     Spline(SplineConfig),
 }
