@@ -641,16 +641,15 @@ fn evaluation_on_a_gpu_matches_the_host() {
     ] {
         let host = Model::<f64>::init(&spec, 5);
         let want = evaluate(&host, &split, 4, 7).expect("host evaluation");
-        let got = snfc_runtime::eval::evaluate_on(
-            &host.cast::<f32>(),
-            &split,
-            4,
-            7,
-            &gpu,
-            &snfc_runtime::distributed::Solo,
-            &snfc_runtime::progress::Progress::hidden(),
-        )
-        .expect("GPU evaluation");
+        let options = snfc_runtime::eval::EvalOptions {
+            batch: 4,
+            noise_seed: 7,
+            device: &gpu,
+            comm: &snfc_runtime::distributed::Solo,
+            progress: &snfc_runtime::progress::Progress::hidden(),
+        };
+        let got = snfc_runtime::eval::evaluate_on(&host.cast::<f32>(), &split, &options)
+            .expect("GPU evaluation");
         assert_eq!(got.examples, want.examples);
         assert_close(
             got.nll_nats,

@@ -33,15 +33,14 @@ pub fn run(args: EvalArgs, _comm: &distributed::Comm) -> Result<()> {
         // A GPU evaluates in f32: the checkpoint's parameters rounded once, the log-dets
         // still by LU in f64 on the host.
         let (model32, _) = Model::<f32>::load(&checkpoint, spec.as_ref())?;
-        snfc_runtime::eval::evaluate_on(
-            &model32,
-            &split,
-            500,
-            0,
-            &chosen,
-            &distributed::Solo,
-            &progress,
-        )?
+        let options = snfc_runtime::eval::EvalOptions {
+            batch: 500,
+            noise_seed: 0,
+            device: &chosen,
+            comm: &distributed::Solo,
+            progress: &progress,
+        };
+        snfc_runtime::eval::evaluate_on(&model32, &split, &options)?
     };
     if json {
         let mut v = serde_json::to_value(&r)?;

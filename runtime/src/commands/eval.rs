@@ -112,32 +112,48 @@ pub fn log_likelihoods_of<T: Real + 'static>(
     noise_seed: u64,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
     let logdets = logdet_sum(model);
-    log_likelihoods_showing(
-        model,
-        logdets,
-        split,
-        range,
+    let options = EvalOptions {
         batch,
         noise_seed,
-        &Chosen::Host,
-        &Progress::hidden(),
-    )
+        device: &Chosen::Host,
+        comm: &crate::distributed::Solo,
+        progress: &Progress::hidden(),
+    };
+    log_likelihoods_showing(model, logdets, split, range, &options)
 }
 
-/// [`log_likelihoods_of`] given the model's [`logdet_sum`], on `device` (the batches' plan
-/// there, its products in full f32 on a GPU; the log-dets stay the host's f64), counting the
-/// examples done on `progress`.
-#[allow(clippy::too_many_arguments)]
+/// Where and how an evaluation runs: everything but the model and the data.
+pub struct EvalOptions<'a> {
+    /// The most examples per batch (fewer where [`eval_batch`] says the memory calls for it).
+    pub batch: usize,
+    /// Seed of the dequantization noise, drawn example by example (the same numbers at any
+    /// batch size and on any device).
+    pub noise_seed: u64,
+    /// Where every example's terms run (a GPU in f32: its products in full f32); the
+    /// log-dets stay the host's f64.
+    pub device: &'a Chosen,
+    /// The ranks sharing the examples (`Solo` for one process).
+    pub comm: &'a dyn crate::distributed::Communicator,
+    /// Counts this rank's examples.
+    pub progress: &'a Progress,
+}
+
+/// [`log_likelihoods_of`] given the model's [`logdet_sum`], as `options` say (their `comm` is
+/// not read: the caller picks the range).
 fn log_likelihoods_showing<T: Real + 'static>(
     model: &Model<T>,
     ld: f64,
     split: &Split,
     range: std::ops::Range<usize>,
-    batch: usize,
-    noise_seed: u64,
-    device: &Chosen,
-    progress: &Progress,
+    options: &EvalOptions,
 ) -> Result<(Vec<f64>, Option<Vec<f64>>), ExecError> {
+    let EvalOptions {
+        batch,
+        noise_seed,
+        device,
+        progress,
+        ..
+    } = *options;
     let spec = &model.spec;
     let d = spec.input.dim();
     let batch = eval_batch::<T>(spec, batch.min(range.len()).max(1));
@@ -209,52 +225,39 @@ pub fn evaluate_sharded<T: Real + 'static>(
     comm: &dyn crate::distributed::Communicator,
     progress: &Progress,
 ) -> Result<EvalResult, ExecError> {
-    evaluate_on(
-        model,
-        split,
+    let options = EvalOptions {
         batch,
         noise_seed,
-        &Chosen::Host,
+        device: &Chosen::Host,
         comm,
         progress,
-    )
+    };
+    evaluate_on(model, split, &options)
 }
 
-/// [`evaluate_sharded`] with every example on `device` (a GPU evaluates in f32: the model is
-/// f32 there); Σ ln|det W| is computed once, by LU on the host in f64.
+/// The exact NLL of `split` as `options` say (a GPU evaluates in f32: the model is f32
+/// there); Σ ln|det W| is computed once, by LU on the host in f64.
 pub fn evaluate_on<T: Real + 'static>(
     model: &Model<T>,
     split: &Split,
-    batch: usize,
-    noise_seed: u64,
-    device: &Chosen,
-    comm: &dyn crate::distributed::Communicator,
-    progress: &Progress,
+    options: &EvalOptions,
 ) -> Result<EvalResult, ExecError> {
     let logdets = logdet_sum(model);
-    evaluate_given_logdets(
-        model, logdets, split, batch, noise_seed, device, comm, progress,
-    )
+    evaluate_given_logdets(model, logdets, split, options)
 }
 
 /// [`evaluate_on`] given the model's [`logdet_sum`] (computed once by a caller that needs it
 /// too: training adds it to the training batches' data terms).
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate_given_logdets<T: Real + 'static>(
     model: &Model<T>,
     logdets: f64,
     split: &Split,
-    batch: usize,
-    noise_seed: u64,
-    device: &Chosen,
-    comm: &dyn crate::distributed::Communicator,
-    progress: &Progress,
+    options: &EvalOptions,
 ) -> Result<EvalResult, ExecError> {
+    let comm = options.comm;
     let range = crate::distributed::shard(split.n, comm.rank(), comm.size());
-    let (logp, recon) = log_likelihoods_showing(
-        model, logdets, split, range, batch, noise_seed, device, progress,
-    )?;
-    progress.finish();
+    let (logp, recon) = log_likelihoods_showing(model, logdets, split, range, options)?;
+    options.progress.finish();
     let has_recon = recon.is_some();
     let mut sums = vec![
         logp.iter().sum::<f64>(),

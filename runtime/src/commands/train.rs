@@ -8,7 +8,7 @@ use crate::batch::{fill_columns, fill_uniform, hflip, pad_crop};
 use crate::cube::matmul::MatmulPrecision;
 use crate::cube::probe::Chosen;
 use crate::data::Dataset;
-use crate::eval::{evaluate_given_logdets, logdet_sum, EvalResult};
+use crate::eval::{evaluate_given_logdets, logdet_sum, EvalOptions, EvalResult};
 use crate::host::exec::ExecError;
 use crate::host::exec::{Executor, Program};
 use crate::host::linalg::Real;
@@ -1582,21 +1582,20 @@ pub fn train<T: Real + 'static>(
             // The data-independent Σ ln|det W| of the parameters as they are now, once for the
             // validation NLL and the training NLL both.
             let logdets = logdet_sum(&model);
-            let val = evaluate_given_logdets(
-                &model.cast::<f64>(),
-                logdets,
-                &data.valid,
-                batch.max(100),
-                0,
-                &Chosen::Host,
-                comm.as_ref(),
-                &crate::progress::Progress::new(
-                    data.valid.n as u64,
-                    &format!("epoch {epoch}/{epochs}: validation"),
-                    "examples",
-                    progress,
-                ),
-            )?;
+            let counter = crate::progress::Progress::new(
+                data.valid.n as u64,
+                &format!("epoch {epoch}/{epochs}: validation"),
+                "examples",
+                progress,
+            );
+            let options = EvalOptions {
+                batch: batch.max(100),
+                noise_seed: 0,
+                device: &Chosen::Host,
+                comm: comm.as_ref(),
+                progress: &counter,
+            };
+            let val = evaluate_given_logdets(&model.cast::<f64>(), logdets, &data.valid, &options)?;
             let train_nll = nll_data_sum / steps.max(1) as f64 - logdets;
             let record = EpochRecord {
                 epoch,
