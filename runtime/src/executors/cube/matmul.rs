@@ -6,8 +6,16 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::zspace::{Shape, Strides};
+use cubek_matmul::components::tile::TileMatmulKind;
 use cubek_matmul::definition::{MatmulElems, MatmulSetupError};
-use cubek_matmul::launch::Strategy;
+use cubek_matmul::launch::launch_tiling;
+use cubek_matmul::routines::double_buffering::{
+    CyclicDoubleBufferingAlgorithm, DoubleBufferingArgs,
+};
+use cubek_matmul::routines::double_unit::DoubleUnitAlgorithm;
+use cubek_matmul::routines::simple::{SimpleAlgorithm, SimpleArgs};
+use cubek_matmul::routines::simple_unit::SimpleUnitAlgorithm;
+use cubek_matmul::routines::BlueprintStrategy;
 use cubek_std::InputBinding;
 
 /// The arithmetic of f32 matrix products on a GPU.
@@ -32,8 +40,9 @@ impl std::str::FromStr for MatmulPrecision {
     }
 }
 
-/// The cubek-matmul kernels a product may run on (`Strategy` itself is neither `Copy` nor
-/// `Debug`, and holds inferred blueprints only).
+/// The cubek-matmul kernels a product may run on, each launched through its own routine
+/// type (cubek's `Strategy` dispatch would compile some forty routines for every runtime:
+/// a third of a release build).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MatmulKernel {
     /// Register tiles on plain units: every device.
@@ -61,15 +70,6 @@ impl MatmulKernel {
             self,
             MatmulKernel::SimpleCyclicCmma | MatmulKernel::DoubleCyclicCmma
         )
-    }
-
-    fn strategy(self) -> Strategy {
-        match self {
-            MatmulKernel::SimpleUnit => Strategy::SimpleUnit(Default::default()),
-            MatmulKernel::DoubleUnit => Strategy::DoubleUnit(Default::default()),
-            MatmulKernel::SimpleCyclicCmma => Strategy::SimpleCyclicCmma(Default::default()),
-            MatmulKernel::DoubleCyclicCmma => Strategy::DoubleCyclicCmma(Default::default()),
-        }
     }
 }
 
@@ -161,14 +161,53 @@ pub fn launch<R: Runtime>(
             Shape::from([p.batch, p.m, p.n]),
         )
     };
-    cubek_matmul::launch::launch_ref(
-        &kernel.strategy(),
-        client,
-        lhs,
-        rhs,
-        out,
-        &mut MatmulElems::from_single_dtype(f32_type),
-    )
+    let dtypes = &mut MatmulElems::from_single_dtype(f32_type);
+    match kernel {
+        MatmulKernel::SimpleUnit => launch_tiling::launch_ref::<R, SimpleUnitAlgorithm>(
+            client,
+            lhs,
+            rhs,
+            out,
+            &BlueprintStrategy::default(),
+            dtypes,
+        ),
+        MatmulKernel::DoubleUnit => launch_tiling::launch_ref::<R, DoubleUnitAlgorithm>(
+            client,
+            lhs,
+            rhs,
+            out,
+            &BlueprintStrategy::default(),
+            dtypes,
+        ),
+        MatmulKernel::SimpleCyclicCmma => {
+            let args = SimpleArgs {
+                tile_matmul: TileMatmulKind::Cmma,
+                ..Default::default()
+            };
+            launch_tiling::launch_ref::<R, SimpleAlgorithm>(
+                client,
+                lhs,
+                rhs,
+                out,
+                &BlueprintStrategy::Inferred(args),
+                dtypes,
+            )
+        }
+        MatmulKernel::DoubleCyclicCmma => {
+            let args = DoubleBufferingArgs {
+                tile_matmul: TileMatmulKind::Cmma,
+                ..Default::default()
+            };
+            launch_tiling::launch_ref::<R, CyclicDoubleBufferingAlgorithm>(
+                client,
+                lhs,
+                rhs,
+                out,
+                &BlueprintStrategy::Inferred(args),
+                dtypes,
+            )
+        }
+    }
 }
 
 /// Whether a launch error means "this kernel cannot run here" (try the next one).
