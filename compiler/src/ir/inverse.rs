@@ -10,7 +10,10 @@
 //! The runtime's host inverse (`runtime::sample::invert`, in f64 with Newton to tolerance) is the
 //! independent reference the tests hold this graph to.
 
-use super::lower::{coupling_param_nodes, coupling_scale_shift, param_name, ParamKind};
+use super::lower::{
+    channel_bias, coupling_param_nodes, coupling_scale_shift, param_name, per_channel, spline_part,
+    ParamKind,
+};
 use super::{Graph, GraphBuilder, NodeIndex, Op, Region, SplinePart, Unary};
 use crate::spec::{FlowSpec, LayerSpec, Preprocess};
 
@@ -85,15 +88,7 @@ pub fn sample_graph(spec: &FlowSpec, batch: usize, exact: bool) -> Graph {
                 let (ch, hh, ww) = shape.image();
                 let k = c.kernel_size;
                 if c.bias {
-                    let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
-                    let per_channel = b.add(
-                        Op::Expand {
-                            to: vec![ch, hh * ww, batch],
-                            axes: vec![1, 2],
-                        },
-                        &[bias],
-                    );
-                    let bb = b.add(Op::Reshape { to: flat.clone() }, &[per_channel]);
+                    let bb = channel_bias(&mut b, i, ch, hh * ww, batch);
                     h = b.sub(h, bb);
                 }
                 let kernel_shape = vec![ch, ch, k, k];
@@ -120,22 +115,7 @@ pub fn sample_graph(spec: &FlowSpec, batch: usize, exact: bool) -> Graph {
                     b.matmul(t_inv, h)
                 }
             }
-            LayerSpec::Spline(sp) => {
-                let params: Vec<NodeIndex> = [
-                    (ParamKind::SplineWidths, sp.bins),
-                    (ParamKind::SplineHeights, sp.bins),
-                    (ParamKind::SplineDerivatives, sp.bins - 1),
-                ]
-                .into_iter()
-                .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
-                .collect();
-                let op = Op::Spline {
-                    bins: sp.bins,
-                    bound: sp.tail_bound.to_bits(),
-                    part: SplinePart::Inverse,
-                };
-                b.add(op, &[h, params[0], params[1], params[2]])
-            }
+            LayerSpec::Spline(sp) => spline_part(&mut b, sp, i, d, h, SplinePart::Inverse),
             LayerSpec::Squeeze(_) => {
                 let (ch, hh, ww) = shape.image();
                 // The forward [C, H/2, 2, W/2, 2] → [C, 2, 2, H/2, W/2], undone.
@@ -178,21 +158,12 @@ pub fn sample_graph(spec: &FlowSpec, batch: usize, exact: bool) -> Graph {
                 // y = (x − t)·exp(−s)  ⇒  x = y·exp(s) + t, per channel.
                 let (c, hw) = shape.channels();
                 let grid = vec![c, hw, batch];
-                let per_channel = |b: &mut GraphBuilder, v: NodeIndex| {
-                    b.add(
-                        Op::Expand {
-                            to: grid.clone(),
-                            axes: vec![1, 2],
-                        },
-                        &[v],
-                    )
-                };
                 let t = b.param(&param_name(i, ParamKind::ActnormTranslation), vec![c]);
                 let s = b.param(&param_name(i, ParamKind::ActnormLogScale), vec![c]);
                 let y = b.add(Op::Reshape { to: grid.clone() }, &[h]);
                 let scale = b.unary(Unary::Exp, s);
-                let scale = per_channel(&mut b, scale);
-                let shift = per_channel(&mut b, t);
+                let scale = per_channel(&mut b, scale, &grid);
+                let shift = per_channel(&mut b, t, &grid);
                 let scaled = b.mul(y, scale);
                 let x = b.add2(scaled, shift);
                 b.add(Op::Reshape { to: flat }, &[x])

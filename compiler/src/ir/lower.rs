@@ -420,15 +420,7 @@ impl<'a> Lowering<'a> {
             conv(b, h, w)
         };
         if c.bias {
-            let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
-            let per_channel = b.add(
-                Op::Expand {
-                    to: vec![ch, hh * ww, batch],
-                    axes: vec![1, 2],
-                },
-                &[bias],
-            );
-            let bb = b.add(Op::Reshape { to: shape.clone() }, &[per_channel]);
+            let bb = channel_bias(b, i, ch, hh * ww, batch);
             b.add2(z, bb)
         } else {
             z
@@ -468,23 +460,9 @@ impl<'a> Lowering<'a> {
         let b = &mut self.b;
         let LayerAt { i, d, .. } = *at;
         let data_terms = &mut terms.data;
-        let params: Vec<NodeIndex> = [
-            (ParamKind::SplineWidths, sp.bins),
-            (ParamKind::SplineHeights, sp.bins),
-            (ParamKind::SplineDerivatives, sp.bins - 1),
-        ]
-        .into_iter()
-        .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
-        .collect();
-        let operands = [h, params[0], params[1], params[2]];
-        let spline = |part| Op::Spline {
-            bins: sp.bins,
-            bound: sp.tail_bound.to_bits(),
-            part,
-        };
-        let ld = b.add(spline(SplinePart::LogDet), &operands);
+        let ld = spline_part(b, sp, i, d, h, SplinePart::LogDet);
         data_terms.push(b.sum(ld, Some(0)));
-        b.add(spline(SplinePart::Value), &operands)
+        spline_part(b, sp, i, d, h, SplinePart::Value)
     }
 
     /// Half the channels leave the flow under N(0, I); the other half goes on.
@@ -574,15 +552,7 @@ impl<'a> Lowering<'a> {
         let data_terms = &mut terms.data;
         let (c, hw) = at.layer.channels();
         let grid = vec![c, hw, batch];
-        let per_channel = |b: &mut GraphBuilder, v: NodeIndex| {
-            b.add(
-                Op::Expand {
-                    to: grid.clone(),
-                    axes: vec![1, 2],
-                },
-                &[v],
-            )
-        };
+        let per_channel = |b: &mut GraphBuilder, v: NodeIndex| per_channel(b, v, &grid);
         let x = b.add(Op::Reshape { to: grid.clone() }, &[h]);
         let (t, s) = if self.actnorm_from_data {
             // t = mean, s = ln(std + ε) per channel over the positions and batch.
@@ -683,6 +653,68 @@ fn learned_pair(
         terms.recon_layers.push((at.i, error));
     }
     (w, r)
+}
+
+/// Part `part` of layer `i`'s spline (`d` elements) of `h`: its value, log-derivative or
+/// inverse, with the layer's widths, heights and derivatives as operands.
+pub(crate) fn spline_part(
+    b: &mut GraphBuilder,
+    sp: &SplineSpec,
+    i: usize,
+    d: usize,
+    h: NodeIndex,
+    part: SplinePart,
+) -> NodeIndex {
+    let params: Vec<NodeIndex> = [
+        (ParamKind::SplineWidths, sp.bins),
+        (ParamKind::SplineHeights, sp.bins),
+        (ParamKind::SplineDerivatives, sp.bins - 1),
+    ]
+    .into_iter()
+    .map(|(kind, k)| b.param(&param_name(i, kind), vec![d, k]))
+    .collect();
+    let op = Op::Spline {
+        bins: sp.bins,
+        bound: sp.tail_bound.to_bits(),
+        part,
+    };
+    b.add(op, &[h, params[0], params[1], params[2]])
+}
+
+/// A `[C]` vector repeated over the positions and examples of `grid` = `[C, H·W, B]`.
+pub(crate) fn per_channel(b: &mut GraphBuilder, v: NodeIndex, grid: &[usize]) -> NodeIndex {
+    b.add(
+        Op::Expand {
+            to: grid.to_vec(),
+            axes: vec![1, 2],
+        },
+        &[v],
+    )
+}
+
+/// Layer `i`'s bias of `ch` channels, each repeated over its `positions` pixels of every example:
+/// the flat batch `[ch·positions, batch]` a conv layer adds.
+pub(crate) fn channel_bias(
+    b: &mut GraphBuilder,
+    i: usize,
+    ch: usize,
+    positions: usize,
+    batch: usize,
+) -> NodeIndex {
+    let bias = b.param(&param_name(i, ParamKind::Bias), vec![ch]);
+    let per_channel = b.add(
+        Op::Expand {
+            to: vec![ch, positions, batch],
+            axes: vec![1, 2],
+        },
+        &[bias],
+    );
+    b.add(
+        Op::Reshape {
+            to: vec![ch * positions, batch],
+        },
+        &[per_channel],
+    )
 }
 
 /// The parameters of layer `i`'s affine coupling network, in [`coupling_params`] order.

@@ -162,51 +162,30 @@ pub fn launch<R: Runtime>(
         )
     };
     let dtypes = &mut MatmulElems::from_single_dtype(f32_type);
+    // One tiled routine, named by its type, with the strategy it infers its blueprint from.
+    macro_rules! tiled {
+        ($routine:ty, $strategy:expr) => {
+            launch_tiling::launch_ref::<R, $routine>(client, lhs, rhs, out, &$strategy, dtypes)
+        };
+    }
+    let cmma = TileMatmulKind::Cmma;
     match kernel {
-        MatmulKernel::SimpleUnit => launch_tiling::launch_ref::<R, SimpleUnitAlgorithm>(
-            client,
-            lhs,
-            rhs,
-            out,
-            &BlueprintStrategy::default(),
-            dtypes,
-        ),
-        MatmulKernel::DoubleUnit => launch_tiling::launch_ref::<R, DoubleUnitAlgorithm>(
-            client,
-            lhs,
-            rhs,
-            out,
-            &BlueprintStrategy::default(),
-            dtypes,
-        ),
-        MatmulKernel::SimpleCyclicCmma => {
-            let args = SimpleArgs {
-                tile_matmul: TileMatmulKind::Cmma,
+        MatmulKernel::SimpleUnit => tiled!(SimpleUnitAlgorithm, BlueprintStrategy::default()),
+        MatmulKernel::DoubleUnit => tiled!(DoubleUnitAlgorithm, BlueprintStrategy::default()),
+        MatmulKernel::SimpleCyclicCmma => tiled!(
+            SimpleAlgorithm,
+            BlueprintStrategy::Inferred(SimpleArgs {
+                tile_matmul: cmma,
                 ..Default::default()
-            };
-            launch_tiling::launch_ref::<R, SimpleAlgorithm>(
-                client,
-                lhs,
-                rhs,
-                out,
-                &BlueprintStrategy::Inferred(args),
-                dtypes,
-            )
-        }
-        MatmulKernel::DoubleCyclicCmma => {
-            let args = DoubleBufferingArgs {
-                tile_matmul: TileMatmulKind::Cmma,
+            })
+        ),
+        MatmulKernel::DoubleCyclicCmma => tiled!(
+            CyclicDoubleBufferingAlgorithm,
+            BlueprintStrategy::Inferred(DoubleBufferingArgs {
+                tile_matmul: cmma,
                 ..Default::default()
-            };
-            launch_tiling::launch_ref::<R, CyclicDoubleBufferingAlgorithm>(
-                client,
-                lhs,
-                rhs,
-                out,
-                &BlueprintStrategy::Inferred(args),
-                dtypes,
-            )
-        }
+            })
+        ),
     }
 }
 

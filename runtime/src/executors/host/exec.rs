@@ -862,34 +862,19 @@ impl<T: Real> Executor<T> {
                 let a = arg!(0).clone();
                 value(shape_ops::toeplitz(&self.contiguous(&a), &a.shape, *h, *w))
             }
-            Op::Spline {
-                bins,
-                bound,
-                part: SplinePart::Inverse,
-            } => {
-                let args: Vec<Arc<Vec<T>>> = (0..4)
-                    .map(|k| {
-                        let a = arg!(k).clone();
-                        self.contiguous(&a)
-                    })
-                    .collect();
-                let n = ins.shape[1];
-                let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
-                let (mut x, mut ld) = (vec![T::zero(); numel], vec![T::zero(); numel]);
-                sp.inverse_batch(&args[0], n, spline_params(&args), &mut x, &mut ld);
-                value(x)
-            }
             Op::Spline { bins, bound, part } => {
                 let slot = match part {
-                    SplinePart::Value => 0,
+                    SplinePart::Value | SplinePart::Inverse => 0,
                     SplinePart::LogDet => 1,
-                    SplinePart::Inverse | SplinePart::Both => {
-                        unreachable!("a spline value has one part (shape rule)")
-                    }
+                    SplinePart::Both => unreachable!("a spline value has one part (shape rule)"),
                 };
+                // The value and the log-det of one input are computed together (the cache holds
+                // the other); an inverse is its own pass.
+                let inverse = *part == SplinePart::Inverse;
                 if let Some(done) = self
                     .spline_values
                     .get_mut(&ins.args)
+                    .filter(|_| !inverse)
                     .and_then(|both| both[slot].take())
                 {
                     return Ok(value(done));
@@ -903,6 +888,10 @@ impl<T: Real> Executor<T> {
                 let n = ins.shape[1];
                 let sp = Spline::new(*bins, T::of_f64(f64::from_bits(*bound)));
                 let (mut y, mut ld) = (vec![T::zero(); numel], vec![T::zero(); numel]);
+                if inverse {
+                    sp.inverse_batch(&args[0], n, spline_params(&args), &mut y, &mut ld);
+                    return Ok(value(y));
+                }
                 sp.forward_batch(&args[0], n, spline_params(&args), &mut y, &mut ld);
                 let mut both = [Some(y), Some(ld)];
                 let mine = both[slot].take().unwrap_or_default();
