@@ -823,3 +823,32 @@ fn sampling_on_a_gpu_matches_the_host() {
         assert_ne!(drawn(2), first, "{}: another seed", spec.name);
     }
 }
+
+/// The unrolled Newton steps of the sampling graph at the edges of the smooth leaky ReLU: the
+/// smallest slopes (α = 0.01, 0.001) and latents far out (temperature 60: |z| up to about
+/// 250), against the host's Newton iteration to tolerance, in f64.
+#[test]
+fn the_sampling_graphs_newton_steps_hold_at_small_slopes_and_far_latents() {
+    use snfc_runtime::cube::probe::Chosen;
+    use snfc_runtime::progress::Progress;
+    for alpha in [0.001, 0.01, 0.99] {
+        let spec = parse_spec(&format!(
+            r#"{{"name": "slrelu", "input": {{"shape": [8], "preprocess": "none"}},
+                "layers": [{{"type": "smooth_leaky_relu", "alpha": {alpha}}}],
+                "train": {{"batch_size": 4}}}}"#
+        ))
+        .expect("spec");
+        let model = Model::<f64>::init(&spec, 1);
+        let want = snfc_runtime::sample::sample_at(&model, 64, 3, false, 60.0).expect("host");
+        let opts = snfc_runtime::sample::SampleOptions {
+            temperature: 60.0,
+            seed: 3,
+            ..sample_options(64, false, 64)
+        };
+        let got =
+            snfc_runtime::sample::sample_on(&model, &opts, &Chosen::Host, &Progress::hidden())
+                .expect("sampling graph");
+        let worst = worst_relative(&got, &want, 1.0);
+        assert!(worst < 1e-9, "α = {alpha}: {worst:e}");
+    }
+}

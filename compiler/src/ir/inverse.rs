@@ -26,7 +26,8 @@ pub const OUTPUT_SAMPLES: &str = "x";
 /// Newton steps that invert the smooth leaky ReLU. From x₀ = y the iteration converges
 /// monotonically after its first step (s is increasing and convex, s' ∈ (α, 1)); over
 /// y ∈ [−100, 100] and α ∈ [0.01, 0.99], 9 steps reach a relative step of 1e-12 in f64, so
-/// 12 leave a margin (each is a few fused elementwise operations).
+/// 12 leave a margin (each is a few fused elementwise operations); `runtime/tests/eval_sample.rs`
+/// holds them to the host's iteration at α = 0.001 and |y| up to about 250.
 pub const SLRELU_NEWTON_STEPS: usize = 12;
 
 /// The latent inputs of the sampling graph, with their rows per example, in the order of one
