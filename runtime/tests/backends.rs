@@ -797,6 +797,102 @@ fn step_traffic(chosen: &Chosen) {
     );
 }
 
+/// GECO's λ and reconstruction EMA stay where the step runs: the step computes their update
+/// (its `next.*` outputs), `carry` hands them to the next step's inputs, and the values read
+/// back with the loss follow the host's rule (f64, from the same step's errors) within f32
+/// rounding. After the first step, which feeds the EMA's decay once, a step uploads only the
+/// batch and reads once. A `set` after `carry` wins for its input.
+fn geco_state_carried(chosen: &Chosen) {
+    use snfc_compiler::ir::lower::GECO_EMA_WEIGHT_INPUT;
+    use snfc_runtime::train::Geco;
+    use std::collections::BTreeMap;
+    let s = spec(
+        r#"{"name": "geco", "input": {"shape": [24], "preprocess": "none"},
+            "layers": [{"type": "linear"}, {"type": "smooth_leaky_relu", "alpha": 0.3},
+                       {"type": "linear"}],
+            "objective": {"lambda": {"geco": {"lambda0": 2.0, "lr": 30.0, "ema": 0.8,
+                                              "min": 0.5, "max": 3.0}}},
+            "train": {"batch_size": 10}}"#,
+    );
+    let batch = 10;
+    let c = compile_train(&s, batch, OptLevel::Full).expect("the spec compiles");
+    let feeds = step_feeds(&s, batch, 5, false);
+    let mut dev: Box<dyn Backend<f32>> =
+        open(chosen, Plan::new(&c.step), MatmulPrecision::F32).expect("device");
+    for (name, v) in &feeds {
+        dev.set(name, &v.iter().map(|x| *x as f32).collect::<Vec<_>>())
+            .expect("set");
+    }
+    let gs = *s.objective.lambda.geco().expect("GECO");
+    let mut state = Geco::new(&s).expect("GECO layers");
+    for (name, v) in state.feeds(&gs) {
+        dev.set(&name, &[v as f32]).expect("set");
+    }
+    let mut names = vec!["loss".to_string()];
+    names.extend(state.read_back());
+    let layers = state.lambda.len();
+    let x: Vec<f32> = feeds["x"].iter().map(|v| *v as f32).collect();
+    let lr = snfc_runtime::train::LearningRates::for_spec(&s, 1e-3);
+    let device = dev.device();
+    // One step; the device's λ and EMA against the host's rule from `state`.
+    let step = |dev: &mut Box<dyn Backend<f32>>, state: &Geco, what: &str| -> Geco {
+        dev.set("x", &x).expect("set");
+        dev.run().expect("run");
+        let read = dev.step_readback(&names, false).expect("read-back");
+        let recon: BTreeMap<String, f64> = state
+            .lambda
+            .keys()
+            .cloned()
+            .zip(read.scalars[1..=layers].iter().copied())
+            .collect();
+        let mut host = state.clone();
+        host.update(&gs, &recon);
+        let mut got = state.clone();
+        got.take_next(&read.scalars[1 + layers..]);
+        for layer in host.lambda.keys() {
+            let (want, have) = (host.lambda[layer], got.lambda[layer]);
+            assert!(
+                (want - have).abs() <= 1e-5 * want,
+                "{what}, {layer} on {device}: λ {have}, host rule {want}"
+            );
+            let (want, have) = (host.ema[layer].unwrap(), got.ema[layer].unwrap());
+            assert!(
+                (want - have).abs() <= 1e-5 * want.abs() + 1e-9,
+                "{what}, {layer} on {device}: EMA {have}, host rule {want}"
+            );
+        }
+        dev.adam_step(&lr, [0.9, 0.999], 1e-8, 1.0).expect("adam");
+        got
+    };
+    state = step(&mut dev, &state, "step 1");
+    dev.carry().expect("carry");
+    dev.set(GECO_EMA_WEIGHT_INPUT, &[gs.ema as f32])
+        .expect("set");
+    let before = dev.traffic();
+    let steps = 4;
+    for k in 0..steps {
+        state = step(&mut dev, &state, &format!("step {}", k + 2));
+        dev.carry().expect("carry");
+    }
+    if let (Some(before), Some(after)) = (before, dev.traffic()) {
+        assert_eq!(after.uploads - before.uploads, steps, "uploads on {device}");
+        assert_eq!(after.reads - before.reads, steps, "reads on {device}");
+    }
+    assert!(
+        state.lambda.values().all(|l| (l - 2.0).abs() > 1e-3),
+        "λ moved: {:?}",
+        state.lambda
+    );
+    // A carried input reads as its carried value before the next run.
+    let carried = dev.fed("lambda.layers.0").expect("fed");
+    assert_eq!(f64::from(carried[0]), state.lambda["layers.0"]);
+    // A set after carry wins for its input; the other keeps its carried value.
+    dev.carry().expect("carry");
+    dev.set("lambda.layers.0", &[1.0]).expect("set");
+    state.lambda.insert("layers.0".into(), 1.0);
+    step(&mut dev, &state, "after a set");
+}
+
 /// Uniform noise drawn on the device (cubek-random): every value in [0, 1), mean ½ and
 /// variance 1/12 within 5 standard errors over 300,000 draws, no two neighbours correlated
 /// beyond noise; the same seed draws the same values, another seed others. Then a normal
@@ -895,6 +991,7 @@ macro_rules! backend_suite {
                 whole_training_steps_and_eval => training_steps,
                 adam_update_fc_and_cnn => adam,
                 one_read_and_one_upload_per_step => step_traffic,
+                geco_state_carried_on_the_device => geco_state_carried,
                 noise_drawn_on_the_device => device_noise);
         }
     };

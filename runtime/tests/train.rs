@@ -365,7 +365,8 @@ fn geco_adapts_lambda_per_layer() {
         state.lambda.keys().collect::<Vec<_>>(),
         ["layers.0", "layers.2"]
     );
-    for (name, v) in state.feeds() {
+    let gs = geco.objective.lambda.geco().unwrap();
+    for (name, v) in state.feeds(gs) {
         feeds.insert(name, Arc::new(vec![v]));
     }
     let run = |graph| -> std::collections::HashMap<String, Vec<f64>> {
@@ -388,9 +389,76 @@ fn geco_adapts_lambda_per_layer() {
     let r0 = a["recon.layers.0"][0];
     let r2 = a["recon.layers.2"][0];
     assert!((r0 + r2 - b["recon"][0]).abs() < 1e-12 * (1.0 + b["recon"][0].abs()));
+    // The step's own update (its `next.*` outputs, which a backend carries into the inputs)
+    // is the host's rule applied to the step's errors: from a fresh state (the EMA starts at
+    // the error), from a running EMA, and against each bound.
+    let bounded = |min, max, kappa| GecoSpec {
+        min,
+        max,
+        kappa,
+        ..*gs
+    };
+    let cases = [
+        (*gs, None, [2.0, 2.0]),
+        (*gs, Some([0.3, 0.1]), [1.5, 0.7]),
+        (
+            bounded(Some(0.5), Some(3.0), 10.0),
+            Some([0.3, 0.1]),
+            [0.5001, 2.9],
+        ),
+        (
+            bounded(Some(0.5), Some(3.0), -1e4),
+            Some([0.3, 0.1]),
+            [0.5001, 2.9],
+        ),
+    ];
+    for (case, (gspec, ema, lambda)) in cases.into_iter().enumerate() {
+        let mut spec = geco.clone();
+        spec.objective.lambda = Lambda::Geco { geco: gspec };
+        let graph = compile_train(&spec, batch, OptLevel::Full).unwrap().step;
+        let mut host = state.clone();
+        for (k, layer) in ["layers.0", "layers.2"].into_iter().enumerate() {
+            host.lambda.insert(layer.into(), lambda[k]);
+            host.ema.insert(layer.into(), ema.map(|e| e[k]));
+        }
+        let mut fed = feeds.clone();
+        for (name, v) in host.feeds(&gspec) {
+            fed.insert(name, Arc::new(vec![v]));
+        }
+        let out: std::collections::HashMap<String, Vec<f64>> = Executor::<f64>::new()
+            .run(&Program::new(&graph), &fed)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.data))
+            .collect();
+        let names = host.read_back();
+        let values: Vec<f64> = names.iter().map(|n| out[n][0]).collect();
+        let recon = std::collections::BTreeMap::from([
+            ("layers.0".to_string(), values[0]),
+            ("layers.2".to_string(), values[1]),
+        ]);
+        let mut from_graph = host.clone();
+        from_graph.take_next(&values[2..]);
+        host.update(&gspec, &recon);
+        for layer in ["layers.0", "layers.2"] {
+            let (want, got) = (host.lambda[layer], from_graph.lambda[layer]);
+            assert!(
+                (want - got).abs() <= 1e-12 * want,
+                "case {case}, {layer}: λ {got}, host {want}"
+            );
+            let (want, got) = (host.ema[layer].unwrap(), from_graph.ema[layer].unwrap());
+            assert!(
+                (want - got).abs() <= 1e-12 * want.abs(),
+                "case {case}, {layer}: EMA {got}, host {want}"
+            );
+        }
+        if case >= 2 {
+            let hit = if gspec.kappa > 0.0 { 0.5 } else { 3.0 };
+            assert_eq!(host.lambda["layers.0"], hit, "case {case}: a bound is met");
+        }
+    }
     // The update rule, by hand.
     let mut s = state.clone();
-    let gs = geco.objective.lambda.geco().unwrap();
     let recon = std::collections::BTreeMap::from([
         ("layers.0".to_string(), 0.4),
         ("layers.2".to_string(), 0.2),

@@ -18,7 +18,7 @@ use super::{Graph, GraphBuilder, Region, Shape, Unary};
 use super::{Op, SplinePart};
 use crate::autodiff;
 use crate::spec::{
-    AffineCouplingSpec, ConvSpec, FlowSpec, GradientMode, Lambda, LayerShape, LayerSpec,
+    AffineCouplingSpec, ConvSpec, FlowSpec, GecoSpec, GradientMode, Lambda, LayerShape, LayerSpec,
     LinearSpec, Preprocess, ReconTrains, SmoothLeakyReluSpec, SplineSpec,
 };
 use petgraph::stable_graph::NodeIndex;
@@ -167,6 +167,92 @@ pub fn coupling_params(c: usize, width: usize) -> Vec<(ParamKind, Shape)> {
 /// The graph input of layer `layer`'s GECO weight λ (a scalar fed each step).
 pub fn geco_lambda_input(layer: usize) -> String {
     format!("lambda.layers.{layer}")
+}
+
+/// The scalar inputs of a GECO training step: λ and the reconstruction EMA of each
+/// self-normalizing layer, and the EMA's decay. Empty for other specs.
+pub fn geco_inputs(spec: &FlowSpec) -> Vec<String> {
+    if spec.objective.lambda.geco().is_none()
+        || spec.objective.gradient != GradientMode::SelfNormalizing
+    {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = spec
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l, LayerSpec::Linear(_) | LayerSpec::Conv(_)))
+        .flat_map(|(k, _)| [geco_lambda_input(k), geco_ema_input(k)])
+        .collect();
+    names.push(GECO_EMA_WEIGHT_INPUT.to_string());
+    names
+}
+
+/// The graph input of layer `layer`'s EMA of its reconstruction error (GECO specs).
+pub fn geco_ema_input(layer: usize) -> String {
+    format!("ema.layers.{layer}")
+}
+
+/// The graph input of the EMA's decay for this step: 0 before the first step (the EMA starts at
+/// the first error), the spec's `ema` after.
+pub const GECO_EMA_WEIGHT_INPUT: &str = "ema_weight";
+
+/// Outputs named `next.<input>` hold the value of `<input>` for the next step: a backend
+/// carries them over without a round trip through the host (GECO's λ and EMA).
+const NEXT_PREFIX: &str = "next.";
+
+/// The output that carries `input`'s value for the next step.
+pub fn next_output(input: &str) -> String {
+    format!("{NEXT_PREFIX}{input}")
+}
+
+/// The input an output carries its value into, if it is a `next.*` output.
+pub fn carried_input(output: &str) -> Option<&str> {
+    output.strip_prefix(NEXT_PREFIX)
+}
+
+/// One GECO update as graph nodes, the same as [`GecoSpec::updated`] after the EMA step:
+/// EMA' = r + w·(EMA − r), λ' = λ·exp(lr·(EMA' − κ)) kept within the spec's [min, max]
+/// (max(x, lo) = lo + relu(x − lo), min(x, hi) = hi − relu(hi − x)).
+fn geco_update(
+    b: &mut GraphBuilder,
+    geco: &GecoSpec,
+    lambda: NodeIndex,
+    ema: NodeIndex,
+    weight: NodeIndex,
+    recon: NodeIndex,
+) -> (NodeIndex, NodeIndex) {
+    // Neither is differentiated: they only feed the next step.
+    let recon = b.stop_grad(recon);
+    let lambda = b.stop_grad(lambda);
+    let neg_recon = b.neg(recon);
+    let gap = b.add2(ema, neg_recon);
+    let decayed = b.mul(weight, gap);
+    let ema_next = b.add2(recon, decayed);
+    let mut exponent = b.scale(ema_next, geco.lr);
+    if geco.kappa != 0.0 {
+        let offset = b.constant(-geco.lr * geco.kappa);
+        exponent = b.add2(exponent, offset);
+    }
+    let factor = b.unary(Unary::Exp, exponent);
+    let mut next = b.mul(lambda, factor);
+    if let Some(lo) = geco.min {
+        let shift = b.constant(-lo);
+        let above = b.add2(next, shift);
+        let above = b.unary(Unary::Relu, above);
+        let floor = b.constant(lo);
+        next = b.add2(floor, above);
+    }
+    if let Some(hi) = geco.max {
+        let neg = b.neg(next);
+        let room = b.constant(hi);
+        let room = b.add2(room, neg);
+        let room = b.unary(Unary::Relu, room);
+        let room = b.neg(room);
+        let ceil = b.constant(hi);
+        next = b.add2(ceil, room);
+    }
+    (next, ema_next)
 }
 
 /// `W h` inside the reconstruction error: gradient-stopped when only R is to learn from it
@@ -831,8 +917,11 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
                     }
                 }
             }
-            // GECO: λ_k fed per step, and each layer's mean reconstruction error reported.
-            Lambda::Geco { .. } => {
+            // GECO: λ_k an input, each layer's mean reconstruction error reported, and the
+            // step's update of λ_k and of the error's EMA computed in the graph: outputs
+            // `next.*`, carried into the inputs on the device (see `carried_input`).
+            Lambda::Geco { geco } => {
+                let ema_weight = b.input(GECO_EMA_WEIGHT_INPUT, vec![]);
                 for (k, r) in &f.recon_layers {
                     let total = b.sum(*r, None);
                     let mean = b.scale(total, 1.0 / bsz);
@@ -840,6 +929,11 @@ pub fn train_graph(spec: &FlowSpec, batch: usize) -> Graph {
                     let lambda = b.input(&geco_lambda_input(*k), vec![]);
                     let weighted = b.mul(lambda, mean);
                     loss = b.add2(loss, weighted);
+                    let ema = b.input(&geco_ema_input(*k), vec![]);
+                    let (lambda_next, ema_next) =
+                        geco_update(b, &geco, lambda, ema, ema_weight, mean);
+                    b.output(&next_output(&geco_lambda_input(*k)), lambda_next);
+                    b.output(&next_output(&geco_ema_input(*k)), ema_next);
                 }
             }
         }

@@ -97,18 +97,14 @@ impl TrainPlan {
             .map(|p| (p.name, p.shape))
             .collect();
         let d = plan.spec.input.dim();
-        let geco = plan.spec.objective.lambda.geco().is_some();
-        let is_lambda = |name: &str| {
-            geco && (0..plan.spec.layers.len())
-                .any(|k| crate::ir::lower::geco_lambda_input(k) == name)
-        };
+        let geco = crate::ir::lower::geco_inputs(&plan.spec);
         for (kind, name, shape) in plan.step.feeds() {
             use crate::ir::lower::{INPUT_NOISE, INPUT_X};
             let expected = match kind {
                 "param" => want.get(&name).cloned(),
                 _ if name == INPUT_X || name == INPUT_NOISE => Some(vec![d, plan.batch]),
-                // A GECO layer's λ, a scalar fed each step.
-                _ if is_lambda(&name) => Some(vec![]),
+                // GECO's λ and EMA per layer and the EMA's decay: scalars.
+                _ if geco.contains(&name) => Some(vec![]),
                 _ => None,
             };
             match expected {
@@ -125,6 +121,22 @@ impl TrainPlan {
                         plan.spec.name
                     ))
                 }
+            }
+        }
+        // A `next.*` output carries its value into an input of the same shape.
+        let feeds = plan.step.feeds();
+        for (name, slot) in &plan.step.outputs {
+            let Some(input) = crate::ir::lower::carried_input(name) else {
+                continue;
+            };
+            let shape = &plan.step.instrs[*slot].shape;
+            if !feeds
+                .iter()
+                .any(|(kind, n, s)| *kind == "input" && n == input && s == shape)
+            {
+                return Err(format!(
+                    "/step: output `{name}` (shape {shape:?}) carries into input `{input}`, which the step does not read with that shape"
+                ));
             }
         }
         Ok(plan)

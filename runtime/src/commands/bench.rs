@@ -157,7 +157,8 @@ pub fn bench_step<T: Real + 'static>(
         backend.set(name, v)?;
     }
     for (name, v) in crate::train::Geco::new(spec)
-        .map(|g| g.feeds())
+        .zip(spec.objective.lambda.geco())
+        .map(|(g, gs)| g.feeds(gs))
         .unwrap_or_default()
     {
         backend.set(&name, &[T::of_f64(v)])?;
@@ -182,7 +183,11 @@ pub fn bench_step<T: Real + 'static>(
     let rates = crate::train::LearningRates::for_spec(spec, 1e-4);
     let mut times = Vec::with_capacity(steps);
     let mut reduce_times = Vec::with_capacity(steps);
-    let loss_name = ["loss".to_string()];
+    // The step's read-back as `train` asks for it: the loss, and GECO's errors and next λ.
+    let geco = crate::train::Geco::new(spec);
+    let mut read_back = vec!["loss".to_string()];
+    read_back.extend(geco.iter().flat_map(crate::train::Geco::read_back));
+    let carry = geco.is_some() && ranks == 1;
     let mut step =
         |backend: &mut Box<dyn crate::backend::Backend<T>>| -> Result<(f64, f64), ExecError> {
             backend.sync()?;
@@ -197,8 +202,11 @@ pub fn bench_step<T: Real + 'static>(
                 backend.set(INPUT_NOISE, &noise)?;
             }
             backend.run()?;
-            let read = backend.step_readback(&loss_name, false)?;
+            let read = backend.step_readback(&read_back, false)?;
             std::hint::black_box(read);
+            if carry {
+                backend.carry()?;
+            }
             let reduce_started = Instant::now();
             backend.all_reduce_grads(comm.as_ref())?;
             let reduce = reduce_started.elapsed().as_secs_f64();

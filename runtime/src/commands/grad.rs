@@ -54,7 +54,8 @@ pub fn gradients<T: Real + 'static>(
     feeds.insert(INPUT_X.into(), Arc::new(columns(rows)));
     // GECO specs: every layer's λ at its initial value.
     for (name, v) in crate::train::Geco::new(spec)
-        .map(|g| g.feeds())
+        .zip(spec.objective.lambda.geco())
+        .map(|(g, gs)| g.feeds(gs))
         .unwrap_or_default()
     {
         feeds.insert(name, Arc::new(vec![T::of_f64(v)]));

@@ -19,7 +19,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
-use snfc_compiler::ir::lower::{actnorm_init_graph, ParamKind, ACTNORM_EPS, INPUT_NOISE, INPUT_X};
+use snfc_compiler::ir::lower::{
+    actnorm_init_graph, next_output, ParamKind, ACTNORM_EPS, GECO_EMA_WEIGHT_INPUT, INPUT_NOISE,
+    INPUT_X,
+};
 use snfc_compiler::plan::Plan;
 use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
 use std::collections::BTreeMap;
@@ -233,12 +236,53 @@ impl Geco {
         })
     }
 
-    /// The graph inputs λ_k and their values.
-    pub fn feeds(&self) -> Vec<(String, f64)> {
-        self.lambda
+    /// The step's GECO inputs and their values: λ_k and EMA_k per layer (0 before the first
+    /// error), and the EMA's decay (0 until every layer has an EMA, so that the first update
+    /// starts it at the error).
+    pub fn feeds(&self, spec: &GecoSpec) -> Vec<(String, f64)> {
+        let mut feeds: Vec<(String, f64)> = self
+            .lambda
             .iter()
             .map(|(l, v)| (format!("lambda.{l}"), *v))
+            .collect();
+        feeds.extend(
+            self.ema
+                .iter()
+                .map(|(l, e)| (format!("ema.{l}"), e.unwrap_or(0.0))),
+        );
+        let started = self.ema.values().all(Option::is_some);
+        feeds.push((
+            GECO_EMA_WEIGHT_INPUT.to_string(),
+            if started { spec.ema } else { 0.0 },
+        ));
+        feeds
+    }
+
+    /// What a step reads back for GECO, in order: each layer's reconstruction error, then its
+    /// next λ and EMA as the step computed them (the `next.*` outputs).
+    pub fn read_back(&self) -> Vec<String> {
+        let layers = || self.lambda.keys();
+        layers()
+            .map(|l| format!("recon.{l}"))
+            .chain(layers().flat_map(|l| {
+                [
+                    next_output(&format!("lambda.{l}")),
+                    next_output(&format!("ema.{l}")),
+                ]
+            }))
             .collect()
+    }
+
+    /// Take λ and the EMA from a step's `next.*` outputs (the values after [`read_back`]'s
+    /// reconstruction errors).
+    ///
+    /// [`read_back`]: Self::read_back
+    pub fn take_next(&mut self, next: &[f64]) {
+        let layers: Vec<String> = self.lambda.keys().cloned().collect();
+        for (layer, pair) in layers.iter().zip(next.chunks(2)) {
+            self.lambda.insert(layer.clone(), pair[0]);
+            self.ema.insert(layer.clone(), Some(pair[1]));
+        }
     }
 
     /// One update from each layer's reconstruction error of the last step (`recon.layers.k`):
@@ -1273,8 +1317,8 @@ pub fn train<T: Real + 'static>(
     for (name, v) in &model.values {
         backend.set(name, v)?;
     }
-    if let Some(g) = &state.geco {
-        for (name, v) in g.feeds() {
+    if let (Some(g), Some(gs)) = (&state.geco, spec.objective.lambda.geco()) {
+        for (name, v) in g.feeds(gs) {
             backend.set(&name, &[T::of_f64(v)])?;
         }
     }
@@ -1289,10 +1333,11 @@ pub fn train<T: Real + 'static>(
     let mut records = Vec::new();
     let mut writer = crate::atomic::BackgroundWriter::new();
     // Read back after every step, in one read: the loss, the f-flow's data terms of the NLL,
-    // and GECO's per-layer reconstruction errors (GECO's layers are fixed for the run).
+    // and GECO's per-layer reconstruction errors and next λ and EMA (GECO's layers are fixed
+    // for the run).
     let mut read_back = vec!["loss".to_string(), "nll_data".to_string()];
     if let Some(g) = &state.geco {
-        read_back.extend(g.lambda.keys().map(|layer| format!("recon.{layer}")));
+        read_back.extend(g.read_back());
     }
     let probe = match opts.angle_every {
         Some(0) => {
@@ -1442,8 +1487,10 @@ pub fn train<T: Real + 'static>(
                     if dequantize {
                         feeds.insert(INPUT_NOISE.to_string(), Arc::new(noise.clone()));
                     }
-                    for (name, v) in state.geco.iter().flat_map(Geco::feeds) {
-                        feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
+                    if let (Some(g), Some(gs)) = (&state.geco, spec.objective.lambda.geco()) {
+                        for (name, v) in g.feeds(gs) {
+                            feeds.insert(name, Arc::new(vec![T::of_f64(v)]));
+                        }
                     }
                     angles.push(probe.measure(&feeds_f64(&feeds))?);
                 }
@@ -1511,15 +1558,30 @@ pub fn train<T: Real + 'static>(
             loss_sum += loss;
             nll_data_sum += values[1];
             if let (Some(g), Some(gs)) = (state.geco.as_mut(), spec.objective.lambda.geco()) {
-                let recon: BTreeMap<String, f64> = g
-                    .lambda
-                    .keys()
-                    .cloned()
-                    .zip(values[2..].iter().copied())
-                    .collect();
-                g.update(gs, &recon);
-                for (name, v) in g.feeds() {
-                    backend.set(&name, &[T::of_f64(v)])?;
+                let layers = g.lambda.len();
+                if ranks == 1 {
+                    // The step computed λ and the EMA on the device: keep them there for the
+                    // next step, and a copy here for the log and the checkpoint. The EMA's
+                    // decay is fed once, after the first step.
+                    let first = g.ema.values().any(Option::is_none);
+                    g.take_next(&values[2 + layers..2 + 3 * layers]);
+                    backend.carry()?;
+                    if first {
+                        backend.set(GECO_EMA_WEIGHT_INPUT, &[T::of_f64(gs.ema)])?;
+                    }
+                } else {
+                    // Each rank's step saw its own rows: the update follows the global
+                    // batch's errors (the mean over the ranks), the same on every rank.
+                    let recon: BTreeMap<String, f64> = g
+                        .lambda
+                        .keys()
+                        .cloned()
+                        .zip(values[2..2 + layers].iter().copied())
+                        .collect();
+                    g.update(gs, &recon);
+                    for (name, v) in g.feeds(gs) {
+                        backend.set(&name, &[T::of_f64(v)])?;
+                    }
                 }
             }
             // Clipping by global norm: every gradient scaled by min(1, clip / ‖g‖).

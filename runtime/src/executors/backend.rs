@@ -10,6 +10,7 @@ use crate::executors::linalg::GemmShape;
 use crate::executors::values::{ExecError, Feeds, Real, Tensor};
 use crate::host::exec::{Executor, Program};
 use crate::profile::{Profile, ProfileRow, Work};
+use snfc_compiler::ir::lower::carried_input;
 use snfc_compiler::plan::{AllReduce, Plan};
 use std::any::Any;
 use std::sync::Arc;
@@ -34,6 +35,10 @@ pub trait Backend<T: Real> {
             .map(|n| Ok(self.output(n)?.scalar().as_f64()))
             .collect()
     }
+    /// Feed each `next.<input>` output of the last run into `<input>` for the next run, where
+    /// the values live (GECO's λ and reconstruction EMA: no round trip through the host). A
+    /// later [`set`](Self::set) of such an input wins.
+    fn carry(&mut self) -> Result<(), ExecError>;
     /// One Adam step, where the parameters live, for every parameter with a `grad.<name>`
     /// output of the last run, each at its rate in `lr`.
     /// Each gradient is multiplied by `grad_scale` first (1 unless clipping).
@@ -228,6 +233,15 @@ impl<T: Real> Backend<T> for HostBackend<T> {
     fn outputs(&mut self) -> Result<Vec<(String, Tensor<T>)>, ExecError> {
         Ok(self.outs.clone())
     }
+    fn carry(&mut self) -> Result<(), ExecError> {
+        for (name, t) in &self.outs {
+            if let Some(input) = carried_input(name) {
+                self.feeds
+                    .insert(input.to_string(), Arc::new(t.data.clone()));
+            }
+        }
+        Ok(())
+    }
     fn output(&mut self, name: &str) -> Result<Tensor<T>, ExecError> {
         self.outs
             .iter()
@@ -364,6 +378,10 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
     }
     fn output(&mut self, name: &str) -> Result<Tensor<f32>, ExecError> {
         self.0.output(name)
+    }
+    fn carry(&mut self) -> Result<(), ExecError> {
+        self.0.carry();
+        Ok(())
     }
     fn scalars(&mut self, names: &[String]) -> Result<Vec<f64>, ExecError> {
         self.0.scalars(names)

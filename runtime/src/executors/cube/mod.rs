@@ -28,10 +28,11 @@ use cubecl::server::Handle;
 use index_tables::IndexTable;
 use kernels::{Access, FusedProgram, Im2col, KOp};
 use matmul::{MatmulKernel, MatmulOptions, Product};
+use snfc_compiler::ir::lower::carried_input;
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tensor_kernels as kernels_t;
 use tensor_kernels::{GatherConfig, SplineConfig, SplineOut};
 
@@ -122,6 +123,10 @@ pub struct GpuProgram<R: Runtime> {
     traffic: Cell<DeviceTraffic>,
     /// FLOPs and seconds of the products launched while profiling.
     product_time: (f64, f64),
+    /// The plan's `next.*` outputs: (slot of the input it feeds, its own slot).
+    carries: Vec<(usize, usize)>,
+    /// Inputs to take their carried output's buffer at the next run (see [`carry`](Self::carry)).
+    carry_pending: HashSet<usize>,
 }
 
 fn f32_bits(v: f64) -> u32 {
@@ -162,6 +167,18 @@ impl<R: Runtime> GpuProgram<R> {
                 leaves.insert(s, client.create_from_slice(f32::as_bytes(&[v as f32])));
             }
         }
+        let carries = plan
+            .outputs
+            .iter()
+            .filter_map(|(name, out)| {
+                let input = carried_input(name)?;
+                let slot = plan
+                    .instrs
+                    .iter()
+                    .position(|i| matches!(&i.op, Op::Input { name: n, .. } if n == input))?;
+                Some((slot, *out))
+            })
+            .collect();
         GpuProgram {
             client,
             plan,
@@ -177,7 +194,35 @@ impl<R: Runtime> GpuProgram<R> {
             matmul_kernels: HashMap::new(),
             traffic: Cell::new(DeviceTraffic::default()),
             product_time: (0.0, 0.0),
+            carries,
+            carry_pending: HashSet::new(),
         }
+    }
+
+    /// Feed each `next.<input>` output of the last run into `<input>`: at the next run the
+    /// input takes over the output's buffer and the output gets a fresh one (no copy, no
+    /// transfer; until then the output stays readable). A [`set`](Self::set) of the input
+    /// in between wins.
+    pub fn carry(&mut self) {
+        self.carry_pending = self.carries.iter().map(|(input, _)| *input).collect();
+    }
+
+    fn apply_carry(&mut self) -> Result<(), ExecError> {
+        for (input, output) in self.carries.clone() {
+            if !self.carry_pending.remove(&input) {
+                continue;
+            }
+            let storage = self.plan.storage_slot(output);
+            let handle = match self.plan.buffers.of_slot[storage] {
+                Some(b) => {
+                    let fresh = self.client.empty(self.buffers[b].size() as usize);
+                    std::mem::replace(&mut self.buffers[b], fresh)
+                }
+                None => self.handle(Buf::Slot(output))?,
+            };
+            self.leaves.insert(input, handle);
+        }
+        Ok(())
     }
 
     /// Reads, uploads and launches since the program was made.
@@ -268,6 +313,7 @@ impl<R: Runtime> GpuProgram<R> {
                     // An empty tensor (a one-bin spline's derivatives) still binds a buffer.
                     let data = if data.is_empty() { &[0.0][..] } else { data };
                     self.leaves.insert(s, self.upload(data));
+                    self.carry_pending.remove(&s);
                 }
             }
         }
@@ -398,6 +444,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// Launch every kernel of the plan once.
     pub fn run(&mut self) -> Result<(), ExecError> {
+        self.apply_carry()?;
         let launches = std::mem::take(&mut self.launches);
         let result = self.run_launches(&launches);
         self.launches = launches;
@@ -853,6 +900,11 @@ impl<R: Runtime> GpuProgram<R> {
                 kind: "param",
                 name: name.to_string(),
             })?;
+        // An input still to take a carried output's value has that value.
+        let slot = match self.carries.iter().find(|(input, _)| *input == slot) {
+            Some((_, output)) if self.carry_pending.contains(&slot) => *output,
+            _ => slot,
+        };
         self.read_buf(Buf::Slot(slot))
     }
 
