@@ -482,6 +482,32 @@ pub fn open_variant<T: Real + 'static>(
     poison: bool,
     matmul: MatmulOptions,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
+    if *chosen == Chosen::Host {
+        return Ok(Box::new(HostBackend::<T>::new(plan)));
+    }
+    let graph = plan.name.clone();
+    let gpu = open_gpu(chosen, plan, poison, matmul)?;
+    let any: Box<dyn Any> = Box::new(gpu);
+    any.downcast::<Box<dyn Backend<T>>>()
+        .map(|b| *b)
+        .map_err(|_| ExecError::Device {
+            graph,
+            message: format!(
+                "the {} backend computes in f32; use --dtype f32 (f64 runs on the host)",
+                chosen.name()
+            ),
+        })
+}
+
+/// `plan` on a GPU backend. Not generic, so that the GPU program and the kernel library's
+/// routines it launches are compiled once, here, rather than in every crate that opens a
+/// backend (the binary and each test).
+fn open_gpu(
+    chosen: &Chosen,
+    plan: Plan,
+    poison: bool,
+    matmul: MatmulOptions,
+) -> Result<Box<dyn Backend<f32>>, ExecError> {
     fn gpu<R: cubecl::Runtime>(
         client: cubecl::prelude::ComputeClient<R>,
         plan: Plan,
@@ -495,42 +521,35 @@ pub fn open_variant<T: Real + 'static>(
         }
         Box::new((p, name))
     }
-    if *chosen != Chosen::Host {
-        if let Some(op) = crate::cube::unsupported_op(&plan) {
+    if let Some(op) = crate::cube::unsupported_op(&plan) {
+        return Err(ExecError::Device {
+            graph: plan.name.clone(),
+            message: format!(
+                "the {} backend has no kernel for `{op}` yet; run this spec with --device host",
+                chosen.name()
+            ),
+        });
+    }
+    Ok(match chosen {
+        Chosen::Host => {
             return Err(ExecError::Device {
                 graph: plan.name.clone(),
-                message: format!(
-                    "the {} backend has no kernel for `{op}` yet; run this spec with --device host",
-                    chosen.name()
-                ),
-            });
+                message: "the host is not a GPU backend".into(),
+            })
         }
-    }
-    let gpu: Box<dyn Backend<f32>> = match chosen {
-        Chosen::Host => return Ok(Box::new(HostBackend::<T>::new(plan))),
         Chosen::Wgpu { .. } => gpu(
             crate::cube::probe::wgpu_client(),
-            plan.clone(),
+            plan,
             poison,
             matmul,
             chosen.to_string(),
         ),
         Chosen::Cuda { .. } => gpu(
             crate::cube::probe::cuda_client(),
-            plan.clone(),
+            plan,
             poison,
             matmul,
             chosen.to_string(),
         ),
-    };
-    let any: Box<dyn Any> = Box::new(gpu);
-    any.downcast::<Box<dyn Backend<T>>>()
-        .map(|b| *b)
-        .map_err(|_| ExecError::Device {
-            graph: plan.name.clone(),
-            message: format!(
-                "the {} backend computes in f32; use --dtype f32 (f64 runs on the host)",
-                chosen.name()
-            ),
-        })
+    })
 }
