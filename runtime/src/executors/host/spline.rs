@@ -173,6 +173,269 @@ const ROWS_PER_JOB: usize = 8;
 /// same index as a binary search, the knots being sorted); above it, a binary search.
 const LINEAR_SEARCH_MAX_BINS: usize = 16;
 
+/// Up to this many bins a row's bin constants fit [`BinTable`]'s 16-entry tables, and the row
+/// loops run vectorized.
+const TABLE_BINS: usize = 16;
+
+/// A row's [`BinC`] constants as one 16-entry table per constant (entries past the row's bins
+/// repeat its last bin), so that a vectorized loop gathers them by bin index without bounds
+/// checks.
+struct BinTable<T> {
+    x0: [T; TABLE_BINS],
+    dx: [T; TABLE_BINS],
+    inv_dx: [T; TABLE_BINS],
+    y0: [T; TABLE_BINS],
+    dy: [T; TABLE_BINS],
+    s: [T; TABLE_BINS],
+    inv_s: [T; TABLE_BINS],
+    d0: [T; TABLE_BINS],
+    d1: [T; TABLE_BINS],
+    beta: [T; TABLE_BINS],
+}
+
+impl<T: Real> BinTable<T> {
+    fn new(bins: &[BinC<T>]) -> BinTable<T> {
+        let zero = [T::zero(); TABLE_BINS];
+        let mut t = BinTable {
+            x0: zero,
+            dx: zero,
+            inv_dx: zero,
+            y0: zero,
+            dy: zero,
+            s: zero,
+            inv_s: zero,
+            d0: zero,
+            d1: zero,
+            beta: zero,
+        };
+        let last = bins.len() - 1;
+        for j in 0..TABLE_BINS {
+            let b = &bins[j.min(last)];
+            t.x0[j] = b.x0;
+            t.dx[j] = b.dx;
+            t.inv_dx[j] = b.inv_dx;
+            t.y0[j] = b.y0;
+            t.dy[j] = b.dy;
+            t.s[j] = b.s;
+            t.inv_s[j] = b.inv_s;
+            t.d0[j] = b.d0;
+            t.d1[j] = b.d1;
+            t.beta[j] = b.beta;
+        }
+        t
+    }
+
+    /// Bin `j`'s constants (any `j`: taken modulo the table's size).
+    #[inline(always)]
+    fn get(&self, j: u32) -> BinC<T> {
+        let j = j as usize % TABLE_BINS;
+        BinC {
+            x0: self.x0[j],
+            dx: self.dx[j],
+            inv_dx: self.inv_dx[j],
+            y0: self.y0[j],
+            dy: self.dy[j],
+            s: self.s[j],
+            inv_s: self.inv_s[j],
+            d0: self.d0[j],
+            d1: self.d1[j],
+            beta: self.beta[j],
+        }
+    }
+
+    /// Each of `x`'s bin indices into `bin`: the count of the inner knots `≤ x` (the
+    /// per-element search's index, branch-free).
+    #[inline(always)]
+    fn search(inner_knots: &[T], x: &[T], bin: &mut [u32]) {
+        bin.fill(0);
+        for &knot in inner_knots {
+            for (j, &v) in bin.iter_mut().zip(x) {
+                *j += u32::from(knot <= v);
+            }
+        }
+    }
+}
+
+/// Elements a vectorized row loop takes at a time (their bin indices live on the stack).
+const TABLE_CHUNK: usize = 64;
+
+/// [`Row::forward_row`] before its `ln`, for rows of at most [`TABLE_BINS`] bins: `y` and the
+/// slope `dy/dx` (1 outside the bound) of each input, by [`BinC::eval`] as the per-element path
+/// computes them. Branch-free (every element is evaluated, the outside ones then replaced), so
+/// that it vectorizes; compiled for AVX-512 and AVX2, the widest the CPU has chosen at run time.
+fn forward_by_table<T: Real>(
+    table: &BinTable<T>,
+    inner_knots: &[T],
+    bound: T,
+    x: &[T],
+    y: &mut [T],
+    slope: &mut [T],
+) {
+    #[inline(always)]
+    fn body<T: Real>(t: &BinTable<T>, knots: &[T], bound: T, x: &[T], y: &mut [T], sl: &mut [T]) {
+        for ((x, y), slope) in x
+            .chunks(TABLE_CHUNK)
+            .zip(y.chunks_mut(TABLE_CHUNK))
+            .zip(sl.chunks_mut(TABLE_CHUNK))
+        {
+            let m = x.len().min(y.len()).min(slope.len());
+            let mut bin = [0u32; TABLE_CHUNK];
+            BinTable::search(knots, &x[..m], &mut bin[..m]);
+            for i in 0..m {
+                let (v, b) = (x[i], t.get(bin[i]));
+                let (value, q) = b.eval(b.xi(v));
+                let inside = v > -bound && v < bound;
+                y[i] = if inside { value } else { v };
+                slope[i] = if inside { b.slope(q) } else { T::one() };
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl")]
+        unsafe fn avx512<T: Real>(
+            t: &BinTable<T>,
+            k: &[T],
+            b: T,
+            x: &[T],
+            y: &mut [T],
+            s: &mut [T],
+        ) {
+            body(t, k, b, x, y, s)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Real>(t: &BinTable<T>, k: &[T], b: T, x: &[T], y: &mut [T], s: &mut [T]) {
+            body(t, k, b, x, y, s)
+        }
+        match widest_simd() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            Simd::Avx512 => return unsafe { avx512(table, inner_knots, bound, x, y, slope) },
+            // SAFETY: as above.
+            Simd::Avx2 => return unsafe { avx2(table, inner_knots, bound, x, y, slope) },
+            Simd::Baseline => {}
+        }
+    }
+    body(table, inner_knots, bound, x, y, slope)
+}
+
+/// The widest vector instructions of this CPU that the row loops are compiled for.
+#[derive(Clone, Copy)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Baseline,
+}
+
+fn widest_simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            return Simd::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Baseline
+}
+
+/// The inputs of one row's VJP: `x`, `g_y`, `g_l`.
+type VjpInputs<'a, T> = (&'a [T], &'a [T], &'a [T]);
+
+/// [`Row::vjp_row`] for rows of at most [`TABLE_BINS`] bins: each input's [`BinC::vjp`] in a
+/// branch-free vectorized loop (compiled as [`forward_by_table`] is), then its terms added to
+/// its bin's sums in input order (the per-element path's sums, to the bit).
+fn vjp_by_table<T: Real, const GY: bool, const GL: bool>(
+    table: &BinTable<T>,
+    inner_knots: &[T],
+    bound: T,
+    inputs: VjpInputs<T>,
+    g_x: &mut [T],
+    acc: &mut [[T; ACC]],
+) -> bool {
+    #[inline(always)]
+    fn body<T: Real, const GY: bool, const GL: bool>(
+        t: &BinTable<T>,
+        knots: &[T],
+        bound: T,
+        (x, g_y, g_l): VjpInputs<T>,
+        g_x: &mut [T],
+        acc: &mut [[T; ACC]],
+    ) -> bool {
+        let mut any = false;
+        let chunks = x
+            .chunks(TABLE_CHUNK)
+            .zip(g_y.chunks(TABLE_CHUNK))
+            .zip(g_l.chunks(TABLE_CHUNK))
+            .zip(g_x.chunks_mut(TABLE_CHUNK));
+        for (((x, g_y), g_l), g_x) in chunks {
+            let m = x.len().min(g_y.len()).min(g_l.len()).min(g_x.len());
+            let mut bin = [0u32; TABLE_CHUNK];
+            BinTable::search(knots, &x[..m], &mut bin[..m]);
+            // Per term, the chunk's values (inside inputs only; 0 elsewhere).
+            let mut terms = [[T::zero(); TABLE_CHUNK]; ACC - 1];
+            for i in 0..m {
+                let (v, b) = (x[i], t.get(bin[i]));
+                let (g, ts) = b.vjp::<GY, GL>(v, g_y[i], g_l[i]);
+                let inside = v > -bound && v < bound;
+                g_x[i] = if inside { g } else { g_y[i] };
+                for (column, term) in terms.iter_mut().zip(ts) {
+                    column[i] = if inside { term } else { T::zero() };
+                }
+            }
+            for i in 0..m {
+                if x[i] > -bound && x[i] < bound {
+                    any = true;
+                    let sums = &mut acc[bin[i] as usize];
+                    for (a, column) in sums.iter_mut().zip(&terms) {
+                        *a += column[i];
+                    }
+                }
+            }
+        }
+        any
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl")]
+        unsafe fn avx512<T: Real, const GY: bool, const GL: bool>(
+            t: &BinTable<T>,
+            k: &[T],
+            b: T,
+            i: VjpInputs<T>,
+            g: &mut [T],
+            a: &mut [[T; ACC]],
+        ) -> bool {
+            body::<T, GY, GL>(t, k, b, i, g, a)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: Real, const GY: bool, const GL: bool>(
+            t: &BinTable<T>,
+            k: &[T],
+            b: T,
+            i: VjpInputs<T>,
+            g: &mut [T],
+            a: &mut [[T; ACC]],
+        ) -> bool {
+            body::<T, GY, GL>(t, k, b, i, g, a)
+        }
+        match widest_simd() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            Simd::Avx512 => {
+                return unsafe { avx512::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc) }
+            }
+            // SAFETY: as above.
+            Simd::Avx2 => {
+                return unsafe { avx2::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc) }
+            }
+            Simd::Baseline => {}
+        }
+    }
+    body::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc)
+}
+
 /// Per-bin sums of the VJP's element cotangents, accumulated over a row's inputs (see
 /// [`BinC::vjp`]); the parameter backward then runs once per row on them ([`Row::finish`]).
 /// Seven are used, the eighth is padding.
@@ -416,8 +679,15 @@ impl<T: Real> Row<T> {
 
     /// `forward` of a row's inputs `x` into `y`, `logdet`: each element's slope first, then
     /// one vectorized `ln` over the row (a scalar `ln` per element was a third of an f32
-    /// spline's time).
+    /// spline's time). Up to [`TABLE_BINS`] bins the slopes come from [`forward_by_table`]'s
+    /// vectorized loop, the same operations per element.
     fn forward_row(&self, x: &[T], y: &mut [T], logdet: &mut [T]) {
+        if self.k() <= TABLE_BINS {
+            let table = BinTable::new(&self.bins);
+            forward_by_table(&table, &self.xs[1..self.k()], self.bound, x, y, logdet);
+            host_unary_in_place(Unary::Log, logdet);
+            return;
+        }
         for ((&x, y), l) in x.iter().zip(y.iter_mut()).zip(logdet.iter_mut()) {
             (*y, *l) = if self.inside(x) {
                 let b = &self.bins[Self::search(&self.xs, x)];
@@ -472,6 +742,14 @@ impl<T: Real> Row<T> {
         let mut acc = std::mem::take(&mut self.acc);
         acc.clear();
         acc.resize(self.k(), [T::zero(); ACC]);
+        if self.k() <= TABLE_BINS {
+            let table = BinTable::new(&self.bins);
+            let inner = &self.xs[1..self.k()];
+            let any =
+                vjp_by_table::<T, GY, GL>(&table, inner, self.bound, (x, g_y, g_l), g_x, &mut acc);
+            self.acc = acc;
+            return any;
+        }
         let mut any = false;
         for (((gx, &v), &gy), &gl) in g_x.iter_mut().zip(x).zip(g_y).zip(g_l) {
             *gx = if self.inside(v) {
@@ -1282,12 +1560,18 @@ mod tests {
         }
     }
 
+    /// Exactly, value by value, for rows shorter than one vectorized chunk and rows of several
+    /// chunks with a partial last one, up to the table's bin limit and past it.
     #[test]
     fn batch_matches_per_element() {
         let mut rng = Rng(7);
-        for &(k, b) in &CONFIGS {
+        let configs = CONFIGS
+            .iter()
+            .copied()
+            .chain([(TABLE_BINS, 3.0), (TABLE_BINS + 1, 3.0)]);
+        for ((k, b), n) in configs.flat_map(|c| [(c, 7), (c, 2 * TABLE_CHUNK + 5)]) {
             let s = Spline::new(k, b);
-            let (dd, n) = (4, 7);
+            let dd = 4;
             let p = Owned::random(&mut rng, dd, k, 2.0);
             let mut x: Vec<f64> = (0..dd * n).map(|_| rng.range(-1.5 * b, 1.5 * b)).collect();
             x[0] = b;
