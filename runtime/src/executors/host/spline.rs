@@ -259,6 +259,35 @@ impl<T: Real> BinTable<T> {
 /// Elements a vectorized row loop takes at a time (their bin indices live on the stack).
 const TABLE_CHUNK: usize = 64;
 
+/// Calls the `#[inline(always)]` function `$body` on the `$val`s, compiled for AVX-512 or AVX2
+/// when the CPU has them (detected at run time), else as compiled: the loops vectorize at the
+/// widest width, and every path does the same IEEE operations in the same order.
+/// `[$gp]` / `[$ga]`: the function's generic parameters and arguments.
+macro_rules! call_on_widest_simd {
+    ($body:ident [$($gp:tt)*] [$($ga:tt)*] ($($arg:ident: $ty:ty = $val:expr),* $(,)?) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl")]
+            unsafe fn avx512<$($gp)*>($($arg: $ty),*) -> $ret {
+                $body::<$($ga)*>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<$($gp)*>($($arg: $ty),*) -> $ret {
+                $body::<$($ga)*>($($arg),*)
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { avx512::<$($ga)*>($($val),*) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                return unsafe { avx2::<$($ga)*>($($val),*) };
+            }
+        }
+        $body::<$($ga)*>($($val),*)
+    }};
+}
+
 /// [`Row::forward_row`] before its `ln`, for rows of at most [`TABLE_BINS`] bins: `y` and the
 /// slope `dy/dx` (1 outside the bound) of each input, by [`BinC::eval`] as the per-element path
 /// computes them. Branch-free (every element is evaluated, the outside ones then replaced), so
@@ -290,55 +319,14 @@ fn forward_by_table<T: Real>(
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl")]
-        unsafe fn avx512<T: Real>(
-            t: &BinTable<T>,
-            k: &[T],
-            b: T,
-            x: &[T],
-            y: &mut [T],
-            s: &mut [T],
-        ) {
-            body(t, k, b, x, y, s)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Real>(t: &BinTable<T>, k: &[T], b: T, x: &[T], y: &mut [T], s: &mut [T]) {
-            body(t, k, b, x, y, s)
-        }
-        match widest_simd() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            Simd::Avx512 => return unsafe { avx512(table, inner_knots, bound, x, y, slope) },
-            // SAFETY: as above.
-            Simd::Avx2 => return unsafe { avx2(table, inner_knots, bound, x, y, slope) },
-            Simd::Baseline => {}
-        }
-    }
-    body(table, inner_knots, bound, x, y, slope)
-}
-
-/// The widest vector instructions of this CPU that the row loops are compiled for.
-#[derive(Clone, Copy)]
-enum Simd {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Baseline,
-}
-
-fn widest_simd() -> Simd {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            return Simd::Avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Simd::Avx2;
-        }
-    }
-    Simd::Baseline
+    call_on_widest_simd!(body [T: Real] [T] (
+        t: &BinTable<T> = table,
+        k: &[T] = inner_knots,
+        b: T = bound,
+        x: &[T] = x,
+        y: &mut [T] = y,
+        s: &mut [T] = slope,
+    ) -> ())
 }
 
 /// The inputs of one row's VJP: `x`, `g_y`, `g_l`.
@@ -397,43 +385,14 @@ fn vjp_by_table<T: Real, const GY: bool, const GL: bool>(
         }
         any
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl")]
-        unsafe fn avx512<T: Real, const GY: bool, const GL: bool>(
-            t: &BinTable<T>,
-            k: &[T],
-            b: T,
-            i: VjpInputs<T>,
-            g: &mut [T],
-            a: &mut [[T; ACC]],
-        ) -> bool {
-            body::<T, GY, GL>(t, k, b, i, g, a)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Real, const GY: bool, const GL: bool>(
-            t: &BinTable<T>,
-            k: &[T],
-            b: T,
-            i: VjpInputs<T>,
-            g: &mut [T],
-            a: &mut [[T; ACC]],
-        ) -> bool {
-            body::<T, GY, GL>(t, k, b, i, g, a)
-        }
-        match widest_simd() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            Simd::Avx512 => {
-                return unsafe { avx512::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc) }
-            }
-            // SAFETY: as above.
-            Simd::Avx2 => {
-                return unsafe { avx2::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc) }
-            }
-            Simd::Baseline => {}
-        }
-    }
-    body::<T, GY, GL>(table, inner_knots, bound, inputs, g_x, acc)
+    call_on_widest_simd!(body [T: Real, const GY: bool, const GL: bool] [T, GY, GL] (
+        t: &BinTable<T> = table,
+        k: &[T] = inner_knots,
+        b: T = bound,
+        i: VjpInputs<T> = inputs,
+        g: &mut [T] = g_x,
+        a: &mut [[T; ACC]] = acc,
+    ) -> bool)
 }
 
 /// Per-bin sums of the VJP's element cotangents, accumulated over a row's inputs (see
