@@ -164,25 +164,50 @@ pub fn coupling_params(c: usize, width: usize) -> Vec<(ParamKind, Shape)> {
     ]
 }
 
-/// The graph input of layer `layer`'s GECO weight λ (a scalar fed each step).
-pub fn geco_lambda_input(layer: usize) -> String {
-    format!("lambda.layers.{layer}")
-}
-
-/// The scalar inputs of a GECO training step: λ and the reconstruction EMA of each
-/// self-normalizing layer, and the EMA's decay. Empty for other specs.
-pub fn geco_inputs(spec: &FlowSpec) -> Vec<String> {
+/// The layers GECO weighs, by index: every linear and conv layer (the ones with a
+/// reconstruction error) of a GECO spec trained with the self-normalizing gradient; none for
+/// other specs.
+pub fn geco_layers(spec: &FlowSpec) -> Vec<usize> {
     if spec.objective.lambda.geco().is_none()
         || spec.objective.gradient != GradientMode::SelfNormalizing
     {
         return Vec::new();
     }
-    let mut names: Vec<String> = spec
-        .layers
+    spec.layers
         .iter()
         .enumerate()
         .filter(|(_, l)| matches!(l, LayerSpec::Linear(_) | LayerSpec::Conv(_)))
-        .flat_map(|(k, _)| [geco_lambda_input(k), geco_ema_input(k)])
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// A GECO layer's key in logs and checkpoints (`layers.k`); its inputs and outputs are named
+/// by a prefix before it.
+pub fn geco_layer_key(layer: usize) -> String {
+    Region::Layer(layer).to_string()
+}
+
+/// The prefixes before a layer's key that name its GECO inputs (λ, the EMA of its
+/// reconstruction error) and its reconstruction-error output.
+pub const GECO_LAMBDA_PREFIX: &str = "lambda.";
+pub const GECO_EMA_PREFIX: &str = "ema.";
+pub const GECO_RECON_PREFIX: &str = "recon.";
+
+/// The graph input of layer `layer`'s GECO weight λ (a scalar fed each step).
+pub fn geco_lambda_input(layer: usize) -> String {
+    format!("{GECO_LAMBDA_PREFIX}{}", geco_layer_key(layer))
+}
+
+/// The scalar inputs of a GECO training step: λ and the reconstruction EMA of each
+/// self-normalizing layer, and the EMA's decay. Empty for other specs.
+pub fn geco_inputs(spec: &FlowSpec) -> Vec<String> {
+    let layers = geco_layers(spec);
+    if layers.is_empty() {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = layers
+        .into_iter()
+        .flat_map(|k| [geco_lambda_input(k), geco_ema_input(k)])
         .collect();
     names.push(GECO_EMA_WEIGHT_INPUT.to_string());
     names
@@ -190,7 +215,7 @@ pub fn geco_inputs(spec: &FlowSpec) -> Vec<String> {
 
 /// The graph input of layer `layer`'s EMA of its reconstruction error (GECO specs).
 pub fn geco_ema_input(layer: usize) -> String {
-    format!("ema.layers.{layer}")
+    format!("{GECO_EMA_PREFIX}{}", geco_layer_key(layer))
 }
 
 /// The graph input of the EMA's decay for this step: 0 before the first step (the EMA starts at
@@ -266,7 +291,7 @@ fn recon_w_term(b: &mut GraphBuilder, wh: NodeIndex, recon_trains: ReconTrains) 
 
 /// The graph output of layer `layer`'s mean reconstruction error (GECO specs).
 pub fn geco_recon_output(layer: usize) -> String {
-    format!("recon.layers.{layer}")
+    format!("{GECO_RECON_PREFIX}{}", geco_layer_key(layer))
 }
 
 /// Names of the graph inputs fed each step.

@@ -20,11 +20,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use snfc_compiler::compile::{compile_train, OptLevel};
 use snfc_compiler::ir::lower::{
-    actnorm_init_graph, next_output, ParamKind, ACTNORM_EPS, GECO_EMA_WEIGHT_INPUT, INPUT_NOISE,
+    actnorm_init_graph, geco_layer_key, geco_layers, next_output, ParamKind, ACTNORM_EPS,
+    GECO_EMA_PREFIX, GECO_EMA_WEIGHT_INPUT, GECO_LAMBDA_PREFIX, GECO_RECON_PREFIX, INPUT_NOISE,
     INPUT_X,
 };
 use snfc_compiler::plan::Plan;
-use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, LayerSpec, Preprocess};
+use snfc_compiler::spec::{FlowSpec, GecoSpec, GradientMode, Preprocess};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Write;
@@ -220,16 +221,10 @@ impl Geco {
     /// self-normalizing gradient).
     pub fn new(spec: &FlowSpec) -> Option<Geco> {
         let g = spec.objective.lambda.geco()?;
-        if spec.objective.gradient != GradientMode::SelfNormalizing {
+        let layers: Vec<String> = geco_layers(spec).into_iter().map(geco_layer_key).collect();
+        if layers.is_empty() {
             return None;
         }
-        let layers: Vec<String> = spec
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l, LayerSpec::Linear(_) | LayerSpec::Conv(_)))
-            .map(|(k, _)| format!("layers.{k}"))
-            .collect();
         Some(Geco {
             lambda: layers.iter().map(|l| (l.clone(), g.lambda0)).collect(),
             ema: layers.iter().map(|l| (l.clone(), None)).collect(),
@@ -243,12 +238,12 @@ impl Geco {
         let mut feeds: Vec<(String, f64)> = self
             .lambda
             .iter()
-            .map(|(l, v)| (format!("lambda.{l}"), *v))
+            .map(|(l, v)| (format!("{GECO_LAMBDA_PREFIX}{l}"), *v))
             .collect();
         feeds.extend(
             self.ema
                 .iter()
-                .map(|(l, e)| (format!("ema.{l}"), e.unwrap_or(0.0))),
+                .map(|(l, e)| (format!("{GECO_EMA_PREFIX}{l}"), e.unwrap_or(0.0))),
         );
         let started = self.ema.values().all(Option::is_some);
         feeds.push((
@@ -263,11 +258,11 @@ impl Geco {
     pub fn read_back(&self) -> Vec<String> {
         let layers = || self.lambda.keys();
         layers()
-            .map(|l| format!("recon.{l}"))
+            .map(|l| format!("{GECO_RECON_PREFIX}{l}"))
             .chain(layers().flat_map(|l| {
                 [
-                    next_output(&format!("lambda.{l}")),
-                    next_output(&format!("ema.{l}")),
+                    next_output(&format!("{GECO_LAMBDA_PREFIX}{l}")),
+                    next_output(&format!("{GECO_EMA_PREFIX}{l}")),
                 ]
             }))
             .collect()

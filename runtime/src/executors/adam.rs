@@ -3,6 +3,7 @@
 //! instructions the CPU has. The GPU executors run the same update as a kernel; both take the
 //! per-parameter learning rates of [`LearningRates`].
 
+use crate::executors::simd::call_on_widest_simd;
 use crate::executors::values::{Real, Tensor};
 use crate::model::Model;
 use rayon::prelude::*;
@@ -83,32 +84,13 @@ fn adam_chunk<T: Real>(c: AdamCoeffs<T>, p: &mut [T], g: &[T], m: &mut [T], v: &
             p[i] -= c.step * m[i] / (v[i].sqrt() * c.c2s + c.eps);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl")]
-        unsafe fn avx512<T: Real>(
-            c: AdamCoeffs<T>,
-            p: &mut [T],
-            g: &[T],
-            m: &mut [T],
-            v: &mut [T],
-        ) {
-            update(c, p, g, m, v)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Real>(c: AdamCoeffs<T>, p: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
-            update(c, p, g, m, v)
-        }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { avx512(c, p, g, m, v) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { avx2(c, p, g, m, v) };
-        }
-    }
-    update(c, p, g, m, v)
+    call_on_widest_simd!(update [T: Real] [T] (
+        c: AdamCoeffs<T> = c,
+        p: &mut [T] = p,
+        g: &[T] = g,
+        m: &mut [T] = m,
+        v: &mut [T] = v,
+    ) -> ())
 }
 
 /// Adam (Kingma & Ba) with bias correction; state per parameter.

@@ -11,4 +11,5 @@ pub mod elementwise;
 pub mod host;
 pub mod linalg;
 pub mod profile;
+pub(crate) mod simd;
 pub mod values;

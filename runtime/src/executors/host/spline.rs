@@ -46,6 +46,7 @@
 
 use super::linalg::Real;
 use crate::executors::elementwise::host_unary_in_place;
+use crate::executors::simd::call_on_widest_simd;
 use rayon::prelude::*;
 use snfc_compiler::ir::Unary;
 
@@ -258,35 +259,6 @@ impl<T: Real> BinTable<T> {
 
 /// Elements a vectorized row loop takes at a time (their bin indices live on the stack).
 const TABLE_CHUNK: usize = 64;
-
-/// Calls the `#[inline(always)]` function `$body` on the `$val`s, compiled for AVX-512 or AVX2
-/// when the CPU has them (detected at run time), else as compiled: the loops vectorize at the
-/// widest width, and every path does the same IEEE operations in the same order.
-/// `[$gp]` / `[$ga]`: the function's generic parameters and arguments.
-macro_rules! call_on_widest_simd {
-    ($body:ident [$($gp:tt)*] [$($ga:tt)*] ($($arg:ident: $ty:ty = $val:expr),* $(,)?) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512vl")]
-            unsafe fn avx512<$($gp)*>($($arg: $ty),*) -> $ret {
-                $body::<$($ga)*>($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<$($gp)*>($($arg: $ty),*) -> $ret {
-                $body::<$($ga)*>($($arg),*)
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                // SAFETY: the CPU has the features the function is compiled for.
-                return unsafe { avx512::<$($ga)*>($($val),*) };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: as above.
-                return unsafe { avx2::<$($ga)*>($($val),*) };
-            }
-        }
-        $body::<$($ga)*>($($val),*)
-    }};
-}
 
 /// [`Row::forward_row`] before its `ln`, for rows of at most [`TABLE_BINS`] bins: `y` and the
 /// slope `dy/dx` (1 outside the bound) of each input, by [`BinC::eval`] as the per-element path
