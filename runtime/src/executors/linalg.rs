@@ -162,6 +162,14 @@ pub fn matmul<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
+    if runs_better_transposed(&a, n) {
+        // `out` = (bᵀ·aᵀ)ᵀ: the large `a` is then read in the layout `gemm` streams without
+        // packing it, and only the small product is transposed.
+        let mut product = vec![T::zero(); n * m];
+        matmul(b.t(), a.t(), &mut product, T::one(), T::zero(), false);
+        add_transposed(&product, n, m, out, alpha, beta, accumulate);
+        return;
+    }
     // Safety: every element (i, j) with i < rows, j < cols of `a`, `b` lies in its slice
     // (checked above), and `out` is exactly m×n row-major; `out` is a unique borrow so it cannot
     // alias `a` or `b`. With k = 0, `gemm` does not read `a`/`b`.
@@ -189,6 +197,53 @@ pub fn matmul<T: Real>(
             gemm::Parallelism::Rayon(0),
         );
     }
+}
+
+/// Bytes of a transposed left operand from which [`matmul`] computes the transposed product.
+const TRANSPOSED_LEFT_BYTES: usize = 16 << 20;
+
+/// Whether `out (m×n) = a·b` runs faster as `outᵀ = bᵀ·aᵀ` and one transposing pass over the
+/// m×n result: when `a` is a large column-major (transposed) matrix and `n` is a batch
+/// (≥ 64, and below `m`). `gemm` computes a row-major `out` as `outᵀ`, reading `a` row by row:
+/// a column-major `a` is then packed for every block of the product, which on the step's
+/// shapes ran at a third to a half of the rate of the same product on a row-major `a`
+/// (Intel Xeon, AVX-512: 3072×3072ᵀ · 3072×128 in 33 ms against 14.8 ms transposed,
+/// 2048² in 10.0 against 6.3 ms; 1536² and smaller were faster as they were).
+fn runs_better_transposed<T>(a: &MatRef<T>, n: usize) -> bool {
+    let column_major = a.row_stride == 1 && a.col_stride != 1;
+    column_major
+        && n >= 64
+        && n < a.rows
+        && a.rows * a.cols * std::mem::size_of::<T>() >= TRANSPOSED_LEFT_BYTES
+}
+
+/// `out (m×n) = alpha · productᵀ + (if accumulate { beta · out } else { 0 })`, with `product`
+/// n×m row-major; in tiles, in parallel over bands of `out`'s rows.
+fn add_transposed<T: Real>(
+    product: &[T],
+    n: usize,
+    m: usize,
+    out: &mut [T],
+    alpha: T,
+    beta: T,
+    accumulate: bool,
+) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    out.par_chunks_mut(TILE * n)
+        .enumerate()
+        .for_each(|(band, rows)| {
+            let i0 = band * TILE;
+            for j0 in (0..n).step_by(TILE) {
+                for (di, row) in rows.chunks_mut(n).enumerate() {
+                    let i = i0 + di;
+                    for j in j0..(j0 + TILE).min(n) {
+                        let v = alpha * product[j * m + i];
+                        row[j] = if accumulate { v + beta * row[j] } else { v };
+                    }
+                }
+            }
+        });
 }
 
 /// The shape and layout of one [`matmul`] call: `out (m×n) = a (m×k) · b (k×n)`, each operand
@@ -579,6 +634,25 @@ mod tests {
             check_matmul::<f32>(m, k, n, 1e-5, None);
         }
         check_matmul::<f32>(784, 784, 100, 1e-5, Some(300));
+    }
+
+    /// A transposed left operand this large takes the transposed formulation (`outᵀ = bᵀ·aᵀ`
+    /// and a transposing pass): every layout, α, β and accumulation against the reference.
+    #[test]
+    fn matmul_large_transposed_left_matches_naive() {
+        let (m, k, n) = (2100, 2000, 70);
+        let a32 = vec![0f32; m * k];
+        assert!(runs_better_transposed(
+            &MatRef::row_major(&a32, k, m).t(),
+            n
+        ));
+        assert!(!runs_better_transposed(&MatRef::row_major(&a32, m, k), n));
+        assert!(!runs_better_transposed(
+            &MatRef::row_major(&a32, k, m).t(),
+            63
+        ));
+        check_matmul::<f32>(m, k, n, 1e-5, Some(200));
+        check_matmul::<f64>(m, k, n, 1e-13, Some(200));
     }
 
     #[test]
