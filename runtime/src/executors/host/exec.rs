@@ -229,6 +229,18 @@ fn map2<T: Real>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) 
 fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
     const TILE: usize = 32;
     assert!(src.len() >= rows * cols && out.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: T is f32 (so the casts are identities), and the CPU has AVX-512F.
+        unsafe {
+            let src = std::slice::from_raw_parts(src.as_ptr().cast::<f32>(), src.len());
+            let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
+            transpose_f32_avx512(src, rows, cols, out);
+        }
+        return;
+    }
     // Parallel over bands of output rows (= source columns).
     out.par_chunks_mut(TILE * rows)
         .enumerate()
@@ -268,6 +280,121 @@ fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
                 }
             }
         });
+}
+
+/// [`transpose_into`] for f32 on AVX-512: 16 × 16 blocks transposed in registers, so that each
+/// block reads 16 whole cache lines and writes 16 (the 4 × 4 blocks touch a page per 16 bytes:
+/// a 3072 × 3072 transpose, whose rows are three pages long, ran at a sixth of the speed of a
+/// copy of the same matrix, most of it in address translation). Parallel over bands of output
+/// rows; in each band the blocks go row block by row block of the source, so the band's output
+/// pages are reused throughout.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_f32_avx512(src: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const BAND: usize = 64;
+    const B: usize = 16;
+    // Source rows prefetched ahead of the block being transposed: a band reads 256 bytes of
+    // each source row, too little for the hardware prefetchers to follow.
+    const AHEAD: usize = 2 * B;
+    assert!(src.len() >= rows * cols && out.len() >= rows * cols);
+    let (rows_b, cols_b) = (rows / B * B, cols / B * B);
+    out.par_chunks_mut(BAND * rows)
+        .enumerate()
+        .for_each(|(band, o)| {
+            let c0 = band * BAND;
+            let c1 = (c0 + BAND).min(cols);
+            let cb = c1.min(cols_b).max(c0);
+            for r in (0..rows_b).step_by(B) {
+                for ahead in (r + AHEAD..r + AHEAD + B).take_while(|&ahead| ahead < rows) {
+                    for c in (c0..cb).step_by(B) {
+                        let line = src[ahead * cols + c..].as_ptr().cast::<i8>();
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line);
+                    }
+                }
+                for c in (c0..cb).step_by(B) {
+                    // SAFETY: rows r..r+16 and columns c..c+16 lie inside `src` (r + 16 ≤
+                    // rows, c + 16 ≤ cols); output rows c−c0..c−c0+16 (columns r..r+16) lie
+                    // inside this band (c + 16 ≤ c1). AVX-512F is enabled on this function.
+                    unsafe {
+                        transpose_16x16_f32(
+                            src.as_ptr().add(r * cols + c),
+                            cols,
+                            o.as_mut_ptr().add((c - c0) * rows + r),
+                            rows,
+                        );
+                    }
+                }
+            }
+            // What the blocks left: the last rows of the block columns, and the columns of a
+            // band's partial block.
+            for c in c0..c1 {
+                let orow = &mut o[(c - c0) * rows..(c - c0 + 1) * rows];
+                let from = if c < cb { rows_b } else { 0 };
+                for (r, slot) in orow.iter_mut().enumerate().skip(from) {
+                    *slot = src[r * cols + c];
+                }
+            }
+        });
+}
+
+/// Transpose the 16 × 16 f32 block at `src` (row stride `src_stride`) into `dst` (row stride
+/// `dst_stride`): 32-bit then 64-bit interleaves leave 4 × 4 blocks transposed in each 128-bit
+/// lane, and two lane shuffles put the lanes in place.
+///
+/// # Safety
+/// Sixteen rows of sixteen floats must be readable at `src` and writable at `dst`, and the CPU
+/// must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose_16x16_f32(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_stride)));
+    // t[2k], t[2k+1]: rows 2k and 2k+1 interleaved element by element, in each lane.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    // u[4k+j], lane L: column 4L+j of rows 4k..4k+4.
+    let mut u = [_mm512_setzero_ps(); 16];
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    for k in 0..4 {
+        let (a, b, c, d) = (t[4 * k], t[4 * k + 1], t[4 * k + 2], t[4 * k + 3]);
+        u[4 * k] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        u[4 * k + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        u[4 * k + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        u[4 * k + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+    }
+    // Output row 4L+j is lane L of u[j], u[4+j], u[8+j], u[12+j].
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+        let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+        _mm512_storeu_ps(
+            dst.add(j * dst_stride),
+            _mm512_shuffle_f32x4::<0x88>(v0, w0),
+        );
+        _mm512_storeu_ps(
+            dst.add((4 + j) * dst_stride),
+            _mm512_shuffle_f32x4::<0x88>(v1, w1),
+        );
+        _mm512_storeu_ps(
+            dst.add((8 + j) * dst_stride),
+            _mm512_shuffle_f32x4::<0xDD>(v0, w0),
+        );
+        _mm512_storeu_ps(
+            dst.add((12 + j) * dst_stride),
+            _mm512_shuffle_f32x4::<0xDD>(v1, w1),
+        );
+    }
 }
 
 /// Transpose the 4 × 4 f32 block at `src` (row stride `src_stride`) into `dst` (row stride
@@ -1026,6 +1153,11 @@ mod tests {
             (64, 7),
             (100, 784),
             (67, 129),
+            (16, 16),
+            (32, 48),
+            (47, 200),
+            (130, 66),
+            (784, 784),
         ] {
             check_transpose::<f32>(rows, cols);
             check_transpose::<f64>(rows, cols);
