@@ -7,6 +7,7 @@ use crate::cube::GpuProgram;
 use crate::distributed::Communicator;
 use crate::executors::adam::{Adam, AdamState, LearningRates};
 use crate::executors::linalg::GemmShape;
+use crate::executors::simd::call_on_widest_simd;
 use crate::executors::values::{ExecError, Feeds, Real, Tensor};
 use crate::host::exec::{Executor, Program};
 use crate::profile::{Profile, ProfileRow, Work};
@@ -175,6 +176,27 @@ fn grad_norm_of<T: Real>(outs: &[(String, Tensor<T>)]) -> f64 {
         .sqrt()
 }
 
+/// Whether every value is finite: `v · 0` is 0 for a finite `v` and NaN otherwise, summed in
+/// 16 lanes without an early exit so that the loop vectorizes (the step's gradients are
+/// scanned after every step).
+fn all_finite<T: Real>(values: &[T]) -> bool {
+    #[inline(always)]
+    fn lanes<T: Real>(values: &[T]) -> bool {
+        const LANES: usize = 16;
+        let mut acc = [T::zero(); LANES];
+        let chunks = values.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (a, &v) in acc.iter_mut().zip(chunk) {
+                *a += v * T::zero();
+            }
+        }
+        let tail_sum = tail.iter().fold(T::zero(), |s, &v| s + v * T::zero());
+        acc.iter().fold(tail_sum, |s, &a| s + a) == T::zero()
+    }
+    call_on_widest_simd!(lanes [T: Real] [T] (values: &[T] = values) -> bool)
+}
+
 /// The host executor behind [`Backend`].
 pub struct HostBackend<T> {
     program: Program,
@@ -272,11 +294,7 @@ impl<T: Real> Backend<T> for HostBackend<T> {
             .outs
             .iter()
             .filter(|(n, _)| n.starts_with("grad."))
-            .find(|(_, t)| {
-                t.data
-                    .par_chunks(1 << 14)
-                    .any(|c| c.iter().any(|v| !v.as_f64().is_finite()))
-            })
+            .find(|(_, t)| t.data.par_chunks(1 << 14).any(|c| !all_finite(c)))
             .map(|(n, _)| n["grad.".len()..].to_string()))
     }
     fn grad_norm(&mut self) -> Result<f64, ExecError> {
@@ -552,4 +570,37 @@ fn open_gpu(
             chosen.to_string(),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    /// A NaN or an infinity anywhere (in a full 16-lane chunk or in the tail) is found; the
+    /// largest, smallest and subnormal finite values are not mistaken for one.
+    #[test]
+    fn all_finite_finds_every_nonfinite_value() {
+        fn check<T: crate::executors::values::Real>(max: T, tiny: T) {
+            for len in [0, 1, 15, 16, 17, 100] {
+                let finite: Vec<T> = (0..len)
+                    .map(|i| match i % 4 {
+                        0 => max,
+                        1 => T::zero() - max,
+                        2 => tiny,
+                        _ => T::of_f64(i as f64),
+                    })
+                    .collect();
+                assert!(all_finite(&finite), "{len} finite values");
+                for at in 0..len {
+                    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                        let mut v = finite.clone();
+                        v[at] = T::of_f64(bad);
+                        assert!(!all_finite(&v), "{bad} at {at} of {len}");
+                    }
+                }
+            }
+        }
+        check::<f32>(f32::MAX, f32::MIN_POSITIVE / 8.0);
+        check::<f64>(f64::MAX, f64::MIN_POSITIVE / 8.0);
+    }
 }
