@@ -223,9 +223,9 @@ fn map2<T: Real>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) 
     }
 }
 
-/// Row-major `src` (`rows × cols`) transposed into `out` (`cols × rows`), in cache-sized tiles;
-/// f32 tiles move as 4 × 4 SSE blocks (a scalar element-by-element walk ran at half the speed:
-/// a weight gradient's transposed term is a 784 × 784 transpose per step).
+/// Row-major `src` (`rows × cols`) transposed into `out` (`cols × rows`): f32 on AVX-512 in
+/// 16 × 16 register blocks ([`transpose_f32_avx512`]), everything else in tiles
+/// ([`transpose_tiles`]). A weight gradient's transposed term is one such transpose per step.
 fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
     assert!(src.len() >= rows * cols && out.len() >= rows * cols);
     #[cfg(target_arch = "x86_64")]
@@ -243,7 +243,8 @@ fn transpose_into<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
     transpose_tiles(src, rows, cols, out);
 }
 
-/// [`transpose_into`] without AVX-512: 32 × 32 tiles, f32 in 4 × 4 SSE blocks.
+/// [`transpose_into`] without AVX-512: 32 × 32 tiles, f32 in 4 × 4 SSE blocks (a scalar
+/// element-by-element walk ran at half the speed).
 fn transpose_tiles<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) {
     const TILE: usize = 32;
     assert!(src.len() >= rows * cols && out.len() >= rows * cols);
@@ -289,9 +290,9 @@ fn transpose_tiles<T: Real>(src: &[T], rows: usize, cols: usize, out: &mut [T]) 
 }
 
 /// [`transpose_into`] for f32 on AVX-512: 16 × 16 blocks transposed in registers, so that each
-/// block reads 16 whole cache lines and writes 16 (the 4 × 4 blocks touch a page per 16 bytes:
-/// a 3072 × 3072 transpose, whose rows are three pages long, ran at a sixth of the speed of a
-/// copy of the same matrix, most of it in address translation). Parallel over bands of output
+/// block reads 16 whole cache lines and writes 16 (with the 4 × 4 blocks a 3072 × 3072
+/// transpose took about six times as long as a copy of the same matrix; this way, about four
+/// times: its source rows are read 256 bytes at a time). Parallel over bands of output
 /// rows; in each band the blocks go row block by row block of the source, so the band's output
 /// pages are reused throughout.
 #[cfg(target_arch = "x86_64")]
