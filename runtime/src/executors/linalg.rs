@@ -162,12 +162,8 @@ pub fn matmul<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
-    if runs_better_transposed(&a, n) {
-        // `out` = (bᵀ·aᵀ)ᵀ: the large `a` is then read in the layout `gemm` streams without
-        // packing it, and only the small product is transposed.
-        let mut product = vec![T::zero(); n * m];
-        matmul(b.t(), a.t(), &mut product, T::one(), T::zero(), false);
-        add_transposed(&product, n, m, out, alpha, beta, accumulate);
+    if cpu_packs_transposed_left_slowly() && runs_better_transposed(&a, n) {
+        matmul_transposed(a, b, out, alpha, beta, accumulate);
         return;
     }
     // Safety: every element (i, j) with i < rows, j < cols of `a`, `b` lies in its slice
@@ -199,16 +195,60 @@ pub fn matmul<T: Real>(
     }
 }
 
+/// [`matmul`] as `out = (bᵀ·aᵀ)ᵀ`: the product computed transposed into a scratch buffer, then
+/// one transposing pass over the result. A large column-major `a` is then read in the layout
+/// `gemm` streams without packing it, and only the small product is transposed.
+fn matmul_transposed<T: Real>(
+    a: MatRef<T>,
+    b: MatRef<T>,
+    out: &mut [T],
+    alpha: T,
+    beta: T,
+    accumulate: bool,
+) {
+    let (m, n) = (a.rows, b.cols);
+    let mut product = vec![T::zero(); n * m];
+    matmul(b.t(), a.t(), &mut product, T::one(), T::zero(), false);
+    add_transposed(&product, n, m, out, alpha, beta, accumulate);
+}
+
 /// Bytes of a transposed left operand from which [`matmul`] computes the transposed product.
 const TRANSPOSED_LEFT_BYTES: usize = 16 << 20;
 
+/// Whether `gemm` runs a product on a large column-major left operand at a fraction of its
+/// rate on a row-major one, on this CPU: measured so on an Intel Xeon (AVX-512; the figures
+/// are at [`runs_better_transposed`]); not so on an AMD EPYC
+/// (Zen 4, AVX-512), where the direct call was the faster one (2 threads, 3072²: 11.3 ms
+/// direct, 11.9 ms for the row-major product, 14.4 ms transposed; 784² to 2048² alike).
+/// Other CPUs are unmeasured and keep the direct call, `gemm`'s own choice. Decided by the
+/// CPU, never by timing, so that a run and its resumption take the same path.
+fn cpu_packs_transposed_left_slowly() -> bool {
+    static SLOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SLOW.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let id = std::arch::x86_64::__cpuid(0);
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect();
+            vendor == b"GenuineIntel"
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether `out (m×n) = a·b` runs faster as `outᵀ = bᵀ·aᵀ` and one transposing pass over the
-/// m×n result: when `a` is a large column-major (transposed) matrix and `n` is a batch
-/// (≥ 64, and below `m`). `gemm` computes a row-major `out` as `outᵀ`, reading `a` row by row:
-/// a column-major `a` is then packed for every block of the product, which on the step's
-/// shapes ran at a third to a half of the rate of the same product on a row-major `a`
-/// (Intel Xeon, AVX-512: 3072×3072ᵀ · 3072×128 in 33 ms against 14.8 ms transposed,
-/// 2048² in 10.0 against 6.3 ms; 1536² and smaller were faster as they were).
+/// m×n result, on a CPU where [`cpu_packs_transposed_left_slowly`]: when `a` is a large
+/// column-major (transposed) matrix and `n` is a batch (≥ 64, and below `m`). `gemm` computes
+/// a row-major `out` as `outᵀ`, reading `a` row by row: a column-major `a` is then packed for
+/// every block of the product, which on the step's shapes ran at a third to a half of the
+/// rate of the same product on a row-major `a` (Intel Xeon, AVX-512: 3072×3072ᵀ · 3072×128
+/// in 33 ms against 14.8 ms transposed, 2048² in 10.0 against 6.3 ms; 1536² and smaller
+/// were faster as they were).
 fn runs_better_transposed<T>(a: &MatRef<T>, n: usize) -> bool {
     let column_major = a.row_stride == 1 && a.col_stride != 1;
     column_major
@@ -558,6 +598,20 @@ mod tests {
     }
 
     fn check_matmul<T: Real>(m: usize, k: usize, n: usize, rel: f64, samples: Option<usize>) {
+        check_product(matmul::<T>, m, k, n, rel, samples)
+    }
+
+    type Product<T> = fn(MatRef<T>, MatRef<T>, &mut [T], T, T, bool);
+
+    /// `product` against the reference on every layout, α, β and accumulation.
+    fn check_product<T: Real>(
+        product: Product<T>,
+        m: usize,
+        k: usize,
+        n: usize,
+        rel: f64,
+        samples: Option<usize>,
+    ) {
         let mut rng = Rng(0x5eed ^ (m * 1_000_003 + k * 1009 + n) as u64);
         for ta in [false, true] {
             for tb in [false, true] {
@@ -581,7 +635,7 @@ mod tests {
                         out.iter_mut().step_by(7).for_each(|x| *x = T::nan());
                     }
                     let out0 = out.clone();
-                    matmul(a, b, &mut out, T::of_f64(alpha), T::of_f64(beta), acc);
+                    product(a, b, &mut out, T::of_f64(alpha), T::of_f64(beta), acc);
                     let check = |i: usize, j: usize| {
                         let (want, mag) = reference(a, b, &out0, (i, j), (alpha, beta, acc));
                         let got = out[i * n + j].as_f64();
@@ -637,7 +691,9 @@ mod tests {
     }
 
     /// A transposed left operand this large takes the transposed formulation (`outᵀ = bᵀ·aᵀ`
-    /// and a transposing pass): every layout, α, β and accumulation against the reference.
+    /// and a transposing pass) on the CPUs where it pays: that formulation, and `matmul`
+    /// whichever way this CPU goes, on every layout, α, β and accumulation against the
+    /// reference.
     #[test]
     fn matmul_large_transposed_left_matches_naive() {
         let (m, k, n) = (2100, 2000, 70);
@@ -653,6 +709,8 @@ mod tests {
         ));
         check_matmul::<f32>(m, k, n, 1e-5, Some(200));
         check_matmul::<f64>(m, k, n, 1e-13, Some(200));
+        check_product::<f32>(matmul_transposed, m, k, n, 1e-5, Some(200));
+        check_product::<f64>(matmul_transposed, m, k, n, 1e-13, Some(200));
     }
 
     #[test]
