@@ -227,7 +227,11 @@ fn cpu_packs_transposed_left_slowly() -> bool {
     *SLOW.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            let id = std::arch::x86_64::__cpuid(0);
+            // `__cpuid` became a safe function only in recent Rust; the block keeps the
+            // declared minimum version building.
+            #[allow(unused_unsafe)]
+            // SAFETY: every x86-64 CPU has the `cpuid` instruction.
+            let id = unsafe { std::arch::x86_64::__cpuid(0) };
             let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
                 .iter()
                 .flat_map(|r| r.to_le_bytes())
