@@ -280,27 +280,74 @@ fn reductions(chosen: &Chosen) {
     }
 }
 
-/// Inverse and log-determinant (run by LU on the host inside a device plan).
+/// Inverse and log-determinant (Gauss–Jordan on a GPU, LU on the host) of matrices whose
+/// rows must be swapped (the identity plus noise with its rows in reverse order, so every
+/// diagonal entry is small), at sizes below, at and beyond the pivot search's 256 units, and
+/// of a transposed view.
 fn linalg(chosen: &Chosen) {
     let mut rng = Rng::new(14);
-    let n = 12;
-    let mut b = GraphBuilder::new("linalg");
+    for n in [1, 2, 12, 256, 301] {
+        let mut b = GraphBuilder::new("linalg");
+        let w = b.param("w", vec![n, n]);
+        let inv = b.inverse(w);
+        let ld = b.logdet(w);
+        let wt = b.transpose(w);
+        let inv_t = b.inverse(wt);
+        let x = b.input("x", vec![n, 3]);
+        let y = b.matmul(inv, x);
+        b.output("y", y);
+        b.output("inverse", inv);
+        b.output("inverse_of_transpose", inv_t);
+        b.output("logdet", ld);
+        let g = b.finish();
+        let mut feeds = random_feeds(&g, &mut rng, -0.1, 0.1);
+        let mut wv = (*feeds["w"]).clone();
+        for i in 0..n {
+            // Row n−1−i holds the unit entry of column i; some rows change sign.
+            wv[(n - 1 - i) * n + i] += if i % 3 == 0 { -1.0 } else { 1.0 };
+        }
+        feeds.insert("w".into(), Arc::new(wv));
+        check_plan(
+            chosen,
+            Plan::new(&g),
+            &feeds,
+            &format!("inverse and logdet n={n}"),
+        );
+    }
+}
+
+/// A singular matrix: the host refuses it (LU finds a zero pivot); a GPU's Gauss–Jordan
+/// gives no finite entry, which a step's non-finite check catches.
+fn singular_inverse(chosen: &Chosen) {
+    let n = 4;
+    let mut b = GraphBuilder::new("singular");
     let w = b.param("w", vec![n, n]);
     let inv = b.inverse(w);
-    let ld = b.logdet(w);
-    let x = b.input("x", vec![n, 3]);
-    let y = b.matmul(inv, x);
-    b.output("y", y);
-    b.output("logdet", ld);
+    b.output("inverse", inv);
     let g = b.finish();
-    // A well-conditioned W: identity plus noise.
-    let mut feeds = random_feeds(&g, &mut rng, -0.1, 0.1);
-    let mut wv = (*feeds["w"]).clone();
-    for i in 0..n {
-        wv[i * n + i] += 1.0;
+    // Rows 0 and 2 equal: rank 3.
+    let w: Vec<f32> = vec![
+        1.0, 2.0, 0.5, -1.0, 0.0, 1.0, 3.0, 2.0, 1.0, 2.0, 0.5, -1.0, 4.0, 0.0, 1.0, 1.0,
+    ];
+    let mut dev: Box<dyn Backend<f32>> =
+        open(chosen, Plan::new(&g), MatmulPrecision::F32).expect("device");
+    dev.set("w", &w).expect("set");
+    match dev.run() {
+        Err(e) => {
+            assert_eq!(*chosen, Chosen::Host, "a GPU computes the elimination: {e}");
+            assert!(e.to_string().contains("singular"), "{e}");
+        }
+        Ok(()) => {
+            assert_ne!(*chosen, Chosen::Host, "the host refuses a singular matrix");
+            let out = dev.output("inverse").expect("output");
+            assert!(
+                out.data.iter().all(|v| !v.is_finite()),
+                "inverse of a singular matrix on {}: {:?}",
+                dev.device(),
+                out.data
+            );
+        }
     }
-    feeds.insert("w".into(), Arc::new(wv));
-    check_plan(chosen, Plan::new(&g), &feeds, "inverse and logdet");
 }
 
 fn spec(text: &str) -> FlowSpec {
@@ -746,17 +793,31 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
 /// A training step as `train` runs it talks to the device once each way: one upload (the
 /// batch) and one read (the loss with every gradient's Σ g², from which the norm and the
 /// non-finite check come); its launches are the plan's kernels, the gradient sums' one and
-/// Adam's one (five parameters: within one launch's bindings on lavapipe too). The host has
-/// no device traffic.
+/// Adam's one (five parameters: within one launch's bindings on lavapipe too). So does an
+/// exact step: its inverses are computed on the device, not read back and uploaded. The host
+/// has no device traffic.
 fn step_traffic(chosen: &Chosen) {
-    let s = spec(
-        r#"{"name": "two", "input": {"shape": [24], "preprocess": "none"},
-            "layers": [{"type": "linear", "bias": true}, {"type": "smooth_leaky_relu", "alpha": 0.3},
-                       {"type": "linear", "bias": false}],
-            "train": {"batch_size": 10}}"#,
-    );
+    for gradient in ["self_normalizing", "exact"] {
+        step_traffic_of(chosen, gradient);
+    }
+}
+
+fn step_traffic_of(chosen: &Chosen, gradient: &str) {
+    let s = spec(&format!(
+        r#"{{"name": "two", "input": {{"shape": [24], "preprocess": "none"}},
+            "layers": [{{"type": "linear", "bias": true}}, {{"type": "smooth_leaky_relu", "alpha": 0.3}},
+                       {{"type": "linear", "bias": false}}],
+            "objective": {{"gradient": "{gradient}"}},
+            "train": {{"batch_size": 10}}}}"#
+    ));
     let batch = 10;
     let c = compile_train(&s, batch, OptLevel::Full).expect("the spec compiles");
+    let inverses = c.step.count(|op| *op == snfc_compiler::ir::Op::Inverse);
+    assert_eq!(
+        inverses > 0,
+        gradient == "exact",
+        "{gradient}: inverses in the step"
+    );
     let feeds = step_feeds(&s, batch, 4, false);
     let mut dev: Box<dyn Backend<f32>> =
         open(chosen, Plan::new(&c.step), MatmulPrecision::F32).expect("device");
@@ -788,12 +849,20 @@ fn step_traffic(chosen: &Chosen) {
     }
     let after = dev.traffic().expect("traffic");
     let device = dev.device();
-    assert_eq!(after.reads - before.reads, steps, "reads on {device}");
-    assert_eq!(after.uploads - before.uploads, steps, "uploads on {device}");
+    assert_eq!(
+        after.reads - before.reads,
+        steps,
+        "{gradient}: reads on {device}"
+    );
+    assert_eq!(
+        after.uploads - before.uploads,
+        steps,
+        "{gradient}: uploads on {device}"
+    );
     assert_eq!(
         after.launches - before.launches,
         steps * (dev.kernels() as u64 + 2),
-        "launches on {device}"
+        "{gradient}: launches on {device}"
     );
 }
 
@@ -985,6 +1054,7 @@ macro_rules! backend_suite {
                 fused_elementwise_ops => elementwise,
                 sums_and_fused_reduction_tails => reductions,
                 inverse_and_logdet => linalg,
+                inverse_of_a_singular_matrix => singular_inverse,
                 tensor_ops_of_any_rank => tensor_ops,
                 spline_values_and_vjps => spline_ops,
                 image_flow_steps_and_eval => image_steps,

@@ -7,10 +7,11 @@
 //! reduce_sum, flip_kernel, toeplitz and its adjoint, multiplicity) run one
 //! [`tensor_kernels::gather`] kernel through an index table built from the shapes; convolutions,
 //! kernel gradients and splines have kernels of their own ([`tensor_kernels`]); inverses and
-//! log-determinants (only in exact-gradient and evaluation plans,
-//! O(D³) and rare) run on the host by LU and are copied back. Buffers follow the plan's static
+//! log-determinants (only in exact-gradient and sampling plans) run by Gauss–Jordan
+//! elimination on the device ([`gauss_jordan`]). Buffers follow the plan's static
 //! assignment; parameters and Adam moments stay resident on the device between steps.
 
+pub mod gauss_jordan;
 pub mod index_tables;
 pub mod kernels;
 pub mod matmul;
@@ -20,7 +21,6 @@ pub mod tensor_kernels;
 
 use crate::executors::adam::AdamState;
 use crate::executors::backend::{DeviceTraffic, Draw};
-use crate::executors::linalg;
 use crate::executors::values::{ExecError, Tensor};
 use crate::profile::{Profile, ProfileRow, Work};
 use cubecl::prelude::*;
@@ -86,8 +86,32 @@ enum Launch {
         args: [Buf; 6],
         out: Buf,
     },
-    /// Inverse or log-determinant on the host (LU in f64).
-    HostLinalg { slot: usize, op: Op, arg: Buf },
+    /// Inverse (`logdet: false`) or log-determinant of the n × n `input` into `out`, by
+    /// Gauss–Jordan on the device ([`gauss_jordan`]): `a` and `x` are the ping-pong pairs of
+    /// the matrix and of its inverse (`x[n % 2]` is `out` for an inverse), `factors` one row
+    /// factor per row, `pivot` the pivot row (u32), `scale` 1/pivot, `ld` the log-determinant
+    /// (`out` for a log-determinant).
+    GaussJordan {
+        n: usize,
+        logdet: bool,
+        input: Buf,
+        a: [Buf; 2],
+        x: [Buf; 2],
+        factors: Buf,
+        pivot: Buf,
+        scale: Buf,
+        ld: Buf,
+    },
+}
+
+impl Launch {
+    /// Kernel launches this entry makes per run.
+    fn kernel_launches(&self) -> usize {
+        match self {
+            Launch::GaussJordan { n, .. } => 1 + 2 * n,
+            _ => 1,
+        }
+    }
 }
 
 /// Σ g² of each gradient, by parameter name.
@@ -288,10 +312,7 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// Kernel launches per run.
     pub fn kernels(&self) -> usize {
-        self.launches
-            .iter()
-            .filter(|l| !matches!(l, Launch::HostLinalg { .. }))
-            .count()
+        self.launches.iter().map(Launch::kernel_launches).sum()
     }
 
     /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced. A
@@ -492,10 +513,10 @@ impl<R: Runtime> GpuProgram<R> {
     }
 
     fn launch(&mut self, l: &Launch) -> Result<(), ExecError> {
-        // Products and sums count where they launch; host LU is no launch.
+        // Products, sums and eliminations count where they launch.
         if !matches!(
             l,
-            Launch::Matmul { .. } | Launch::Reduce { .. } | Launch::HostLinalg { .. }
+            Launch::Matmul { .. } | Launch::Reduce { .. } | Launch::GaussJordan { .. }
         ) {
             self.count_launch();
         }
@@ -607,27 +628,73 @@ impl<R: Runtime> GpuProgram<R> {
                         config.clone(),
                     );
                 }
-                Launch::HostLinalg { slot, op, arg } => {
-                    let x = self.read_buf(*arg)?;
-                    // The operand is square, n × n.
-                    let n = self.plan.instrs[self.plan.instrs[*slot].args[0]].shape[0];
-                    let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
-                    let result: Vec<f32> = if *op == Op::LogDet {
-                        vec![linalg::slogdet(&x64, n).1 as f32]
-                    } else {
-                        linalg::inverse(&x64, n)
-                            .map_err(|source| ExecError::Linalg {
-                                graph: self.plan.name.clone(),
-                                node: *slot,
-                                op: op.to_string(),
-                                source,
-                            })?
-                            .iter()
-                            .map(|v| *v as f32)
-                            .collect()
+                Launch::GaussJordan {
+                    n,
+                    logdet,
+                    input,
+                    a,
+                    x,
+                    factors,
+                    pivot,
+                    scale,
+                    ld,
+                } => {
+                    use gauss_jordan::{gj_init, gj_pivot, gj_update, PIVOT_UNITS, ROW_UNITS};
+                    let (n, with_x) = (*n, !*logdet);
+                    let f32s = |b: Buf, len: usize| -> Result<ArrayArg<R>, ExecError> {
+                        Ok(unsafe { ArrayArg::from_raw_parts(self.handle(b)?, len) })
                     };
-                    let b = self.plan.buffers.of_slot[*slot].expect("a computed value");
-                    self.buffers[b] = self.upload(&result);
+                    let x_len = if with_x { n * n } else { 1 };
+                    // One cube row per matrix row, ⌈columns/256⌉ cubes along it.
+                    let rows_of = |columns: usize| {
+                        CubeCount::Static(columns.div_ceil(ROW_UNITS) as u32, n as u32, 1)
+                    };
+                    let row_dim = CubeDim::new_1d(ROW_UNITS as u32);
+                    self.count_launch();
+                    gj_init::launch::<R>(
+                        &self.client,
+                        rows_of(n),
+                        row_dim,
+                        f32s(*input, n * n)?,
+                        f32s(a[0], n * n)?,
+                        f32s(x[0], x_len)?,
+                        f32s(*ld, 1)?,
+                        n,
+                        with_x,
+                    );
+                    for k in 0..n {
+                        let (now, next) = (k % 2, 1 - k % 2);
+                        self.count_launch();
+                        gj_pivot::launch::<R>(
+                            &self.client,
+                            CubeCount::Static(1, 1, 1),
+                            CubeDim::new_1d(PIVOT_UNITS as u32),
+                            f32s(a[now], n * n)?,
+                            f32s(*factors, n)?,
+                            f32s(*pivot, 1)?,
+                            f32s(*scale, 1)?,
+                            f32s(*ld, 1)?,
+                            k as u32,
+                            n,
+                        );
+                        let columns = if with_x { 2 * n - k } else { n - k };
+                        self.count_launch();
+                        gj_update::launch::<R>(
+                            &self.client,
+                            rows_of(columns),
+                            row_dim,
+                            f32s(a[now], n * n)?,
+                            f32s(x[now], x_len)?,
+                            f32s(a[next], n * n)?,
+                            f32s(x[next], x_len)?,
+                            f32s(*factors, n)?,
+                            f32s(*pivot, 1)?,
+                            f32s(*scale, 1)?,
+                            k as u32,
+                            n,
+                            with_x,
+                        );
+                    }
                 }
             }
         }
@@ -1177,24 +1244,27 @@ impl<R: Runtime> GpuProgram<R> {
         lower_plan(plan)
             .launches
             .into_iter()
-            .filter_map(|l| match l {
+            .map(|l| match l {
                 Launch::Fused {
                     program, inputs, ..
-                } => Some(source::KernelSpec::Fused {
+                } => source::KernelSpec::Fused {
                     program,
                     inputs: inputs.len(),
-                }),
-                Launch::Matmul { product, role, .. } => Some(source::KernelSpec::Matmul {
+                },
+                Launch::Matmul { product, role, .. } => source::KernelSpec::Matmul {
                     product,
                     what: role_name(role),
-                }),
-                Launch::Im2col { image, .. } => Some(source::KernelSpec::Im2col(image)),
+                },
+                Launch::Im2col { image, .. } => source::KernelSpec::Im2col(image),
                 Launch::Reduce {
                     rows, cols, axis, ..
-                } => Some(source::KernelSpec::Reduce { rows, cols, axis }),
-                Launch::Gather { config, .. } => Some(source::KernelSpec::Gather(config)),
-                Launch::Spline { config, .. } => Some(source::KernelSpec::Spline(config)),
-                Launch::HostLinalg { .. } => None,
+                } => source::KernelSpec::Reduce { rows, cols, axis },
+                Launch::Gather { config, .. } => source::KernelSpec::Gather(config),
+                Launch::Spline { config, .. } => source::KernelSpec::Spline(config),
+                Launch::GaussJordan { n, logdet, .. } => source::KernelSpec::GaussJordan {
+                    n,
+                    inverse: !logdet,
+                },
             })
             .collect()
     }
@@ -1361,11 +1431,41 @@ fn lower_plan(plan: &Plan) -> Lowered {
                     outputs: vec![Buf::Slot(i)],
                 });
             }
-            (None, Op::Inverse | Op::LogDet) => low.launches.push(Launch::HostLinalg {
-                slot: i,
-                op: ins.op.clone(),
-                arg: Buf::Slot(ins.args[0]),
-            }),
+            (None, Op::Inverse | Op::LogDet) => {
+                let n = ins
+                    .shape
+                    .first()
+                    .copied()
+                    .unwrap_or(1)
+                    .max(operand_shape(0)[0]);
+                let input = low.contiguous(plan, ins.args[0]);
+                let logdet = ins.op == Op::LogDet;
+                let a = [low.temp(n * n), low.temp(n * n)];
+                let (x, ld) = if logdet {
+                    ([low.temp(1), low.temp(1)], Buf::Slot(i))
+                } else {
+                    // The last step writes x[n % 2]: the output itself.
+                    let other = low.temp(n * n);
+                    let x = if n % 2 == 0 {
+                        [Buf::Slot(i), other]
+                    } else {
+                        [other, Buf::Slot(i)]
+                    };
+                    (x, low.temp(1))
+                };
+                let (factors, pivot, scale) = (low.temp(n), low.temp(1), low.temp(1));
+                low.launches.push(Launch::GaussJordan {
+                    n,
+                    logdet,
+                    input,
+                    a,
+                    x,
+                    factors,
+                    pivot,
+                    scale,
+                    ld,
+                });
+            }
             (None, Op::Reshape { .. }) => {
                 // A copy in row-major order (the plan gives the result a buffer of its own).
                 let input = low.contiguous(plan, ins.args[0]);
@@ -1559,7 +1659,7 @@ fn launch_work(l: &Launch) -> Work {
         Launch::Matmul { .. } | Launch::Im2col { .. } => Work::Conv,
         Launch::Gather { .. } => Work::Shape,
         Launch::Spline { .. } => Work::Spline,
-        Launch::HostLinalg { .. } => Work::Linalg,
+        Launch::GaussJordan { .. } => Work::Linalg,
     }
 }
 
@@ -1626,7 +1726,11 @@ fn launch_kind(l: &Launch) -> String {
             config.outputs
         ),
         Launch::Spline { config: c, .. } => format!("spline {:?} [{} x {}]", c.out, c.d, c.n),
-        Launch::HostLinalg { op, .. } => format!("{op} (host LU)"),
+        Launch::GaussJordan { n, logdet, .. } => format!(
+            "{} {n}x{n} (Gauss-Jordan, {} launches)",
+            if *logdet { "logdet" } else { "inverse" },
+            1 + 2 * n
+        ),
     }
 }
 

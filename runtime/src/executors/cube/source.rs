@@ -146,6 +146,56 @@ pub fn spline(c: &SplineConfig, target: Target) -> Result<String, String> {
     compile(b.build(settings("spline")), target)
 }
 
+/// The three kernels of an n × n inverse (`with_x`) or log-determinant by Gauss–Jordan
+/// elimination, one after the other: the copy into scratch, the pivot search and the
+/// elimination step (launched `n` times each with the column as argument).
+pub fn gauss_jordan(n: usize, with_x: bool, target: Target) -> Result<String, String> {
+    use super::gauss_jordan::{gj_init, gj_pivot, gj_update};
+    let arg = ArrayCompilationArg { inplace: None };
+    let mut b = builder(target);
+    let mut a = array_args(&mut b, 1).into_iter();
+    let input = a.next().expect("one");
+    let [a_, x, ld] = [(); 3].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    gj_init::expand(&mut b.scope, input, a_, x, ld, n, with_x);
+    let init = compile(b.build(settings("gauss_jordan_init")), target)?;
+
+    let mut b = builder(target);
+    let a_ = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let f = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
+    let piv = <Array<u32> as LaunchArg>::expand_output(&arg, &mut b);
+    let [scale, ld] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    let k = <u32 as LaunchArg>::expand(&(), &mut b);
+    gj_pivot::expand(&mut b.scope, a_, f, piv, scale, ld, k, n);
+    let pivot = compile(b.build(settings("gauss_jordan_pivot")), target)?;
+
+    let mut b = builder(target);
+    let [a_, x] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand(&arg, &mut b));
+    let [a_next, x_next] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    let f = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let piv = <Array<u32> as LaunchArg>::expand(&arg, &mut b);
+    let scale = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
+    let k = <u32 as LaunchArg>::expand(&(), &mut b);
+    gj_update::expand(
+        &mut b.scope,
+        a_,
+        x,
+        a_next,
+        x_next,
+        f,
+        piv,
+        scale,
+        k,
+        n,
+        with_x,
+    );
+    let update = compile(b.build(settings("gauss_jordan_update")), target)?;
+    let what = if with_x { "inverse" } else { "log-determinant" };
+    Ok(format!(
+        "// {what} of a {n}x{n} matrix: gauss_jordan_init once, then gauss_jordan_pivot and \
+         gauss_jordan_update for each column k < {n}\n{init}\n{pivot}\n{update}"
+    ))
+}
+
 /// Every kernel a plan launches, in launch order, as `target` source.
 pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, String> {
     if let Some(op) = super::unsupported_op(plan) {
@@ -163,6 +213,9 @@ pub fn plan_sources(plan: &Plan, target: Target) -> Result<Vec<KernelSource>, St
             KernelSpec::Reduce { rows, cols, axis } => ("reduce", reduce(rows, cols, axis)),
             KernelSpec::Gather(g) => ("gather", gather(&g, target)?),
             KernelSpec::Spline(c) => ("spline", spline(&c, target)?),
+            KernelSpec::GaussJordan { n, inverse } => {
+                ("gauss_jordan", gauss_jordan(n, inverse, target)?)
+            }
         };
         out.push(KernelSource {
             name: format!("k{k:03}_{kind}"),
@@ -193,4 +246,9 @@ pub enum KernelSpec {
     },
     Gather(GatherConfig),
     Spline(SplineConfig),
+    /// An n × n inverse (or, when not `inverse`, log-determinant) by Gauss–Jordan.
+    GaussJordan {
+        n: usize,
+        inverse: bool,
+    },
 }
