@@ -316,8 +316,9 @@ fn linalg(chosen: &Chosen) {
     }
 }
 
-/// A singular matrix: the host refuses it (LU finds a zero pivot); a GPU's Gauss–Jordan
-/// gives no finite entry, which a step's non-finite check catches.
+/// A singular matrix: LU (on the host, or the host's LU that `open` gives a CPU adapter)
+/// refuses it with a zero pivot; the device's Gauss–Jordan gives no finite entry, which a
+/// step's non-finite check catches.
 fn singular_inverse(chosen: &Chosen) {
     let n = 4;
     let mut b = GraphBuilder::new("singular");
@@ -329,23 +330,31 @@ fn singular_inverse(chosen: &Chosen) {
     let w: Vec<f32> = vec![
         1.0, 2.0, 0.5, -1.0, 0.0, 1.0, 3.0, 2.0, 1.0, 2.0, 0.5, -1.0, 4.0, 0.0, 1.0, 1.0,
     ];
-    let mut dev: Box<dyn Backend<f32>> =
-        open(chosen, Plan::new(&g), MatmulPrecision::F32).expect("device");
-    dev.set("w", &w).expect("set");
-    match dev.run() {
-        Err(e) => {
-            assert_eq!(*chosen, Chosen::Host, "a GPU computes the elimination: {e}");
-            assert!(e.to_string().contains("singular"), "{e}");
+    for elimination_everywhere in [true, false] {
+        let plan = Plan::new(&g);
+        let mut dev: Box<dyn Backend<f32>> = if elimination_everywhere {
+            open_variant(chosen, plan, false, exact_products())
+        } else {
+            open(chosen, plan, MatmulPrecision::F32)
         }
-        Ok(()) => {
-            assert_ne!(*chosen, Chosen::Host, "the host refuses a singular matrix");
-            let out = dev.output("inverse").expect("output");
-            assert!(
-                out.data.iter().all(|v| !v.is_finite()),
-                "inverse of a singular matrix on {}: {:?}",
-                dev.device(),
-                out.data
-            );
+        .expect("device");
+        let by_lu = *chosen == Chosen::Host || (!elimination_everywhere && chosen.is_cpu_adapter());
+        dev.set("w", &w).expect("set");
+        match dev.run() {
+            Err(e) => {
+                assert!(by_lu, "the device's elimination gives no error: {e}");
+                assert!(e.to_string().contains("singular"), "{e}");
+            }
+            Ok(()) => {
+                assert!(!by_lu, "LU refuses a singular matrix");
+                let out = dev.output("inverse").expect("output");
+                assert!(
+                    out.data.iter().all(|v| !v.is_finite()),
+                    "inverse of a singular matrix on {}: {:?}",
+                    dev.device(),
+                    out.data
+                );
+            }
         }
     }
 }
@@ -794,15 +803,16 @@ fn train_like_host(chosen: &Chosen, s: &FlowSpec, batch: usize, steps: usize, to
 /// batch) and one read (the loss with every gradient's Σ g², from which the norm and the
 /// non-finite check come); its launches are the plan's kernels, the gradient sums' one and
 /// Adam's one (five parameters: within one launch's bindings on lavapipe too). So does an
-/// exact step: its inverses are computed on the device, not read back and uploaded. The host
-/// has no device traffic.
+/// exact step: its inverses are computed on the device, not read back and uploaded — except
+/// where `open` gives a CPU adapter the host's LU (one read and one upload per inverse, no
+/// launch). The host has no device traffic.
 fn step_traffic(chosen: &Chosen) {
-    for gradient in ["self_normalizing", "exact"] {
-        step_traffic_of(chosen, gradient);
-    }
+    step_traffic_of(chosen, "self_normalizing", false);
+    step_traffic_of(chosen, "exact", false);
+    step_traffic_of(chosen, "exact", true);
 }
 
-fn step_traffic_of(chosen: &Chosen, gradient: &str) {
+fn step_traffic_of(chosen: &Chosen, gradient: &str, elimination_everywhere: bool) {
     let s = spec(&format!(
         r#"{{"name": "two", "input": {{"shape": [24], "preprocess": "none"}},
             "layers": [{{"type": "linear", "bias": true}}, {{"type": "smooth_leaky_relu", "alpha": 0.3}},
@@ -819,13 +829,23 @@ fn step_traffic_of(chosen: &Chosen, gradient: &str) {
         "{gradient}: inverses in the step"
     );
     let feeds = step_feeds(&s, batch, 4, false);
-    let mut dev: Box<dyn Backend<f32>> =
-        open(chosen, Plan::new(&c.step), MatmulPrecision::F32).expect("device");
+    let plan = Plan::new(&c.step);
+    let mut dev: Box<dyn Backend<f32>> = if elimination_everywhere {
+        open_variant(chosen, plan, false, exact_products())
+    } else {
+        open(chosen, plan, MatmulPrecision::F32)
+    }
+    .expect("device");
     for (name, v) in &feeds {
         dev.set(name, &v.iter().map(|x| *x as f32).collect::<Vec<_>>())
             .expect("set");
     }
     let x: Vec<f32> = feeds["x"].iter().map(|v| *v as f32).collect();
+    let host_lus = if chosen.is_cpu_adapter() && !elimination_everywhere {
+        inverses as u64
+    } else {
+        0
+    };
     let lr = snfc_runtime::train::LearningRates::for_spec(&s, 1e-3);
     let names = ["loss".to_string()];
     let step = |dev: &mut Box<dyn Backend<f32>>| {
@@ -851,12 +871,12 @@ fn step_traffic_of(chosen: &Chosen, gradient: &str) {
     let device = dev.device();
     assert_eq!(
         after.reads - before.reads,
-        steps,
+        steps * (1 + host_lus),
         "{gradient}: reads on {device}"
     );
     assert_eq!(
         after.uploads - before.uploads,
-        steps,
+        steps * (1 + host_lus),
         "{gradient}: uploads on {device}"
     );
     assert_eq!(

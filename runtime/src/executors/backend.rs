@@ -477,34 +477,47 @@ impl<R: cubecl::Runtime> Backend<f32> for (GpuProgram<R>, String) {
 }
 
 /// Load `plan` on the chosen device in precision `T` (the GPU backends run f32 only), its
-/// matrix products on a GPU at `precision`.
+/// matrix products on a GPU at `precision`. A CPU adapter (lavapipe) takes its products'
+/// first kernel without timing and its inverses from the host's LU
+/// ([`GpuProgram::invert_on_host`](crate::cube::GpuProgram::invert_on_host)).
 pub fn open<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,
     precision: MatmulPrecision,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
+    let cpu = chosen.is_cpu_adapter();
     let matmul = MatmulOptions {
         precision,
-        tune: !chosen.is_cpu_adapter(),
+        tune: !cpu,
         only: None,
     };
-    open_variant(chosen, plan, false, matmul)
+    open_with(chosen, plan, false, matmul, cpu)
 }
 
 /// [`open`], with every device buffer first filled with NaN when `poison` is set (so a test
-/// sees any output element that no kernel wrote), and the products' kernels chosen as
-/// `matmul` says (tests run each kernel).
+/// sees any output element that no kernel wrote), the products' kernels chosen as `matmul`
+/// says, and inverses by the device's elimination on every adapter (tests run each kernel).
 pub fn open_variant<T: Real + 'static>(
     chosen: &Chosen,
     plan: Plan,
     poison: bool,
     matmul: MatmulOptions,
 ) -> Result<Box<dyn Backend<T>>, ExecError> {
+    open_with(chosen, plan, poison, matmul, false)
+}
+
+fn open_with<T: Real + 'static>(
+    chosen: &Chosen,
+    plan: Plan,
+    poison: bool,
+    matmul: MatmulOptions,
+    host_linalg: bool,
+) -> Result<Box<dyn Backend<T>>, ExecError> {
     if *chosen == Chosen::Host {
         return Ok(Box::new(HostBackend::<T>::new(plan)));
     }
     let graph = plan.name.clone();
-    let gpu = open_gpu(chosen, plan, poison, matmul)?;
+    let gpu = open_gpu(chosen, plan, poison, matmul, host_linalg)?;
     let any: Box<dyn Any> = Box::new(gpu);
     any.downcast::<Box<dyn Backend<T>>>()
         .map(|b| *b)
@@ -525,17 +538,21 @@ fn open_gpu(
     plan: Plan,
     poison: bool,
     matmul: MatmulOptions,
+    host_linalg: bool,
 ) -> Result<Box<dyn Backend<f32>>, ExecError> {
     fn gpu<R: cubecl::Runtime>(
         client: cubecl::prelude::ComputeClient<R>,
         plan: Plan,
-        poison: bool,
+        (poison, host_linalg): (bool, bool),
         matmul: MatmulOptions,
         name: String,
     ) -> Box<dyn Backend<f32>> {
         let mut p = GpuProgram::new(client, plan, matmul);
         if poison {
             p.poison();
+        }
+        if host_linalg {
+            p.invert_on_host();
         }
         Box::new((p, name))
     }
@@ -558,14 +575,14 @@ fn open_gpu(
         Chosen::Wgpu { .. } => gpu(
             crate::cube::probe::wgpu_client(),
             plan,
-            poison,
+            (poison, host_linalg),
             matmul,
             chosen.to_string(),
         ),
         Chosen::Cuda { .. } => gpu(
             crate::cube::probe::cuda_client(),
             plan,
-            poison,
+            (poison, host_linalg),
             matmul,
             chosen.to_string(),
         ),
