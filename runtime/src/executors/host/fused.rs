@@ -11,6 +11,11 @@ use snfc_compiler::plan::{FusedKernel, Src};
 
 const CHUNK: usize = 256;
 
+/// Elements per chunk when rows are shorter than [`CHUNK`]: whole rows are taken together, so
+/// that a batch of 100 columns is not evaluated 100 elements at a time (the per-op dispatch of
+/// each chunk was a large part of a small group's time).
+const ROWS_CHUNK: usize = 512;
+
 /// External operand, contiguous in the logical layout.
 pub struct Ext<'a, T> {
     pub data: &'a [T],
@@ -66,19 +71,30 @@ impl Runner<'_> {
             .map(|t| {
                 let r0 = t * per;
                 let r1 = (r0 + per).min(rows);
+                // Rows evaluated together: one when a row fills a chunk.
+                let together = if cols < CHUNK {
+                    (ROWS_CHUNK / cols.max(1)).max(1)
+                } else {
+                    1
+                };
+                let width = CHUNK.min(cols);
                 let mut regs: Vec<Vec<T>> =
-                    vec![vec![T::zero(); CHUNK.min(cols)]; self.members.len()];
+                    vec![vec![T::zero(); width * together]; self.members.len()];
                 let mut acc: Vec<Vec<T>> = reduce_all
                     .iter()
                     .map(|&o| vec![T::zero(); self.out_len(o)])
                     .collect();
-                for r in r0..r1 {
+                let mut r = r0;
+                while r < r1 {
+                    // Rows r..r + n, whole when taken together.
+                    let n = together.min(r1 - r);
                     let mut c0 = 0;
                     while c0 < cols {
-                        let len = CHUNK.min(cols - c0);
-                        self.chunk(ext, &mut regs, r, c0, len);
+                        let w = CHUNK.min(cols - c0);
+                        let at = Span { r, n, c0, w };
+                        self.chunk(ext, &mut regs, at);
                         for (oi, (m, _)) in self.outputs.iter().enumerate() {
-                            let reg = &regs[*m][..len];
+                            let reg = &regs[*m][..n * w];
                             match self.members[*m].op {
                                 Op::Sum { axis: None } => {
                                     let k = reduce_all.iter().position(|x| *x == oi).unwrap_or(0);
@@ -86,28 +102,34 @@ impl Runner<'_> {
                                 }
                                 Op::Sum { axis: Some(0) } => {
                                     let k = reduce_all.iter().position(|x| *x == oi).unwrap_or(0);
-                                    for (a, v) in acc[k][c0..c0 + len].iter_mut().zip(reg) {
-                                        *a += *v;
+                                    for row in reg.chunks_exact(w) {
+                                        for (a, v) in acc[k][c0..c0 + w].iter_mut().zip(row) {
+                                            *a += *v;
+                                        }
                                     }
                                 }
                                 Op::Sum { axis: Some(_) } => {
-                                    // Row sums: this task owns row r.
-                                    let s: T = reg.iter().copied().sum();
-                                    unsafe { *ptrs[oi].get().add(r) += s };
+                                    // Row sums: this task owns rows r..r + n.
+                                    for (i, row) in reg.chunks_exact(w).enumerate() {
+                                        let s: T = row.iter().copied().sum();
+                                        unsafe { *ptrs[oi].get().add(r + i) += s };
+                                    }
                                 }
                                 _ => {
+                                    // One contiguous run: n whole rows, or part of one row.
                                     let dst = unsafe {
                                         std::slice::from_raw_parts_mut(
                                             ptrs[oi].get().add(r * cols + c0),
-                                            len,
+                                            n * w,
                                         )
                                     };
                                     dst.copy_from_slice(reg);
                                 }
                             }
                         }
-                        c0 += len;
+                        c0 += w;
                     }
+                    r += n;
                 }
                 acc
             })
@@ -134,9 +156,12 @@ impl Runner<'_> {
         self.outputs[oi].1.iter().product::<usize>().max(1)
     }
 
-    /// Evaluate every member on row `r`, columns `c0..c0+len`.
-    fn chunk<T: Real>(&self, ext: &[Ext<T>], regs: &mut [Vec<T>], r: usize, c0: usize, len: usize) {
+    /// Evaluate every member on rows `at.r..at.r + at.n`, columns `at.c0..at.c0 + at.w`
+    /// (several rows only when they are whole: `c0 = 0`, `w = cols`).
+    fn chunk<T: Real>(&self, ext: &[Ext<T>], regs: &mut [Vec<T>], at: Span) {
         let (rows, cols) = (self.rows, self.cols);
+        let Span { r, n, c0, w } = at;
+        let len = n * w;
         for (i, m) in self.members.iter().enumerate() {
             let (done, rest) = regs.split_at_mut(i);
             let dst = &mut rest[0][..len];
@@ -177,9 +202,14 @@ impl Runner<'_> {
                     match new_axis {
                         None => dst.fill(v[0]),
                         // [C] repeated along rows: element (r, c) is v[c].
-                        Some(0) => dst.copy_from_slice(&v[c0..c0 + len]),
+                        Some(0) => dst
+                            .chunks_exact_mut(w)
+                            .for_each(|row| row.copy_from_slice(&v[c0..c0 + w])),
                         // [R] repeated along columns: element (r, c) is v[r].
-                        Some(_) => dst.fill(v[r.min(rows - 1)]),
+                        Some(_) => dst
+                            .chunks_exact_mut(w)
+                            .enumerate()
+                            .for_each(|(i, row)| row.fill(v[(r + i).min(rows - 1)])),
                     }
                 }
                 // The reduction itself happens in `run`; its register holds the summands.
@@ -188,6 +218,15 @@ impl Runner<'_> {
             }
         }
     }
+}
+
+/// Where a chunk lies: `n` rows from `r`, columns `c0..c0 + w` of each.
+#[derive(Clone, Copy)]
+struct Span {
+    r: usize,
+    n: usize,
+    c0: usize,
+    w: usize,
 }
 
 enum Operand<'a, T> {
