@@ -1489,12 +1489,8 @@ fn lower_plan(plan: &Plan) -> Lowered {
                 });
             }
             (None, Op::Inverse | Op::LogDet) => {
-                let n = ins
-                    .shape
-                    .first()
-                    .copied()
-                    .unwrap_or(1)
-                    .max(operand_shape(0)[0]);
+                // The operand is square, n × n (shape inference checks it).
+                let n = operand_shape(0)[0];
                 let input = low.contiguous(plan, ins.args[0]);
                 let logdet = ins.op == Op::LogDet;
                 let a = [low.temp(n * n), low.temp(n * n)];
