@@ -197,6 +197,65 @@ fn exact_gradient_spec_trains_a_few_steps() {
     assert_eq!(model.spec, spec);
 }
 
+/// The exact-gradient spec trains on a GPU (lavapipe in CI; skipped without a wgpu adapter
+/// unless `SNFC_REQUIRE_GPU` names it) and reports the host's validation NLL to f32 precision.
+/// Its step does not read the learned inverses the model still holds: the checkpoint keeps
+/// them as they were initialized, as a host run does (the device once refused to hand back a
+/// parameter its plan does not read, and the run failed at its first checkpoint).
+#[test]
+fn exact_gradient_spec_trains_on_a_gpu() {
+    use snfc_runtime::cube::probe::{device_for_test, DeviceKind};
+    let Some(gpu) = device_for_test(DeviceKind::Wgpu, "exact_gradient_spec_trains_on_a_gpu") else {
+        return;
+    };
+    let spec = spec_file("mnist_fc2_exact.json");
+    let mut data = embedded_mnist().expect("embedded MNIST");
+    data.train = data.train.take(200);
+    data.valid = data.valid.take(100);
+    let run = |device| {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = TrainOptions {
+            device,
+            device_noise: false,
+            ..options(dir.path().join("run"), 2)
+        };
+        let summary = train::<f32>(&spec, &data, &opts).expect("training");
+        let (model, _) = Model::<f64>::load(&summary.checkpoint, None).unwrap();
+        (summary.best.expect("one epoch ran").nll_nats, model)
+    };
+    let (host_nll, host) = run(snfc_runtime::cube::probe::Chosen::Host);
+    let (gpu_nll, trained) = run(gpu);
+    assert!(
+        (gpu_nll - host_nll).abs() <= 1e-4 * host_nll.abs(),
+        "validation NLL on the GPU {gpu_nll}, on the host {host_nll}"
+    );
+    let initial = Model::<f32>::init(&spec, spec.train.seed).cast::<f64>();
+    let mut inverses = 0;
+    for p in &spec_params(&spec) {
+        if p.ends_with(".weight_inv") {
+            inverses += 1;
+            assert_eq!(
+                trained.values[p], initial.values[p],
+                "{p} changed on the GPU"
+            );
+            assert_eq!(host.values[p], initial.values[p], "{p} changed on the host");
+        } else {
+            assert_ne!(trained.values[p], initial.values[p], "{p} did not train");
+        }
+    }
+    assert!(
+        inverses > 0,
+        "the exact spec's model holds learned inverses"
+    );
+}
+
+fn spec_params(spec: &FlowSpec) -> Vec<String> {
+    snfc_compiler::ir::lower::parameters(spec)
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
+
 /// A small continuous data set: a D=4 flow trained from a .npy file in f64, where the NLL must
 /// drop quickly (the data are far from the N(0, I) the identity initialization models).
 #[test]

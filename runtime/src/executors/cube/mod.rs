@@ -156,6 +156,8 @@ pub struct GpuProgram<R: Runtime> {
     /// the device's elimination: for a CPU adapter, whose "device" runs on the host's cores
     /// anyway ([`invert_on_host`](Self::invert_on_host)).
     host_linalg: bool,
+    /// Values `set` for names this plan does not read, returned by `fed`.
+    unread: HashMap<String, Vec<f32>>,
 }
 
 fn f32_bits(v: f64) -> u32 {
@@ -226,6 +228,7 @@ impl<R: Runtime> GpuProgram<R> {
             carries,
             carry_pending: HashSet::new(),
             host_linalg: false,
+            unread: HashMap::new(),
         }
     }
 
@@ -339,6 +342,7 @@ impl<R: Runtime> GpuProgram<R> {
     /// name the plan does not read (noise for a plan without dequantization) is ignored, as
     /// the host executor ignores unused feeds.
     pub fn set(&mut self, name: &str, data: &[f32]) -> Result<(), ExecError> {
+        let mut read = false;
         for (s, ins) in self.plan.instrs.iter().enumerate() {
             if let Op::Input { name: n, shape } | Op::Param { name: n, shape } = &ins.op {
                 if n == name {
@@ -355,8 +359,14 @@ impl<R: Runtime> GpuProgram<R> {
                     let data = if data.is_empty() { &[0.0][..] } else { data };
                     self.leaves.insert(s, self.upload(data));
                     self.carry_pending.remove(&s);
+                    read = true;
                 }
             }
+        }
+        if !read {
+            // Kept for `fed`: a parameter this plan does not read (the learned inverses of an
+            // exact-gradient spec) keeps the value it was given, as on the host.
+            self.unread.insert(name.to_string(), data.to_vec());
         }
         Ok(())
     }
@@ -1014,16 +1024,20 @@ impl<R: Runtime> GpuProgram<R> {
 
     /// A fed tensor's current value (a parameter after device-side updates).
     pub fn fed(&self, name: &str) -> Result<Vec<f32>, ExecError> {
-        let slot = self
-            .plan
-            .instrs
-            .iter()
-            .position(|i| matches!(&i.op, Op::Param { name: n, .. } | Op::Input { name: n, .. } if n == name))
-            .ok_or_else(|| ExecError::Missing {
-                graph: self.plan.name.clone(),
-                kind: "param",
-                name: name.to_string(),
-            })?;
+        let slot = self.plan.instrs.iter().position(
+            |i| matches!(&i.op, Op::Param { name: n, .. } | Op::Input { name: n, .. } if n == name),
+        );
+        let Some(slot) = slot else {
+            return self
+                .unread
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ExecError::Missing {
+                    graph: self.plan.name.clone(),
+                    kind: "param",
+                    name: name.to_string(),
+                });
+        };
         // An input still to take a carried output's value has that value.
         let slot = match self.carries.iter().find(|(input, _)| *input == slot) {
             Some((_, output)) if self.carry_pending.contains(&slot) => *output,
