@@ -8,8 +8,9 @@
 //! [`tensor_kernels::gather`] kernel through an index table built from the shapes; convolutions,
 //! kernel gradients and splines have kernels of their own ([`tensor_kernels`]); inverses and
 //! log-determinants (only in exact-gradient and sampling plans) run by Gauss–Jordan
-//! elimination on the device ([`gauss_jordan`]), or on a CPU adapter by LU on the host. Buffers follow the plan's static
-//! assignment; parameters and Adam moments stay resident on the device between steps.
+//! elimination on the device ([`gauss_jordan`]), or on a CPU adapter by LU on the host.
+//! Buffers follow the plan's static assignment; parameters and Adam moments stay resident on
+//! the device between steps.
 
 pub mod gauss_jordan;
 pub mod index_tables;
@@ -339,8 +340,9 @@ impl<R: Runtime> GpuProgram<R> {
     }
 
     /// Upload a fed tensor (an input or a parameter, by name); it stays until replaced. A
-    /// name the plan does not read (noise for a plan without dequantization) is ignored, as
-    /// the host executor ignores unused feeds.
+    /// name the plan does not read (noise for a plan without dequantization, the learned
+    /// inverses of an exact step) is not uploaded, only kept for [`fed`](Self::fed), as the
+    /// host executor keeps unused feeds.
     pub fn set(&mut self, name: &str, data: &[f32]) -> Result<(), ExecError> {
         let mut read = false;
         for (s, ins) in self.plan.instrs.iter().enumerate() {
