@@ -29,7 +29,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use index_tables::IndexTable;
 use kernels::{Access, FusedProgram, Im2col, KOp};
-use matmul::{MatmulKernel, MatmulOptions, Product};
+use matmul::{MatmulKernel, MatmulOptions, MatmulPrecision, Product};
 use snfc_compiler::ir::lower::carried_input;
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
@@ -88,20 +88,25 @@ enum Launch {
         args: [Buf; 6],
         out: Buf,
     },
-    /// Inverse (`logdet: false`) or log-determinant of the n × n `input` into `out`, by
+    /// Inverse (`logdet: false`) or log-determinant of the n × n `input`, by blocked
     /// Gauss–Jordan on the device ([`gauss_jordan`]): `a` and `x` are the ping-pong pairs of
-    /// the matrix and of its inverse (`x[n % 2]` is `out` for an inverse), `factors` one row
-    /// factor per row, `pivot` the pivot row (u32), `scale` 1/pivot, `ld` the log-determinant
-    /// (`out` for a log-determinant).
+    /// the matrix and of its inverse (`x[⌈n/b⌉ % 2]` is the inverse's slot), `panel` and `ops`
+    /// the panel and its row operations (n × b), `src` the row order (u32), `rows` the pivot
+    /// rows (b × w), `update` their product (n × w), `ld` the log-determinant (its slot for a
+    /// log-determinant).
     GaussJordan {
+        /// The plan's instruction (for errors).
+        node: usize,
         n: usize,
         logdet: bool,
         input: Buf,
         a: [Buf; 2],
         x: [Buf; 2],
-        factors: Buf,
-        pivot: Buf,
-        scale: Buf,
+        panel: Buf,
+        ops: Buf,
+        src: Buf,
+        rows: Buf,
+        update: Buf,
         ld: Buf,
     },
 }
@@ -110,10 +115,16 @@ impl Launch {
     /// Kernel launches this entry makes per run.
     fn kernel_launches(&self) -> usize {
         match self {
-            Launch::GaussJordan { n, .. } => 1 + 2 * n,
+            Launch::GaussJordan { n, .. } => gauss_jordan_launches(*n),
             _ => 1,
         }
     }
+}
+
+/// Launches of one blocked Gauss–Jordan elimination: the copy, then per panel its
+/// elimination, the product and the update.
+fn gauss_jordan_launches(n: usize) -> usize {
+    1 + 3 * n.div_ceil(gauss_jordan::PANEL)
 }
 
 /// Σ g² of each gradient, by parameter name.
@@ -146,6 +157,8 @@ pub struct GpuProgram<R: Runtime> {
     matmul: MatmulOptions,
     /// The kernel each product shape runs, chosen at its first launch.
     matmul_kernels: HashMap<Product, MatmulKernel>,
+    /// The kernel of each full-f32 product inside an elimination, once chosen.
+    exact_kernels: std::cell::RefCell<HashMap<Product, MatmulKernel>>,
     traffic: Cell<DeviceTraffic>,
     /// FLOPs and seconds of the products launched while profiling.
     product_time: (f64, f64),
@@ -224,6 +237,7 @@ impl<R: Runtime> GpuProgram<R> {
             profile: None,
             matmul,
             matmul_kernels: HashMap::new(),
+            exact_kernels: Default::default(),
             traffic: Cell::new(DeviceTraffic::default()),
             product_time: (0.0, 0.0),
             carries,
@@ -661,26 +675,32 @@ impl<R: Runtime> GpuProgram<R> {
                     );
                 }
                 Launch::GaussJordan {
+                    node,
                     n,
                     logdet,
                     input,
                     a,
                     x,
-                    factors,
-                    pivot,
-                    scale,
+                    panel,
+                    ops,
+                    src,
+                    rows,
+                    update,
                     ld,
                 } => {
-                    use gauss_jordan::{gj_init, gj_pivot, gj_update, PIVOT_UNITS, ROW_UNITS};
+                    use gauss_jordan::{
+                        gj_combine, gj_init, gj_panel, PANEL, PANEL_UNITS, ROW_UNITS,
+                    };
                     let (n, with_x) = (*n, !*logdet);
+                    let panels = n.div_ceil(PANEL);
                     if self.host_linalg {
-                        let out = if with_x { x[n % 2] } else { *ld };
-                        return self.host_lu(n, *logdet, *input, out);
+                        return self.host_lu(*node, n, *logdet, *input);
                     }
                     let f32s = |b: Buf, len: usize| -> Result<ArrayArg<R>, ExecError> {
                         Ok(unsafe { ArrayArg::from_raw_parts(self.handle(b)?, len) })
                     };
                     let x_len = if with_x { n * n } else { 1 };
+                    let w = if with_x { 2 * n } else { n };
                     // One cube row per matrix row, ⌈columns/256⌉ cubes along it.
                     let rows_of = |columns: usize| {
                         CubeCount::Static(columns.div_ceil(ROW_UNITS) as u32, n as u32, 1)
@@ -698,35 +718,46 @@ impl<R: Runtime> GpuProgram<R> {
                         n,
                         with_x,
                     );
-                    for k in 0..n {
-                        let (now, next) = (k % 2, 1 - k % 2);
+                    // The rank-b update in full f32: an inverse rounded to TF32 would carry
+                    // its 1e-3 error into every exact gradient.
+                    let product = Product::plain(n, w, PANEL, false, false);
+                    for q in 0..panels {
+                        let (now, next) = (q % 2, 1 - q % 2);
+                        let k = q * PANEL;
                         self.count_launch();
-                        gj_pivot::launch::<R>(
+                        gj_panel::launch::<R>(
                             &self.client,
                             CubeCount::Static(1, 1, 1),
-                            CubeDim::new_1d(PIVOT_UNITS as u32),
+                            CubeDim::new_1d(PANEL_UNITS as u32),
                             f32s(a[now], n * n)?,
-                            f32s(*factors, n)?,
-                            f32s(*pivot, 1)?,
-                            f32s(*scale, 1)?,
+                            f32s(x[now], x_len)?,
+                            f32s(*panel, n * PANEL)?,
+                            f32s(*ops, n * PANEL)?,
+                            f32s(*src, n)?,
+                            f32s(*rows, PANEL * w)?,
                             f32s(*ld, 1)?,
                             k as u32,
+                            PANEL.min(n - k) as u32,
                             n,
+                            with_x,
                         );
-                        let columns = if with_x { 2 * n - k } else { n - k };
+                        let (c, r, t) = (
+                            self.handle(*ops)?,
+                            self.handle(*rows)?,
+                            self.handle(*update)?,
+                        );
+                        self.exact_product(&product, c, r, t)?;
                         self.count_launch();
-                        gj_update::launch::<R>(
+                        gj_combine::launch::<R>(
                             &self.client,
-                            rows_of(columns),
+                            rows_of(w),
                             row_dim,
                             f32s(a[now], n * n)?,
                             f32s(x[now], x_len)?,
+                            f32s(*update, n * w)?,
+                            f32s(*src, n)?,
                             f32s(a[next], n * n)?,
                             f32s(x[next], x_len)?,
-                            f32s(*factors, n)?,
-                            f32s(*pivot, 1)?,
-                            f32s(*scale, 1)?,
-                            k as u32,
                             n,
                             with_x,
                         );
@@ -738,20 +769,22 @@ impl<R: Runtime> GpuProgram<R> {
     }
 
     /// The inverse (or log-determinant) of the n × n matrix in `input` by LU on the host in
-    /// f64, uploaded as `out`'s storage.
-    fn host_lu(&mut self, n: usize, logdet: bool, input: Buf, out: Buf) -> Result<(), ExecError> {
+    /// f64, uploaded as the storage of the plan's instruction `node`, which it computes.
+    fn host_lu(
+        &mut self,
+        node: usize,
+        n: usize,
+        logdet: bool,
+        input: Buf,
+    ) -> Result<(), ExecError> {
         let x: Vec<f64> = self.read_buf(input)?.iter().map(|v| *v as f64).collect();
         let result: Vec<f32> = if logdet {
             vec![linalg::slogdet(&x, n).1 as f32]
         } else {
-            let slot = match out {
-                Buf::Slot(s) => s,
-                Buf::Temp(_) => unreachable!("an inverse is written to its slot"),
-            };
             linalg::inverse(&x, n)
                 .map_err(|source| ExecError::Linalg {
                     graph: self.plan.name.clone(),
-                    node: slot,
+                    node,
                     op: Op::Inverse.to_string(),
                     source,
                 })?
@@ -760,13 +793,8 @@ impl<R: Runtime> GpuProgram<R> {
                 .collect()
         };
         let handle = self.upload(&result);
-        match out {
-            Buf::Slot(s) => {
-                let b = self.plan.buffers.of_slot[s].expect("a computed value");
-                self.buffers[b] = handle;
-            }
-            Buf::Temp(t) => self.temps[t] = handle,
-        }
+        let b = self.plan.buffers.of_slot[node].expect("a computed value");
+        self.buffers[b] = handle;
         Ok(())
     }
 
@@ -856,6 +884,31 @@ impl<R: Runtime> GpuProgram<R> {
         })
     }
 
+    /// A product in full f32 whatever the program's precision (on plain units: no tensor
+    /// core rounds its operands), its kernel chosen on its first launch like any product's.
+    fn exact_product(
+        &self,
+        p: &Product,
+        a: Handle,
+        b: Handle,
+        out: Handle,
+    ) -> Result<(), ExecError> {
+        let chosen = self.exact_kernels.borrow().get(p).copied();
+        match chosen {
+            Some(kernel) => self.launch_product(kernel, p, a, b, out),
+            None => {
+                let candidates = MatmulOptions {
+                    precision: MatmulPrecision::F32,
+                    ..self.matmul.clone()
+                }
+                .candidates();
+                let kernel = self.choose_kernel_among(&candidates, p, a, b, out)?;
+                self.exact_kernels.borrow_mut().insert(p.clone(), kernel);
+                Ok(())
+            }
+        }
+    }
+
     fn launch_product(
         &self,
         kernel: MatmulKernel,
@@ -898,11 +951,23 @@ impl<R: Runtime> GpuProgram<R> {
         b: Handle,
         out: Handle,
     ) -> Result<MatmulKernel, ExecError> {
+        self.choose_kernel_among(&self.matmul.candidates(), p, a, b, out)
+    }
+
+    /// [`choose_kernel`](Self::choose_kernel) among `candidates`.
+    fn choose_kernel_among(
+        &self,
+        candidates: &[MatmulKernel],
+        p: &Product,
+        a: Handle,
+        b: Handle,
+        out: Handle,
+    ) -> Result<MatmulKernel, ExecError> {
         const TIMED: usize = 3;
         let mut best: Option<(std::time::Duration, MatmulKernel)> = None;
         let mut last_run = None;
         let mut unavailable = Vec::new();
-        for kernel in self.matmul.candidates() {
+        for &kernel in candidates {
             match matmul::launch(&self.client, kernel, p, a.clone(), b.clone(), out.clone()) {
                 Ok(()) => self.count_launch(),
                 Err(e) if matmul::unavailable(&e) => {
@@ -1510,28 +1575,35 @@ fn lower_plan(plan: &Plan) -> Lowered {
                 let input = low.contiguous(plan, ins.args[0]);
                 let logdet = ins.op == Op::LogDet;
                 let a = [low.temp(n * n), low.temp(n * n)];
+                use gauss_jordan::PANEL;
+                let last = n.div_ceil(PANEL) % 2;
                 let (x, ld) = if logdet {
                     ([low.temp(1), low.temp(1)], Buf::Slot(i))
                 } else {
-                    // The last step writes x[n % 2]: the output itself.
+                    // The last panel writes x[⌈n/b⌉ % 2]: the output itself.
                     let other = low.temp(n * n);
-                    let x = if n % 2 == 0 {
+                    let x = if last == 0 {
                         [Buf::Slot(i), other]
                     } else {
                         [other, Buf::Slot(i)]
                     };
                     (x, low.temp(1))
                 };
-                let (factors, pivot, scale) = (low.temp(n), low.temp(1), low.temp(1));
+                let w = if logdet { n } else { 2 * n };
+                let (panel, ops, src) = (low.temp(n * PANEL), low.temp(n * PANEL), low.temp(n));
+                let (rows, update) = (low.temp(PANEL * w), low.temp(n * w));
                 low.launches.push(Launch::GaussJordan {
+                    node: i,
                     n,
                     logdet,
                     input,
                     a,
                     x,
-                    factors,
-                    pivot,
-                    scale,
+                    panel,
+                    ops,
+                    src,
+                    rows,
+                    update,
                     ld,
                 });
             }
@@ -1798,7 +1870,7 @@ fn launch_kind(l: &Launch) -> String {
         Launch::GaussJordan { n, logdet, .. } => format!(
             "{} {n}x{n} (Gauss-Jordan, {} launches)",
             if *logdet { "logdet" } else { "inverse" },
-            1 + 2 * n
+            gauss_jordan_launches(*n)
         ),
     }
 }

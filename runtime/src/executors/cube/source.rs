@@ -146,11 +146,12 @@ pub fn spline(c: &SplineConfig, target: Target) -> Result<String, String> {
     compile(b.build(settings("spline")), target)
 }
 
-/// The three kernels of an n × n inverse (`with_x`) or log-determinant by Gauss–Jordan
-/// elimination, one after the other: the copy into scratch, the pivot search and the
-/// elimination step (launched `n` times each with the column as argument).
+/// The hand-written kernels of an n × n inverse (`with_x`) or log-determinant by blocked
+/// Gauss–Jordan elimination: the copy into scratch, then per panel of b columns the panel's
+/// elimination (one cube) and, after the cubek-matmul product of its row operations with its
+/// pivot rows, the update.
 pub fn gauss_jordan(n: usize, with_x: bool, target: Target) -> Result<String, String> {
-    use super::gauss_jordan::{gj_init, gj_pivot, gj_update};
+    use super::gauss_jordan::{gj_combine, gj_init, gj_panel, PANEL};
     let arg = ArrayCompilationArg { inplace: None };
     let mut b = builder(target);
     let mut a = array_args(&mut b, 1).into_iter();
@@ -160,39 +161,39 @@ pub fn gauss_jordan(n: usize, with_x: bool, target: Target) -> Result<String, St
     let init = compile(b.build(settings("gauss_jordan_init")), target)?;
 
     let mut b = builder(target);
-    let a_ = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let f = <Array<f32> as LaunchArg>::expand_output(&arg, &mut b);
-    let piv = <Array<u32> as LaunchArg>::expand_output(&arg, &mut b);
-    let [scale, ld] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
-    let k = <u32 as LaunchArg>::expand(&(), &mut b);
-    gj_pivot::expand(&mut b.scope, a_, f, piv, scale, ld, k, n);
-    let pivot = compile(b.build(settings("gauss_jordan_pivot")), target)?;
-
-    let mut b = builder(target);
     let [a_, x] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand(&arg, &mut b));
-    let [a_next, x_next] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
-    let f = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let piv = <Array<u32> as LaunchArg>::expand(&arg, &mut b);
-    let scale = <Array<f32> as LaunchArg>::expand(&arg, &mut b);
-    let k = <u32 as LaunchArg>::expand(&(), &mut b);
-    gj_update::expand(
+    let [panel, ops] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    let src = <Array<u32> as LaunchArg>::expand_output(&arg, &mut b);
+    let [rows, ld] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    let [k, bk] = [(); 2].map(|_| <u32 as LaunchArg>::expand(&(), &mut b));
+    gj_panel::expand(
         &mut b.scope,
         a_,
         x,
-        a_next,
-        x_next,
-        f,
-        piv,
-        scale,
+        panel,
+        ops,
+        src,
+        rows,
+        ld,
         k,
+        bk,
         n,
         with_x,
     );
-    let update = compile(b.build(settings("gauss_jordan_update")), target)?;
+    let panel = compile(b.build(settings("gauss_jordan_panel")), target)?;
+
+    let mut b = builder(target);
+    let [a_, x, t] = [(); 3].map(|_| <Array<f32> as LaunchArg>::expand(&arg, &mut b));
+    let src = <Array<u32> as LaunchArg>::expand(&arg, &mut b);
+    let [a_next, x_next] = [(); 2].map(|_| <Array<f32> as LaunchArg>::expand_output(&arg, &mut b));
+    gj_combine::expand(&mut b.scope, a_, x, t, src, a_next, x_next, n, with_x);
+    let combine = compile(b.build(settings("gauss_jordan_combine")), target)?;
     let what = if with_x { "inverse" } else { "log-determinant" };
+    let panels = n.div_ceil(PANEL);
     Ok(format!(
-        "// {what} of a {n}x{n} matrix: gauss_jordan_init once, then gauss_jordan_pivot and \
-         gauss_jordan_update for each column k < {n}\n{init}\n{pivot}\n{update}"
+        "// {what} of a {n}x{n} matrix: gauss_jordan_init once, then for each of the {panels} \
+         panels of {PANEL} columns gauss_jordan_panel, a cubek-matmul product in f32 and \
+         gauss_jordan_combine\n{init}\n{panel}\n{combine}"
     ))
 }
 
