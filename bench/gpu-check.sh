@@ -3,13 +3,15 @@
 # has no internet), run the CUDA backend test suite, time a training step of
 # specs/mnist_fc2.json, specs/mnist_cnn9.json and specs/mnist_glow.json (SNF and exact; TF32
 # and full-f32 products) on cuda vs host with the products' rate against the device's FP32 and
-# TF32 peaks, train one epoch of FC2 and CNN9 on cuda, and write a table.
+# TF32 peaks, time the exact steps' inverses alone (gpu_inverse_speed), train one epoch of FC2
+# and CNN9 on cuda, and write a table.
 #
 # Build on a machine with the Rust toolchain (bind the CUDA driver API the GPU's driver has;
 # 13000 = CUDA 13.0, driver 580):
 #   CUDARC_CUDA_VERSION=13000 cargo build --release
 #   CUDARC_CUDA_VERSION=13000 cargo test --release -p snfc-runtime --test backends --no-run
 #   cp "$(ls -t target/release/deps/backends-* | grep -v '\.d$' | head -1)" target/release/backends-test
+#   CUDARC_CUDA_VERSION=13000 cargo build --release -p snfc-runtime --example gpu_inverse_speed
 # then, on the GPU machine, from the repository root:
 #   bench/gpu-check.sh [SNFC] [BACKENDS_TEST] [OUT.md]
 set -uo pipefail
@@ -72,7 +74,17 @@ peaks() { # GPU name -> "FP32 TF32" TFLOP/s
 }
 read -r peak_fp32 peak_tf32 <<<"$(peaks "$gpu")"
 
-# 3. One epoch of training on cuda (validation NLL in nats).
+# 3. The exact steps' inverses alone: the device's blocked Gauss-Jordan elimination at the
+#    sizes of FC2 and Fig. 4, with its launches and its error against the host's f64 LU.
+INVERSE=target/release/examples/gpu_inverse_speed
+if [ -x "$INVERSE" ]; then
+    "$INVERSE" cuda 784 3072 >"$TMP/inverse.txt" 2>&1 || status=1
+else
+    echo "$INVERSE not built" >"$TMP/inverse.txt"
+fi
+cat "$TMP/inverse.txt"
+
+# 4. One epoch of training on cuda (validation NLL in nats).
 "$SNFC" train specs/mnist_fc2.json --device cuda --epochs 1 --out "$TMP/run" --quiet >"$TMP/train.txt" 2>&1 || status=1
 train_line=$(tail -1 "$TMP/train.txt")
 "$SNFC" train specs/mnist_cnn9.json --device cuda --epochs 1 --out "$TMP/cnn" --quiet >"$TMP/cnn.txt" 2>&1 || status=1
@@ -103,6 +115,12 @@ cnn_line=$(tail -1 "$TMP/cnn.txt")
             "${rate:--}" "$(share "$peak_fp32")" "$(share "$peak_tf32")" \
             "$(field "$j" host_reads_per_step)" "$(field "$j" uploads_per_step)" "$(field "$j" launches_per_step)"
     done
+    echo
+    echo "Inverses by the device's elimination (\`gpu_inverse_speed cuda 784 3072\`):"
+    echo
+    echo '```'
+    cat "$TMP/inverse.txt"
+    echo '```'
     echo
     echo "One epoch on cuda: ${train_line}"
     echo
