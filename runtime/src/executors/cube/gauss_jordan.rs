@@ -78,6 +78,7 @@ pub fn gj_panel(
     let mut e = u;
     while e < n * b {
         let (i, j) = (e / b, e % b);
+        // `select` reads both sides: past the last column (j ≥ bk) read an in-bounds one.
         panel[e] = select(j < bk, a[i * n + (k + j) % n], f32::new(0.0));
         c[e] = select(j < bk && i == k + j, f32::new(1.0), f32::new(0.0));
         e += PANEL_UNITS;

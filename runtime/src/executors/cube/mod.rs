@@ -33,7 +33,7 @@ use matmul::{MatmulKernel, MatmulOptions, MatmulPrecision, Product};
 use snfc_compiler::ir::lower::carried_input;
 use snfc_compiler::ir::{Op, SplinePart};
 use snfc_compiler::plan::{numel, FusedKernel, Instr, Plan, Src};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tensor_kernels as kernels_t;
 use tensor_kernels::{GatherConfig, SplineConfig, SplineOut};
@@ -156,9 +156,9 @@ pub struct GpuProgram<R: Runtime> {
     profile: Option<Profile>,
     matmul: MatmulOptions,
     /// The kernel each product shape runs, chosen at its first launch.
-    matmul_kernels: HashMap<Product, MatmulKernel>,
+    matmul_kernels: RefCell<HashMap<Product, MatmulKernel>>,
     /// The kernel of each full-f32 product inside an elimination, once chosen.
-    exact_kernels: std::cell::RefCell<HashMap<Product, MatmulKernel>>,
+    exact_kernels: RefCell<HashMap<Product, MatmulKernel>>,
     traffic: Cell<DeviceTraffic>,
     /// FLOPs and seconds of the products launched while profiling.
     product_time: (f64, f64),
@@ -236,7 +236,7 @@ impl<R: Runtime> GpuProgram<R> {
             adam_t: 0,
             profile: None,
             matmul,
-            matmul_kernels: HashMap::new(),
+            matmul_kernels: Default::default(),
             exact_kernels: Default::default(),
             traffic: Cell::new(DeviceTraffic::default()),
             product_time: (0.0, 0.0),
@@ -320,6 +320,7 @@ impl<R: Runtime> GpuProgram<R> {
     pub fn matmul_kernels(&self) -> Vec<(Product, MatmulKernel)> {
         let mut v: Vec<_> = self
             .matmul_kernels
+            .borrow()
             .iter()
             .map(|(p, k)| (p.clone(), *k))
             .collect();
@@ -608,13 +609,7 @@ impl<R: Runtime> GpuProgram<R> {
                     product, a, b, out, ..
                 } => {
                     let (a, b, o) = (self.handle(*a)?, self.handle(*b)?, self.handle(*out)?);
-                    match self.matmul_kernels.get(product) {
-                        Some(&kernel) => self.launch_product(kernel, product, a, b, o)?,
-                        None => {
-                            let kernel = self.choose_kernel(product, a, b, o)?;
-                            self.matmul_kernels.insert(product.clone(), kernel);
-                        }
-                    }
+                    self.product(product, a, b, o, false)?;
                 }
                 Launch::Im2col { image, x, out } => {
                     let (count, dim) = grid_1d(image.ci * image.k * image.k * image.positions());
@@ -746,7 +741,7 @@ impl<R: Runtime> GpuProgram<R> {
                             self.handle(*rows)?,
                             self.handle(*update)?,
                         );
-                        self.exact_product(&product, c, r, t)?;
+                        self.product(&product, c, r, t, true)?;
                         self.count_launch();
                         gj_combine::launch::<R>(
                             &self.client,
@@ -884,32 +879,41 @@ impl<R: Runtime> GpuProgram<R> {
         })
     }
 
-    /// A product in full f32 whatever the program's precision (on plain units: no tensor
-    /// core rounds its operands), its kernel chosen on its first launch like any product's.
-    fn exact_product(
+    /// Launch `p` with the kernel chosen for its shape on its first launch, and kept. With
+    /// `full_f32` (an elimination's products) the candidates are the plain-unit kernels
+    /// whatever the program's precision: no tensor core rounds the operands.
+    fn product(
         &self,
         p: &Product,
         a: Handle,
         b: Handle,
         out: Handle,
+        full_f32: bool,
     ) -> Result<(), ExecError> {
-        let chosen = self.exact_kernels.borrow().get(p).copied();
-        match chosen {
-            Some(kernel) => self.launch_product(kernel, p, a, b, out),
-            None => {
-                // A tensor-core kernel that `only` names (the tests force each kernel in
-                // turn) is not one of these.
-                let candidates = MatmulOptions {
-                    precision: MatmulPrecision::F32,
-                    tune: self.matmul.tune,
-                    only: self.matmul.only.filter(|k| !k.tensor_cores()),
-                }
-                .candidates();
-                let kernel = self.choose_kernel_among(&candidates, p, a, b, out)?;
-                self.exact_kernels.borrow_mut().insert(p.clone(), kernel);
-                Ok(())
-            }
+        let chosen = if full_f32 {
+            &self.exact_kernels
+        } else {
+            &self.matmul_kernels
+        };
+        let kernel = chosen.borrow().get(p).copied();
+        if let Some(kernel) = kernel {
+            return self.launch_product(kernel, p, a, b, out);
         }
+        let candidates = if full_f32 {
+            // A tensor-core kernel that `only` names (the tests force each kernel in turn) is
+            // not one of these.
+            MatmulOptions {
+                precision: MatmulPrecision::F32,
+                tune: self.matmul.tune,
+                only: self.matmul.only.filter(|k| !k.tensor_cores()),
+            }
+            .candidates()
+        } else {
+            self.matmul.candidates()
+        };
+        let kernel = self.choose_kernel(&candidates, p, a, b, out)?;
+        chosen.borrow_mut().insert(p.clone(), kernel);
+        Ok(())
     }
 
     fn launch_product(
@@ -944,21 +948,10 @@ impl<R: Runtime> GpuProgram<R> {
         }
     }
 
-    /// Run `p` with the first candidate kernel that the device can run, or (tuning) with
+    /// Run `p` with the first of `candidates` that the device can run, or (tuning) with
     /// each, timed over a few launches, and then once more with the fastest so that `out`
     /// holds its result. Returns the kernel.
     fn choose_kernel(
-        &self,
-        p: &Product,
-        a: Handle,
-        b: Handle,
-        out: Handle,
-    ) -> Result<MatmulKernel, ExecError> {
-        self.choose_kernel_among(&self.matmul.candidates(), p, a, b, out)
-    }
-
-    /// [`choose_kernel`](Self::choose_kernel) among `candidates`.
-    fn choose_kernel_among(
         &self,
         candidates: &[MatmulKernel],
         p: &Product,
